@@ -1,0 +1,47 @@
+// Writes new keys and values into the paged KV cache.
+#include <cstring>
+
+#include "common.h"
+
+namespace lisa_rt {
+namespace {
+
+void cache_write_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                     at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_packed_heads(key, "cache_write: key");
+  check_packed_heads(value, "cache_write: value");
+  check_same(key, key_cache, "cache_write key");
+  check_same(value, value_cache, "cache_write value");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
+                  value_cache.is_contiguous(),
+              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3) &&
+                  value.sizes() == key.sizes(),
+              "cache_write: key/value heads or head_dim differ from the cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == key.size(0),
+              "cache_write: slot_mapping must be int64 [tokens]");
+  const auto slots = slot_mapping.contiguous();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  const int64_t tokens = key.size(0);
+  const int64_t capacity = key_cache.size(0) * key_cache.size(1);
+  const int64_t row = key.size(1) * key.size(2);
+  const int64_t bytes = row * key.element_size();
+  auto* kc = static_cast<char*>(key_cache.data_ptr());
+  auto* vc = static_cast<char*>(value_cache.data_ptr());
+  const auto* k = static_cast<const char*>(key.data_ptr());
+  const auto* v = static_cast<const char*>(value.data_ptr());
+  const int64_t ks = key.stride(0) * key.element_size(), vs = value.stride(0) * value.element_size();
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (s[t] < 0) continue;  // padding token
+    TORCH_CHECK(s[t] < capacity, "cache_write: slot ", s[t], " beyond the cache (", capacity, ")");
+    std::memcpy(kc + s[t] * bytes, k + t * ks, bytes);
+    std::memcpy(vc + s[t] * bytes, v + t * vs, bytes);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lisa_rt, CPU, m) { m.impl("cache_write", &cache_write_cpu); }
+
+}  // namespace lisa_rt

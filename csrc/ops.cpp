@@ -1,0 +1,36 @@
+// The op schemas of torch.ops.lisa_rt.* and the Python module stub of lisa_rt._C.
+//
+// Every op writes its result in place into tensors it is given (`Tensor(a!)`), so that a
+// decode step allocates nothing and can be captured in a CUDA graph. Per-device kernels are
+// registered with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing lisa_rt._C loads this library, which runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(lisa_rt, m) {
+  // out[n, :] = input[n, :] / rms(input[n, :]) * weight
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
+  // residual += input; input = rms_norm(residual) * weight
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // HF half-rotation RoPE in place on query [T, H, D] and key [T, G, D]; cos_sin_cache
+  // [max_pos, D] float32 holds cos in its first half and sin in its second.
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  // out [N, I] = silu(input[:, :I]) * input[:, I:]
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // key/value [T, G, D] into caches [num_blocks, block_size, G, D] at slot_mapping [T]
+  // (slot = block * block_size + offset; negative slots are skipped).
+  m.def("cache_write(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  // One query per sequence, query/out [B, H, D]; block_tables int32 [B, max_blocks];
+  // seq_lens int32 [B] counts every cached token including the current one.
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+  // Causal attention of packed query chunks [T, H, D] over the paged cache; cu_query_lens
+  // int32 [B + 1]; the chunk of sequence b holds its last tokens (ending at seq_lens[b]).
+  m.def("paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, float scale) -> ()");
+}

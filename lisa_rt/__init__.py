@@ -1,0 +1,33 @@
+"""lisa-rt: a small, fast inference runtime for LLaMA-family models with LiSA attention sharing.
+
+    import lisa_rt
+    model = lisa_rt.load_model("smollm2")          # or a .gguf, an HF dir, a lisa-rt dir
+    ids = model.tokenizer.encode("The capital of France is")
+    logits = model.logits(ids)                      # float32 [len(ids), vocab]
+    out = lisa_rt.generate(model, [ids], lisa_rt.SamplingParams(temperature=0, max_tokens=16))
+"""
+from __future__ import annotations
+
+import os
+
+from .engine import Completion, generate
+from .errors import UserError
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "cpu",
+               dtype: str | None = None, progress: bool = True):
+    """Loads a model by alias, lisa-rt directory, GGUF file or HF directory (converted once).
+
+    device: "cpu", "cuda" or None (CUDA when available); dtype: "float32", "bfloat16",
+    "float16" or None (float32 on the CPU, bfloat16 on CUDA).
+    """
+    from .model import load_model_dir
+    from .registry import resolve_model
+
+    return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype)
+
+
+__all__ = ["Completion", "SamplingParams", "UserError", "generate", "load_model", "__version__"]

@@ -1,0 +1,135 @@
+"""Model configuration: the `config.json` of a lisa-rt model directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+FORMAT_NAME = "lisa-rt"
+FORMAT_VERSION = 1
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(UserError):
+    """A config.json that is missing, malformed or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or llama3-style: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"
+    lisa: dict | None = None
+    arch: str = "llama"
+
+    def validate(self) -> None:
+        positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.arch != "llama":
+            raise ConfigError(f"unsupported arch {self.arch!r} (only 'llama')")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) is not a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.torch_dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"torch_dtype must be one of {SUPPORTED_DTYPES}, got {self.torch_dtype!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind != "llama3":
+                raise ConfigError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
+            for key in ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings"):
+                if key not in self.rope_scaling:
+                    raise ConfigError(f"rope_scaling lacks {key!r}")
+        for tid in self.eos_token_ids:
+            if not 0 <= tid < self.vocab_size:
+                raise ConfigError(f"eos token id {tid} is outside the vocabulary")
+        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
+            raise ConfigError(f"bos token id {self.bos_token_id} is outside the vocabulary")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if data.get("format") != FORMAT_NAME:
+            raise ConfigError(f"not a lisa-rt config (format={data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"unsupported format_version {data.get('format_version')!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        body = {k: v for k, v in data.items() if k in known}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in body]
+        if missing:
+            raise ConfigError(f"missing keys: {', '.join(missing)}")
+        try:
+            config = cls(**body)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+        config.validate()
+        return config
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+    def num_parameters(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_layers * per_layer + h + head

@@ -1,0 +1,140 @@
+"""Convert a model from another format into a lisa-rt model directory.
+
+Sources (the registry `SOURCES`, name -> reader):
+  "gguf"  a llama.cpp GGUF file (dequantised to float by lisa-rt's own reader)
+  "hf"    a Hugging Face LLaMA directory (config.json + safetensors or .bin weights)
+
+A reader returns a `SourceModel` (config, tensors with lisa-rt names, tokenizer files);
+`convert` writes it through `checkpoint.save_model_dir`, atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig, SUPPORTED_DTYPES
+from ..errors import UserError
+
+
+class ConvertError(UserError):
+    """A conversion source that cannot be read or converted."""
+
+
+@dataclass
+class SourceModel:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer_files: dict[str, bytes]
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _read_gguf(src: Path, dtype: str | None, progress: bool) -> SourceModel:
+    from .gguf import read_source
+    return read_source(src, dtype, progress)
+
+
+def _read_hf(src: Path, dtype: str | None, progress: bool) -> SourceModel:
+    from .hf import read_source
+    return read_source(src, dtype, progress)
+
+
+SOURCES: dict[str, Callable[[Path, str | None, bool], SourceModel]] = {
+    "gguf": _read_gguf,
+    "hf": _read_hf,
+}
+
+HF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def detect_source(src: str | Path) -> str:
+    """The name of the source kind `src` is ("gguf" or "hf"); ConvertError if none fits."""
+    src = Path(src)
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or directory")
+    if src.is_file():
+        try:
+            with open(src, "rb") as handle:
+                magic = handle.read(4)
+        except OSError as exc:
+            raise ConvertError(f"{src}: cannot read ({exc.strerror})") from None
+        if magic == b"GGUF":
+            return "gguf"
+        if src.suffix.lower() == ".gguf":
+            raise ConvertError(f"{src}: not a GGUF file (bad magic {magic!r})")
+        raise ConvertError(f"{src}: not a convertible file (expected a .gguf file or a "
+                           "Hugging Face model directory)")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(f"{src}: no config.json (expected a Hugging Face model directory "
+                           "or a .gguf file)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{config_path}: invalid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{config_path}: expected a JSON object")
+    if config.get("format") == "lisa-rt":
+        raise ConvertError(f"{src}: already a lisa-rt model directory; nothing to convert")
+    archs = config.get("architectures") or []
+    if config.get("model_type") == "llama" or any(a in HF_LLAMA_ARCHITECTURES for a in archs):
+        return "hf"
+    raise ConvertError(f"{config_path}: unsupported model_type {config.get('model_type')!r} "
+                       f"(architectures {archs}); only LLaMA models can be converted")
+
+
+def _hf_fingerprint_files(src: Path) -> list[Path]:
+    names = ["config.json"]
+    for pattern in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model*.bin.index.json", "tokenizer*", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json"):
+        names += sorted(p.name for p in src.glob(pattern))
+    return [src / name for name in dict.fromkeys(names)]
+
+
+def source_fingerprint(src: str | Path) -> str:
+    """A short stable hash of the source's identity (path, sizes and mtimes of the files that
+    matter), for keying a conversion cache. Changes when any of those files is rewritten."""
+    src = Path(src).resolve()
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or directory")
+    files = [src] if src.is_file() else [p for p in _hf_fingerprint_files(src) if p.is_file()]
+    digest = hashlib.sha256(str(src).encode("utf-8"))
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert `src` (a GGUF file or HF LLaMA directory) into the lisa-rt directory `out`.
+
+    `dtype`: float32 / bfloat16 / float16; None keeps the HF config's torch_dtype (float32 when
+    absent) and gives float32 for GGUF. An existing non-empty `out` is refused unless `force`.
+    """
+    from ..checkpoint import save_model_dir
+
+    src, out = Path(src), Path(out)
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise ConvertError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
+    kind = detect_source(src)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConvertError(f"{out}: exists and is not empty (use --force to replace it)")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ConvertError(f"{out}: the output may not be the source or lie inside it")
+    model = SOURCES[kind](src, dtype, progress)
+    return save_model_dir(out, model.config, model.tensors, model.tokenizer_files, force=force)
+
+
+__all__ = ["ConvertError", "SourceModel", "SOURCES", "convert", "detect_source",
+           "source_fingerprint"]

@@ -1,0 +1,108 @@
+"""Paged KV cache: a block allocator, per-sequence block tables and per-layer block pools.
+
+Each layer's keys and values live in pools shaped [num_blocks, block_size, kv_heads, head_dim];
+a sequence owns a list of block ids (its block table) and token t of it sits in block
+table[t // block_size] at offset t % block_size. Blocks are shared by nothing yet, so freeing a
+sequence returns all of its blocks at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class OutOfBlocks(RuntimeError):
+    """Raised when the pool cannot hold a request; the caller preempts or reports it."""
+
+
+class BlockAllocator:
+    """Hands out block ids from a fixed pool; O(1) allocate and free."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        # Pop from the end so low ids go first (keeps small workloads compact in memory).
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfBlocks(f"need {count} KV blocks, {len(self._free)} free")
+        taken = self._free[len(self._free) - count :]
+        del self._free[len(self._free) - count :]
+        return taken[::-1]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    """The per-layer key and value pools and the allocator that shares them out."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, device: torch.device | str,
+                 dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE):
+        if num_blocks <= 0:
+            raise UserError("the KV cache budget holds no block; raise it")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.key_pools = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.value_pools = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, dtype: torch.dtype,
+                        block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return config.kv_bytes_per_token(element) * block_size
+
+    @classmethod
+    def for_tokens(cls, config: ModelConfig, token_counts: list[int], device, dtype,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
+        """A cache exactly large enough for sequences of the given final lengths."""
+        blocks = sum(math.ceil(n / block_size) for n in token_counts)
+        return cls(config, max(blocks, 1), device, dtype, block_size)
+
+    @classmethod
+    def for_budget(cls, config: ModelConfig, budget_bytes: int, device, dtype,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
+        return cls(config, budget_bytes // cls.bytes_per_block(config, dtype, block_size),
+                   device, dtype, block_size)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+
+class BlockTable:
+    """The blocks one sequence owns, grown on demand from the shared allocator."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.blocks: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * self.cache.block_size
+
+    def ensure(self, num_tokens: int) -> None:
+        """Make room for num_tokens tokens in total; raises OutOfBlocks and changes nothing."""
+        missing = self.cache.blocks_for(num_tokens) - len(self.blocks)
+        if missing > 0:
+            self.blocks.extend(self.cache.allocator.allocate(missing))
+
+    def slots(self, start: int, end: int) -> list[int]:
+        """Cache slots of token positions start..end-1."""
+        size = self.cache.block_size
+        return [self.blocks[p // size] * size + p % size for p in range(start, end)]
+
+    def release(self) -> None:
+        self.cache.allocator.free(self.blocks)
+        self.blocks = []

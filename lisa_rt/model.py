@@ -1,0 +1,201 @@
+"""The LLaMA decoder: embeddings, RMSNorm, RoPE, GQA attention over the paged cache, SwiGLU.
+
+Weights are fused at load time (q|k|v into one projection, gate|up into another) so a layer
+runs four matrix products. Everything else goes through the lisa_rt ops, which write into
+buffers in place; the same code runs on the CPU and on CUDA.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .checkpoint import DTYPES, load_config, load_tensors
+from .config import ModelConfig
+from .errors import UserError
+from .kv_cache import BlockTable, KVCache
+
+
+@dataclass
+class Batch:
+    """One forward pass over a set of sequences: each contributes a chunk of new tokens."""
+
+    input_ids: torch.Tensor      # [T] int64, the chunks packed
+    positions: torch.Tensor      # [T] int64
+    slot_mapping: torch.Tensor   # [T] int64, cache slot of each new token
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    seq_lens: torch.Tensor       # [B] int32, tokens in cache after this pass
+    cu_query_lens: torch.Tensor  # [B + 1] int32, chunk boundaries in the packed tokens
+    logits_rows: torch.Tensor    # [R] int64, rows of T whose logits are wanted
+    is_decode: bool              # every chunk is one token
+
+
+def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.device,
+                all_logits: bool = False) -> Batch:
+    """chunks: (new token ids, position of the first one, the sequence's block table).
+
+    The block tables must already have room for the new tokens. Logits are computed for the
+    last token of each chunk, or for every token with all_logits.
+    """
+    ids, positions, slots, lens, cu, rows = [], [], [], [], [0], []
+    for tokens, start, table in chunks:
+        ids.extend(tokens)
+        positions.extend(range(start, start + len(tokens)))
+        slots.extend(table.slots(start, start + len(tokens)))
+        lens.append(start + len(tokens))
+        cu.append(cu[-1] + len(tokens))
+        rows.extend(range(cu[-2], cu[-1]) if all_logits else [cu[-1] - 1])
+    width = max(len(table.blocks) for _, _, table in chunks)
+    tables = [table.blocks + [0] * (width - len(table.blocks)) for _, _, table in chunks]
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return Batch(
+        input_ids=tensor(ids, torch.long), positions=tensor(positions, torch.long),
+        slot_mapping=tensor(slots, torch.long), block_tables=tensor(tables, torch.int32),
+        seq_lens=tensor(lens, torch.int32), cu_query_lens=tensor(cu, torch.int32),
+        logits_rows=tensor(rows, torch.long), is_decode=all(len(t) == 1 for t, _, _ in chunks))
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    qkv_proj: torch.Tensor      # [q + 2 kv, hidden]
+    o_proj: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up_proj: torch.Tensor  # [2 * intermediate, hidden]
+    down_proj: torch.Tensor
+
+
+class Model:
+    """A loaded decoder and its tokenizer, on one device in one dtype."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device,
+                 dtype: torch.dtype, tokenizer=None, path: Path | None = None):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.path = path
+
+        def w(name: str) -> torch.Tensor:
+            return tensors[name].to(device=self.device, dtype=dtype)
+
+        self.embed = w("embed.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.norm = w("norm.weight")
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            self.layers.append(LayerWeights(
+                attn_norm=w(p + "attn_norm.weight"),
+                qkv_proj=torch.cat([w(p + "attn.q_proj.weight"), w(p + "attn.k_proj.weight"),
+                                    w(p + "attn.v_proj.weight")]).contiguous(),
+                o_proj=w(p + "attn.o_proj.weight"),
+                mlp_norm=w(p + "mlp_norm.weight"),
+                gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
+                down_proj=w(p + "mlp.down_proj.weight")))
+        self.cos_sin_cache = reference.rope_cos_sin_cache(
+            config.head_dim, config.max_position_embeddings, config.rope_theta,
+            config.rope_scaling).to(self.device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_cache(self, token_counts: list[int]) -> KVCache:
+        return KVCache.for_tokens(self.config, token_counts, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """Runs the chunks through every layer, filling the cache; float32 logits [R, vocab]."""
+        c = self.config
+        tokens = batch.input_ids.shape[0]
+        hidden = F.embedding(batch.input_ids, self.embed)
+        # The residual stream starts at zero so that every layer, the first included, enters
+        # through the same fused add + norm.
+        residual = torch.zeros_like(hidden)
+        attn_out = torch.empty(tokens, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+        act = torch.empty(tokens, c.intermediate_size, device=self.device, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            ops.fused_add_rms_norm(hidden, residual, layer.attn_norm, c.rms_norm_eps)
+            qkv = F.linear(hidden, layer.qkv_proj)
+            q = qkv[:, : c.q_size].view(tokens, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(tokens, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+            ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
+            ops.cache_write(k, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
+            if batch.is_decode:
+                ops.paged_decode_attention(attn_out, q, cache.key_pools[i], cache.value_pools[i],
+                                           batch.block_tables, batch.seq_lens, self.scale)
+            else:
+                ops.paged_prefill_attention(attn_out, q, cache.key_pools[i], cache.value_pools[i],
+                                            batch.block_tables, batch.cu_query_lens, batch.seq_lens,
+                                            self.scale)
+            hidden = F.linear(attn_out.view(tokens, c.q_size), layer.o_proj)
+            ops.fused_add_rms_norm(hidden, residual, layer.mlp_norm, c.rms_norm_eps)
+            ops.silu_and_mul(act, F.linear(hidden, layer.gate_up_proj))
+            hidden = F.linear(act, layer.down_proj)
+        ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
+        return F.linear(hidden[batch.logits_rows], self.lm_head).float()
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [len, vocab] of one prefill over token_ids (for scoring and tools)."""
+        if not token_ids:
+            raise UserError("logits: token_ids is empty")
+        self.check_context(len(token_ids))
+        cache = self.new_cache([len(token_ids)])
+        table = BlockTable(cache)
+        table.ensure(len(token_ids))
+        return self.forward(build_batch([(list(token_ids), 0, table)], self.device, all_logits=True), cache)
+
+    def check_context(self, num_tokens: int) -> None:
+        if num_tokens > self.max_context:
+            raise UserError(f"{num_tokens} tokens exceed the model's context of {self.max_context}")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' asked for, but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (cpu or cuda)")
+    return device
+
+
+def load_model_dir(model_dir: str | Path, device=None, dtype=None) -> Model:
+    """Loads a converted lisa-rt model directory."""
+    from .tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    tensors = load_tensors(model_dir, config)
+    tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
+    return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=model_dir)

