@@ -15,7 +15,7 @@ import torch
 from .errors import UserError
 from .kv_cache import BlockTable
 from .model import Model, build_batch
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, sample_batch
 
 PREFILL_CHUNK_TOKENS = 512
 
@@ -48,6 +48,8 @@ class StopStringFilter:
         self.stopped = False
 
     def push(self, delta: str) -> str:
+        if self.stopped:  # text after a stop string is dropped
+            return ""
         self.text += delta
         if self.stops:
             window = max(0, self.emitted - max(map(len, self.stops)))
@@ -101,17 +103,21 @@ class _Sequence:
         """Records a sampled token; returns the new text it makes visible."""
         if token in self.eos:
             self.finish_reason = "stop"
-            return self.filter.flush()
+            return self._finish()
         self.output.append(token)
         delta = self.filter.push(self.decoder.push(token)) if self.decoder else ""
         if self.filter.stopped:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
-            self.finish_reason = "length"
-            if self.decoder:
-                delta += self.filter.push(self.decoder.flush())
-            delta += self.filter.flush()
+            delta += self._finish()
+            # The held-back text may still complete a stop string.
+            self.finish_reason = "stop" if self.filter.stopped else "length"
         return delta
+
+    def _finish(self) -> str:
+        """Releases all held text: the decoder's unfinished bytes, then the filter's tail."""
+        delta = self.filter.push(self.decoder.flush()) if self.decoder else ""
+        return delta + self.filter.flush()
 
 
 def _check_prompt(model: Model, prompt: list[int], params: SamplingParams) -> int:
@@ -164,9 +170,11 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
         if not chunks:
             break
         logits = model.forward(build_batch(chunks, model.device), cache)
-        for row, seq in enumerate(owners):
-            if done[seq.index] == len(seq.prompt):
-                emit(seq, seq.accept(seq.sampler(logits[row], seq.prompt)))
+        ready = [row for row, seq in enumerate(owners) if done[seq.index] == len(seq.prompt)]
+        tokens = sample_batch([owners[row].sampler for row in ready], logits[ready],
+                              lambda i: owners[ready[i]].prompt)
+        for row, token in zip(ready, tokens):
+            emit(owners[row], owners[row].accept(token))
     first_token = time.perf_counter()
 
     active = [seq for seq in seqs if seq.finish_reason is None]
@@ -175,8 +183,10 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
         batch = build_batch([(seq.output[-1:], seq.length - 1, seq.table) for seq in active], model.device)
         logits = model.forward(batch, cache)
         steps += 1
-        for row, seq in enumerate(active):
-            emit(seq, seq.accept(seq.sampler(logits[row], seq.prompt + seq.output)))
+        tokens = sample_batch([seq.sampler for seq in active], logits,
+                              lambda i: active[i].prompt + active[i].output)
+        for seq, token in zip(active, tokens):
+            emit(seq, seq.accept(token))
         active = [seq for seq in active if seq.finish_reason is None]
     end = time.perf_counter()
 

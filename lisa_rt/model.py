@@ -104,6 +104,8 @@ class Model:
             config.head_dim, config.max_position_embeddings, config.rope_theta,
             config.rope_scaling).to(self.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self._workspace_rows = 0
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def max_context(self) -> int:
@@ -112,36 +114,55 @@ class Model:
     def new_cache(self, token_counts: list[int]) -> KVCache:
         return KVCache.for_tokens(self.config, token_counts, self.device, self.dtype)
 
+    def _workspace(self, tokens: int) -> dict[str, torch.Tensor]:
+        """Activation buffers for `tokens` tokens, reused across passes.
+
+        Fresh large allocations cost page faults on every pass (and cannot live inside a CUDA
+        graph), so the buffers only grow, doubling, when a pass needs more rows.
+        """
+        if self._workspace_rows < tokens:
+            rows = max(tokens, 2 * self._workspace_rows)
+            c = self.config
+            widths = {"hidden": c.hidden_size, "residual": c.hidden_size,
+                      "qkv": c.q_size + 2 * c.kv_size, "attn": c.q_size,
+                      "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size}
+            self._buffers = {name: torch.empty(rows, width, device=self.device, dtype=self.dtype)
+                             for name, width in widths.items()}
+            self._workspace_rows = rows
+        return {name: buf[:tokens] for name, buf in self._buffers.items()}
+
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Runs the chunks through every layer, filling the cache; float32 logits [R, vocab]."""
         c = self.config
         tokens = batch.input_ids.shape[0]
-        hidden = F.embedding(batch.input_ids, self.embed)
+        ws = self._workspace(tokens)
+        hidden, residual, qkv, gate_up, act = ws["hidden"], ws["residual"], ws["qkv"], ws["gate_up"], ws["act"]
+        attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
+        torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         # The residual stream starts at zero so that every layer, the first included, enters
         # through the same fused add + norm.
-        residual = torch.zeros_like(hidden)
-        attn_out = torch.empty(tokens, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
-        act = torch.empty(tokens, c.intermediate_size, device=self.device, dtype=self.dtype)
+        residual.zero_()
+        q = qkv[:, : c.q_size].view(tokens, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size : c.q_size + c.kv_size].view(tokens, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
         for i, layer in enumerate(self.layers):
             ops.fused_add_rms_norm(hidden, residual, layer.attn_norm, c.rms_norm_eps)
-            qkv = F.linear(hidden, layer.qkv_proj)
-            q = qkv[:, : c.q_size].view(tokens, c.num_heads, c.head_dim)
-            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(tokens, c.num_kv_heads, c.head_dim)
-            v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+            torch.mm(hidden, layer.qkv_proj.t(), out=qkv)
             ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
             ops.cache_write(k, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
             if batch.is_decode:
-                ops.paged_decode_attention(attn_out, q, cache.key_pools[i], cache.value_pools[i],
+                ops.paged_decode_attention(attn, q, cache.key_pools[i], cache.value_pools[i],
                                            batch.block_tables, batch.seq_lens, self.scale)
             else:
-                ops.paged_prefill_attention(attn_out, q, cache.key_pools[i], cache.value_pools[i],
+                ops.paged_prefill_attention(attn, q, cache.key_pools[i], cache.value_pools[i],
                                             batch.block_tables, batch.cu_query_lens, batch.seq_lens,
                                             self.scale)
-            hidden = F.linear(attn_out.view(tokens, c.q_size), layer.o_proj)
+            torch.mm(ws["attn"], layer.o_proj.t(), out=hidden)
             ops.fused_add_rms_norm(hidden, residual, layer.mlp_norm, c.rms_norm_eps)
-            ops.silu_and_mul(act, F.linear(hidden, layer.gate_up_proj))
-            hidden = F.linear(act, layer.down_proj)
+            torch.mm(hidden, layer.gate_up_proj.t(), out=gate_up)
+            ops.silu_and_mul(act, gate_up)
+            torch.mm(act, layer.down_proj.t(), out=hidden)
         ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
         return F.linear(hidden[batch.logits_rows], self.lm_head).float()
 

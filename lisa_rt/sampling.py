@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .errors import UserError
+
+# Temperatures below this sample as greedy: dividing logits by them overflows to inf (then NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -46,12 +50,14 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -71,7 +77,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: float32 [vocab] on any device; history: the prompt and tokens so far."""
         p = self.params
-        logits = logits.float().cpu()
+        logits = logits.detach().to("cpu", torch.float32, copy=True)  # never the caller's tensor
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), dtype=torch.long)
             picked = logits[seen]
@@ -91,3 +97,29 @@ class Sampler:
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Argmax of the raw logits: no state, so a whole batch can take it at once on the device."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
+
+def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
+                 history: Callable[[int], list[int]]) -> list[int]:
+    """One token per row of logits [rows, vocab]; history(row) gives that row's tokens so far.
+
+    Plain-greedy rows share one argmax on the logits' device and every other row shares one
+    copy to the host, so a step costs two transfers at most, not one per sequence.
+    """
+    tokens: list[int] = [0] * len(samplers)
+    greedy_rows = [i for i, s in enumerate(samplers) if s.is_plain_greedy]
+    other_rows = [i for i, s in enumerate(samplers) if not s.is_plain_greedy]
+    if greedy_rows:
+        picks = logits[greedy_rows].argmax(dim=-1).tolist()
+        for row, token in zip(greedy_rows, picks):
+            tokens[row] = token
+    if other_rows:
+        host = logits[other_rows].float().cpu()
+        for row, row_logits in zip(other_rows, host):
+            tokens[row] = samplers[row](row_logits, history(row))
+    return tokens

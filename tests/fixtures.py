@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 __all__ = ["CORPUS", "CHATML_TEMPLATE", "LLAMA2_TEMPLATE", "train_bpe_tokenizer",
-           "train_sentencepiece_tokenizer"]
+           "train_sentencepiece_tokenizer", "tiny_model_dir"]
 
 
 def _build_corpus() -> str:
@@ -151,3 +151,16 @@ def train_sentencepiece_tokenizer(out_dir, vocab_size: int = 600) -> int:
     })
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     return sp.get_piece_size()
+
+
+def tiny_model_dir(directory, seed: int = 0, tokenizer: str = "bpe") -> Path:
+    """A converted lisa-rt directory `directory/lisa` of a tiny random LLaMA (3 layers, hidden 96,
+    GQA 6/2, context 1024) with a tokenizer trained on CORPUS (BPE: ChatML template, EOS
+    <|im_end|>). Needs transformers (test-only); takes about a second."""
+    from lisa_rt.convert import convert
+    from tests.test_model import build_hf_model
+
+    directory = Path(directory)
+    build_hf_model(directory / "hf", heads=6, kv_heads=2, tied=False, rope_scaling=None,
+                   tokenizer=tokenizer, seed=seed)
+    return convert(directory / "hf", directory / "lisa", progress=False)

@@ -7,11 +7,8 @@ namespace lisa_rt {
 namespace {
 
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input) {
-  TORCH_CHECK(input.is_contiguous() && out.is_contiguous(), "silu_and_mul: tensors must be contiguous");
+  check_silu_and_mul_args(out, input);
   const int64_t width = out.size(-1);
-  TORCH_CHECK(input.size(-1) == 2 * width, "silu_and_mul: input must be twice as wide as out");
-  TORCH_CHECK(input.numel() == 2 * out.numel(), "silu_and_mul: row counts differ");
-  check_same(out, input, "silu_and_mul");
   const int64_t rows = out.numel() / width;
   LISA_DISPATCH_FLOATS(input.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();

@@ -21,26 +21,6 @@ struct PagedCache {
   int64_t head_dim;
 };
 
-void check_cache_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                      const at::Tensor& value_cache, const at::Tensor& block_tables,
-                      const at::Tensor& seq_lens, const char* op) {
-  check_packed_heads(query, op);
-  TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous(), op, ": out must be contiguous, shaped like query");
-  check_same(out, query, op);
-  check_same(query, key_cache, op);
-  check_same(query, value_cache, op);
-  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
-                  value_cache.is_contiguous(),
-              op, ": caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(key_cache.size(3) == query.size(2), op, ": head_dim differs between query and cache");
-  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, op, ": query heads not a multiple of kv heads");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
-              op, ": block_tables must be contiguous int32 [batch, max_blocks]");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
-                  seq_lens.size(0) == block_tables.size(0),
-              op, ": seq_lens must be int32 [batch]");
-}
-
 // out = softmax(q . K[:n] * scale) V[:n] for one head of one sequence.
 template <typename T>
 void attend(T* out, const T* q, const PagedCache& c, const int32_t* blocks, int64_t kv_head,
@@ -89,8 +69,7 @@ void check_length(int64_t length, const PagedCache& c) {
 void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                 const at::Tensor& value_cache, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale) {
-  check_cache_args(out, query, key_cache, value_cache, block_tables, seq_lens, "paged_decode_attention");
-  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_decode_attention: one query per sequence");
+  check_decode_args(out, query, key_cache, value_cache, block_tables, seq_lens);
   const PagedCache c = make_cache(key_cache, value_cache, block_tables);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / c.kv_heads;
@@ -112,10 +91,7 @@ void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const 
 void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
                                  const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, double scale) {
-  check_cache_args(out, query, key_cache, value_cache, block_tables, seq_lens, "paged_prefill_attention");
-  TORCH_CHECK(cu_query_lens.scalar_type() == at::kInt && cu_query_lens.dim() == 1 &&
-                  cu_query_lens.size(0) == seq_lens.size(0) + 1 && cu_query_lens.is_contiguous(),
-              "paged_prefill_attention: cu_query_lens must be int32 [batch + 1]");
+  check_prefill_args(out, query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens);
   const PagedCache c = make_cache(key_cache, value_cache, block_tables);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* cu = cu_query_lens.data_ptr<int32_t>();

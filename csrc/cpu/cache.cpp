@@ -8,19 +8,7 @@ namespace {
 
 void cache_write_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                      at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_packed_heads(key, "cache_write: key");
-  check_packed_heads(value, "cache_write: value");
-  check_same(key, key_cache, "cache_write key");
-  check_same(value, value_cache, "cache_write value");
-  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
-                  value_cache.is_contiguous(),
-              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3) &&
-                  value.sizes() == key.sizes(),
-              "cache_write: key/value heads or head_dim differ from the cache");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == key.size(0),
-              "cache_write: slot_mapping must be int64 [tokens]");
+  check_cache_write_args(key, value, key_cache, value_cache, slot_mapping);
   const auto slots = slot_mapping.contiguous();
   const int64_t* s = slots.data_ptr<int64_t>();
   const int64_t tokens = key.size(0);

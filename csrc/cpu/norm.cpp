@@ -6,14 +6,6 @@
 namespace lisa_rt {
 namespace {
 
-void check_norm_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
-  TORCH_CHECK(input.dim() >= 1 && input.is_contiguous(), "rms_norm: input must be contiguous");
-  TORCH_CHECK(out.sizes() == input.sizes() && out.is_contiguous(), "rms_norm: out must match input");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), "rms_norm: weight must be [hidden]");
-  check_same(out, input, "rms_norm");
-  check_same(weight, input, "rms_norm weight");
-}
-
 template <typename T>
 void normalise_row(T* out, const T* in, const T* weight, int64_t hidden, float eps) {
   float sum = dot(in, in, hidden);

@@ -19,17 +19,8 @@ void rotate_heads(T* x, int64_t row_stride, int64_t t, int64_t heads, int64_t ha
 
 void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                           const at::Tensor& cos_sin_cache) {
-  check_packed_heads(query, "rotary_embedding: query");
-  check_packed_heads(key, "rotary_embedding: key");
-  check_same(query, key, "rotary_embedding");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.size(0) == query.size(0) && key.size(0) == query.size(0),
-              "rotary_embedding: positions must be int64 [tokens]");
+  check_rotary_args(positions, query, key, cos_sin_cache);
   const int64_t dim = query.size(2);
-  TORCH_CHECK(key.size(2) == dim && dim % 2 == 0, "rotary_embedding: head dims differ or are odd");
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() &&
-                  cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == dim,
-              "rotary_embedding: cos_sin_cache must be float32 [max_positions, head_dim]");
   const int64_t tokens = query.size(0), half = dim / 2, max_pos = cos_sin_cache.size(0);
   const auto pos = positions.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();

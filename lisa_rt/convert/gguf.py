@@ -198,14 +198,17 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """Dequantised float32 array in numpy (PyTorch) dim order."""
+    def check_supported(self, name: str) -> None:
         info = self.tensors[name]
-        fn = DEQUANTIZERS.get(info.type_id)
-        if fn is None:
+        if info.type_id not in DEQUANTIZERS:
             raise ConvertError(f"{self.path}: tensor {name!r} has unsupported type "
                                f"{info.type_name} (supported: {', '.join(SUPPORTED_TYPES)})")
-        return fn(self.raw(name)).reshape(info.shape)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Dequantised float32 array in numpy (PyTorch) dim order."""
+        self.check_supported(name)
+        info = self.tensors[name]
+        return DEQUANTIZERS[info.type_id](self.raw(name)).reshape(info.shape)
 
     def close(self) -> None:
         try:
@@ -653,6 +656,8 @@ def read_source(src: Path, dtype: str | None, progress: bool) -> SourceModel:
             raise ConvertError(f"{src}: unexpected tensor {unknown[0]!r} (not a llama tensor)")
         tensors: dict[str, torch.Tensor] = {}
         names = [n for n in gf.tensors if n not in _IGNORED]
+        for name in names:  # fail before the progress bar starts, not halfway through it
+            gf.check_supported(name)
         for name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
             array = gf.tensor(name)
             if name.endswith(("attn_q.weight", "attn_k.weight")):

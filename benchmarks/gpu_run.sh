@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one command: build _C for the card, run the CUDA tests, run the GPU
+# checks (CPU-vs-GPU agreement, bf16 decode speed). Logs and JSON go to $OUT.
+#   bash benchmarks/gpu_run.sh            (on the GPU machine, from the repository root)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/lisa-rt-gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+start=$(date +%s)
+if ! python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -40
+  tail -30 "$OUT/build.log"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py 2>&1 | tee "$OUT/test_cuda.log" | tail -30
+python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -25

@@ -1,0 +1,120 @@
+// Argument checks shared by the CPU and CUDA implementations of every op, so both devices
+// reject the same calls with the same messages. Only shapes, strides, dtypes and devices are
+// checked here; range checks that read index tensors live in the CPU kernels (on CUDA they
+// would need a host sync).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace lisa_rt {
+
+// [rows, heads, dim] views whose last two dims are packed; the row stride is free, so
+// the q/k/v slices of a fused projection can be passed without a copy.
+inline void check_packed_heads(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D [tokens, heads, head_dim]");
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
+              " must have packed heads (stride (*, head_dim, 1))");
+}
+
+inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.device() == b.device(), what, ": tensors on different devices");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": dtype mismatch (", a.scalar_type(),
+              " vs ", b.scalar_type(), ")");
+}
+
+// Index tensors (positions, slots, tables, lengths) are read by the kernels: same device.
+inline void check_device(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.device() == like.device(), what, " must be on ", like.device(), ", not ", t.device());
+}
+
+inline void check_norm_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  TORCH_CHECK(input.dim() >= 1 && input.is_contiguous(), "rms_norm: input must be contiguous");
+  TORCH_CHECK(out.sizes() == input.sizes() && out.is_contiguous(), "rms_norm: out must match input");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), "rms_norm: weight must be [hidden]");
+  check_same(out, input, "rms_norm");
+  check_same(weight, input, "rms_norm weight");
+}
+
+inline void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& input) {
+  TORCH_CHECK(input.is_contiguous() && out.is_contiguous(), "silu_and_mul: tensors must be contiguous");
+  TORCH_CHECK(input.size(-1) == 2 * out.size(-1), "silu_and_mul: input must be twice as wide as out");
+  TORCH_CHECK(input.numel() == 2 * out.numel(), "silu_and_mul: row counts differ");
+  check_same(out, input, "silu_and_mul");
+}
+
+inline void check_rotary_args(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& cos_sin_cache) {
+  check_packed_heads(query, "rotary_embedding: query");
+  check_packed_heads(key, "rotary_embedding: key");
+  check_same(query, key, "rotary_embedding");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.size(0) == query.size(0) && key.size(0) == query.size(0),
+              "rotary_embedding: positions must be int64 [tokens]");
+  const int64_t dim = query.size(2);
+  TORCH_CHECK(key.size(2) == dim && dim % 2 == 0, "rotary_embedding: head dims differ or are odd");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() &&
+                  cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == dim,
+              "rotary_embedding: cos_sin_cache must be float32 [max_positions, head_dim]");
+  check_device(positions, query, "rotary_embedding: positions");
+  check_device(cos_sin_cache, query, "rotary_embedding: cos_sin_cache");
+}
+
+inline void check_cache_write_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                                   const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_packed_heads(key, "cache_write: key");
+  check_packed_heads(value, "cache_write: value");
+  check_same(key, value, "cache_write key/value");
+  check_same(key, key_cache, "cache_write key");
+  check_same(value, value_cache, "cache_write value");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
+                  value_cache.is_contiguous(),
+              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3) &&
+                  value.sizes() == key.sizes(),
+              "cache_write: key/value heads or head_dim differ from the cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == key.size(0),
+              "cache_write: slot_mapping must be int64 [tokens]");
+  check_device(slot_mapping, key, "cache_write: slot_mapping");
+}
+
+inline void check_attention_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                 const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, const char* op) {
+  check_packed_heads(query, op);
+  TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous(), op, ": out must be contiguous, shaped like query");
+  check_same(out, query, op);
+  check_same(query, key_cache, op);
+  check_same(query, value_cache, op);
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
+                  value_cache.is_contiguous(),
+              op, ": caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(key_cache.size(3) == query.size(2), op, ": head_dim differs between query and cache");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, op, ": query heads not a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              op, ": block_tables must be contiguous int32 [batch, max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
+                  seq_lens.size(0) == block_tables.size(0),
+              op, ": seq_lens must be int32 [batch]");
+  check_device(block_tables, query, "block_tables");
+  check_device(seq_lens, query, "seq_lens");
+}
+
+inline void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                              const at::Tensor& value_cache, const at::Tensor& block_tables,
+                              const at::Tensor& seq_lens) {
+  check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, "paged_decode_attention");
+  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_decode_attention: one query per sequence");
+}
+
+inline void check_prefill_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                               const at::Tensor& value_cache, const at::Tensor& block_tables,
+                               const at::Tensor& cu_query_lens, const at::Tensor& seq_lens) {
+  check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, "paged_prefill_attention");
+  TORCH_CHECK(cu_query_lens.scalar_type() == at::kInt && cu_query_lens.dim() == 1 &&
+                  cu_query_lens.size(0) == seq_lens.size(0) + 1 && cu_query_lens.is_contiguous(),
+              "paged_prefill_attention: cu_query_lens must be int32 [batch + 1]");
+  check_device(cu_query_lens, query, "cu_query_lens");
+}
+
+}  // namespace lisa_rt

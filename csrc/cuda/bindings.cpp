@@ -1,0 +1,133 @@
+// The CUDA implementations of torch.ops.lisa_rt.*: argument checks, then the launchers of
+// cuda/*.cu on torch's current stream of the tensors' device. Nothing here reads device
+// memory on the host or allocates, so every op is asynchronous and graph-capturable.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_checks.h"
+#include "cuda/kernels.h"
+
+namespace lisa_rt {
+namespace {
+
+using cuda_checks::check_head_dim;
+using cuda_checks::dtype_of;
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void rms_norm_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
+  check_norm_args(out, input, weight);
+  const kernels::DType dtype = dtype_of(input, "rms_norm");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t hidden = input.size(-1);
+  const int64_t rows = hidden == 0 ? 0 : input.numel() / hidden;
+  check_launch(kernels::rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), rows, hidden,
+                                 static_cast<float>(eps), dtype, current_stream()),
+               "rms_norm");
+}
+
+void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_norm_args(input, residual, weight);
+  const kernels::DType dtype = dtype_of(input, "fused_add_rms_norm");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t hidden = input.size(-1);
+  const int64_t rows = hidden == 0 ? 0 : input.numel() / hidden;
+  check_launch(kernels::fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(), rows,
+                                           hidden, static_cast<float>(eps), dtype, current_stream()),
+               "fused_add_rms_norm");
+}
+
+void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                           const at::Tensor& cos_sin_cache) {
+  check_rotary_args(positions, query, key, cos_sin_cache);
+  const int64_t dim = query.size(2);
+  const kernels::DType dtype = dtype_of(query, "rotary_embedding");
+  const c10::cuda::CUDAGuard guard(query.device());
+  // Positions outside the cache cannot be rejected without a sync; the kernel skips them.
+  check_launch(kernels::rotary_embedding(positions.data_ptr<int64_t>(), positions.stride(0), query.data_ptr(),
+                                         query.stride(0), query.size(1), key.data_ptr(), key.stride(0),
+                                         key.size(1), query.size(0), dim, cos_sin_cache.data_ptr<float>(),
+                                         cos_sin_cache.size(0), dtype, current_stream()),
+               "rotary_embedding");
+}
+
+void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input) {
+  check_silu_and_mul_args(out, input);
+  const int64_t width = out.size(-1);
+  const kernels::DType dtype = dtype_of(input, "silu_and_mul");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t rows = width == 0 ? 0 : out.numel() / width;
+  check_launch(kernels::silu_and_mul(out.data_ptr(), input.data_ptr(), rows, width, dtype, current_stream()),
+               "silu_and_mul");
+}
+
+void cache_write_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                      at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cache_write_args(key, value, key_cache, value_cache, slot_mapping);
+  const kernels::DType dtype = dtype_of(key, "cache_write");
+  const c10::cuda::CUDAGuard guard(key.device());
+  // Slots beyond the cache cannot be rejected without a sync; the kernel skips them.
+  check_launch(kernels::cache_write(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+                                    key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(),
+                                    slot_mapping.stride(0), key.size(0), key.size(1) * key.size(2),
+                                    key_cache.size(0) * key_cache.size(1), dtype, current_stream()),
+               "cache_write");
+}
+
+kernels::PagedKVCache paged_cache(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables) {
+  return kernels::PagedKVCache{key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr<int32_t>(),
+                               block_tables.size(1), key_cache.size(1), key_cache.size(0), key_cache.size(2),
+                               key_cache.size(3)};
+}
+
+// Sequence lengths and block ids are not range-checked here (that would need a sync): the
+// kernels clamp lengths to the block table and read invalid blocks as zeros.
+void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                 const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, double scale) {
+  check_decode_args(out, query, key_cache, value_cache, block_tables, seq_lens);
+  check_head_dim(query, "paged_decode_attention");
+  const kernels::DType dtype = dtype_of(query, "paged_decode_attention");
+  const c10::cuda::CUDAGuard guard(query.device());
+  check_launch(kernels::paged_decode_attention(out.data_ptr(), query.data_ptr(), query.stride(0), query.size(0),
+                                               query.size(1), paged_cache(key_cache, value_cache, block_tables),
+                                               seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
+                                               static_cast<float>(scale), dtype, current_stream()),
+               "paged_decode_attention");
+}
+
+void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, double scale) {
+  check_prefill_args(out, query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens);
+  check_head_dim(query, "paged_prefill_attention");
+  const kernels::DType dtype = dtype_of(query, "paged_prefill_attention");
+  const c10::cuda::CUDAGuard guard(query.device());
+  check_launch(kernels::paged_prefill_attention(out.data_ptr(), query.data_ptr(), query.stride(0), query.size(0),
+                                                query.size(1), seq_lens.size(0),
+                                                paged_cache(key_cache, value_cache, block_tables),
+                                                cu_query_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                                                seq_lens.stride(0), static_cast<float>(scale), dtype,
+                                                current_stream()),
+               "paged_prefill_attention");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lisa_rt, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cuda);
+  m.impl("rotary_embedding", &rotary_embedding_cuda);
+  m.impl("silu_and_mul", &silu_and_mul_cuda);
+  m.impl("cache_write", &cache_write_cuda);
+  m.impl("paged_decode_attention", &paged_decode_attention_cuda);
+  m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);
+}
+
+}  // namespace lisa_rt

@@ -1,0 +1,282 @@
+"""The engine's pieces on their own: StopStringFilter, Sampler, SamplingParams, and generate()
+on a tiny random model (per-request params and seeds in one batch, finish reasons, context cap).
+"""
+import math
+
+import pytest
+import torch
+
+import lisa_rt
+from lisa_rt import SamplingParams, UserError, generate
+from lisa_rt.engine import StopStringFilter
+from lisa_rt.sampling import Sampler
+from tests.fixtures import CORPUS, tiny_model_dir
+
+pytest.importorskip("transformers")
+
+
+# --- StopStringFilter -------------------------------------------------------------------------
+
+def run_filter(stops, deltas):
+    f = StopStringFilter(stops)
+    pieces = [f.push(d) for d in deltas]
+    if not f.stopped:
+        pieces.append(f.flush())
+    return "".join(pieces), pieces, f
+
+
+def test_filter_without_stops_passes_text_through():
+    text, pieces, f = run_filter([], ["Hel", "lo", " world"])
+    assert pieces[:3] == ["Hel", "lo", " world"] and text == "Hello world" and not f.stopped
+
+
+def test_filter_stop_spanning_several_deltas():
+    text, pieces, f = run_filter(["<END>"], ["abc<", "E", "N", "D>tail", "more"])
+    assert f.stopped and text == "abc" and f.text == "abc"
+    # Nothing of the stop string was ever emitted, even while it was being built.
+    assert pieces == ["abc", "", "", "", ""]  # and pushes after the stop are dropped
+
+
+def test_filter_releases_held_prefix_when_it_stops_matching():
+    f = StopStringFilter(["<END>"])
+    assert f.push("x<EN") == "x"          # "<EN" could still become "<END>"
+    assert f.push("Q") == "<ENQ"          # it cannot any more: released at once
+    assert f.push("<") == ""
+    assert f.push("!") == "<!"
+    assert not f.stopped
+    assert f.flush() == "" and f.text == "x<ENQ<!"
+
+
+def test_filter_flush_releases_held_prefix_at_the_end():
+    f = StopStringFilter(["###"])
+    assert f.push("done ##") == "done "
+    assert f.flush() == "##"
+    assert not f.stopped
+
+
+def test_filter_multiple_stops_earliest_wins():
+    # Both stops are in the text: the one that starts first cuts it.
+    text, _, f = run_filter(["STOP", "op"], ["a st", "op here STOP"])
+    assert f.stopped and text == "a st"
+    text, _, f = run_filter(["world", "lo w"], ["hello world"])
+    assert f.stopped and text == "hel"
+    # A longer stop held back while a shorter one completes later in the same text.
+    text, _, f = run_filter(["abcd", "c"], ["ab", "c", "d"])
+    assert f.stopped and text == "ab"
+
+
+def test_filter_stop_at_the_very_start_and_repeated_prefix():
+    text, pieces, f = run_filter(["\n\n"], ["\n", "\n", "x"])
+    assert f.stopped and text == "" and pieces == ["", "", ""]
+    text, _, f = run_filter(["aab"], ["a", "a", "a", "b", "c"])  # overlapping prefixes
+    assert f.stopped and text == "a"
+
+
+# --- Sampler ----------------------------------------------------------------------------------
+
+def sampler(**kw):
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+    base.update(kw)
+    return Sampler(SamplingParams(**base))
+
+
+def random_logits(seed, vocab=50):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, generator=g) * 3
+
+
+def test_greedy_is_argmax():
+    s = sampler(temperature=0)
+    for seed in range(10):
+        logits = random_logits(seed)
+        assert s(logits, []) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)],
+                         ids=["top_k=1", "top_p=tiny", "min_p=1"])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+def test_truncations_to_one_token_equal_greedy(kw, temperature):
+    s = sampler(temperature=temperature, seed=123, **kw)
+    for seed in range(20):
+        logits = random_logits(seed)
+        assert s(logits, []) == int(logits.argmax())
+
+
+def test_repetition_penalty_as_in_transformers():
+    # Positive logits of seen tokens are divided by the penalty, negative ones multiplied.
+    s = sampler(temperature=0, repetition_penalty=2.0)
+    assert s(torch.tensor([3.0, 2.5, -1.0]), [0]) == 1          # 3 / 2 = 1.5 < 2.5
+    assert s(torch.tensor([3.0, 2.5, -1.0]), [2, 2]) == 0       # unseen top stays
+    assert s(torch.tensor([-1.0, -1.5, -3.0]), [0]) == 1        # -1 * 2 = -2 < -1.5 (not -0.5)
+    assert s(torch.tensor([-1.0, -1.5, -3.0]), []) == 0
+    # Penalty < 1 favours seen tokens.
+    assert sampler(temperature=0, repetition_penalty=0.5)(torch.tensor([2.0, 1.5]), [1]) == 1
+    # Against transformers' own processor, on the same logits (if it is installed).
+    transformers = pytest.importorskip("transformers")
+    logits = random_logits(7, vocab=20)
+    history = [3, 5, 5, 11, 0]
+    want = transformers.RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([history]), logits[None].clone())[0]
+    assert sampler(temperature=0, repetition_penalty=1.7)(logits, history) == int(want.argmax())
+
+
+def test_sampler_does_not_modify_the_callers_logits():
+    logits = torch.tensor([3.0, 2.5, -1.0])
+    before = logits.clone()
+    sampler(temperature=0, repetition_penalty=2.0)(logits, [0, 2])
+    sampler(temperature=0.7, repetition_penalty=2.0, top_k=2, top_p=0.5, min_p=0.1)(logits, [0, 2])
+    assert torch.equal(logits, before)
+
+
+def test_same_seed_same_draws_different_seed_differs():
+    logits = torch.zeros(1000)
+
+    def draws(seed):
+        s = sampler(seed=seed)
+        return [s(logits, []) for _ in range(30)]
+
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)
+
+
+def test_distribution_follows_softmax_over_temperature():
+    logits = torch.tensor([1.0, 0.5, -0.5, 2.0])
+    temperature = 0.7
+    n = 4000
+    s = sampler(temperature=temperature, seed=2024)
+    counts = [0] * 4
+    for _ in range(n):
+        counts[s(logits, [])] += 1
+    expected = (torch.softmax(logits / temperature, -1) * n).tolist()
+    chi2 = sum((c - e) ** 2 / e for c, e in zip(counts, expected))
+    # 3 degrees of freedom: P(chi2 > 40) ~ 1e-8. Sampling from softmax(logits) (T ignored) or
+    # from a uniform distribution gives chi2 in the hundreds.
+    assert chi2 < 40, (counts, expected)
+    wrong = (torch.softmax(logits, -1) * n).tolist()
+    assert sum((c - e) ** 2 / e for c, e in zip(counts, wrong)) > 100
+
+
+def test_top_k_and_min_p_never_pick_excluded_tokens():
+    logits = torch.tensor([0.0, 5.0, 4.9, 4.8, -10.0, 1.0])
+    s = sampler(temperature=2.0, top_k=3, seed=1)
+    assert {s(logits, []) for _ in range(300)} == {1, 2, 3}
+    s = sampler(temperature=1.0, min_p=0.5, seed=1)  # keeps p >= 0.5 * p_max: tokens 1, 2, 3
+    assert {s(logits, []) for _ in range(300)} == {1, 2, 3}
+    s = sampler(temperature=1.0, top_p=0.5, seed=1)  # token 1 alone has ~0.36 < 0.5: 1 and 2
+    assert {s(logits, []) for _ in range(300)} == {1, 2}
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([2.0, 1.0, 1.9])
+    for t in (1e-6, 1e-30, 1e-45):
+        assert sampler(temperature=t)(logits, []) == 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=2.0), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+    (dict(stop=["ok", 3]), "stop"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"),
+])
+def test_sampling_params_validation(kw, message):
+    with pytest.raises(UserError, match=f"invalid sampling parameter: {message}"):
+        SamplingParams(**kw)
+
+
+def test_sampling_params_defaults_and_stop_string():
+    p = SamplingParams(stop="###")
+    assert p.stop == ["###"] and p.max_tokens == 256 and not p.greedy
+    assert SamplingParams(temperature=0).greedy
+    assert p.replace(seed=3).seed == 3
+    with pytest.raises(UserError):
+        p.replace(top_p=3)
+
+
+# --- generate() on a tiny model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return lisa_rt.load_model(tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=11), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    return [ids[:3], ids[:16], ids[:17], ids[:40]]
+
+
+def test_per_request_params_and_seeds_in_one_batch_equal_each_alone(model, prompts):
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=1, ignore_eos=True),
+        SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=1.3, top_k=20, top_p=0.9, min_p=0.02,
+                       repetition_penalty=1.2, seed=99, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, seed=1, ignore_eos=True),
+    ]
+    batched = generate(model, prompts, params)
+    alone = [generate(model, [p], sp)[0] for p, sp in zip(prompts, params)]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.completion_tokens for c in batched] == [12, 7, 15, 10]
+    assert all(c.finish_reason == "length" for c in batched)
+    # Sampling really sampled: another seed gives other tokens; the same seed the same ones.
+    again = generate(model, [prompts[0]], params[0])[0]
+    other = generate(model, [prompts[0]], params[0].replace(seed=2))[0]
+    assert again.token_ids == batched[0].token_ids
+    assert other.token_ids != batched[0].token_ids
+
+
+def test_streamed_text_equals_completion_text(model, prompts):
+    pieces = {0: [], 1: []}
+    out = generate(model, prompts[:2], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                   on_text=lambda i, delta: pieces[i].append(delta))
+    assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in out]
+    assert out[0].text == model.tokenizer.decode(out[0].token_ids)
+
+
+def test_finish_reason_length_vs_eos(model, prompts, monkeypatch):
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = generate(model, [prompts[1]], greedy)[0].token_ids
+    assert len(tokens) == 8
+    # Make the third greedy token an EOS id: generation stops there, EOS not in the output.
+    eos = tokens[2]
+    cut = tokens.index(eos)
+    monkeypatch.setattr(model.tokenizer, "eos_token_ids", list(model.tokenizer.eos_token_ids) + [eos])
+    out = generate(model, [prompts[1]], greedy.replace(ignore_eos=False))[0]
+    assert out.finish_reason == "stop" and out.token_ids == tokens[:cut]
+    assert out.text == model.tokenizer.decode(tokens[:cut])
+    out = generate(model, [prompts[1]], greedy)[0]  # ignore_eos: runs to the length
+    assert out.finish_reason == "length" and out.token_ids == tokens
+
+
+def test_stop_string_finish_reason(model, prompts):
+    full = generate(model, [prompts[2]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip() and "\ufffd" not in stop
+    out = generate(model, [prompts[2]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                        stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(stop)]
+    assert len(out.token_ids) < 30
+
+
+def test_max_tokens_capped_by_the_context_end(model):
+    ctx = model.max_context
+    ids = (model.tokenizer.encode(CORPUS * 3))[: ctx - 5]
+    assert len(ids) == ctx - 5
+    out = generate(model, [ids], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 5
+    assert out.prompt_tokens == ctx - 5
+    with pytest.raises(UserError, match="context"):
+        generate(model, [ids + ids[:5]], SamplingParams(max_tokens=1))
+    with pytest.raises(UserError, match="empty"):
+        generate(model, [[]], SamplingParams(max_tokens=1))
+
+
+def test_timings_and_usage(model, prompts):
+    out = generate(model, [prompts[3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.usage == {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45}
+    assert out.timings["decode_steps"] == 4
+    assert all(math.isfinite(v) and v >= 0 for v in out.timings.values())
