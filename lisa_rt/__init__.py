@@ -1,5 +1,11 @@
 """lisa-rt: a small, fast inference runtime for LLaMA-family models with LiSA attention sharing.
 
+    from lisa_rt import LLM, SamplingParams
+    with LLM("smollm2") as llm:                     # one engine thread, shared by all callers
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0))
+        print(out[0].text)
+
+Lower level:
     import lisa_rt
     model = lisa_rt.load_model("smollm2")          # or a .gguf, an HF dir, a lisa-rt dir
     ids = model.tokenizer.encode("The capital of France is")
@@ -10,8 +16,9 @@ from __future__ import annotations
 
 import os
 
-from .engine import Completion, generate
+from .engine import Completion, StreamDelta, generate
 from .errors import UserError
+from .llm import LLM, RequestHandle
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -30,4 +37,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype)
 
 
-__all__ = ["Completion", "SamplingParams", "UserError", "generate", "load_model", "__version__"]
+__all__ = ["LLM", "Completion", "RequestHandle", "SamplingParams", "StreamDelta", "UserError", "generate",
+           "load_model", "__version__"]

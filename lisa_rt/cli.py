@@ -1,4 +1,4 @@
-"""The `lisa-rt` command: convert, info, generate, chat.
+"""The `lisa-rt` command: convert, info, generate, chat, serve.
 
 stdout carries only results (generated text, JSON); progress bars and speeds go to stderr.
 Errors a user can cause end in one `error: ...` line on stderr and exit code 2.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,6 +30,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -84,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--verbose", action="store_true", help="print speeds on stderr")
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs lisa-rt[serve])")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one (8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $LISA_RT_API_KEY, else none)")
+    p.add_argument("--kv-cache-gb", type=_positive_float, default=None,
+                   help="KV-cache memory in GB (default: sized by the engine)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                   help="most requests decoded at once (256)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's id in the API (default: the model's name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level on stderr (info)")
     return parser
 
 
@@ -253,7 +290,39 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info}
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from .server import bind_socket, serve  # a UserError naming `pip install 'lisa-rt[serve]'`
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LISA_RT_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty")
+    sock = bind_socket(args.host, args.port)  # fail on a busy port before loading the model
+
+    def ready(url: str) -> None:
+        print(f"lisa-rt: serving {args.model or 'smollm2'} at {url}/v1 (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+
+    # SIGTERM (uvicorn re-raises it once it has shut down) exits cleanly, like Ctrl-C.
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(args.model, sock=sock, api_key=api_key, device=args.device, dtype=args.dtype,
+              kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+              model_name=args.served_model_name, log_level=args.log_level, on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

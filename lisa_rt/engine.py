@@ -1,30 +1,52 @@
-"""Generation over a static batch: chunked prefill of every prompt, then batched decode.
+"""The scheduler: continuous batching over a paged KV cache, with chunked prefill and preemption.
 
-Sequences of different lengths share each forward pass through the paged cache; each one
-stops on its own (EOS, a stop string, max tokens or the end of the context) and its text is
-streamed as it is made, with stop strings held back until they can no longer match.
+Requests enter a queue; each step admits waiting requests (first come, first served) while the
+cache has blocks for them, builds ONE forward pass that mixes the decode token of every running
+sequence with prefill chunks of new ones under a per-step token budget, samples, streams text
+and retires finished sequences at once, returning their blocks.
+
+Block policy. A request is admitted only when its whole prefill (prompt, plus the tokens it had
+generated if it was preempted) fits in the free blocks; those blocks are taken at admission, so
+prefill chunks never allocate. A decoding sequence takes one more block every `block_size`
+tokens; when none is free the newest running sequence is preempted: its blocks are freed and it
+goes back to the FRONT of the queue, keeping its generated tokens, its sampler (RNG state) and
+its detokeniser. On re-admission it re-prefills prompt + generated tokens and goes on where it
+stopped: nothing is sampled or streamed twice.
+
+Requests that can never fit. A prompt that alone needs more blocks than the whole cache holds is
+rejected by `Engine.check` (UserError: the KV budget is too small). A prompt that fits but whose
+prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
+next token has no room (its context cannot grow any more). Nothing deadlocks, nothing is dropped.
+
+Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
+thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
+Deltas are delivered from the stepping thread through each request's `on_delta`.
 """
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .errors import UserError
-from .kv_cache import BlockTable
+from .kv_cache import BlockTable, KVCache
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, sample_batch
 
-PREFILL_CHUNK_TOKENS = 512
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 @dataclass
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str          # "stop" (EOS or a stop string) or "length"
+    finish_reason: str          # "stop" (EOS or a stop string), "length" or "cancelled"
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -36,6 +58,13 @@ class Completion:
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class StreamDelta:
+    text: str                              # new visible text (may be "")
+    finish_reason: str | None = None       # "stop" | "length" | "cancelled" on the last delta
+    completion: Completion | None = None   # set on the last delta
 
 
 class StopStringFilter:
@@ -79,49 +108,348 @@ class StopStringFilter:
         return longest
 
 
-class _Sequence:
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, max_new: int,
-                 table: BlockTable, model: Model):
-        self.index = index
-        self.prompt = prompt
+_ids = itertools.count()
+
+
+class Request:
+    """One sequence through the engine: its tokens, sampler, detokeniser and cache blocks.
+
+    tokens = prompt + output; `computed` of them have their keys and values in the cache. A
+    decoding sequence has computed == len(tokens) - 1 (the last sampled token goes in next).
+    """
+
+    def __init__(self, model: Model, prompt: list[int], params: SamplingParams, max_new: int,
+                 on_delta: Callable[[StreamDelta], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 request_id: str | None = None):
+        self.request_id = request_id or f"req-{next(_ids)}"
+        self.prompt = list(prompt)
         self.params = params
         self.max_new = max_new
-        self.table = table
+        self.on_delta = on_delta
+        self.on_error = on_error
         self.sampler = Sampler(params)
         self.output: list[int] = []
-        self.decoder = model.tokenizer.stream_decoder(prompt) if model.tokenizer else None
+        tok = model.tokenizer
+        self.decoder = tok.stream_decoder(self.prompt) if tok else None
         self.filter = StopStringFilter(params.stop)
-        self.finish_reason: str | None = None
-        eos = model.tokenizer.eos_token_ids if model.tokenizer else model.config.eos_token_ids
+        eos = tok.eos_token_ids if tok else model.config.eos_token_ids
         self.eos = set() if params.ignore_eos else set(eos)
+        self.table: BlockTable | None = None
+        self.computed = 0
+        self.finish_reason: str | None = None
+        self.completion: Completion | None = None
+        self.cancel_requested = False
+        self.preemptions = 0
+        self.decode_steps = 0
+        self.t_submit = time.perf_counter()
+        self.t_admit: float | None = None
+        self.t_first: float | None = None
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def tokens(self, lo: int, hi: int) -> list[int]:
+        """(prompt + output)[lo:hi] without building the whole list."""
+        p = len(self.prompt)
+        if hi <= p:
+            return self.prompt[lo:hi]
+        if lo >= p:
+            return self.output[lo - p : hi - p]
+        return self.prompt[lo:] + self.output[: hi - p]
+
     def accept(self, token: int) -> str:
         """Records a sampled token; returns the new text it makes visible."""
         if token in self.eos:
             self.finish_reason = "stop"
-            return self._finish()
+            return self._release_text()
         self.output.append(token)
         delta = self.filter.push(self.decoder.push(token)) if self.decoder else ""
         if self.filter.stopped:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
-            delta += self._finish()
+            delta += self._release_text()
             # The held-back text may still complete a stop string.
             self.finish_reason = "stop" if self.filter.stopped else "length"
         return delta
 
-    def _finish(self) -> str:
+    def finish_length(self) -> str:
+        """Ends the sequence because its context cannot grow; returns the held text."""
+        delta = self._release_text()
+        self.finish_reason = "stop" if self.filter.stopped else "length"
+        return delta
+
+    def _release_text(self) -> str:
         """Releases all held text: the decoder's unfinished bytes, then the filter's tail."""
         delta = self.filter.push(self.decoder.flush()) if self.decoder else ""
         return delta + self.filter.flush()
 
+    def make_completion(self) -> Completion:
+        end = time.perf_counter()
+        admit = self.t_admit if self.t_admit is not None else end
+        first = self.t_first if self.t_first is not None else end
+        decode_tokens = max(len(self.output) - 1, 0)
+        return Completion(
+            # Cancelled: the text streamed so far (held-back text is never shown).
+            text=self.filter.text[: self.filter.emitted], token_ids=list(self.output),
+            finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt),
+            timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
+                     "decode_s": end - first, "decode_steps": self.decode_steps,
+                     "preemptions": self.preemptions,
+                     "prompt_tok_per_s": len(self.prompt) / max(first - admit, 1e-9),
+                     "decode_tok_per_s": decode_tokens / max(end - first, 1e-9)})
 
-def _check_prompt(model: Model, prompt: list[int], params: SamplingParams) -> int:
-    """Validates one request; returns how many tokens it may generate."""
+
+class Engine:
+    """Continuous batching over one model and one KV cache (see the module docstring)."""
+
+    def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+        if max_num_seqs < 1:
+            raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_batch_tokens < 1:
+            raise UserError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.model = model
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []   # admission order: the newest is last
+        self.preemptions = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.failed = 0
+        self.steps = 0
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._cancels: list[Request] = []
+        self._closed = False
+
+    # -- any thread --------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], params: SamplingParams) -> int:
+        """Validates one request; returns how many tokens it may generate. Raises UserError."""
+        model = self.model
+        if not isinstance(params, SamplingParams):
+            raise UserError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        return check_prompt(model, prompt, params, self.cache)
+
+    def add(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._inbox.append(request)
+            self._cond.notify_all()
+
+    def cancel(self, request: Request) -> None:
+        """Idempotent; the request ends with "cancelled" at the next step boundary."""
+        with self._cond:
+            if request.finished or request.cancel_requested:
+                return
+            request.cancel_requested = True
+            self._cancels.append(request)
+            self._cond.notify_all()
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._cancels or self.waiting or self.running)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Blocks until there is work (True) or the engine is closed (False)."""
+        with self._cond:
+            while not self._closed and not self.has_work():
+                if not self._cond.wait(timeout):
+                    break
+            return not self._closed
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            waiting = len(self._inbox) + len(self.waiting)
+        return {"running": len(self.running), "waiting": waiting,
+                "free_blocks": self.cache.allocator.num_free, "total_blocks": self.cache.num_blocks,
+                "preemptions": self.preemptions, "completed": self.completed,
+                "cancelled": self.cancelled}
+
+    # -- the stepping thread -----------------------------------------------------------------
+
+    def abort_all(self) -> None:
+        """Cancels every request left (after close)."""
+        self._drain()
+        for req in list(self.running) + list(self.waiting):
+            self._end(req, "cancelled")
+        self.running.clear()
+        self.waiting.clear()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduler step: admit, one forward pass, sample, stream, retire.
+
+        An exception here is a bug: the requests of this step (all requests, if it happened
+        outside the forward pass) fail with it, and the engine stays usable.
+        """
+        batch: list[Request] = []
+        try:
+            self._drain()
+            chunks = self._schedule(batch)
+            if not chunks:
+                return
+            self.steps += 1
+            logits = self.model.forward(build_batch(chunks, self.model.device), self.cache)
+            # A chunk that reaches the end of its sequence's tokens yields the next token.
+            ready = [row for row, req in enumerate(batch) if req.computed == req.length]
+            tokens = sample_batch([batch[row].sampler for row in ready], logits[ready],
+                                  lambda i: batch[ready[i]].prompt + batch[ready[i]].output)
+        except Exception as exc:
+            self.fail(batch or list(self.running) + list(self.waiting), exc)
+            return
+        now = time.perf_counter()
+        for row, token in zip(ready, tokens):
+            req = batch[row]
+            try:
+                if req.t_first is None:
+                    req.t_first = now
+                else:
+                    req.decode_steps += 1
+                delta = req.accept(token)
+                if req.finished:
+                    self._end(req, req.finish_reason, delta)
+                elif delta:
+                    self._emit(req, StreamDelta(delta))
+            except Exception as exc:
+                self.fail([req], exc)
+
+    def fail(self, requests: list[Request], exc: BaseException) -> None:
+        """Ends requests with an error: their blocks are freed, on_error gets the exception."""
+        for req in requests:
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            if req.table is not None:
+                req.table.release()
+                req.table = None
+            req.finish_reason = "error"
+            self.failed += 1
+            if req.on_error is not None:
+                try:
+                    req.on_error(exc)
+                except Exception:
+                    pass
+
+    def _drain(self) -> None:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+        self.waiting.extend(inbox)
+        for req in cancels:
+            if not req.finished:
+                self._end(req, "cancelled")
+
+    def _schedule(self, batch: list[Request]) -> list[tuple[list[int], int, BlockTable]]:
+        """Picks this step's work into `batch`; returns the chunks for build_batch."""
+        budget = self.max_batch_tokens
+        cache = self.cache
+        chunks: list[tuple[list[int], int, BlockTable]] = []
+        # 1. Running sequences, oldest first: decode tokens and the rest of chunked prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.computed == req.length - 1:  # decoding: room for one more token
+                if not self._grow(req):
+                    continue  # req itself left the running list; do not advance i
+            n = min(req.length - req.computed, budget)
+            chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
+            req.computed += n
+            batch.append(req)
+            budget -= n
+            i += 1
+        # 2. Admit waiting requests, first come first served, while blocks and budget allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            need = cache.blocks_for(req.length)
+            if need > cache.num_blocks:  # can only happen to a preempted sequence; never wait forever
+                self.waiting.popleft()
+                self._end(req, "length", req.finish_length())
+                continue
+            if need > cache.allocator.num_free:
+                break
+            self.waiting.popleft()
+            req.table = BlockTable(cache)
+            req.table.ensure(req.length)
+            req.computed = 0
+            if req.t_admit is None:
+                req.t_admit = time.perf_counter()
+            self.running.append(req)
+            n = min(req.length, budget)
+            chunks.append((req.tokens(0, n), 0, req.table))
+            req.computed = n
+            batch.append(req)
+            budget -= n
+        return chunks
+
+    def _grow(self, req: Request) -> bool:
+        """Makes room for req's next token, preempting the newest sequences if needed.
+
+        Returns False when req itself had to leave the running list (preempted, or finished
+        because it alone fills the cache).
+        """
+        need = req.length  # tokens in the cache after this step
+        while self.cache.blocks_for(need) - len(req.table.blocks) > self.cache.allocator.num_free:
+            if len(self.running) == 1:  # alone and out of room: its context cannot grow
+                self._end(req, "length", req.finish_length())
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        req.table.ensure(need)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        req.table.release()
+        req.table = None
+        req.computed = 0
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _end(self, req: Request, reason: str, delta: str = "") -> None:
+        """Retires req: frees its blocks first, then sends the final delta."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.table is not None:
+            req.table.release()
+            req.table = None
+        req.finish_reason = reason
+        if reason == "cancelled":
+            self.cancelled += 1
+        else:
+            self.completed += 1
+        req.completion = req.make_completion()
+        self._emit(req, StreamDelta(delta, reason, req.completion))
+
+    def _emit(self, req: Request, delta: StreamDelta) -> None:
+        if req.on_delta is not None:
+            req.on_delta(delta)
+
+
+def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
+                 cache: KVCache | None = None) -> int:
+    """Validates one request; returns how many tokens it may generate (max_tokens, capped by
+    the context). With a cache, a prompt that cannot fit in it even alone is refused."""
     if not prompt:
         raise UserError("the prompt is empty (no tokens)")
     if len(prompt) >= model.max_context:
@@ -130,76 +458,44 @@ def _check_prompt(model: Model, prompt: list[int], params: SamplingParams) -> in
     vocab = model.config.vocab_size
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise UserError(f"prompt token ids must be in [0, {vocab})")
+    if cache is not None and cache.blocks_for(len(prompt)) > cache.num_blocks:
+        raise UserError(f"the prompt has {len(prompt)} tokens but the KV cache holds only "
+                        f"{cache.num_blocks * cache.block_size}: the KV budget (kv_cache_gb) is too small")
     return min(params.max_tokens, model.max_context - len(prompt))
 
 
-@torch.inference_mode()
 def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Generates for every prompt (token ids) as one static batch.
+    """Generates for every prompt (token ids), stepping an Engine in the calling thread.
 
+    The cache is sized for every request at full length, so nothing is ever preempted.
     on_text(index, delta) receives each sequence's text as it is made (stop strings excluded).
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise UserError("one SamplingParams per prompt, or one for all")
-    budgets = [_check_prompt(model, p, sp) for p, sp in zip(prompts, params)]
+    if not prompts:
+        return []
+    for sp in params:
+        sp.validate()
+    budgets = [check_prompt(model, list(p), sp) for p, sp in zip(prompts, params)]
     cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
-    seqs = [_Sequence(i, list(p), sp, n, BlockTable(cache), model)
-            for i, (p, sp, n) in enumerate(zip(prompts, params, budgets))]
-    for seq in seqs:
-        seq.table.ensure(len(seq.prompt) + seq.max_new)
+    engine = Engine(model, cache, max_num_seqs=len(prompts))
+    errors: list[BaseException] = []
 
-    def emit(seq: _Sequence, delta: str) -> None:
-        if delta and on_text is not None:
-            on_text(seq.index, delta)
+    def request(index: int) -> Request:
+        def on_delta(delta: StreamDelta) -> None:
+            if delta.text and on_text is not None:
+                on_text(index, delta.text)
+        return Request(model, list(prompts[index]), params[index], budgets[index],
+                       on_delta=on_delta, on_error=errors.append)
 
-    start = time.perf_counter()
-    # Chunked prefill: each pass takes the next chunk of every unfinished prompt.
-    done = [0] * len(seqs)
-    while True:
-        chunks, owners = [], []
-        for seq in seqs:
-            if done[seq.index] < len(seq.prompt):
-                lo = done[seq.index]
-                hi = min(lo + PREFILL_CHUNK_TOKENS, len(seq.prompt))
-                chunks.append((seq.prompt[lo:hi], lo, seq.table))
-                owners.append(seq)
-                done[seq.index] = hi
-        if not chunks:
-            break
-        logits = model.forward(build_batch(chunks, model.device), cache)
-        ready = [row for row, seq in enumerate(owners) if done[seq.index] == len(seq.prompt)]
-        tokens = sample_batch([owners[row].sampler for row in ready], logits[ready],
-                              lambda i: owners[ready[i]].prompt)
-        for row, token in zip(ready, tokens):
-            emit(owners[row], owners[row].accept(token))
-    first_token = time.perf_counter()
-
-    active = [seq for seq in seqs if seq.finish_reason is None]
-    steps = 0
-    while active:
-        batch = build_batch([(seq.output[-1:], seq.length - 1, seq.table) for seq in active], model.device)
-        logits = model.forward(batch, cache)
-        steps += 1
-        tokens = sample_batch([seq.sampler for seq in active], logits,
-                              lambda i: active[i].prompt + active[i].output)
-        for seq, token in zip(active, tokens):
-            emit(seq, seq.accept(token))
-        active = [seq for seq in active if seq.finish_reason is None]
-    end = time.perf_counter()
-
-    results = []
-    for seq in seqs:
-        seq.table.release()
-        text = seq.filter.text
-        decode_tokens = max(len(seq.output) - 1, 0)
-        results.append(Completion(
-            text=text, token_ids=seq.output, finish_reason=seq.finish_reason or "length",
-            prompt_tokens=len(seq.prompt),
-            timings={"prefill_s": first_token - start, "decode_s": end - first_token,
-                     "decode_steps": steps,
-                     "prompt_tok_per_s": len(seq.prompt) / max(first_token - start, 1e-9),
-                     "decode_tok_per_s": decode_tokens / max(end - first_token, 1e-9)}))
-    return results
+    requests = [request(i) for i in range(len(prompts))]
+    for req in requests:
+        engine.add(req)
+    while engine.has_work():
+        engine.step()
+        if errors:
+            raise errors[0]
+    return [req.completion for req in requests]

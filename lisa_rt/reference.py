@@ -101,8 +101,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", query.float(), k) * scale
-    q_pos = torch.arange(query.shape[0])[:, None] + first_position
-    k_pos = torch.arange(key.shape[0])[None, :]
+    q_pos = torch.arange(query.shape[0], device=query.device)[:, None] + first_position
+    k_pos = torch.arange(key.shape[0], device=query.device)[None, :]
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)

@@ -1,5 +1,7 @@
-"""The engine's pieces on their own: StopStringFilter, Sampler, SamplingParams, and generate()
-on a tiny random model (per-request params and seeds in one batch, finish reasons, context cap).
+"""The engine's pieces on their own: StopStringFilter, Sampler, SamplingParams, generate()
+on a tiny random model (per-request params and seeds in one batch, finish reasons, context cap),
+and the Engine's scheduler stepped by hand (chunked prefill mixed with decode, preemption of the
+newest sequence, max_num_seqs, cancellation, a request that fills the whole cache).
 """
 import math
 
@@ -8,7 +10,8 @@ import torch
 
 import lisa_rt
 from lisa_rt import SamplingParams, UserError, generate
-from lisa_rt.engine import StopStringFilter
+from lisa_rt.engine import Engine, Request, StopStringFilter
+from lisa_rt.kv_cache import KVCache
 from lisa_rt.sampling import Sampler
 from tests.fixtures import CORPUS, tiny_model_dir
 
@@ -280,3 +283,130 @@ def test_timings_and_usage(model, prompts):
     assert out.usage == {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45}
     assert out.timings["decode_steps"] == 4
     assert all(math.isfinite(v) and v >= 0 for v in out.timings.values())
+
+
+# --- Engine: the scheduler step by step -------------------------------------------------------
+
+def new_engine(model, blocks, **kw):
+    return Engine(model, KVCache(model.config, blocks, "cpu", model.dtype), **kw)
+
+
+def new_request(model, prompt, params, deltas=None):
+    return Request(model, prompt, params, min(params.max_tokens, model.max_context - len(prompt)),
+                   on_delta=None if deltas is None else deltas.append)
+
+
+def run_all(engine, max_steps=10_000):
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish")
+
+
+def test_engine_chunked_prefill_mixes_with_decode_under_the_token_budget(model, prompts):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 64, max_batch_tokens=8)
+    a = new_request(model, ids[:3], greedy)
+    engine.add(a)
+    engine.step()                      # a: its whole prompt, then its first token
+    assert a.computed == 3 and len(a.output) == 1
+    b = new_request(model, ids[:20], greedy)
+    engine.add(b)
+    engine.step()                      # a's decode token + 7 of b's prompt
+    assert a.computed == 4 and b.computed == 7 and len(a.output) == 2 and not b.output
+    engine.step()
+    assert b.computed == 14 and not b.output
+    engine.step()                      # b's last 6 prompt tokens: its first token
+    assert b.computed == 20 and len(b.output) == 1
+    run_all(engine)
+    want = generate(model, [ids[:3], ids[:20]], greedy)
+    assert [a.completion.token_ids, b.completion.token_ids] == [c.token_ids for c in want]
+    assert engine.cache.allocator.num_free == 64
+
+
+def test_engine_preempts_the_newest_and_resumes_it_first(model):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 3)      # 48 tokens: room for both prompts, not for both to grow
+    deltas_b = []
+    a = new_request(model, ids[:16], greedy)
+    b = new_request(model, ids[16:32], greedy, deltas_b)
+    c = new_request(model, ids[40:44], greedy)
+    engine.add(a)
+    engine.add(b)
+    engine.step()                      # both prefilled: 2 blocks taken, 1 free
+    assert engine.running == [a, b] and engine.cache.allocator.num_free == 1
+    engine.add(c)                      # c waits: no free block
+    engine.step()                      # a takes the last block; b (the newest) is preempted
+    assert engine.running == [a] and list(engine.waiting) == [b, c]
+    assert engine.preemptions == 1 and b.preemptions == 1 and b.computed == 0 and len(b.output) == 1
+    run_all(engine)
+    assert a.preemptions == 0 and engine.stats()["preemptions"] >= 1
+    alone = [generate(model, [p], greedy)[0].token_ids for p in (ids[:16], ids[16:32], ids[40:44])]
+    assert [r.completion.token_ids for r in (a, b, c)] == alone
+    # b's text was streamed once: nothing was sent again after its preemption.
+    assert "".join(d.text for d in deltas_b) == b.completion.text == model.tokenizer.decode(alone[1])
+    assert engine.cache.allocator.num_free == 3
+    assert engine.stats()["completed"] == 3
+
+
+def test_engine_respects_max_num_seqs_and_admits_in_order(model, prompts):
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 64, max_num_seqs=2)
+    reqs = [new_request(model, p, greedy) for p in prompts]
+    for r in reqs:
+        engine.add(r)
+    engine.step()
+    assert engine.running == reqs[:2] and list(engine.waiting) == reqs[2:]
+    seen = 0
+    while engine.has_work():
+        engine.step()
+        seen = max(seen, len(engine.running))
+    assert seen <= 2
+    assert [r.completion.token_ids for r in reqs] == [c.token_ids for c in generate(model, prompts, greedy)]
+
+
+def test_engine_cancel_frees_blocks_at_the_next_step(model, prompts):
+    greedy = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 16)
+    deltas = []
+    running = new_request(model, prompts[3], greedy, deltas)
+    waiting = new_request(model, prompts[0], greedy)
+    engine.add(running)
+    engine.step()
+    engine.step()
+    engine.cancel(running)
+    engine.cancel(running)             # idempotent
+    engine.cancel(waiting)             # cancelled before it was ever scheduled
+    engine.add(waiting)
+    assert engine.cache.allocator.num_free < 16
+    engine.step()
+    assert engine.cache.allocator.num_free == 16 and not engine.has_work()
+    assert running.completion.finish_reason == "cancelled" and len(running.completion.token_ids) == 2
+    assert deltas[-1].finish_reason == "cancelled" and deltas[-1].completion is running.completion
+    assert waiting.completion.finish_reason == "cancelled" and waiting.completion.token_ids == []
+    assert engine.stats()["cancelled"] == 2
+
+
+def test_engine_request_that_fills_the_whole_cache_ends_with_length(model, prompts):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    engine = new_engine(model, 2)      # 32 tokens
+    with pytest.raises(UserError, match="KV budget"):
+        engine.check(ids[:33], SamplingParams(max_tokens=1))
+    assert engine.check(ids[:30], SamplingParams(max_tokens=100)) == 100
+    big = new_request(model, ids[:30], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    engine.add(big)
+    run_all(engine)
+    assert big.completion.finish_reason == "length" and big.completion.completion_tokens == 3
+    assert engine.cache.allocator.num_free == 2
+
+
+def test_generate_reraises_an_error_from_inside_a_step(model, prompts, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        generate(model, prompts[:2], SamplingParams(max_tokens=3))

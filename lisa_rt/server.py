@@ -1,0 +1,657 @@
+"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+    app = create_app(LLM("smollm2"))       # a FastAPI app, e.g. for tests or another ASGI server
+    serve("smollm2", port=8000)            # loads the model and runs uvicorn on 127.0.0.1
+
+Requests are validated here and handed to the engine through the LLM's async API (submit and
+aevents), so the event loop never waits on the model. Streams are server-sent events
+(`data: {...}` chunks, then `data: [DONE]`). A client that goes away, mid-stream or while it
+waits for a whole answer, cancels its requests and so frees their KV-cache blocks. Every error
+has OpenAI's shape: {"error": {"message", "type", "param", "code"}} with a 4xx status.
+
+FastAPI and uvicorn are an optional extra (`pip install 'lisa-rt[serve]'`).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from .errors import UserError
+
+INSTALL_HINT = "pip install 'lisa-rt[serve]'"
+
+
+class MissingServeDependencies(UserError, ImportError):
+    """FastAPI or uvicorn is not installed: one line that says how to install them."""
+
+
+try:
+    import anyio
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise MissingServeDependencies(
+        f"the HTTP server needs FastAPI and uvicorn ({_exc.name or _exc} is missing): "
+        f"{INSTALL_HINT}") from None
+
+MAX_BODY_BYTES = 1 << 20          # larger request bodies get 413 before any parsing
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
+    "logprobs": "no log probabilities", "top_logprobs": "no log probabilities",
+    "echo": "no prompt echo", "suffix": "no insertion", "logit_bias": "no logit bias",
+    "tools": "no tool calls", "tool_choice": "no tool calls", "functions": "no function calls",
+    "function_call": "no function calls",
+}
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error sent to the client as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return _error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def _error_response(status: int, message: str, type: str = "invalid_request_error",
+                    param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# --- request parsing --------------------------------------------------------------------------
+
+async def _read_json(request: Request) -> dict:
+    """The request body as a JSON object; 413 past MAX_BODY_BYTES (checked before parsing)."""
+    too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                         code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > MAX_BODY_BYTES:
+                raise too_large
+        except ValueError:
+            raise _bad("invalid Content-Length header") from None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise _bad("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise _bad(f"'{name}' must be a number, got {value!r}", param=name)
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise _bad(f"'{name}' must be in {bounds}, got {value!r}", param=name,
+                   code="invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise _bad(f"'{name}' must be an integer, got {value!r}", param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(f"'{name}' must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                   + f", got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
+        raise _bad("'stop' must be a non-empty string or a list of them", param="stop")
+    return stop
+
+
+def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...]):
+    """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams."""
+    from .sampling import SamplingParams
+
+    if _integer(body, "n", 1, lo=1) != 1:
+        raise _bad("only n=1 is supported", param="n", code="unsupported_value")
+    if _integer(body, "best_of", 1, lo=1) != 1:
+        raise _bad("only best_of=1 is supported", param="best_of", code="unsupported_value")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise _bad(f"'{name}' is not supported (use repetition_penalty)", param=name,
+                       code="unsupported_value")
+    for name, what in UNSUPPORTED_IF_SET.items():
+        if body.get(name) not in (None, False, 0, [], {}):
+            raise _bad(f"'{name}' is not supported ({what})", param=name,
+                       code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise _bad("only response_format {'type': 'text'} is supported", param="response_format",
+                   code="unsupported_value")
+    max_tokens = max_tokens_default
+    for name in max_tokens_names:
+        max_tokens = _integer(body, name, max_tokens, lo=1)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    top_k = _integer(body, "top_k", 0, lo=-1)
+    seed = _integer(body, "seed", None, lo=-2**63, hi=2**64 - 1)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", param="ignore_eos")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=max(top_p, 1e-9),             # top_p 0 keeps the single most likely token
+            top_k=max(top_k, 0),                # -1 (vLLM's "off") is lisa-rt's 0
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+            seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos)
+    except UserError as exc:
+        raise _bad(str(exc), code="invalid_value") from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _bad("'stream_options.include_usage' must be a boolean", param="stream_options")
+    return stream, include_usage
+
+
+def _message_text(content, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{index}].content: only text parts are supported",
+                           param=f"messages[{index}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{index}].content must be a string or a list of text parts",
+               param=f"messages[{index}].content")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("'messages' is required", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _bad(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
+        role = message["role"]
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise _bad(f"messages[{i}].role {role!r} is not one of system, developer, user, "
+                       "assistant, tool", param=f"messages[{i}].role")
+        out.append({"role": role, "content": _message_text(message.get("content"), i)})
+    return out
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """/v1/completions prompt: a string, a list of strings, token ids, or a list of those."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("'prompt' is required", param="prompt", code="missing_required_parameter")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_int(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list "
+                   "of lists of token ids", param="prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise _bad("the prompt is empty", param="prompt")
+    return prompts
+
+
+# --- responses --------------------------------------------------------------------------------
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(completions) -> dict:
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that always notices a client going away and then runs on_close.
+
+    Starlette cancels the body while it waits for the engine; this also closes the generator
+    when it is parked at a `yield`, and calls on_close (which cancels the requests) in every
+    case: finished, disconnected, or failed.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the connection broke while sending
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self._on_close()
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(llm, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `llm` as `model_name` (default: llm.model_name).
+
+    api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>`.
+    """
+    served = model_name or llm.model_name
+    known_names = {served, llm.model_name}
+    created = int(time.time())
+    app = FastAPI(title="lisa-rt", version=_version(), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.llm = llm
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(exc.status_code, str(exc.detail), param=None, code=code,
+                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        return _error_response(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request, exc: Exception):
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    def check_model(body: dict) -> None:
+        name = body.get("model")
+        if name is None:
+            return
+        if not isinstance(name, str):
+            raise _bad("'model' must be a string", param="model")
+        if name not in known_names:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'",
+                           param="model", code="model_not_found")
+
+    def model_card() -> dict:
+        return {"id": served, "object": "model", "created": created, "owned_by": "lisa-rt",
+                "max_model_len": llm.model.max_context}
+
+    def check_length(ids: list[int], param: str) -> None:
+        context = llm.model.max_context
+        if len(ids) >= context:
+            raise _bad(f"this model's context is {context} tokens and the {param} has {len(ids)}, "
+                       "which leaves no room to generate", param=param, code="context_length_exceeded")
+
+    async def submit(ids: list[int], params):
+        try:
+            return await asyncio.to_thread(llm.submit, ids, params)
+        except UserError as exc:
+            raise _bad(str(exc)) from None
+        except RuntimeError as exc:  # the LLM is closed: the server is shutting down
+            raise APIError(503, str(exc), type="server_error", code="unavailable") from None
+
+    async def run(request: Request, handles: list, stream: bool, include_usage: bool, render):
+        """Non-streaming: wait for every handle (cancelling all if the client leaves).
+        Streaming: an SSE response of render's chunks."""
+        def cancel_all() -> None:
+            for handle in handles:
+                handle.cancel()
+
+        if not stream:
+            async def collect():
+                completions = []
+                for handle in handles:
+                    async for delta in handle.aevents():
+                        if delta.completion is not None:
+                            completions.append(delta.completion)
+                return completions
+
+            collector = asyncio.ensure_future(collect())
+            watcher = asyncio.ensure_future(_until_disconnected(request))
+            try:
+                await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+                if watcher.done() and not watcher.cancelled():
+                    watcher.exception()  # retrieved: a broken receive counts as a disconnect
+                if not collector.done():
+                    cancel_all()
+                    collector.cancel()
+            if not collector.done() or collector.cancelled():  # the client went away
+                return _error_response(499, "the client closed the request")
+            return JSONResponse(render.whole(collector.result()))
+
+        async def events():
+            completions: list = [None] * len(handles)
+            first = render.first()
+            if first:
+                yield first
+            try:
+                async for index, delta in _merge(handles):
+                    if delta.text:
+                        yield _sse(render.chunk(index, delta.text, None, include_usage))
+                    if delta.finish_reason is not None:
+                        completions[index] = delta.completion
+                        yield _sse(render.chunk(index, "", delta.finish_reason, include_usage))
+            except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
+                yield _sse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
+                                      "type": "server_error", "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+                return
+            if include_usage:
+                yield _sse(render.usage_chunk(_usage([c for c in completions if c is not None])))
+            yield "data: [DONE]\n\n"
+
+        return _EventStream(events(), on_close=cancel_all)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served, **llm.stats()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        check_key(request)
+        if name not in known_names:
+            raise APIError(404, f"the model '{name}' does not exist", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = await _read_json(request)
+        check_model(body)
+        prompts = _prompts(body)
+        stream, include_usage = _stream_options(body)
+        params = _sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",))
+        tokenizer = llm.tokenizer
+        ids_list = []
+        for prompt in prompts:
+            ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+            if not ids:
+                raise _bad("the prompt is empty (no tokens)", param="prompt")
+            check_length(ids, "prompt")
+            ids_list.append(ids)
+        handles = []
+        try:
+            for ids in ids_list:
+                handles.append(await submit(ids, params))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return await run(request, handles, stream, include_usage,
+                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, len(handles)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = await _read_json(request)
+        check_model(body)
+        messages = _messages(body)
+        stream, include_usage = _stream_options(body)
+        tokenizer = llm.tokenizer
+        if not tokenizer.has_chat_template:
+            raise _bad(f"the model '{served}' has no chat template; use /v1/completions",
+                       code="no_chat_template")
+        try:
+            ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
+        except UserError as exc:
+            raise _bad(str(exc), param="messages") from None
+        check_length(ids, "messages")
+        params = _sampling_params(body, llm.model.max_context - len(ids),
+                                  ("max_tokens", "max_completion_tokens"))
+        handle = await submit(ids, params)
+        return await run(request, [handle], stream, include_usage,
+                         _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served))
+
+    return app
+
+
+async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
+    """(index, delta) from every handle's aevents(), in the order they arrive."""
+    if len(handles) == 1:
+        async for delta in handles[0].aevents():
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle) -> None:
+        try:
+            async for delta in handle.aevents():
+                await queue.put((index, delta))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            if item.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _CompletionRender:
+    """/v1/completions response objects (object "text_completion")."""
+
+    def __init__(self, request_id: str, model: str, count: int):
+        self.id, self.model, self.count, self.created = request_id, model, count, int(time.time())
+
+    def _base(self) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def whole(self, completions) -> dict:
+        return {**self._base(), "choices": [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(completions)], "usage": _usage(completions)}
+
+    def first(self) -> str:
+        return ""
+
+    def chunk(self, index: int, text: str, finish_reason, include_usage: bool) -> dict:
+        out = {**self._base(), "choices": [{"index": index, "text": text, "logprobs": None,
+                                            "finish_reason": finish_reason}]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._base(), "choices": [], "usage": usage}
+
+
+class _ChatRender(_CompletionRender):
+    """/v1/chat/completions response objects (chat.completion and chat.completion.chunk)."""
+
+    def __init__(self, request_id: str, model: str):
+        super().__init__(request_id, model, 1)
+
+    def _base(self, chunk: bool = True) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+                "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    def whole(self, completions) -> dict:
+        return {**self._base(chunk=False), "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+             "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(completions)], "usage": _usage(completions)}
+
+    def first(self) -> str:
+        return _sse({**self._base(), "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}]})
+
+    def chunk(self, index: int, text: str, finish_reason, include_usage: bool) -> dict:
+        delta = {"content": text} if finish_reason is None else {}
+        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish_reason}]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port); UserError if that fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, device: str | None = None, dtype: str | None = None,
+          kv_cache_gb: float | None = None, max_num_seqs: int = 256, model_name: str | None = None,
+          log_level: str = "info", sock: socket.socket | None = None, on_ready=None) -> None:
+    """Loads the model and serves it until interrupted (Ctrl-C). Binds 127.0.0.1 by default.
+
+    model_name: the model's id in the API (default: the LLM's model_name).
+
+    sock: an already bound listening socket (then host and port only name it in messages).
+    on_ready(url): called once the server accepts connections.
+    """
+    from .llm import LLM
+
+    sock = sock or bind_socket(host, port)
+    kwargs = {"device": device, "dtype": dtype, "kv_cache_gb": kv_cache_gb, "max_num_seqs": max_num_seqs}
+    try:
+        llm = LLM(model, **kwargs) if model is not None else LLM(**kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        app = create_app(llm, model_name=model_name, api_key=api_key)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                                timeout_keep_alive=30)
+        bound_host, bound_port = sock.getsockname()[:2]
+        url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started and on_ready is not None:
+                    on_ready(url)
+
+        server = Server(config)
+        server.run(sockets=[sock])
+    finally:
+        llm.close()
+        sock.close()

@@ -1,0 +1,555 @@
+"""The OpenAI-compatible server, over real HTTP: a uvicorn server on 127.0.0.1 (a free port, in
+a background thread) serves a tiny random model; the official `openai` client and raw httpx
+requests talk to it. A few cases run `lisa-rt serve` itself as a subprocess.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("transformers")
+
+from lisa_rt import cli  # noqa: E402
+from lisa_rt.sampling import SamplingParams  # noqa: E402
+from tests.fixtures import CORPUS, tiny_model_dir  # noqa: E402
+
+PROMPT = "The model reads"
+MODEL = "tiny"
+API_KEY = "sekret-key"
+# OpenAI's sampling without lisa-rt's extra filters, greedy: what the server does for temperature 0.
+GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+# --- a live server ----------------------------------------------------------------------------
+
+class LiveServer:
+    def __init__(self, llm, api_key=None):
+        from lisa_rt.server import bind_socket, create_app
+
+        self.llm = llm
+        sock = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(llm, model_name=MODEL, api_key=api_key), log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, **kwargs):
+        kwargs.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=60, **kwargs)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=4)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny, tmp_path_factory):
+    from lisa_rt.llm import LLM
+
+    os.environ.setdefault("LISA_RT_HOME", str(tmp_path_factory.mktemp("home")))
+    with LLM(str(tiny), device="cpu", kv_cache_gb=0.02, max_num_seqs=8) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    live = LiveServer(llm)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(llm):
+    live = LiveServer(llm, api_key=API_KEY)
+    yield live
+    live.stop()
+
+
+def wait_idle(llm, timeout=30.0) -> dict:
+    """Polls llm.stats() until nothing runs or waits and every block is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = llm.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
+            return stats
+        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
+        time.sleep(0.05)
+
+
+def reference(llm, prompt_ids, max_tokens, **params):
+    """What the Python API makes of the same request."""
+    sp = SamplingParams(max_tokens=max_tokens, **{**GREEDY, **params})
+    return llm.generate([prompt_ids], sp)[0]
+
+
+# --- completions and chat through the openai client -------------------------------------------
+
+def test_completion_streamed_equals_whole_and_usage(server, llm):
+    client = server.client()
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    ids = llm.tokenizer.encode(PROMPT)
+    expected = reference(llm, ids, 24)
+    choice = whole.choices[0]
+    assert choice.text == expected.text and choice.text
+    assert choice.finish_reason == expected.finish_reason
+    assert whole.object == "text_completion" and whole.model == MODEL
+    assert whole.usage.prompt_tokens == len(ids)
+    assert whole.usage.completion_tokens == expected.completion_tokens
+    assert whole.usage.total_tokens == len(ids) + expected.completion_tokens
+
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] \
+        == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    # Without include_usage there is no usage chunk.
+    plain = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True))
+    assert all(c.choices for c in plain) and "".join(c.choices[0].text for c in plain) == choice.text
+
+
+def test_chat_streamed_equals_whole_and_usage(server, llm):
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    ids = llm.tokenizer.encode_chat(messages)
+    expected = reference(llm, ids, 20)
+    message = whole.choices[0].message
+    assert message.role == "assistant" and message.content == expected.text
+    assert whole.object == "chat.completion"
+    assert whole.usage.prompt_tokens == len(ids)
+    assert whole.usage.completion_tokens == expected.completion_tokens
+    assert whole.choices[0].finish_reason == expected.finish_reason
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == message.content
+    assert chunks[-1].usage == whole.usage and chunks[-1].choices == []
+    # max_completion_tokens is chat's newer name for max_tokens.
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_content_parts_and_developer_role(server):
+    client = server.client()
+    plain = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}])
+    parts = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage == plain.usage
+
+
+def test_sampling_params_reach_the_engine(server, llm):
+    client = server.client()
+
+    def sample(seed, **extra):
+        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                         seed=seed, **extra).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) == 3
+    # lisa-rt's own parameters: top_k 1 is greedy whatever the temperature.
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    assert sample(3, extra_body={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.0}) == greedy
+    # A seeded sampled request gives what the Python API gives with the same parameters.
+    ids = llm.tokenizer.encode(PROMPT)
+    expected = reference(llm, ids, 12, temperature=1.0, seed=7)
+    assert sample(7) == expected.text
+
+
+def test_stop_strings(server):
+    client = server.client()
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    mid = len(full) // 2
+    stop = full[mid: mid + 3]
+    assert stop.strip() and "\ufffd" not in stop, full
+    for stops in (stop, [stop, "@@never@@"]):
+        result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=stops)
+        assert result.choices[0].text == full[: full.index(stop)]
+        assert result.choices[0].finish_reason == "stop"
+        streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                             stop=stops, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+def test_several_prompts_and_token_id_prompts(server, llm):
+    client = server.client()
+    other = "She writes the weights"
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0).choices[0].text
+               for p in (PROMPT, other)]
+    both = client.completions.create(model=MODEL, prompt=[PROMPT, other], max_tokens=10, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == singles
+    streamed = ["", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=[PROMPT, other], max_tokens=10, temperature=0,
+                                           stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == singles
+    ids = llm.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == singles[0] and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_models_and_health(server):
+    client = server.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_the_client_sees_openai_errors(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert info.value.param == "n"
+
+
+# --- bad requests: raw HTTP -------------------------------------------------------------------
+
+LONG_PROMPT = CORPUS * 3  # far longer than the tiny model's 1024-token context
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _chat(**extra):
+    return {"model": MODEL, "messages": HI, "max_tokens": 4, **extra}
+
+
+def _completion(**extra):
+    return {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **extra}
+
+
+BAD_REQUESTS = [
+    # (id, path, JSON body or raw bytes, status, param, code)
+    ("unknown model", CHAT, _chat(model="gpt-4"), 404, "model", "model_not_found"),
+    ("unknown model (completions)", COMPLETIONS, _completion(model="gpt-4"), 404, "model", "model_not_found"),
+    ("malformed JSON", CHAT, b'{"model": "tiny", "messages": [', 400, None, "invalid_json"),
+    ("not UTF-8", CHAT, b'\xff\xfe{}', 400, None, "invalid_json"),
+    ("empty body", CHAT, b"", 400, None, "invalid_json"),
+    ("JSON array", CHAT, b"[1, 2]", 400, None, "invalid_json"),
+    ("prompt too long", COMPLETIONS, _completion(prompt=LONG_PROMPT), 400, "prompt", "context_length_exceeded"),
+    ("messages too long", CHAT, _chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400, "messages",
+     "context_length_exceeded"),
+    ("missing messages", CHAT, {"model": MODEL}, 400, "messages", "missing_required_parameter"),
+    ("empty messages", CHAT, _chat(messages=[]), 400, "messages", None),
+    ("message without role", CHAT, _chat(messages=[{"content": "hi"}]), 400, "messages[0]", None),
+    ("unknown role", CHAT, _chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", None),
+    ("image content", CHAT, _chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+     "messages[0].content", None),
+    ("missing prompt", COMPLETIONS, {"model": MODEL}, 400, "prompt", "missing_required_parameter"),
+    ("empty prompt", COMPLETIONS, _completion(prompt=""), 400, "prompt", None),
+    ("prompt of the wrong type", COMPLETIONS, _completion(prompt={"a": 1}), 400, "prompt", None),
+    ("token id out of range", COMPLETIONS, _completion(prompt=[1, 10**9]), 400, None, None),
+    ("temperature > 2", CHAT, _chat(temperature=2.5), 400, "temperature", "invalid_value"),
+    ("temperature < 0", COMPLETIONS, _completion(temperature=-0.1), 400, "temperature", "invalid_value"),
+    ("temperature a string", CHAT, _chat(temperature="hot"), 400, "temperature", None),
+    ("top_p > 1", CHAT, _chat(top_p=1.5), 400, "top_p", "invalid_value"),
+    ("max_tokens 0", COMPLETIONS, _completion(max_tokens=0), 400, "max_tokens", "invalid_value"),
+    ("max_tokens a float", CHAT, _chat(max_tokens=2.5), 400, "max_tokens", None),
+    ("max_completion_tokens -1", CHAT, _chat(max_completion_tokens=-1), 400, "max_completion_tokens", "invalid_value"),
+    ("n 2", CHAT, _chat(n=2), 400, "n", "unsupported_value"),
+    ("n 0", COMPLETIONS, _completion(n=0), 400, "n", "invalid_value"),
+    ("frequency_penalty", CHAT, _chat(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported_value"),
+    ("presence_penalty", COMPLETIONS, _completion(presence_penalty=-1), 400, "presence_penalty", "unsupported_value"),
+    ("logprobs", CHAT, _chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("top_k < -1", CHAT, _chat(top_k=-5), 400, "top_k", "invalid_value"),
+    ("min_p > 1", CHAT, _chat(min_p=2), 400, "min_p", "invalid_value"),
+    ("repetition_penalty 0", CHAT, _chat(repetition_penalty=0), 400, "repetition_penalty", "invalid_value"),
+    ("seed too big", CHAT, _chat(seed=2**70), 400, "seed", "invalid_value"),
+    ("empty stop string", CHAT, _chat(stop=[""]), 400, "stop", None),
+    ("stop a number", COMPLETIONS, _completion(stop=5), 400, "stop", None),
+    ("stream not a bool", CHAT, _chat(stream="yes"), 400, "stream", None),
+]
+
+
+def _check_error(response, status, param=None, code=None):
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.mark.parametrize("path, body, status, param, code, stream", [
+    pytest.param(*case[1:], stream, id=f"{case[0]}{' (stream)' if stream else ''}")
+    for case in BAD_REQUESTS for stream in (False, True)
+    if not (stream and isinstance(case[2], bytes))])  # raw bytes: no "stream" field to set
+def test_bad_request(server, path, body, status, param, code, stream):
+    if isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        body = {**body, "stream": body.get("stream", stream)}
+        response = httpx.post(server.url + path, json=body)
+    _check_error(response, status, param, code)
+
+
+def test_oversized_body_is_413_before_parsing(server, llm):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    _check_error(httpx.post(server.url + COMPLETIONS, content=big), 413, code="request_too_large")
+    # Without a Content-Length (chunked), the server stops reading at the limit.
+    chunks = (b"x" * 65536 for _ in range(64))
+    _check_error(httpx.post(server.url + CHAT, content=chunks), 413, code="request_too_large")
+    # A body of 1 MiB or less is parsed (and here fails for its prompt's length, not its size).
+    fits = json.dumps(_completion(prompt="a" * ((1 << 20) - 200))).encode()
+    assert len(fits) <= 1 << 20
+    _check_error(httpx.post(server.url + COMPLETIONS, content=fits), 400, "prompt", "context_length_exceeded")
+
+
+def test_unknown_route_and_method(server):
+    error = _check_error(httpx.get(server.url + "/v1/nope"), 404)
+    assert error["code"] == "not_found"
+    _check_error(httpx.get(server.url + COMPLETIONS), 405)
+
+
+def test_bad_requests_leave_the_engine_idle(server, llm):
+    for _, path, body, *_ in BAD_REQUESTS:
+        if not isinstance(body, bytes):
+            httpx.post(server.url + path, json=body)
+    stats = wait_idle(llm)
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
+# --- API key ----------------------------------------------------------------------------------
+
+def test_api_key(keyed_server):
+    url = keyed_server.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
+                    {"Authorization": "Bearer"}):
+        _check_error(httpx.post(url + CHAT, json=_chat(), headers=headers), 401, code="invalid_api_key")
+        _check_error(httpx.get(url + "/v1/models", headers=headers), 401, code="invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        keyed_server.client(api_key="wrong").chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    answer = keyed_server.client(api_key=API_KEY).chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+    assert httpx.get(url + "/health").status_code == 200  # health needs no key
+
+
+# --- clients that go away ---------------------------------------------------------------------
+
+def _long_chat(stream: bool) -> dict:
+    # ignore_eos and the whole context: it runs far longer than the test waits for.
+    return {"model": MODEL, "messages": HI, "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+
+
+def test_client_disconnect_mid_stream_cancels(server, llm):
+    before = wait_idle(llm)
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.url + CHAT, json=_long_chat(stream=True)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.iter_lines()
+            got = 0
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[len("data: "):])
+                    got += bool(chunk["choices"][0]["delta"].get("content"))
+                    if got >= 3:
+                        break
+            assert got >= 3
+            assert llm.stats()["running"] == 1
+        # Leaving the block closes the connection mid-stream.
+    after = wait_idle(llm)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+    assert after["free_blocks"] == after["total_blocks"]
+
+
+def test_client_timeout_on_whole_answer_cancels(server, llm):
+    before = wait_idle(llm)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=_long_chat(stream=False), timeout=httpx.Timeout(30, read=0.5))
+    after = wait_idle(llm)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+
+
+def test_sse_wire_format(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + COMPLETIONS, json=body) as response:
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: {") and "\n" not in event
+        json.loads(event[len("data: "):])
+
+
+# --- without FastAPI, and the `lisa-rt serve` command -----------------------------------------
+
+def test_missing_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now raises ImportError
+    monkeypatch.delitem(sys.modules, "lisa_rt.server", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'lisa-rt\[serve\]'"):
+        import lisa_rt.server  # noqa: F401
+    monkeypatch.delitem(sys.modules, "lisa_rt.server", raising=False)
+    assert cli.main(["serve", "-m", "whatever"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and "pip install 'lisa-rt[serve]'" in err
+
+
+def _serve(*argv, home):
+    env = {**os.environ, "LISA_RT_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "lisa_rt.cli", "serve", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def test_serve_command(tiny, tmp_path):
+    proc = _serve("-m", tiny, "--port", 0, "--api-key", API_KEY, "--kv-cache-gb", 0.02,
+                  "--served-model-name", MODEL, "--log-level", "warning", home=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            line = proc.stderr.readline()
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == "" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (("--port", "70000"), ["--port", "65535"]),
+    (("--port", "http"), ["--port"]),
+    (("--kv-cache-gb", "0"), ["--kv-cache-gb", "> 0"]),
+    (("--host", "no.such.host.invalid"), ["cannot listen", "no.such.host.invalid"]),
+    (("--api-key", ""), ["--api-key"]),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_serve_user_errors(tiny, capsys, argv, fragments):
+    assert cli.main(["serve", "-m", str(tiny), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_serve_on_a_busy_port(tiny, tmp_path):
+    from lisa_rt.server import bind_socket
+
+    busy = bind_socket("127.0.0.1", 0)
+    try:
+        port = busy.getsockname()[1]
+        proc = _serve("-m", tiny, "--port", port, home=tmp_path)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        busy.close()
+    assert proc.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: cannot listen on 127.0.0.1:") and str(port) in err
+
+
+# --- engine failures --------------------------------------------------------------------------
+
+class _BrokenLLM:
+    """Delegates to a real LLM but its requests fail inside the engine after one delta
+    (or, closed=True, cannot be submitted at all)."""
+
+    def __init__(self, llm, closed=False):
+        self.model, self.tokenizer, self.model_name, self.closed = llm.model, llm.tokenizer, "broken", closed
+        self.cancelled = 0
+
+    def submit(self, prompt, params=None):
+        from lisa_rt.llm import StreamDelta
+
+        if self.closed:
+            raise RuntimeError("this LLM is closed")
+        owner = self
+
+        class Handle:
+            done = False
+
+            async def aevents(self):
+                yield StreamDelta("Hello")
+                raise RuntimeError("the kernel exploded")
+
+            def cancel(self):
+                owner.cancelled += 1
+
+        return Handle()
+
+    def stats(self):
+        return {}
+
+
+def test_engine_failure_is_reported(llm):
+    live = LiveServer(_BrokenLLM(llm))
+    try:
+        response = httpx.post(live.url + COMPLETIONS, json=_completion())
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "server_error"
+        assert "kernel exploded" in response.json()["error"]["message"]
+        with httpx.stream("POST", live.url + COMPLETIONS, json=_completion(stream=True)) as response:
+            assert response.status_code == 200
+            events = response.read().decode().split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""]
+        assert json.loads(events[0][len("data: "):])["choices"][0]["text"] == "Hello"
+        error = json.loads(events[-3][len("data: "):])["error"]
+        assert error["type"] == "server_error" and "kernel exploded" in error["message"]
+        with pytest.raises(openai.APIError, match="kernel exploded"):
+            list(live.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True))
+    finally:
+        live.stop()
+
+
+def test_closed_llm_is_503(llm):
+    live = LiveServer(_BrokenLLM(llm, closed=True))
+    try:
+        response = httpx.post(live.url + CHAT, json=_chat())
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "unavailable"
+    finally:
+        live.stop()
