@@ -35,6 +35,17 @@ inline void check_norm_args(const at::Tensor& out, const at::Tensor& input, cons
   check_same(weight, input, "rms_norm weight");
 }
 
+inline void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "linear: input must be [rows, K] and weight [N, K]");
+  TORCH_CHECK(input.is_contiguous() && weight.is_contiguous() && out.is_contiguous(),
+              "linear: tensors must be contiguous");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == input.size(0) && out.size(1) == weight.size(0),
+              "linear: out must be [rows, N]");
+  check_same(out, input, "linear");
+  check_same(weight, input, "linear weight");
+}
+
 inline void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& input) {
   TORCH_CHECK(input.is_contiguous() && out.is_contiguous(), "silu_and_mul: tensors must be contiguous");
   TORCH_CHECK(input.size(-1) == 2 * out.size(-1), "silu_and_mul: input must be twice as wide as out");

@@ -22,6 +22,8 @@ TORCH_LIBRARY(lisa_rt, m) {
   // HF half-rotation RoPE in place on query [T, H, D] and key [T, G, D]; cos_sin_cache
   // [max_pos, D] float32 holds cos in its first half and sin in its second.
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  // out [rows, N] = input [rows, K] @ weight[N, K]^T; streams the weights once for few rows.
+  m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
   // out [N, I] = silu(input[:, :I]) * input[:, I:]
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   // key/value [T, G, D] into caches [num_blocks, block_size, G, D] at slot_mapping [T]

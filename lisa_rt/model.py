@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import ops, reference
 from .checkpoint import DTYPES, load_config, load_tensors
@@ -148,7 +147,7 @@ class Model:
         v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
         for i, layer in enumerate(self.layers):
             ops.fused_add_rms_norm(hidden, residual, layer.attn_norm, c.rms_norm_eps)
-            torch.mm(hidden, layer.qkv_proj.t(), out=qkv)
+            ops.linear(qkv, hidden, layer.qkv_proj)
             ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
             ops.cache_write(k, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
             if batch.is_decode:
@@ -158,13 +157,15 @@ class Model:
                 ops.paged_prefill_attention(attn, q, cache.key_pools[i], cache.value_pools[i],
                                             batch.block_tables, batch.cu_query_lens, batch.seq_lens,
                                             self.scale)
-            torch.mm(ws["attn"], layer.o_proj.t(), out=hidden)
+            ops.linear(hidden, ws["attn"], layer.o_proj)
             ops.fused_add_rms_norm(hidden, residual, layer.mlp_norm, c.rms_norm_eps)
-            torch.mm(hidden, layer.gate_up_proj.t(), out=gate_up)
+            ops.linear(gate_up, hidden, layer.gate_up_proj)
             ops.silu_and_mul(act, gate_up)
-            torch.mm(act, layer.down_proj.t(), out=hidden)
+            ops.linear(hidden, act, layer.down_proj)
         ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
-        return F.linear(hidden[batch.logits_rows], self.lm_head).float()
+        rows = hidden[batch.logits_rows]
+        logits = torch.empty(rows.shape[0], c.vocab_size, device=self.device, dtype=self.dtype)
+        return ops.linear(logits, rows, self.lm_head).float()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab] of one prefill over token_ids (for scoring and tools)."""

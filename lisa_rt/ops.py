@@ -17,7 +17,7 @@ try:
 except ImportError:
     HAVE_KERNELS = False
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "cache_write",
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "linear", "silu_and_mul", "cache_write",
             "paged_decode_attention", "paged_prefill_attention")
 
 if HAVE_KERNELS:
@@ -55,6 +55,15 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     else:
         query.copy_(reference.rotary_embedding(positions, query, cos_sin_cache))
         key.copy_(reference.rotary_embedding(positions, key, cos_sin_cache))
+
+
+def linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out = x @ weight^T; on the CPU, decode-sized x streams the weights on every core."""
+    if HAVE_KERNELS:
+        _ops.linear(out, x, weight)
+    else:
+        torch.mm(x, weight.t(), out=out)
+    return out
 
 
 def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

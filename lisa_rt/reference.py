@@ -60,6 +60,11 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor,
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] @ weight [N, K]^T, accumulated in float32."""
+    return (x.float() @ weight.float().T).to(x.dtype)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [N, 2I] holds gate then up; returns silu(gate) * up, [N, I]."""
     half = x.shape[-1] // 2

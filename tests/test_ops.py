@@ -76,6 +76,19 @@ def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], untouched)
 
 
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (8, 1536, 50), (5, 72, 33), (20, 64, 64)])
+def test_linear(device, dtype, rows, k, n):
+    """Decode-sized inputs (the streaming CPU kernel, k % 8 == 0 or not) and larger ones (at::mm)."""
+    x = torch.randn(rows, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    out = poison(torch.empty(rows, n, device=device, dtype=dtype))
+    ops.linear(out, x, w)
+    want = reference.linear(x.cpu(), w.cpu())
+    # Sums of k products in a different order: float32 rounding grows with sqrt(k).
+    atol = 1e-4 if dtype == torch.float32 else TOL[dtype][0]
+    torch.testing.assert_close(out.float().cpu(), want.float(), atol=atol, rtol=TOL[dtype][1])
+
+
 @pytest.mark.parametrize("rows,width", [(1, 64), (5, 1536), (3, 1001)])
 def test_silu_and_mul(device, dtype, rows, width):
     x = torch.randn(rows, 2 * width, device=device, dtype=dtype)
@@ -175,6 +188,8 @@ def test_bad_arguments_raise(device):
         ops.silu_and_mul(torch.empty(4, 3, device=device), x)
     with pytest.raises(RuntimeError, match="dtype"):
         ops.rms_norm(torch.empty_like(x, dtype=torch.float16), x, torch.ones(8, device=device), 1e-5)
+    with pytest.raises(RuntimeError, match="linear"):
+        ops.linear(torch.empty(4, 5, device=device), x, torch.randn(5, 7, device=device))
 
 
 def opcheck_cases(device):
@@ -190,6 +205,7 @@ def opcheck_cases(device):
         "fused_add_rms_norm": (x.clone(), torch.randn_like(x), torch.ones(32, device=device), 1e-5),
         "rotary_embedding": (torch.tensor([0, 5], device=device), q.clone(),
                              torch.randn(2, kv_heads, dim, device=device), cache),
+        "linear": (torch.empty(3, 24, device=device), x, torch.randn(24, 32, device=device)),
         "silu_and_mul": (torch.empty(3, 16, device=device), x),
         "cache_write": (torch.randn(2, kv_heads, dim, device=device), torch.randn(2, kv_heads, dim, device=device),
                         key_cache.clone(), value_cache.clone(), torch.tensor([3, 40], device=device)),

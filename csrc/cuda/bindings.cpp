@@ -56,6 +56,13 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::T
                "rotary_embedding");
 }
 
+// cuBLAS through ATen is already the right tool for these products on the GPU.
+void linear_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  check_linear_args(out, input, weight);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::mm_out(out, input, weight.t());
+}
+
 void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input) {
   check_silu_and_mul_args(out, input);
   const int64_t width = out.size(-1);
@@ -124,6 +131,7 @@ TORCH_LIBRARY_IMPL(lisa_rt, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_cuda);
   m.impl("rotary_embedding", &rotary_embedding_cuda);
+  m.impl("linear", &linear_cuda);
   m.impl("silu_and_mul", &silu_and_mul_cuda);
   m.impl("cache_write", &cache_write_cuda);
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);
