@@ -331,13 +331,7 @@ class Engine:
     def fail(self, requests: list[Request], exc: BaseException) -> None:
         """Ends requests with an error: their blocks are freed, on_error gets the exception."""
         for req in requests:
-            if req in self.running:
-                self.running.remove(req)
-            elif req in self.waiting:
-                self.waiting.remove(req)
-            if req.table is not None:
-                req.table.release()
-                req.table = None
+            self._detach(req)
             req.finish_reason = "error"
             self.failed += 1
             if req.on_error is not None:
@@ -416,16 +410,14 @@ class Engine:
         return True
 
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        req.table.release()
-        req.table = None
+        self._detach(req)
         req.computed = 0
         req.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(req)
 
-    def _end(self, req: Request, reason: str, delta: str = "") -> None:
-        """Retires req: frees its blocks first, then sends the final delta."""
+    def _detach(self, req: Request) -> None:
+        """Takes req out of the queues and returns its blocks to the allocator."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -433,6 +425,10 @@ class Engine:
         if req.table is not None:
             req.table.release()
             req.table = None
+
+    def _end(self, req: Request, reason: str, delta: str = "") -> None:
+        """Retires req: frees its blocks first, then sends the final delta."""
+        self._detach(req)
         req.finish_reason = reason
         if reason == "cancelled":
             self.cancelled += 1
