@@ -1,4 +1,4 @@
-"""The `lisa-rt` command: convert, info, generate, chat, serve.
+"""The `lisa-rt` command: convert, info, generate, chat, eval, serve.
 
 stdout carries only results (generated text, JSON); progress bars and speeds go to stderr.
 Errors a user can cause end in one `error: ...` line on stderr and exit code 2.
@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--verbose", action="store_true", help="print speeds on stderr")
+
+    p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file")
+    p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
+    p.add_argument("--text", required=True, help="the UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=1024,
+                   help="window length in tokens; windows do not overlap (1024)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="score only the first N tokens of the file (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on CUDA")
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs lisa-rt[serve])")
     _add_model_args(p)
@@ -290,6 +302,46 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _read_text(path: str) -> str:
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    if not text:
+        raise UserError(f"{path}: the file is empty")
+    return text
+
+
+def cmd_eval(args) -> int:
+    from .eval import perplexity
+
+    if args.ctx < 2:
+        raise UserError(f"--ctx must be >= 2, got {args.ctx}")
+    text = _read_text(args.text)  # fail before the (slow) model load
+    model = _load(args)
+    if args.ctx > model.max_context:
+        raise UserError(f"--ctx {args.ctx} exceeds the model's context of {model.max_context}")
+    ids = model.tokenizer.encode(text)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise UserError(f"{args.text}: {len(ids)} token(s); perplexity needs at least 2")
+    result = perplexity(model, ids, args.ctx, progress=not args.json)
+    if args.json:
+        _write(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "lisa_layers": 0,
+                           "num_layers": model.config.num_layers}) + "\n")
+    else:
+        seconds = result["seconds"]
+        _write(f"ppl {result['ppl']:.4f} over {result['tokens']} tokens "
+               f"({result['windows']} windows of up to {args.ctx}) in {seconds:.2f} s, "
+               f"{result['tokens'] / max(seconds, 1e-9):.1f} tok/s\n")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -322,7 +374,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
-            "serve": cmd_serve}
+            "eval": cmd_eval, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
