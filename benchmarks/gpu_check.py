@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from benchmarks.common import (LLAMA2_7B_SHAPE, SMOLLM2_SHAPE, greedy, machine_name, print_table,  # noqa: E402
                                random_model, timed, write_json)
+from lisa_rt.engine import Engine, run_to_completion  # noqa: E402
 
 import lisa_rt  # noqa: E402
 from lisa_rt import ops  # noqa: E402
@@ -47,6 +48,7 @@ def weights_of(model) -> list[torch.Tensor]:
 
 
 def decode_speed(name: str, shape: dict, batches: list[int], context: int, tokens: int) -> list[dict]:
+    """Decode tok/s at each batch size, eager and with CUDA graphs, on one engine per mode."""
     model = random_model(shape, "cuda", torch.bfloat16)
     weight_bytes = sum(t.numel() * t.element_size() for t in weights_of(model)) - model.embed.numel() * 2
     if model.lm_head is model.embed:
@@ -54,18 +56,21 @@ def decode_speed(name: str, shape: dict, batches: list[int], context: int, token
     rows = []
     for batch in batches:
         prompts = [torch.randint(0, shape["vocab_size"], (context,)).tolist() for _ in range(batch)]
-        lisa_rt.generate(model, prompts, greedy(4))  # warm-up
-        results = []
-        elapsed = timed(lambda: results.extend(lisa_rt.generate(model, prompts, greedy(tokens))), "cuda")
-        decode_s = results[0].timings["decode_s"]
-        steps = results[0].timings["decode_steps"]
-        step_ms = decode_s / steps * 1e3
-        rows.append({"model": name, "batch": batch, "context": context,
-                     "decode tok/s": round(batch * steps / decode_s, 1),
-                     "step ms": round(step_ms, 3),
-                     "weight GB/s": round(weight_bytes / (step_ms / 1e3) / 1e9, 1),
-                     "total s": round(elapsed, 2)})
-        print(rows[-1], flush=True)
+        for graphs in (False, True):
+            cache = model.new_cache([context + tokens + 1] * batch)
+            engine = Engine(model, cache, max_num_seqs=batch, cuda_graphs=graphs)
+            run_to_completion(engine, prompts, greedy(4))  # warm-up (and graph capture)
+            results = run_to_completion(engine, prompts, greedy(tokens))
+            decode_s = results[0].timings["decode_s"]
+            steps = results[0].timings["decode_steps"]
+            step_ms = decode_s / steps * 1e3
+            rows.append({"model": name, "batch": batch, "context": context,
+                         "mode": "cuda graph" if graphs else "eager",
+                         "decode tok/s": round(batch * steps / decode_s, 1),
+                         "step ms": round(step_ms, 3),
+                         "weight GB/s": round(weight_bytes / (step_ms / 1e3) / 1e9, 1)})
+            print(rows[-1], flush=True)
+            del engine, cache
     del model
     torch.cuda.empty_cache()
     return rows
@@ -112,7 +117,8 @@ def main() -> None:
     hf = hf_decode_speed(SMOLLM2_SHAPE, context=128, tokens=64)
     hf["model"] = "SmolLM2-135M-shaped, " + hf["model"]
     result["hf_smollm2_batch1"] = hf
-    result["speedup_vs_hf_batch1"] = rows[0]["decode tok/s"] / hf["decode tok/s"]
+    best_batch1 = max(r["decode tok/s"] for r in rows if r["batch"] == 1)
+    result["speedup_vs_hf_batch1"] = best_batch1 / hf["decode tok/s"]
     print(hf, flush=True)
     if not args.skip_7b:
         rows += decode_speed("LLaMA-2-7B-shaped", LLAMA2_7B_SHAPE, [1, 32], context=128, tokens=64)
@@ -120,7 +126,7 @@ def main() -> None:
     print(f"\nmachine: {result['machine']}, torch {result['torch']}")
     print(f"CPU vs GPU (fp32, SmolLM2 shape): max |logit diff| {result['agreement_fp32']['max_abs_logit_diff']:.2e}, "
           f"same 32 greedy tokens: {result['agreement_fp32']['same_greedy_tokens']}")
-    print_table(rows + [hf], ["model", "batch", "context", "decode tok/s", "step ms", "weight GB/s"])
+    print_table(rows + [hf], ["model", "batch", "context", "mode", "decode tok/s", "step ms", "weight GB/s"])
     print(f"lisa-rt / HF transformers, SmolLM2 shape, batch 1: {result['speedup_vs_hf_batch1']:.1f}x")
     write_json(args.json, result)
 

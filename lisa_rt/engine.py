@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
+from .cuda_graph import CudaGraphDecoder
 from .kv_cache import BlockTable, KVCache
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, sample_batch
@@ -209,13 +210,16 @@ class Engine:
     """Continuous batching over one model and one KV cache (see the module docstring)."""
 
     def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True):
         if max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
         self.cache = cache
+        # Pure-decode steps on CUDA replay a captured graph (see cuda_graph.py).
+        self.graph_decoder = (CudaGraphDecoder(model, cache, max_num_seqs)
+                              if cuda_graphs and model.device.type == "cuda" else None)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Request] = deque()
@@ -304,7 +308,10 @@ class Engine:
             if not chunks:
                 return
             self.steps += 1
-            logits = self.model.forward(build_batch(chunks, self.model.device), self.cache)
+            if self.graph_decoder is not None and all(len(tokens) == 1 for tokens, _, _ in chunks):
+                logits = self.graph_decoder.run(chunks)
+            else:
+                logits = self.model.forward(build_batch(chunks, self.model.device), self.cache)
             # A chunk that reaches the end of its sequence's tokens yields the next token.
             ready = [row for row, req in enumerate(batch) if req.computed == req.length]
             tokens = sample_batch([batch[row].sampler for row in ready], logits[ready],
@@ -460,31 +467,32 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
     return min(params.max_tokens, model.max_context - len(prompt))
 
 
-def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Generates for every prompt (token ids), stepping an Engine in the calling thread.
-
-    The cache is sized for every request at full length, so nothing is ever preempted.
-    on_text(index, delta) receives each sequence's text as it is made (stop strings excluded).
-    """
+def _per_prompt(params: SamplingParams | list[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
-        params = [params] * len(prompts)
-    if len(params) != len(prompts):
+        params = [params] * count
+    if len(params) != count:
         raise UserError("one SamplingParams per prompt, or one for all")
-    if not prompts:
-        return []
     for sp in params:
         sp.validate()
-    budgets = [check_prompt(model, list(p), sp) for p, sp in zip(prompts, params)]
-    cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
-    engine = Engine(model, cache, max_num_seqs=len(prompts))
+    return params
+
+
+def run_to_completion(engine: Engine, prompts: list[list[int]],
+                      params: SamplingParams | list[SamplingParams],
+                      on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Runs the prompts (token ids) through an idle engine, stepping it in the calling thread.
+
+    on_text(index, delta) receives each sequence's text as it is made (stop strings excluded).
+    """
+    params = _per_prompt(params, len(prompts))
+    budgets = [engine.check(list(p), sp) for p, sp in zip(prompts, params)]
     errors: list[BaseException] = []
 
     def request(index: int) -> Request:
         def on_delta(delta: StreamDelta) -> None:
             if delta.text and on_text is not None:
                 on_text(index, delta.text)
-        return Request(model, list(prompts[index]), params[index], budgets[index],
+        return Request(engine.model, list(prompts[index]), params[index], budgets[index],
                        on_delta=on_delta, on_error=errors.append)
 
     requests = [request(i) for i in range(len(prompts))]
@@ -495,3 +503,18 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
         if errors:
             raise errors[0]
     return [req.completion for req in requests]
+
+
+def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             on_text: Callable[[int, str], None] | None = None, cuda_graphs: bool = True) -> list[Completion]:
+    """Generates for every prompt (token ids) with an engine of its own, in the calling thread.
+
+    The cache is sized for every request at full length, so nothing is ever preempted.
+    """
+    if not prompts:
+        return []
+    params = _per_prompt(params, len(prompts))
+    budgets = [check_prompt(model, list(p), sp) for p, sp in zip(prompts, params)]
+    cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
+    engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs)
+    return run_to_completion(engine, prompts, params, on_text)

@@ -113,7 +113,7 @@ class Model:
     def new_cache(self, token_counts: list[int]) -> KVCache:
         return KVCache.for_tokens(self.config, token_counts, self.device, self.dtype)
 
-    def _workspace(self, tokens: int) -> dict[str, torch.Tensor]:
+    def workspace(self, tokens: int) -> dict[str, torch.Tensor]:
         """Activation buffers for `tokens` tokens, reused across passes.
 
         Fresh large allocations cost page faults on every pass (and cannot live inside a CUDA
@@ -135,7 +135,7 @@ class Model:
         """Runs the chunks through every layer, filling the cache; float32 logits [R, vocab]."""
         c = self.config
         tokens = batch.input_ids.shape[0]
-        ws = self._workspace(tokens)
+        ws = self.workspace(tokens)
         hidden, residual, qkv, gate_up, act = ws["hidden"], ws["residual"], ws["qkv"], ws["gate_up"], ws["act"]
         attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
         torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
