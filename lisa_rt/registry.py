@@ -7,11 +7,13 @@ changed source is converted again); the alias of the default model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
 
 from .checkpoint import CONFIG_FILE
+from .config import FORMAT_NAME
 from .errors import UserError
 
 DEFAULT_MODEL = "smollm2"
@@ -40,14 +42,12 @@ def alias_source(alias: str) -> Path:
 
 
 def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and _is_lisa_config(path / CONFIG_FILE)
-
-
-def _is_lisa_config(path: Path) -> bool:
+    """A directory whose config.json says it is a lisa-rt model (not yet validated)."""
     try:
-        return '"format": "lisa-rt"' in path.read_text(errors="replace")[:4096]
-    except OSError:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and config.get("format") == FORMAT_NAME
 
 
 def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True) -> Path:
@@ -62,7 +62,7 @@ def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True)
         if not source.exists():
             known = ", ".join(ALIASES)
             raise UserError(f"{source}: no such model file or directory (known aliases: {known})")
-        if source.is_dir() and (source / CONFIG_FILE).is_file() and _is_lisa_config(source / CONFIG_FILE):
+        if is_model_dir(source):
             return source
         if source.is_dir() and not (source / CONFIG_FILE).exists():
             raise UserError(f"{source}: no config.json (not a model directory)")
