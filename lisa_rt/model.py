@@ -18,6 +18,8 @@ from .config import ModelConfig
 from .errors import UserError
 from .kv_cache import BlockTable, KVCache
 
+MAX_CUDA_HEAD_DIM = 256  # kMaxHeadDim in csrc/cuda/kernels.h
+
 
 @dataclass
 class Batch:
@@ -78,6 +80,11 @@ class Model:
                  dtype: torch.dtype, tokenizer=None, path: Path | None = None):
         self.config = config
         self.device = torch.device(device)
+        if self.device.type == "cuda" and (config.head_dim % 8 or config.head_dim > MAX_CUDA_HEAD_DIM):
+            # The CUDA attention kernels are compiled for these head sizes; refuse others here,
+            # with a clear message, rather than at the first kernel launch.
+            raise UserError(f"head_dim {config.head_dim} is not supported on CUDA (a multiple of 8, "
+                            f"at most {MAX_CUDA_HEAD_DIM})")
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path

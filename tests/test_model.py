@@ -141,3 +141,14 @@ def test_smollm2_batch_and_chat(smollm2):
     batched = lisa_greedy(model, prompts, 24)
     assert batched == [lisa_greedy(model, [p], 24)[0] for p in prompts]
     assert "Paris" in tok.decode(batched[-1])
+
+
+def test_cuda_refuses_head_dims_its_kernels_lack():
+    """Checked before any tensor moves, so this runs without a GPU too."""
+    from lisa_rt.config import ModelConfig
+    from lisa_rt.model import Model
+
+    config = ModelConfig(hidden_size=528, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                         head_dim=264, vocab_size=32)
+    with pytest.raises(lisa_rt.UserError, match="head_dim 264"):
+        Model(config, {}, "cuda", torch.bfloat16)
