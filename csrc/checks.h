@@ -5,6 +5,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <initializer_list>
+#include <optional>
 
 namespace lisa_rt {
 
@@ -126,6 +130,94 @@ inline void check_prefill_args(const at::Tensor& out, const at::Tensor& query, c
                   cu_query_lens.size(0) == seq_lens.size(0) + 1 && cu_query_lens.is_contiguous(),
               "paged_prefill_attention: cu_query_lens must be int32 [batch + 1]");
   check_device(cu_query_lens, query, "cu_query_lens");
+}
+
+// --- LiSA attention ops (paged_attention_scores, lisa_attention) ---
+
+// Index tensors of the packed-chunk attention ops.
+inline void check_chunk_indices(const at::Tensor& like, const at::Tensor& block_tables,
+                                const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, const char* op) {
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              op, ": block_tables must be contiguous int32 [batch, max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
+                  seq_lens.size(0) == block_tables.size(0),
+              op, ": seq_lens must be int32 [batch]");
+  TORCH_CHECK(cu_query_lens.scalar_type() == at::kInt && cu_query_lens.dim() == 1 &&
+                  cu_query_lens.size(0) == seq_lens.size(0) + 1 && cu_query_lens.is_contiguous(),
+              op, ": cu_query_lens must be int32 [batch + 1]");
+  check_device(block_tables, like, "block_tables");
+  check_device(seq_lens, like, "seq_lens");
+  check_device(cu_query_lens, like, "cu_query_lens");
+}
+
+// float32 [tokens, heads, max_keys] contiguous logits buffer.
+inline void check_scores(const at::Tensor& scores, const at::Tensor& query, const char* op, const char* name) {
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.is_contiguous() &&
+                  scores.size(0) == query.size(0) && scores.size(1) == query.size(1),
+              op, ": ", name, " must be contiguous float32 [tokens, heads, max_keys]");
+  check_device(scores, query, name);
+}
+
+inline void check_attention_scores_args(const at::Tensor& out, const at::Tensor& scores, const at::Tensor& query,
+                                        const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                        const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
+                                        const at::Tensor& seq_lens) {
+  constexpr const char* op = "paged_attention_scores";
+  check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, op);
+  check_chunk_indices(query, block_tables, cu_query_lens, seq_lens, op);
+  check_scores(scores, query, op, "scores");
+}
+
+constexpr int64_t kMaxLisaRank = 256;
+constexpr int64_t kMaxLisaWidth = 256;
+
+inline void check_lisa_args(const at::Tensor& out, const std::optional<at::Tensor>& scores_out,
+                            const at::Tensor& scores_prev, const at::Tensor& query_lr,
+                            const at::Tensor& key_lr_cache, const at::Tensor& value_cache,
+                            const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
+                            const at::Tensor& seq_lens, const at::Tensor& align_a, const at::Tensor& align_w1,
+                            const at::Tensor& align_b1, const at::Tensor& align_w2, const at::Tensor& align_b2) {
+  constexpr const char* op = "lisa_attention";
+  check_packed_heads(query_lr, "lisa_attention: query_lr");
+  check_same(query_lr, key_lr_cache, "lisa_attention query_lr/key_lr_cache");
+  check_same(query_lr, value_cache, "lisa_attention query_lr/value_cache");
+  check_same(out, value_cache, "lisa_attention out/value_cache");
+  TORCH_CHECK(key_lr_cache.dim() == 4 && key_lr_cache.is_contiguous() && value_cache.dim() == 4 &&
+                  value_cache.is_contiguous() && key_lr_cache.size(0) == value_cache.size(0) &&
+                  key_lr_cache.size(1) == value_cache.size(1) && key_lr_cache.size(2) == value_cache.size(2),
+              op, ": caches must be contiguous, key_lr_cache [num_blocks, block_size, kv_heads, rank] and "
+              "value_cache [num_blocks, block_size, kv_heads, head_dim]");
+  const int64_t tokens = query_lr.size(0), heads = query_lr.size(1), rank = query_lr.size(2);
+  const int64_t kv_heads = value_cache.size(2), head_dim = value_cache.size(3);
+  TORCH_CHECK(key_lr_cache.size(3) == rank, op, ": rank differs between query_lr and key_lr_cache");
+  TORCH_CHECK(rank > 0 && rank % 2 == 0 && rank <= kMaxLisaRank, op, ": rank must be even and in [2, ",
+              kMaxLisaRank, "], got ", rank);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": query heads not a multiple of kv heads");
+  TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && out.size(0) == tokens && out.size(1) == heads &&
+                  out.size(2) == head_dim,
+              op, ": out must be contiguous [tokens, heads, head_dim]");
+  check_chunk_indices(query_lr, block_tables, cu_query_lens, seq_lens, op);
+  check_scores(scores_prev, query_lr, op, "scores_prev");
+  if (scores_out.has_value()) {
+    check_scores(*scores_out, query_lr, op, "scores_out");
+    TORCH_CHECK(!scores_out->is_same(scores_prev) &&
+                    at::get_overlap_status(*scores_out, scores_prev) == at::MemOverlapStatus::No,
+                op, ": scores_out must not overlap scores_prev (ping-pong two buffers in a chain)");
+  }
+  const int64_t width = align_w1.dim() == 2 ? align_w1.size(0) : -1;
+  auto weight = [&](const at::Tensor& w, std::initializer_list<int64_t> shape, const char* name) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.sizes() == at::IntArrayRef(shape),
+                op, ": ", name, " must be contiguous float32 of shape ", at::IntArrayRef(shape), ", got ",
+                w.sizes(), " ", w.scalar_type());
+    check_device(w, query_lr, name);
+  };
+  TORCH_CHECK(width >= 0 && width <= kMaxLisaWidth, op, ": align_w1 must be [width, heads] with width <= ",
+              kMaxLisaWidth);
+  weight(align_a, {heads, heads}, "align_a");
+  weight(align_w1, {width, heads}, "align_w1");
+  weight(align_b1, {width}, "align_b1");
+  weight(align_w2, {heads, width}, "align_w2");
+  weight(align_b2, {heads}, "align_b2");
 }
 
 }  // namespace lisa_rt

@@ -35,4 +35,17 @@ TORCH_LIBRARY(lisa_rt, m) {
   // Causal attention of packed query chunks [T, H, D] over the paged cache; cu_query_lens
   // int32 [B + 1]; the chunk of sequence b holds its last tokens (ending at seq_lens[b]).
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, float scale) -> ()");
+  // paged_prefill_attention that also writes the scaled, pre-mask logits scale * q . k into
+  // scores, float32 [T, H, max_keys] contiguous (max_keys >= every seq_len): row t, head h,
+  // columns j <= p (the row's position); columns past p are left untouched. A full layer runs
+  // it when the next layer is LiSA; decode is the chunk-of-one case.
+  m.def("paged_attention_scores(Tensor(a!) out, Tensor(b!) scores, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, float scale) -> ()");
+  // LiSA attention (DESIGN section 3) of packed query chunks: for key j <= p, with
+  // a = scores_prev[t, :, j] (float32 [T, H, max_keys], the previous layer's logits),
+  //   S[h, j] = (A a + W2 silu(W1 a + b1) + b2)[h] + delta_scale * query_lr[t, h] . key_lr[j, h / (H / G)]
+  // (A [H, H], W1 [m, H], b1 [m], W2 [H, m], b2 [H] float32; query_lr [T, H, r] row stride free,
+  // key_lr_cache [num_blocks, block_size, G, r], r even <= 256, m <= 256); out [T, H, D] =
+  // softmax(S over j <= p) V. When given, scores_out (float32 [T, H, max_keys], not overlapping
+  // scores_prev) receives S for j <= p, for a following LiSA layer.
+  m.def("lisa_attention(Tensor(a!) out, Tensor(b!)? scores_out, Tensor scores_prev, Tensor query_lr, Tensor key_lr_cache, Tensor value_cache, Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, Tensor align_a, Tensor align_w1, Tensor align_b1, Tensor align_w2, Tensor align_b2, float delta_scale) -> ()");
 }

@@ -18,7 +18,7 @@ except ImportError:
     HAVE_KERNELS = False
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "linear", "silu_and_mul", "cache_write",
-            "paged_decode_attention", "paged_prefill_attention")
+            "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention")
 
 if HAVE_KERNELS:
     _ops = torch.ops.lisa_rt
@@ -106,3 +106,47 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
         out.copy_(reference.paged_prefill_attention(query, key_cache, value_cache, block_tables,
                                                     cu_query_lens, seq_lens, scale))
     return out
+
+
+def paged_attention_scores(out: torch.Tensor, scores: torch.Tensor, query: torch.Tensor,
+                           key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                           cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_prefill_attention that also writes the scaled pre-mask logits of the visible keys
+    into scores (float32 [T, h, max_keys]) for a following LiSA layer."""
+    if HAVE_KERNELS:
+        _ops.paged_attention_scores(out, scores, query, key_cache, value_cache, block_tables,
+                                    cu_query_lens, seq_lens, scale)
+    else:
+        want_out, want_scores = reference.attention_scores(query, key_cache, value_cache, block_tables,
+                                                           cu_query_lens, seq_lens, scale, scores.shape[2])
+        out.copy_(want_out)
+        _copy_visible(scores, want_scores, cu_query_lens, seq_lens)
+    return out
+
+
+def lisa_attention(out: torch.Tensor, scores_out: torch.Tensor | None, scores_prev: torch.Tensor,
+                   query_lr: torch.Tensor, key_lr_cache: torch.Tensor, value_cache: torch.Tensor,
+                   block_tables: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor,
+                   align_a: torch.Tensor, align_w1: torch.Tensor, align_b1: torch.Tensor,
+                   align_w2: torch.Tensor, align_b2: torch.Tensor, delta_scale: float) -> torch.Tensor:
+    """LiSA attention (DESIGN section 3); scores_out, when given, receives this layer's logits
+    (must not overlap scores_prev: a chain ping-pongs two buffers)."""
+    if HAVE_KERNELS:
+        _ops.lisa_attention(out, scores_out, scores_prev, query_lr, key_lr_cache, value_cache, block_tables,
+                            cu_query_lens, seq_lens, align_a, align_w1, align_b1, align_w2, align_b2,
+                            delta_scale)
+    else:
+        want_out, want_scores = reference.lisa_attention(scores_prev, query_lr, key_lr_cache, value_cache,
+                                                         block_tables, cu_query_lens, seq_lens, align_a,
+                                                         align_w1, align_b1, align_w2, align_b2, delta_scale)
+        out.copy_(want_out)
+        if scores_out is not None:
+            _copy_visible(scores_out, want_scores, cu_query_lens, seq_lens)
+    return out
+
+
+def _copy_visible(dst: torch.Tensor, src: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """dst[t, :, j] = src[t, :, j] for the keys visible to row t; other columns untouched."""
+    n = min(dst.shape[2], src.shape[2])
+    mask = reference.visible_keys(cu_query_lens.cpu(), seq_lens.cpu(), n).to(dst.device)[:, None, :]
+    dst[:, :, :n] = torch.where(mask, src[:, :, :n].to(dst.device), dst[:, :, :n])

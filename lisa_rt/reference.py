@@ -168,3 +168,105 @@ def llama_forward(config, tensors: dict[str, torch.Tensor], token_ids: list[int]
     x = rms_norm(x, t["norm.weight"], config.rms_norm_eps)
     head = t["embed.weight"] if config.tie_word_embeddings else t["lm_head.weight"]
     return x @ head.T
+
+
+# --- LiSA attention (DESIGN section 3) ---
+
+def align_scores(s_prev: torch.Tensor, A: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor,
+                 W2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The head aligner on dense logits: s_prev [h, q, n] -> A a + W2 silu(W1 a + b1) + b2 per (q, n).
+
+    a = s_prev[:, i, j] is the vector over heads; A [h, h], W1 [m, h], b1 [m], W2 [h, m], b2 [h].
+    Float32; differentiable (the fitting code reuses it).
+    """
+    a = s_prev.float().permute(1, 2, 0)  # [q, n, h]
+    hidden = torch.nn.functional.silu(a @ W1.float().T + b1.float())
+    aligned = a @ A.float().T + hidden @ W2.float().T + b2.float()
+    return aligned.permute(2, 0, 1)
+
+
+def lowrank_delta(q_lr: torch.Tensor, k_lr: torch.Tensor, delta_scale: float) -> torch.Tensor:
+    """dS [h, q, n] = delta_scale * q'_i . k'_j, q_lr [q, h, r], k_lr [n, g, r] (GQA aware)."""
+    group = q_lr.shape[1] // k_lr.shape[1]
+    k = k_lr.float().repeat_interleave(group, dim=1)
+    return torch.einsum("qhr,khr->hqk", q_lr.float(), k) * delta_scale
+
+
+def lisa_scores(s_prev: torch.Tensor, q_lr: torch.Tensor, k_lr: torch.Tensor, A: torch.Tensor,
+                W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor,
+                delta_scale: float) -> torch.Tensor:
+    """S [h, q, n] = align_scores(s_prev) + lowrank_delta(q_lr, k_lr): the LiSA layer's logits."""
+    return align_scores(s_prev, A, W1, b1, W2, b2) + lowrank_delta(q_lr, k_lr, delta_scale)
+
+
+def attend_logits(logits: torch.Tensor, value: torch.Tensor, first_position: int) -> torch.Tensor:
+    """Causal softmax of logits [h, q, n] (query i at position first_position + i sees keys
+    0..first_position + i) times value [n, g, d] (GQA aware); returns [q, h, d] float32."""
+    heads, q, n = logits.shape
+    v = value.float().repeat_interleave(heads // value.shape[1], dim=1)
+    q_pos = torch.arange(q, device=logits.device)[:, None] + first_position
+    k_pos = torch.arange(n, device=logits.device)[None, :]
+    probs = torch.softmax(logits.float().masked_fill(k_pos > q_pos, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def visible_keys(cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, max_keys: int) -> torch.Tensor:
+    """bool [tokens, max_keys]: key j is visible to packed query row t (j <= its position)."""
+    starts = cu_query_lens.tolist()
+    mask = torch.zeros(starts[-1], max_keys, dtype=torch.bool)
+    for b, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        for t in range(lo, hi):
+            mask[t, : length - (hi - t) + 1] = True
+    return mask
+
+
+def attention_scores(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, max_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """paged_prefill_attention plus its logits: returns (out [T, h, d], scores float32
+    [T, h, max_keys]) with scores[t, hd, j] = scale * q . k_j for visible j, zero elsewhere."""
+    out = paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens, scale)
+    tokens, heads = query.shape[:2]
+    scores = torch.zeros(tokens, heads, max_keys, dtype=torch.float32, device=query.device)
+    starts = cu_query_lens.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        k = gather_paged(key_cache, block_tables[b], length)
+        logits = lowrank_delta(query[lo:hi], k, scale)  # [h, q, n]: the same product
+        first = length - (hi - lo)
+        for i in range(hi - lo):
+            scores[lo + i, :, : first + i + 1] = logits[:, i, : first + i + 1]
+    return out, scores
+
+
+def lisa_attention(scores_prev: torch.Tensor, query_lr: torch.Tensor, key_lr_cache: torch.Tensor,
+                   value_cache: torch.Tensor, block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
+                   seq_lens: torch.Tensor, A: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor,
+                   W2: torch.Tensor, b2: torch.Tensor, delta_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LiSA attention of packed query chunks over the paged caches (see lisa_scores).
+
+    scores_prev float32 [T, h, max_keys] (only visible columns are read); returns
+    (out [T, h, d] in value_cache's dtype, scores float32 [T, h, max_keys]: S for visible
+    columns, zero elsewhere).
+    """
+    tokens, heads = query_lr.shape[:2]
+    out = torch.zeros(tokens, heads, value_cache.shape[-1], dtype=value_cache.dtype, device=query_lr.device)
+    scores = torch.zeros(tokens, heads, scores_prev.shape[2], dtype=torch.float32, device=query_lr.device)
+    starts = cu_query_lens.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        first = length - (hi - lo)
+        visible = visible_keys(torch.tensor([0, hi - lo]), torch.tensor([length]), length)
+        # Invisible columns may hold anything (even NaN): zero them before the aligner.
+        s_prev = scores_prev[lo:hi, :, :length].float().masked_fill(~visible[:, None, :], 0.0)
+        k_lr = gather_paged(key_lr_cache, block_tables[b], length)
+        v = gather_paged(value_cache, block_tables[b], length)
+        logits = lisa_scores(s_prev.permute(1, 0, 2), query_lr[lo:hi], k_lr, A, W1, b1, W2, b2, delta_scale)
+        out[lo:hi] = attend_logits(logits, v, first).to(value_cache.dtype)
+        scores[lo:hi, :, :length] = logits.permute(1, 0, 2).masked_fill(~visible[:, None, :], 0.0)
+    return out, scores

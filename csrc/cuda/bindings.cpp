@@ -139,3 +139,63 @@ TORCH_LIBRARY_IMPL(lisa_rt, CUDA, m) {
 }
 
 }  // namespace lisa_rt
+
+// --- LiSA attention ops (paged_attention_scores, lisa_attention) ---
+namespace lisa_rt {
+namespace {
+
+void paged_attention_scores_cuda(at::Tensor& out, at::Tensor& scores, const at::Tensor& query,
+                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
+                                 const at::Tensor& seq_lens, double scale) {
+  check_attention_scores_args(out, scores, query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens);
+  check_head_dim(query, "paged_attention_scores");
+  const kernels::DType dtype = dtype_of(query, "paged_attention_scores");
+  const c10::cuda::CUDAGuard guard(query.device());
+  // Lengths beyond the block table or the scores width cannot be rejected without a sync: the
+  // kernel clamps them.
+  check_launch(kernels::paged_attention_scores(out.data_ptr(), scores.data_ptr<float>(), scores.size(2),
+                                               query.data_ptr(), query.stride(0), query.size(0), query.size(1),
+                                               seq_lens.size(0), paged_cache(key_cache, value_cache, block_tables),
+                                               cu_query_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                                               seq_lens.stride(0), static_cast<float>(scale), dtype,
+                                               current_stream()),
+               "paged_attention_scores");
+}
+
+void lisa_attention_cuda(at::Tensor& out, const std::optional<at::Tensor>& scores_out,
+                         const at::Tensor& scores_prev, const at::Tensor& query_lr, const at::Tensor& key_lr_cache,
+                         const at::Tensor& value_cache, const at::Tensor& block_tables,
+                         const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, const at::Tensor& align_a,
+                         const at::Tensor& align_w1, const at::Tensor& align_b1, const at::Tensor& align_w2,
+                         const at::Tensor& align_b2, double delta_scale) {
+  check_lisa_args(out, scores_out, scores_prev, query_lr, key_lr_cache, value_cache, block_tables, cu_query_lens,
+                  seq_lens, align_a, align_w1, align_b1, align_w2, align_b2);
+  // The value head dim follows the attention kernels' limit.
+  check_head_dim(out, "lisa_attention");
+  const kernels::DType dtype = dtype_of(query_lr, "lisa_attention");
+  const c10::cuda::CUDAGuard guard(query_lr.device());
+  const kernels::PagedKVCache cache{key_lr_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr<int32_t>(),
+                                    block_tables.size(1), value_cache.size(1), value_cache.size(0),
+                                    value_cache.size(2), value_cache.size(3)};
+  float* scores_out_ptr = scores_out.has_value() ? scores_out->data_ptr<float>() : nullptr;
+  const int64_t out_keys = scores_out.has_value() ? scores_out->size(2) : 0;
+  check_launch(kernels::lisa_attention(out.data_ptr(), scores_out_ptr, out_keys, scores_prev.data_ptr<float>(),
+                                       scores_prev.size(2), query_lr.data_ptr(), query_lr.stride(0),
+                                       query_lr.size(2), query_lr.size(0), query_lr.size(1), seq_lens.size(0),
+                                       cache, cu_query_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                                       seq_lens.stride(0), align_a.data_ptr<float>(), align_w1.data_ptr<float>(),
+                                       align_b1.data_ptr<float>(), align_w2.data_ptr<float>(),
+                                       align_b2.data_ptr<float>(), align_w1.size(0),
+                                       static_cast<float>(delta_scale), dtype, current_stream()),
+               "lisa_attention");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lisa_rt, CUDA, m) {
+  m.impl("paged_attention_scores", &paged_attention_scores_cuda);
+  m.impl("lisa_attention", &lisa_attention_cuda);
+}
+
+}  // namespace lisa_rt

@@ -73,4 +73,32 @@ cudaError_t paged_prefill_attention(void* out, const void* query, int64_t query_
                                     const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
                                     DType dtype, cudaStream_t stream);
 
+// Causal attention of packed query chunks exactly as paged_prefill_attention (query and cache
+// head dims equal), which also writes the scaled, pre-mask logits scale * q . k of query row t,
+// head hd and key j <= p into scores[(t * num_heads + hd) * max_keys + j] (float32); columns
+// past p are left untouched.
+cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, const void* query,
+                                   int64_t query_row_stride, int64_t num_tokens, int64_t num_heads,
+                                   int64_t batch, const PagedKVCache& cache, const int32_t* cu_query_lens,
+                                   const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
+                                   DType dtype, cudaStream_t stream);
+
+// LiSA attention (DESIGN section 3) over packed query chunks. `cache.keys` is the low-rank key
+// cache [num_blocks, block_size, kv_heads, rank] and `cache.values` the value cache
+// [.., kv_heads, head_dim]; query_lr [num_tokens, num_heads, rank] (row stride free). Logits
+//   S[t, hd, j] = (A a + W2 silu(W1 a + b1) + b2)[hd] + delta_scale * q'[t, hd] . k'[j],
+// a = scores_prev[t, :, j] (float32 [num_tokens, num_heads, prev_keys]); A [heads, heads],
+// W1 [width, heads], b1 [width], W2 [heads, width], b2 [heads], all float32 contiguous.
+// out [num_tokens, num_heads, head_dim] = softmax(S over j <= p) V. When scores_out is not null
+// (float32 [num_tokens, num_heads, out_keys], not overlapping scores_prev) S is written there
+// for j <= p. Returns cudaErrorInvalidConfiguration when the shapes need more shared memory
+// than a block may have.
+cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const float* scores_prev,
+                           int64_t prev_keys, const void* query_lr, int64_t query_row_stride, int64_t rank,
+                           int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
+                           const int32_t* cu_query_lens, const int32_t* seq_lens, int64_t seq_lens_stride,
+                           const float* align_a, const float* align_w1, const float* align_b1,
+                           const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
+                           DType dtype, cudaStream_t stream);
+
 }  // namespace lisa_rt::kernels

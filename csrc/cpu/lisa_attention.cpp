@@ -1,0 +1,203 @@
+// LiSA attention (DESIGN section 3) on the CPU, and the full attention that also emits its
+// logits for a following LiSA layer. Packed query chunks over the paged cache, as
+// paged_prefill_attention: query row t of sequence b sits at position
+// p = seq_lens[b] - (cu[b+1] - t) and sees keys 0..p. All arithmetic is float32.
+//
+// lisa_attention runs in two passes:
+//   1. logits, parallel over (query row, tile of keys): the aligner mixes heads, so for each
+//      (t, j) the whole h-vector a = scores_prev[t, :, j] is mapped at once,
+//      S[:, j] = A a + W2 silu(W1 a + b1) + b2, then the low-rank delta is added per head;
+//      S goes to scores_out when given (else to a float32 scratch tensor: the CPU may allocate);
+//   2. softmax over j <= p and P V, parallel over (query row, head).
+// Splitting the keys in pass 1 keeps every core busy in decode, where there are few rows.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace lisa_rt {
+namespace {
+
+constexpr int64_t kKeyTile = 64;
+
+// Per-row facts of a packed-chunk call: sequence and number of visible keys (p + 1).
+struct Rows {
+  std::vector<int64_t> seq, n_keys;
+};
+
+Rows chunk_rows(const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, const at::Tensor& block_tables,
+                int64_t block_size, int64_t tokens, int64_t max_keys, const char* op) {
+  const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t batch = seq_lens.size(0), capacity = block_tables.size(1) * block_size;
+  TORCH_CHECK(cu[0] == 0 && cu[batch] == tokens, op, ": cu_query_lens must span the queries");
+  Rows rows{std::vector<int64_t>(tokens), std::vector<int64_t>(tokens)};
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t chunk = cu[b + 1] - cu[b];
+    TORCH_CHECK(chunk >= 0 && chunk <= lens[b], op, ": chunk longer than its sequence");
+    TORCH_CHECK(lens[b] <= capacity, op, ": sequence length ", lens[b], " exceeds its block table");
+    TORCH_CHECK(lens[b] <= max_keys, op, ": sequence length ", lens[b], " exceeds the scores width ", max_keys);
+    for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+      rows.seq[t] = b;
+      rows.n_keys[t] = lens[b] - (cu[b + 1] - t) + 1;
+    }
+  }
+  return rows;
+}
+
+// Row of cache slot `key` of a sequence ([.., kv_heads, dim] element offset of head 0).
+inline int64_t slot_row(const int32_t* blocks, int64_t key, int64_t block_size, int64_t num_blocks,
+                        int64_t kv_heads) {
+  const int64_t block = blocks[key / block_size];
+  TORCH_CHECK(block >= 0 && block < num_blocks, "paged attention: block id ", block, " out of range");
+  return (block * block_size + key % block_size) * kv_heads;
+}
+
+// In place: s[0..n) -> softmax weights; returns 1 / sum (0 when n == 0).
+inline float softmax_inplace(float* s, int64_t n) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, s[j]);
+  float total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - max_score);
+    total += s[j];
+  }
+  return n > 0 ? 1.0f / total : 0.0f;
+}
+
+// out[0..d) = inv * sum_j p[j] V[j, kv_head].
+template <typename T>
+void weighted_values(T* out, const float* p, float inv, const T* values, const int32_t* blocks, int64_t n,
+                     int64_t block_size, int64_t num_blocks, int64_t kv_heads, int64_t kv_head, int64_t d,
+                     std::vector<float>& acc) {
+  acc.assign(d, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = values + (slot_row(blocks, j, block_size, num_blocks, kv_heads) + kv_head) * d;
+    const float w = p[j];
+    for (int64_t i = 0; i < d; ++i) acc[i] += w * static_cast<float>(v[i]);
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(acc[i] * inv);
+}
+
+void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::Tensor& query,
+                                const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
+                                const at::Tensor& seq_lens, double scale) {
+  check_attention_scores_args(out, scores, query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens);
+  const int64_t tokens = query.size(0), heads = query.size(1), d = query.size(2);
+  const int64_t block_size = key_cache.size(1), num_blocks = key_cache.size(0), kv_heads = key_cache.size(2);
+  const int64_t group = heads / kv_heads, max_keys = scores.size(2), max_blocks = block_tables.size(1);
+  const Rows rows = chunk_rows(cu_query_lens, seq_lens, block_tables, block_size, tokens, max_keys,
+                               "paged_attention_scores");
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  float* s_all = scores.data_ptr<float>();
+  LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_attention_scores", [&] {
+    const scalar_t* q_all = query.data_ptr<scalar_t>();
+    const scalar_t* keys = key_cache.data_ptr<scalar_t>();
+    const scalar_t* values = value_cache.data_ptr<scalar_t>();
+    scalar_t* o_all = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p, acc;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t t = idx / heads, hd = idx % heads, kv = hd / group, n = rows.n_keys[t];
+        const int32_t* blocks = tables + rows.seq[t] * max_blocks;
+        const scalar_t* q = q_all + t * query.stride(0) + hd * d;
+        float* s_row = s_all + (t * heads + hd) * max_keys;
+        p.resize(n);
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t* k = keys + (slot_row(blocks, j, block_size, num_blocks, kv_heads) + kv) * d;
+          p[j] = dot(q, k, d) * static_cast<float>(scale);
+          s_row[j] = p[j];
+        }
+        const float inv = softmax_inplace(p.data(), n);
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), inv, values, blocks, n, block_size, num_blocks,
+                        kv_heads, kv, d, acc);
+      }
+    });
+  });
+}
+
+void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores_out,
+                        const at::Tensor& scores_prev, const at::Tensor& query_lr, const at::Tensor& key_lr_cache,
+                        const at::Tensor& value_cache, const at::Tensor& block_tables,
+                        const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, const at::Tensor& align_a,
+                        const at::Tensor& align_w1, const at::Tensor& align_b1, const at::Tensor& align_w2,
+                        const at::Tensor& align_b2, double delta_scale) {
+  check_lisa_args(out, scores_out, scores_prev, query_lr, key_lr_cache, value_cache, block_tables, cu_query_lens,
+                  seq_lens, align_a, align_w1, align_b1, align_w2, align_b2);
+  const int64_t tokens = query_lr.size(0), heads = query_lr.size(1), rank = query_lr.size(2);
+  const int64_t block_size = value_cache.size(1), num_blocks = value_cache.size(0);
+  const int64_t kv_heads = value_cache.size(2), d = value_cache.size(3), group = heads / kv_heads;
+  const int64_t width = align_w1.size(0), prev_keys = scores_prev.size(2), max_blocks = block_tables.size(1);
+  // Logits go to scores_out, or to a scratch buffer of the same layout.
+  at::Tensor logits =
+      scores_out.has_value() ? *scores_out : at::empty({tokens, heads, prev_keys}, scores_prev.options());
+  const int64_t out_keys = logits.size(2);
+  const Rows rows = chunk_rows(cu_query_lens, seq_lens, block_tables, block_size, tokens,
+                               std::min(prev_keys, out_keys), "lisa_attention");
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const float* prev = scores_prev.data_ptr<float>();
+  float* s_all = logits.data_ptr<float>();
+  const float* A = align_a.data_ptr<float>();
+  const float* W1 = align_w1.data_ptr<float>();
+  const float* b1 = align_b1.data_ptr<float>();
+  const float* W2 = align_w2.data_ptr<float>();
+  const float* b2 = align_b2.data_ptr<float>();
+  const float delta = static_cast<float>(delta_scale);
+  int64_t most_keys = 0;
+  for (const int64_t n : rows.n_keys) most_keys = std::max(most_keys, n);
+  const int64_t key_tiles = (most_keys + kKeyTile - 1) / kKeyTile;
+  LISA_DISPATCH_FLOATS(query_lr.scalar_type(), "lisa_attention", [&] {
+    const scalar_t* q_all = query_lr.data_ptr<scalar_t>();
+    const scalar_t* keys = key_lr_cache.data_ptr<scalar_t>();
+    const scalar_t* values = value_cache.data_ptr<scalar_t>();
+    scalar_t* o_all = out.data_ptr<scalar_t>();
+    // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
+    at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> a(heads), hidden(width), s(heads);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
+        const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
+        const int32_t* blocks = tables + rows.seq[t] * max_blocks;
+        const scalar_t* q_row = q_all + t * query_lr.stride(0);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t hd = 0; hd < heads; ++hd) a[hd] = prev[(t * heads + hd) * prev_keys + j];
+          for (int64_t i = 0; i < width; ++i) {
+            const float x = dot(W1 + i * heads, a.data(), heads) + b1[i];
+            hidden[i] = x / (1.0f + std::exp(-x));
+          }
+          const int64_t row = slot_row(blocks, j, block_size, num_blocks, kv_heads);
+          for (int64_t hd = 0; hd < heads; ++hd) {
+            const scalar_t* k = keys + (row + hd / group) * rank;
+            s[hd] = dot(A + hd * heads, a.data(), heads) + dot(W2 + hd * width, hidden.data(), width) + b2[hd] +
+                    delta * dot(q_row + hd * rank, k, rank);
+          }
+          for (int64_t hd = 0; hd < heads; ++hd) s_all[(t * heads + hd) * out_keys + j] = s[hd];
+        }
+      }
+    });
+    // Pass 2: softmax and P V per (row, head).
+    at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p, acc;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t t = idx / heads, hd = idx % heads, n = rows.n_keys[t];
+        const float* s_row = s_all + (t * heads + hd) * out_keys;
+        p.assign(s_row, s_row + n);
+        const float inv = softmax_inplace(p.data(), n);
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), inv, values, tables + rows.seq[t] * max_blocks, n,
+                        block_size, num_blocks, kv_heads, hd / group, d, acc);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lisa_rt, CPU, m) {
+  m.impl("paged_attention_scores", &paged_attention_scores_cpu);
+  m.impl("lisa_attention", &lisa_attention_cpu);
+}
+
+}  // namespace lisa_rt

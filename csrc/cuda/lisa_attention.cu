@@ -1,0 +1,388 @@
+// LiSA attention (DESIGN section 3) and the full attention that also emits its logits.
+//
+// One kernel serves both ops. A block owns one query row t and one KV head: the `group`
+// query heads hd = kv_head * group + i that share that KV head. It walks the row's visible keys
+// j = 0..p in tiles of kTileKeys (one warp's width) and, per tile:
+//   1. loads the key rows (full keys, or the low-rank keys k') and the value rows as float32;
+//      in LiSA mode it also loads a[j] = scores_prev[t, :, j] (all h heads: the aligner mixes
+//      heads) and computes hidden[j] = silu(W1 a[j] + b1);
+//   2. computes the logits of its heads
+//        S[hd, j] = (A a[j] + W2 hidden[j] + b2)[hd] + qk_scale * q[hd] . k[j]
+//      (only the second term in full mode), writes them to scores_out when given, and masks
+//      keys past p with -inf;
+//   3. updates an online softmax per head (one warp per head row) and acc = acc * rescale + P V.
+// The hidden layer is recomputed by each of the g blocks of a row; that keeps every block's
+// work independent (no inter-block exchange) at the price of g * m * h multiply-adds per key.
+//
+// All arithmetic is float32. Keys past p, and keys whose block id is invalid, read as zeros so
+// that masked weights (0) never meet NaN or stale data. No host sync, no allocation, current
+// stream: the launch is graph-capturable. Inputs that only a host check could reject (lengths
+// beyond the block table or the scores buffers, cu_query_lens that do not span the rows) are
+// clamped here rather than read out of bounds.
+#include <cmath>
+
+#include "device.cuh"
+
+namespace lisa_rt::kernels {
+namespace {
+
+constexpr int kTileKeys = 32;  // keys per tile: one per lane in the softmax step
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+struct LisaArgs {
+  void* out;              // [tokens, heads, head_dim] contiguous
+  const void* query;      // [tokens, heads, qk_dim], row stride query_row_stride
+  int64_t query_row_stride;
+  const void* keys;       // [num_blocks, block_size, kv_heads, qk_dim] contiguous
+  const void* values;     // [num_blocks, block_size, kv_heads, head_dim] contiguous
+  const int32_t* block_tables;
+  int64_t max_blocks;
+  int64_t block_size;
+  int64_t num_blocks;
+  const int32_t* cu_query_lens;
+  const int32_t* seq_lens;
+  int64_t seq_lens_stride;
+  int num_tokens;
+  int batch;
+  int heads;
+  int kv_heads;
+  int group;
+  int qk_dim;
+  int head_dim;
+  float qk_scale;
+  // LiSA mode (scores_prev != nullptr).
+  const float* scores_prev;  // [tokens, heads, prev_keys]
+  int64_t prev_keys;
+  const float* align_a;   // [heads, heads]
+  const float* align_w1;  // [width, heads]
+  const float* align_b1;  // [width]
+  const float* align_w2;  // [heads, width]
+  const float* align_b2;  // [heads]
+  int width;
+  bool weights_in_shared;
+  // Optional logits output [tokens, heads, out_keys].
+  float* scores_out;
+  int64_t out_keys;
+};
+
+// Odd row strides, so that threads reading one column of different rows hit distinct banks.
+__host__ __device__ inline int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
+
+// Float offsets of the shared-memory arrays; the host sizes the launch with the same code.
+struct SharedLayout {
+  int q, k, v, a, hidden, p, acc, row_max, row_total, row_rescale, w1, w2, align_a, end_base, end;
+  __host__ __device__ SharedLayout(const LisaArgs& x, bool lisa) {
+    int at = 0;
+    auto take = [&at](int floats) { const int offset = at; at += floats; return offset; };
+    q = take(x.group * x.qk_dim);                            // [group][qk_dim]
+    k = take(kTileKeys * odd_stride(x.qk_dim));              // [keys][qk stride]
+    v = take(kTileKeys * x.head_dim);                        // [keys][head_dim]
+    a = take(lisa ? kTileKeys * odd_stride(x.heads) : 0);    // [keys][heads stride]
+    hidden = take(lisa ? kTileKeys * odd_stride(x.width) : 0);  // [keys][width stride]
+    p = take(x.group * (kTileKeys + 1));                     // [group][keys + 1]
+    acc = take(x.group * x.head_dim);                        // [group][head_dim]
+    row_max = take(x.group);
+    row_total = take(x.group);
+    row_rescale = take(x.group);
+    end_base = at;
+    // Optional copies of the aligner weights this block reads for every key.
+    w1 = take(lisa ? x.width * x.heads : 0);                 // W1 [width][heads]
+    w2 = take(lisa ? x.group * x.width : 0);                 // the group's rows of W2
+    align_a = take(lisa ? x.group * x.heads : 0);            // the group's rows of A
+    end = at;
+  }
+};
+
+__device__ __forceinline__ float silu(float x) {
+  // exp of a clamped argument: silu(x) underflows to ~0 there anyway.
+  return x / (1.0f + __expf(-fmaxf(x, -80.0f)));
+}
+
+template <typename T, bool kLisa>
+__global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs args) {
+  extern __shared__ float shared[];
+  const SharedLayout L(args, kLisa);
+  float* q_s = shared + L.q;
+  float* k_s = shared + L.k;
+  float* v_s = shared + L.v;
+  float* a_s = shared + L.a;
+  float* hidden_s = shared + L.hidden;
+  float* p_s = shared + L.p;
+  float* acc_s = shared + L.acc;
+  float* row_max = shared + L.row_max;
+  float* row_total = shared + L.row_total;
+  float* row_rescale = shared + L.row_rescale;
+  __shared__ int seq_s;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int t = blockIdx.x, kv_head = blockIdx.y;
+  const int group = args.group, heads = args.heads, qk_dim = args.qk_dim, head_dim = args.head_dim;
+  const int width = args.width;
+  const int head0 = kv_head * group;
+  const int k_stride = odd_stride(qk_dim), a_stride = odd_stride(heads), h_stride = odd_stride(width);
+  constexpr int kPStride = kTileKeys + 1;
+
+  // The sequence of row t: the last b with cu_query_lens[b] <= t.
+  if (tid == 0) {
+    int lo = 0, hi = args.batch - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (args.cu_query_lens[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    seq_s = lo;
+  }
+  // Query rows, aligner weights, accumulators.
+  for (int i = tid; i < group * qk_dim; i += kThreads) {
+    const int gi = i / qk_dim, c = i % qk_dim;
+    q_s[i] = to_float(static_cast<const T*>(args.query)[t * args.query_row_stride +
+                                                        static_cast<int64_t>(head0 + gi) * qk_dim + c]);
+  }
+  for (int i = tid; i < group * head_dim; i += kThreads) acc_s[i] = 0.0f;
+  for (int i = tid; i < group; i += kThreads) {
+    row_max[i] = -INFINITY;
+    row_total[i] = 0.0f;
+  }
+  const float* w1 = args.align_w1;
+  const float* w2 = args.align_w2 + static_cast<int64_t>(head0) * width;       // rows of the group
+  const float* align_a = args.align_a + static_cast<int64_t>(head0) * heads;   // rows of the group
+  if (kLisa && args.weights_in_shared) {
+    float* w1_s = shared + L.w1;
+    float* w2_s = shared + L.w2;
+    float* a_rows_s = shared + L.align_a;
+    for (int i = tid; i < width * heads; i += kThreads) w1_s[i] = w1[i];
+    for (int i = tid; i < group * width; i += kThreads) w2_s[i] = w2[i];
+    for (int i = tid; i < group * heads; i += kThreads) a_rows_s[i] = align_a[i];
+    w1 = w1_s;
+    w2 = w2_s;
+    align_a = a_rows_s;
+  }
+  __syncthreads();
+
+  const int seq = seq_s;
+  const int chunk_start = args.cu_query_lens[seq];
+  const int chunk_len = args.cu_query_lens[seq + 1] - chunk_start;
+  int64_t key_limit = args.max_blocks * args.block_size;
+  if (kLisa) key_limit = min(key_limit, args.prev_keys);
+  if (args.scores_out != nullptr) key_limit = min(key_limit, args.out_keys);
+  const int64_t seq_len_raw = args.seq_lens[seq * args.seq_lens_stride];
+  const int64_t seq_len = min(seq_len_raw, key_limit);
+  // Row t at position p sees keys 0..p; a row outside its sequence's chunk sees none.
+  const bool in_chunk = t >= chunk_start && t < chunk_start + chunk_len;
+  const int64_t position = seq_len_raw - (chunk_start + chunk_len - t);
+  const int n_keys = in_chunk ? static_cast<int>(max(static_cast<int64_t>(0), min(position + 1, seq_len))) : 0;
+
+  const int32_t* block_table = args.block_tables + static_cast<int64_t>(seq) * args.max_blocks;
+  const T* keys = static_cast<const T*>(args.keys);
+  const T* values = static_cast<const T*>(args.values);
+
+  for (int key0 = 0; key0 < n_keys; key0 += kTileKeys) {
+    // 1. Key and value rows of the tile (zeros past n_keys or in an invalid block).
+    for (int i = tid; i < kTileKeys * qk_dim; i += kThreads) {
+      const int c = i / qk_dim, e = i % qk_dim, key = key0 + c;
+      float x = 0.0f;
+      if (key < n_keys) {
+        const int64_t block = block_table[key / args.block_size];
+        if (block >= 0 && block < args.num_blocks) {
+          const int64_t slot = block * args.block_size + key % args.block_size;
+          x = to_float(keys[(slot * args.kv_heads + kv_head) * qk_dim + e]);
+        }
+      }
+      k_s[c * k_stride + e] = x;
+    }
+    for (int i = tid; i < kTileKeys * head_dim; i += kThreads) {
+      const int c = i / head_dim, e = i % head_dim, key = key0 + c;
+      float x = 0.0f;
+      if (key < n_keys) {
+        const int64_t block = block_table[key / args.block_size];
+        if (block >= 0 && block < args.num_blocks) {
+          const int64_t slot = block * args.block_size + key % args.block_size;
+          x = to_float(values[(slot * args.kv_heads + kv_head) * head_dim + e]);
+        }
+      }
+      v_s[c * head_dim + e] = x;
+    }
+    if (kLisa) {
+      // a[c][:] = scores_prev[t, :, key0 + c]; consecutive threads read consecutive keys.
+      for (int i = tid; i < heads * kTileKeys; i += kThreads) {
+        const int hd = i / kTileKeys, c = i % kTileKeys, key = key0 + c;
+        a_s[c * a_stride + hd] =
+            key < n_keys ? args.scores_prev[(static_cast<int64_t>(t) * heads + hd) * args.prev_keys + key] : 0.0f;
+      }
+      __syncthreads();
+      // hidden[c][i] = silu(W1[i] . a[c] + b1[i]); a warp shares i (broadcast) across 32 keys.
+      for (int i = tid; i < width * kTileKeys; i += kThreads) {
+        const int row = i / kTileKeys, c = i % kTileKeys;
+        const float* w = w1 + static_cast<int64_t>(row) * heads;
+        const float* a = a_s + c * a_stride;
+        float s = args.align_b1[row];
+        for (int e = 0; e < heads; ++e) s += w[e] * a[e];
+        hidden_s[c * h_stride + row] = silu(s);
+      }
+    }
+    __syncthreads();
+
+    // 2. Logits of this block's heads; masked keys get -inf (and are not written out).
+    for (int i = tid; i < group * kTileKeys; i += kThreads) {
+      const int gi = i / kTileKeys, c = i % kTileKeys, key = key0 + c, hd = head0 + gi;
+      const float* q = q_s + gi * qk_dim;
+      const float* k = k_s + c * k_stride;
+      float dot = 0.0f;
+      for (int e = 0; e < qk_dim; ++e) dot += q[e] * k[e];
+      float s = args.qk_scale * dot;
+      if (kLisa) {
+        const float* a = a_s + c * a_stride;
+        const float* hid = hidden_s + c * h_stride;
+        const float* a_row = align_a + static_cast<int64_t>(gi) * heads;
+        const float* w2_row = w2 + static_cast<int64_t>(gi) * width;
+        float aligned = args.align_b2[hd];
+        for (int e = 0; e < heads; ++e) aligned += a_row[e] * a[e];
+        for (int e = 0; e < width; ++e) aligned += w2_row[e] * hid[e];
+        s += aligned;
+      }
+      const bool visible = key < n_keys;
+      if (visible && args.scores_out != nullptr) {
+        args.scores_out[(static_cast<int64_t>(t) * heads + hd) * args.out_keys + key] = s;
+      }
+      p_s[gi * kPStride + c] = visible ? s : -INFINITY;
+    }
+    __syncthreads();
+
+    // 3a. Online softmax: warp w owns head rows w, w + kWarps, ...; lane c owns key c.
+    for (int gi = warp; gi < group; gi += kWarps) {
+      const float s = p_s[gi * kPStride + lane];
+      float tile_max = s;
+      for (int offset = 16; offset > 0; offset /= 2) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+      }
+      const float old_max = row_max[gi];
+      const float new_max = fmaxf(old_max, tile_max);
+      // A row that has seen no visible key yet keeps max -inf: weights 0, nothing to rescale.
+      const bool empty = new_max == -INFINITY;
+      const float w = empty ? 0.0f : __expf(s - new_max);
+      const float sum = warp_sum(w);
+      const float rescale = empty ? 1.0f : __expf(old_max - new_max);
+      p_s[gi * kPStride + lane] = w;
+      __syncwarp();
+      if (lane == 0) {
+        row_max[gi] = new_max;
+        row_rescale[gi] = rescale;
+        row_total[gi] = row_total[gi] * rescale + sum;
+      }
+    }
+    __syncthreads();
+
+    // 3b. acc = acc * rescale + P V; each thread owns fixed (head, dim) accumulators.
+    for (int i = tid; i < group * head_dim; i += kThreads) {
+      const int gi = i / head_dim, e = i % head_dim;
+      const float* p = p_s + gi * kPStride;
+      float x = acc_s[i] * row_rescale[gi];
+#pragma unroll 8
+      for (int c = 0; c < kTileKeys; ++c) x += p[c] * v_s[c * head_dim + e];
+      acc_s[i] = x;
+    }
+    __syncthreads();  // the next tile overwrites every tile array
+  }
+
+  // A row with no visible key outputs zeros, as the CPU kernel does.
+  T* out = static_cast<T*>(args.out) + (static_cast<int64_t>(t) * heads + head0) * head_dim;
+  for (int i = tid; i < group * head_dim; i += kThreads) {
+    const float total = row_total[i / head_dim];
+    out[i] = from_float<T>(total > 0.0f ? acc_s[i] / total : 0.0f);
+  }
+}
+
+template <bool kLisa>
+cudaError_t launch(LisaArgs args, DType dtype, cudaStream_t stream) {
+  if (args.num_tokens == 0 || args.batch == 0 || args.kv_heads == 0 || args.group == 0) return cudaSuccess;
+  int device = 0, max_shared = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  // Reserve room for the static shared variables.
+  const int64_t budget = static_cast<int64_t>(max_shared) - 1024;
+  args.weights_in_shared = false;
+  SharedLayout layout(args, kLisa);
+  if (kLisa && static_cast<int64_t>(layout.end) * 4 <= budget) args.weights_in_shared = true;
+  const int64_t bytes = static_cast<int64_t>(args.weights_in_shared ? layout.end : layout.end_base) * 4;
+  if (bytes > budget) return cudaErrorInvalidConfiguration;  // shapes too large for one block
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto kernel = lisa_attention_kernel<T, kLisa>;
+    if (bytes > 48 * 1024) {
+      // Beyond 48 KiB dynamic shared memory needs an opt-in (a host attribute, no stream work).
+      const cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+      if (e != cudaSuccess) return e;
+    }
+    const dim3 grid(static_cast<unsigned>(args.num_tokens), static_cast<unsigned>(args.kv_heads));
+    kernel<<<grid, kThreads, static_cast<size_t>(bytes), stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+LisaArgs common_args(void* out, const void* query, int64_t query_row_stride, int64_t num_tokens,
+                     int64_t num_heads, int64_t batch, const PagedKVCache& cache, int64_t qk_dim,
+                     const int32_t* cu_query_lens, const int32_t* seq_lens, int64_t seq_lens_stride,
+                     float qk_scale, float* scores_out, int64_t out_keys) {
+  LisaArgs a{};
+  a.out = out;
+  a.query = query;
+  a.query_row_stride = query_row_stride;
+  a.keys = cache.keys;
+  a.values = cache.values;
+  a.block_tables = cache.block_tables;
+  a.max_blocks = cache.max_blocks;
+  a.block_size = cache.block_size;
+  a.num_blocks = cache.num_blocks;
+  a.cu_query_lens = cu_query_lens;
+  a.seq_lens = seq_lens;
+  a.seq_lens_stride = seq_lens_stride;
+  a.num_tokens = static_cast<int>(num_tokens);
+  a.batch = static_cast<int>(batch);
+  a.heads = static_cast<int>(num_heads);
+  a.kv_heads = static_cast<int>(cache.kv_heads);
+  a.group = cache.kv_heads > 0 ? static_cast<int>(num_heads / cache.kv_heads) : 0;
+  a.qk_dim = static_cast<int>(qk_dim);
+  a.head_dim = static_cast<int>(cache.head_dim);
+  a.qk_scale = qk_scale;
+  a.scores_out = scores_out;
+  a.out_keys = out_keys;
+  return a;
+}
+
+}  // namespace
+
+cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, const void* query,
+                                   int64_t query_row_stride, int64_t num_tokens, int64_t num_heads,
+                                   int64_t batch, const PagedKVCache& cache, const int32_t* cu_query_lens,
+                                   const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
+                                   DType dtype, cudaStream_t stream) {
+  const LisaArgs args = common_args(out, query, query_row_stride, num_tokens, num_heads, batch, cache,
+                                    cache.head_dim, cu_query_lens, seq_lens, seq_lens_stride, scale, scores,
+                                    max_keys);
+  return launch<false>(args, dtype, stream);
+}
+
+cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const float* scores_prev,
+                           int64_t prev_keys, const void* query_lr, int64_t query_row_stride, int64_t rank,
+                           int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
+                           const int32_t* cu_query_lens, const int32_t* seq_lens, int64_t seq_lens_stride,
+                           const float* align_a, const float* align_w1, const float* align_b1,
+                           const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
+                           DType dtype, cudaStream_t stream) {
+  LisaArgs args = common_args(out, query_lr, query_row_stride, num_tokens, num_heads, batch, cache, rank,
+                              cu_query_lens, seq_lens, seq_lens_stride, delta_scale, scores_out, out_keys);
+  args.scores_prev = scores_prev;
+  args.prev_keys = prev_keys;
+  args.align_a = align_a;
+  args.align_w1 = align_w1;
+  args.align_b1 = align_b1;
+  args.align_w2 = align_w2;
+  args.align_b2 = align_b2;
+  args.width = static_cast<int>(width);
+  return launch<true>(args, dtype, stream);
+}
+
+}  // namespace lisa_rt::kernels
