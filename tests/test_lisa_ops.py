@@ -10,15 +10,10 @@ import pytest
 import torch
 
 from lisa_rt import ops, reference
+from tests.op_testing import poison  # the device and dtype fixtures live in conftest.py
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA GPU")]),
-]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Outputs: float32 sums in another order (softmax amplifies logit rounding a little), or one
 # rounding of a bf16/fp16 output. Logits are float32 whatever the model dtype.
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -38,20 +33,6 @@ def close_scores(actual, expected, mask):
     atol, rtol = SCORE_TOL
     torch.testing.assert_close(actual[m], expected.cpu()[m], atol=atol, rtol=rtol)
     assert torch.isnan(actual[~m]).all(), "columns past a row's position were written"
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    return t.fill_(float("nan"))
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-@pytest.fixture(params=DTYPES, ids=lambda d: str(d).split(".")[-1])
-def dtype(request):
-    return request.param
 
 
 def random_block_tables(lengths, num_blocks, device):

@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from lisa_rt import ops, reference
+from tests.op_testing import poison  # the device and dtype fixtures live in conftest.py
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA GPU")]),
-]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Tolerances per dtype: float32 arithmetic, or one rounding of a bf16/fp16 output.
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -21,20 +16,6 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16:
 def close(actual, expected, dtype):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=atol, rtol=rtol)
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    return t.fill_(float("nan"))
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-@pytest.fixture(params=DTYPES, ids=lambda d: str(d).split(".")[-1])
-def dtype(request):
-    return request.param
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (33, 1000)])
