@@ -95,6 +95,14 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
 
 
+def packed_chunks(cu_query_lens: torch.Tensor, seq_lens: torch.Tensor):
+    """(sequence, first row, end row, cached length) of every non-empty chunk of a packed call."""
+    starts = cu_query_lens.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        if starts[b + 1] > starts[b]:
+            yield b, starts[b], starts[b + 1], length
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
               first_position: int) -> torch.Tensor:
     """Causal attention of queries at positions first_position.. over keys 0..n-1 (GQA aware).
@@ -134,11 +142,7 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     cached token including the chunk, so the chunk starts at position seq_len - chunk_len.
     """
     out = torch.empty_like(query)
-    starts = cu_query_lens.tolist()
-    for b, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
-            continue
+    for b, lo, hi, length in packed_chunks(cu_query_lens, seq_lens):
         k = gather_paged(key_cache, block_tables[b], length)
         v = gather_paged(value_cache, block_tables[b], length)
         out[lo:hi] = attention(query[lo:hi], k, v, scale, length - (hi - lo))
@@ -212,10 +216,8 @@ def attend_logits(logits: torch.Tensor, value: torch.Tensor, first_position: int
 
 def visible_keys(cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, max_keys: int) -> torch.Tensor:
     """bool [tokens, max_keys]: key j is visible to packed query row t (j <= its position)."""
-    starts = cu_query_lens.tolist()
-    mask = torch.zeros(starts[-1], max_keys, dtype=torch.bool)
-    for b, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
+    mask = torch.zeros(int(cu_query_lens[-1]), max_keys, dtype=torch.bool)
+    for _, lo, hi, length in packed_chunks(cu_query_lens, seq_lens):
         for t in range(lo, hi):
             mask[t, : length - (hi - t) + 1] = True
     return mask
@@ -229,11 +231,7 @@ def attention_scores(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     out = paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_query_lens, seq_lens, scale)
     tokens, heads = query.shape[:2]
     scores = torch.zeros(tokens, heads, max_keys, dtype=torch.float32, device=query.device)
-    starts = cu_query_lens.tolist()
-    for b, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
-            continue
+    for b, lo, hi, length in packed_chunks(cu_query_lens, seq_lens):
         k = gather_paged(key_cache, block_tables[b], length)
         logits = lowrank_delta(query[lo:hi], k, scale)  # [h, q, n]: the same product
         first = length - (hi - lo)
@@ -255,11 +253,7 @@ def lisa_attention(scores_prev: torch.Tensor, query_lr: torch.Tensor, key_lr_cac
     tokens, heads = query_lr.shape[:2]
     out = torch.zeros(tokens, heads, value_cache.shape[-1], dtype=value_cache.dtype, device=query_lr.device)
     scores = torch.zeros(tokens, heads, scores_prev.shape[2], dtype=torch.float32, device=query_lr.device)
-    starts = cu_query_lens.tolist()
-    for b, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
-            continue
+    for b, lo, hi, length in packed_chunks(cu_query_lens, seq_lens):
         first = length - (hi - lo)
         visible = visible_keys(torch.tensor([0, hi - lo]), torch.tensor([length]), length)
         # Invisible columns may hold anything (even NaN): zero them before the aligner.

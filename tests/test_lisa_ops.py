@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lisa_rt import ops, reference
-from tests.op_testing import poison  # the device and dtype fixtures live in conftest.py
+from tests.op_testing import poison, random_block_tables  # the device and dtype fixtures live in conftest.py
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
 
@@ -35,24 +35,13 @@ def close_scores(actual, expected, mask):
     assert torch.isnan(actual[~m]).all(), "columns past a row's position were written"
 
 
-def random_block_tables(lengths, num_blocks, device):
-    """Block tables whose blocks are scattered over the pool (unused entries 0, never read)."""
-    max_blocks = max(math.ceil(n / BLOCK) for n in lengths) + 1
-    perm = torch.randperm(num_blocks).tolist()
-    tables = torch.zeros(len(lengths), max_blocks, dtype=torch.int32)
-    for b, n in enumerate(lengths):
-        for i in range(math.ceil(n / BLOCK)):
-            tables[b, i] = perm.pop()
-    return tables.to(device)
-
-
 class Batch:
     """Packed chunks: (chunk_len, seq_len) per sequence, the chunk being the sequence's last tokens."""
 
     def __init__(self, chunks, device, extra_keys=3):
         self.lengths = [n for _, n in chunks]
         self.num_blocks = sum(math.ceil(n / BLOCK) for n in self.lengths) + 2
-        self.tables = random_block_tables(self.lengths, self.num_blocks, device)
+        self.tables = random_block_tables(self.lengths, BLOCK, self.num_blocks, device)
         self.cu = torch.tensor([0] + torch.tensor([c for c, _ in chunks]).cumsum(0).tolist(), dtype=torch.int32,
                                device=device)
         self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32, device=device)

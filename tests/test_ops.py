@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lisa_rt import ops, reference
-from tests.op_testing import poison  # the device and dtype fixtures live in conftest.py
+from tests.op_testing import poison, random_block_tables  # the device and dtype fixtures live in conftest.py
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
 
@@ -94,17 +94,6 @@ def test_cache_write(device, dtype):
     want_k, want_v = reference.cache_write(key.cpu(), value.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu())
     ops.cache_write(key, value, key_cache, value_cache, slots)
     assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
-
-
-def random_block_tables(lengths, block_size, num_blocks, device):
-    """Block tables whose blocks are scattered over the pool (and padded with -1... never read)."""
-    max_blocks = max(math.ceil(n / block_size) for n in lengths) + 1
-    perm = torch.randperm(num_blocks).tolist()
-    tables = torch.zeros(len(lengths), max_blocks, dtype=torch.int32)
-    for b, n in enumerate(lengths):
-        for i in range(math.ceil(n / block_size)):
-            tables[b, i] = perm.pop()
-    return tables.to(device)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)])
