@@ -81,12 +81,17 @@ inline void check_cache_write_args(const at::Tensor& key, const at::Tensor& valu
   check_same(key, value, "cache_write key/value");
   check_same(key, key_cache, "cache_write key");
   check_same(value, value_cache, "cache_write value");
-  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
-                  value_cache.is_contiguous(),
-              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  // Keys and values may differ in width (a LiSA layer caches low-rank keys beside full values),
+  // but not in blocks, block size or heads.
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.dim() == 4 &&
+                  value_cache.is_contiguous() && value_cache.size(0) == key_cache.size(0) &&
+                  value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2),
+              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, dim] with the same "
+              "blocks and heads");
   TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3) &&
-                  value.sizes() == key.sizes(),
-              "cache_write: key/value heads or head_dim differ from the cache");
+                  value.size(0) == key.size(0) && value.size(1) == value_cache.size(2) &&
+                  value.size(2) == value_cache.size(3),
+              "cache_write: key/value tokens, heads or width differ from the cache");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == key.size(0),
               "cache_write: slot_mapping must be int64 [tokens]");

@@ -25,16 +25,17 @@ __version__ = "0.1.0"
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "cpu",
-               dtype: str | None = None, progress: bool = True):
+               dtype: str | None = None, progress: bool = True, lisa: bool | str | os.PathLike | None = None):
     """Loads a model by alias, lisa-rt directory, GGUF file or HF directory (converted once).
 
     device: "cpu", "cuda" or None (CUDA when available); dtype: "float32", "bfloat16",
-    "float16" or None (float32 on the CPU, bfloat16 on CUDA).
+    "float16" or None (float32 on the CPU, bfloat16 on CUDA). lisa: None runs the model's own
+    LiSA adapter when it has one, False the base model, a path that adapter file.
     """
     from .model import load_model_dir
     from .registry import resolve_model
 
-    return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype)
+    return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype, lisa=lisa)
 
 
 __all__ = ["LLM", "Completion", "RequestHandle", "SamplingParams", "StreamDelta", "UserError", "generate",

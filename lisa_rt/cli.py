@@ -1,4 +1,4 @@
-"""The `lisa-rt` command: convert, info, generate, chat, eval, serve.
+"""The `lisa-rt` command: convert, fit, info, generate, chat, eval, serve.
 
 stdout carries only results (generated text, JSON); progress bars and speeds go to stderr.
 Errors a user can cause end in one `error: ...` line on stderr and exit code 2.
@@ -60,6 +60,34 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
 
 
+def _add_lisa_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--lisa", default=None, metavar="PATH",
+                       help="run with this LiSA adapter (a lisa.safetensors file or its directory)")
+    group.add_argument("--no-lisa", action="store_true",
+                       help="run the base model, without the model's own LiSA adapter")
+
+
+def _lisa_choice(args):
+    """load_model's lisa argument: None (the model's own adapter), False, or a path."""
+    return False if args.no_lisa else args.lisa
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("no layer given")
+    return layers
+
+
+_fraction = _number(float, lambda v: 0 < v < 1, "in (0, 1)", "a number")
+_non_negative_int = _number(int, lambda v: v >= 0, ">= 0", "an integer")
+_even_int = _number(int, lambda v: v >= 2 and v % 2 == 0, "even and >= 2", "an integer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -77,9 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_lisa_args(p)
+
+    p = sub.add_parser("fit", help="fit a LiSA adapter to a model (layer selection + distillation)")
+    p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="calibration text: .txt or .jsonl files; 'self' samples text from the model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ratio", type=_fraction, default=None,
+                       help="fraction of the layers to make LiSA, the most shareable first (0.6)")
+    which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
+    p.add_argument("--min-layer", type=_positive_int, default=1,
+                   help="shallowest layer --ratio may choose (1; shallow layers are fragile)")
+    p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8))")
+    p.add_argument("--align-hidden", type=_positive_int, default=None,
+                   help="width of the head aligner's FFN (default: the number of heads)")
+    p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")
+    p.add_argument("--layerwise-steps", type=_non_negative_int, default=150,
+                   help="layer-wise steps per LiSA layer (150)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="calibration sequence length (256)")
+    p.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per step (2)")
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (2e-3)")
+    p.add_argument("--max-sequences", type=_positive_int, default=256,
+                   help="calibration sequences used at most (256)")
+    p.add_argument("--self-samples", type=_positive_int, default=32,
+                   help="texts sampled for --data self (32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--out", default=None,
+                   help="write the adapter file here (default: make it the model's own adapter)")
+    p.add_argument("--force", action="store_true", help="replace an existing adapter")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(p)
+    _add_lisa_args(p)
     p.add_argument("-p", "--prompt", default=None, help="the prompt; '-' reads stdin")
     p.add_argument("-f", "--file", default=None, help="read the prompt from a UTF-8 file")
     _add_sampling_args(p)
@@ -90,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat (/exit or Ctrl-D to leave)")
     _add_model_args(p)
+    _add_lisa_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--verbose", action="store_true", help="print speeds on stderr")
@@ -102,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="score only the first N tokens of the file (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_lisa_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on the CPU, bfloat16 on CUDA")
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs lisa-rt[serve])")
     _add_model_args(p)
+    _add_lisa_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one (8000)")
@@ -155,7 +217,7 @@ def _read_prompt(args) -> str:
 def _load(args):
     from . import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype, lisa=_lisa_choice(args))
 
 
 def _write(text: str) -> None:
@@ -241,33 +303,48 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def model_info(model_dir) -> dict:
-    """What `lisa-rt info` reports, without loading the weights."""
+def model_info(model_dir, lisa=None) -> dict:
+    """What `lisa-rt info` reports, loading no model weights (only the adapter, which is small)."""
     from pathlib import Path
 
     from .checkpoint import load_config, tokenizer_kind
+    from .lisa import find_adapter
 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    adapter = find_adapter(model_dir, config, lisa)
+    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("model*.safetensors"))
     element = {"float32": 4, "bfloat16": 2, "float16": 2}[config.torch_dtype]
-    return {
+
+    def kv(lisa_config) -> dict:
+        return {"float32": config.kv_bytes_per_token(4, lisa_config),
+                "bfloat16": config.kv_bytes_per_token(2, lisa_config),
+                "stored_dtype": config.kv_bytes_per_token(element, lisa_config)}
+
+    info = {
         "path": str(model_dir),
         "config": config.to_dict(),
         "parameters": config.num_parameters(),
         "weight_bytes": weight_bytes,
         "tokenizer": tokenizer_kind(model_dir),
-        "kv_cache_bytes_per_token": {"float32": config.kv_bytes_per_token(4),
-                                     "bfloat16": config.kv_bytes_per_token(2),
-                                     "stored_dtype": config.kv_bytes_per_token(element)},
+        "kv_cache_bytes_per_token": kv(None),
+        "lisa": None,
         "lisa_layers": [],
     }
+    if adapter is not None:
+        with_lisa = kv(adapter.config)
+        info["lisa"] = {**adapter.config.to_dict(), "path": str(adapter.path),
+                        "kv_cache_bytes_per_token": with_lisa,
+                        "tokens_in_same_memory": round(info["kv_cache_bytes_per_token"]["float32"]
+                                                       / with_lisa["float32"], 4)}
+        info["lisa_layers"] = list(adapter.config.layers)
+    return info
 
 
 def cmd_info(args) -> int:
     from .registry import resolve_model
 
-    info = model_info(resolve_model(args.model))
+    info = model_info(resolve_model(args.model), lisa=_lisa_choice(args))
     if args.json:
         _write(json.dumps(info, indent=2) + "\n")
         return 0
@@ -283,9 +360,23 @@ def cmd_info(args) -> int:
         + (f", {c['rope_scaling']['rope_type']} scaling" if c["rope_scaling"] else "") + ")",
         f"parameters     {info['parameters']:,} ({info['weight_bytes'] / 1e6:.1f} MB as {c['torch_dtype']})",
         f"tied embedding {c['tie_word_embeddings']}",
-        f"KV cache       {kv['bfloat16']:,} B/token in bf16, {kv['float32']:,} B/token in fp32",
-        "LiSA layers    none",
+        f"KV cache       {kv['bfloat16']:,} B/token in bf16, {kv['float32']:,} B/token in fp32 (without LiSA)",
     ]
+    lisa = info["lisa"]
+    if lisa is None:
+        lines.append("LiSA           none")
+    else:
+        quality = lisa["quality"]
+        measured = (f"; fitted held-out ppl {quality['lisa_ppl']:g} vs {quality['base_ppl']:g} base "
+                    f"({quality['ppl_ratio']:g}x)" if "ppl_ratio" in quality else "")
+        lines += [
+            f"LiSA           {len(lisa['layers'])} of {c['num_layers']} layers, rank {lisa['rank']}, "
+            f"aligner width {lisa['align_hidden']} ({lisa['path']}){measured}",
+            f"LiSA layers    {', '.join(map(str, lisa['layers']))}",
+            f"KV with LiSA   {lisa['kv_cache_bytes_per_token']['bfloat16']:,} B/token in bf16, "
+            f"{lisa['kv_cache_bytes_per_token']['float32']:,} in fp32: "
+            f"{lisa['tokens_in_same_memory']:.2f}x the tokens in the same memory",
+        ]
     _write("\n".join(lines) + "\n")
     return 0
 
@@ -320,13 +411,66 @@ def cmd_eval(args) -> int:
         raise UserError(f"{args.text}: {len(ids)} token(s); perplexity needs at least 2")
     result = perplexity(model, ids, args.ctx, progress=not args.json)
     if args.json:
-        _write(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "lisa_layers": 0,
+        lisa_layers = len(model.lisa.layers) if model.lisa is not None else 0
+        _write(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "lisa_layers": lisa_layers,
                            "num_layers": model.config.num_layers}) + "\n")
     else:
         seconds = result["seconds"]
         _write(f"ppl {result['ppl']:.4f} over {result['tokens']} tokens "
                f"({result['windows']} windows of up to {args.ctx}) in {seconds:.2f} s, "
                f"{result['tokens'] / max(seconds, 1e-9):.1f} tok/s\n")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_config, load_tensors
+    from .fit import FitOptions, Fitter, make_sequences, read_texts, sample_self_texts
+    from .lisa import ADAPTER_FILE, install_adapter, save_adapter
+    from .model import load_model_dir, parse_device
+    from .registry import resolve_model
+
+    files = [name for name in args.data if name != "self"]
+    texts = read_texts(files)  # fail on bad data before the (slow) model load
+    device = parse_device(args.device)
+    model_dir = resolve_model(args.model)
+    out = Path(args.out) if args.out is not None else model_dir / ADAPTER_FILE
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out names the adapter file to write")
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: exists (use --force to replace it)")
+    config = load_config(model_dir)
+    options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,
+                         min_layer=args.min_layer, rank=args.rank, align_hidden=args.align_hidden,
+                         steps=args.steps, layerwise_steps=args.layerwise_steps, seq_len=args.seq_len,
+                         batch_size=args.batch_size, lr=args.lr, max_sequences=args.max_sequences, seed=args.seed)
+    options.validate(config)
+    if args.layers is not None and (args.layers[0] < 1 or args.layers[-1] >= config.num_layers):
+        raise UserError(f"--layers must be in 1..{config.num_layers - 1} (layer 0 is never LiSA)")
+    model = load_model_dir(model_dir, device=device, dtype="float32", lisa=False)
+    if "self" in args.data:
+        print(f"sampling {args.self_samples} calibration texts from the model ...", file=sys.stderr)
+        texts += sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
+    sequences = make_sequences(model.tokenizer, texts, args.seq_len, args.max_sequences)
+    tensors = load_tensors(model_dir, config)
+    del model
+    result = Fitter(config, tensors, sequences, options, device).run()
+    adapter = result.adapter
+    adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]
+    chosen = set(adapter.config.layers)
+    _write("layer  JSD same head  JSD matched  LiSA\n")
+    for row in result.selection:
+        _write(f"{row['layer']:>5}  {row['jsd_same_head']:>13.4f}  {row['jsd_matched']:>11.4f}  "
+               f"{'yes' if row['layer'] in chosen else ''}\n")
+    if args.out is None:
+        path = install_adapter(model_dir, adapter, config)
+    else:
+        path = save_adapter(out, adapter, config)
+    q = result.quality
+    _write(f"{len(chosen)} of {config.num_layers} layers LiSA, rank {adapter.config.rank}; held-out ppl "
+           f"{q['lisa_ppl']:.4f} vs {q['base_ppl']:.4f} base ({q['ppl_ratio']:.4f}x) over "
+           f"{q['held_out_tokens']} tokens; wrote {path}\n")
     return 0
 
 
@@ -352,7 +496,8 @@ def cmd_serve(args) -> int:
     try:
         serve(args.model, sock=sock, api_key=api_key, device=args.device, dtype=args.dtype,
               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-              model_name=args.served_model_name, log_level=args.log_level, on_ready=ready)
+              model_name=args.served_model_name, log_level=args.log_level, on_ready=ready,
+              lisa=_lisa_choice(args))
     except KeyboardInterrupt:
         pass
     finally:
@@ -362,7 +507,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
-            "eval": cmd_eval, "serve": cmd_serve}
+            "eval": cmd_eval, "serve": cmd_serve, "fit": cmd_fit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,11 +125,69 @@ class ModelConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.kv_size * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, lisa: "LisaConfig | None" = None) -> int:
+        """Cache bytes per token: K and V of every layer, or k' (rank r) and V where LiSA."""
+        full = 2 * self.num_layers * self.kv_size
+        if lisa is not None:
+            full -= len(lisa.layers) * self.num_kv_heads * (self.head_dim - lisa.rank)
+        return full * dtype_bytes
 
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
+
+
+LISA_FORMULATION = "lisa-rt/1"
+
+
+@dataclass
+class LisaConfig:
+    """A LiSA adapter's shape and provenance: config.json["lisa"] and the adapter file's metadata.
+
+    layers: the LiSA layers (ascending, none of them 0); rank: r of the low-rank delta per head;
+    align_hidden: m, the width of the head aligner's FFN; fit: how it was fitted (data, tokens,
+    steps, seed, ...); quality: what the fitter measured (perplexities).
+    """
+
+    layers: list[int]
+    rank: int
+    align_hidden: int
+    formulation: str = LISA_FORMULATION
+    fit: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+
+    def validate(self, model: ModelConfig) -> None:
+        if self.formulation != LISA_FORMULATION:
+            raise ConfigError(f"lisa: unsupported formulation {self.formulation!r} (this lisa-rt "
+                              f"implements {LISA_FORMULATION!r})")
+        for name in ("rank", "align_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"lisa: {name} must be a positive integer, got {value!r}")
+        if self.rank % 2:
+            raise ConfigError(f"lisa: rank must be even (RoPE rotates pairs), got {self.rank}")
+        if not isinstance(self.layers, list) or not self.layers:
+            raise ConfigError("lisa: layers must be a non-empty list")
+        for layer in self.layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer < model.num_layers:
+                raise ConfigError(f"lisa: layer {layer!r} is not in 1..{model.num_layers - 1} "
+                                  f"(layer 0 is never LiSA)")
+        if sorted(set(self.layers)) != self.layers:
+            raise ConfigError(f"lisa: layers must be ascending and distinct, got {self.layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, model: ModelConfig) -> "LisaConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"lisa: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [name for name in ("layers", "rank", "align_hidden") if name not in data]
+        if missing:
+            raise ConfigError(f"lisa: missing keys: {', '.join(missing)}")
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.validate(model)
+        return config

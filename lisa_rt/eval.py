@@ -7,8 +7,8 @@ exp(mean negative log-likelihood) over every prediction, accumulated in float64 
 log-softmax.
 
 One KV cache sized for one window is allocated up front and reused: each window takes its blocks
-from it and gives them back. A window is one prefill pass, so at most ctx x vocab logits exist
-at a time.
+from it and gives them back. A window is prefilled in chunks (Model.prefill_logits); at most
+ctx x vocab logits exist at a time.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 
 from .errors import UserError
 from .kv_cache import BlockTable
-from .model import build_batch
 
 
 def windows(num_tokens: int, ctx: int) -> list[tuple[int, int]]:
@@ -59,12 +58,10 @@ def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False
         window = token_ids[start:end]
         table.ensure(len(window))
         try:
-            batch = build_batch([(window, 0, table)], device, all_logits=True)
-            batch.logits_rows = batch.logits_rows[:-1]  # the last token predicts nothing here
-            logits = model.forward(batch, cache)        # float32 [n - 1, vocab]
+            logits = model.prefill_logits(window, cache, table)[:-1]  # the last token predicts nothing here
         finally:
             table.release()
-        targets = batch.input_ids[1:]
+        targets = torch.tensor(window[1:], device=device)
         logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])
         total -= logp.double().sum()
         scored += len(window) - 1

@@ -1,6 +1,7 @@
 """Paged KV cache: a block allocator, per-sequence block tables and per-layer block pools.
 
-Each layer's keys and values live in pools shaped [num_blocks, block_size, kv_heads, head_dim];
+Each layer's keys and values live in pools shaped [num_blocks, block_size, kv_heads, head_dim]
+(a LiSA layer's key pool holds its rank-r keys k' instead: [..., kv_heads, rank]);
 a sequence owns a list of block ids (its block table) and token t of it sits in block
 table[t // block_size] at offset t % block_size. Blocks are shared by nothing yet, so freeing a
 sequence returns all of its blocks at once.
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from .config import LisaConfig, ModelConfig
 from .errors import UserError
 
 DEFAULT_BLOCK_SIZE = 16
@@ -45,37 +46,45 @@ class BlockAllocator:
 
 
 class KVCache:
-    """The per-layer key and value pools and the allocator that shares them out."""
+    """The per-layer key and value pools and the allocator that shares them out.
+
+    With a LiSA config, the LiSA layers' key pools hold rank-r keys, which is what lets the same
+    memory budget hold more tokens.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, device: torch.device | str,
-                 dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE):
+                 dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE, lisa: LisaConfig | None = None):
         if num_blocks <= 0:
             raise UserError("the KV cache budget holds no block; raise it")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.key_pools = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.value_pools = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        lisa_layers = set(lisa.layers) if lisa is not None else set()
+
+        def pool(width: int) -> torch.Tensor:
+            return torch.zeros(num_blocks, block_size, config.num_kv_heads, width, device=device, dtype=dtype)
+
+        self.key_pools = [pool(lisa.rank if i in lisa_layers else config.head_dim) for i in range(config.num_layers)]
+        self.value_pools = [pool(config.head_dim) for _ in range(config.num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, dtype: torch.dtype,
-                        block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    def bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE,
+                        lisa: LisaConfig | None = None) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return config.kv_bytes_per_token(element) * block_size
+        return config.kv_bytes_per_token(element, lisa) * block_size
 
     @classmethod
     def for_tokens(cls, config: ModelConfig, token_counts: list[int], device, dtype,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
+                   block_size: int = DEFAULT_BLOCK_SIZE, lisa: LisaConfig | None = None) -> "KVCache":
         """A cache exactly large enough for sequences of the given final lengths."""
         blocks = sum(math.ceil(n / block_size) for n in token_counts)
-        return cls(config, max(blocks, 1), device, dtype, block_size)
+        return cls(config, max(blocks, 1), device, dtype, block_size, lisa)
 
     @classmethod
     def for_budget(cls, config: ModelConfig, budget_bytes: int, device, dtype,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
-        return cls(config, budget_bytes // cls.bytes_per_block(config, dtype, block_size),
-                   device, dtype, block_size)
+                   block_size: int = DEFAULT_BLOCK_SIZE, lisa: LisaConfig | None = None) -> "KVCache":
+        return cls(config, budget_bytes // cls.bytes_per_block(config, dtype, block_size, lisa),
+                   device, dtype, block_size, lisa)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

@@ -159,7 +159,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = "smollm2", device=None, dtype=None,
                  kv_cache_gb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None):
         from . import load_model
 
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -169,10 +169,10 @@ class LLM:
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be an integer >= 1, got {max_batch_tokens}")
         self.model_name = str(model) if model is not None else "smollm2"
-        self.model = load_model(model, device=device, dtype=dtype)
+        self.model = load_model(model, device=device, dtype=dtype, lisa=lisa)
         self.tokenizer = self.model.tokenizer
         budget = kv_cache_bytes(self.model, kv_cache_gb, max_num_seqs)
-        cache = KVCache.for_budget(self.model.config, budget, self.model.device, self.model.dtype)
+        cache = self.model.cache_for_budget(budget)
         self._engine = Engine(self.model, cache, max_num_seqs=max_num_seqs,
                               max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs)
         # The thread holds the engine, not self: an LLM dropped without close() is collected
@@ -354,7 +354,7 @@ def kv_cache_bytes(model, kv_cache_gb: float | None, max_num_seqs: int) -> int:
     """The KV budget in bytes: kv_cache_gb GiB, or the default described in the module doc."""
     if kv_cache_gb is not None:
         return int(kv_cache_gb * 2**30)
-    per_token = model.config.kv_bytes_per_token(torch.empty((), dtype=model.dtype).element_size())
+    per_token = model.kv_bytes_per_token()
     if model.device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(model.device)
         # Never more than every sequence at full context could use.

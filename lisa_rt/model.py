@@ -1,8 +1,14 @@
-"""The LLaMA decoder: embeddings, RMSNorm, RoPE, GQA attention over the paged cache, SwiGLU.
+"""The LLaMA decoder: embeddings, RMSNorm, RoPE, GQA attention over the paged cache, SwiGLU,
+and LiSA layers when an adapter is loaded.
 
 Weights are fused at load time (q|k|v into one projection, gate|up into another) so a layer
 runs four matrix products. Everything else goes through the lisa_rt ops, which write into
 buffers in place; the same code runs on the CPU and on CUDA.
+
+A LiSA layer (DESIGN section 3) projects x to q' | k' | v (rank-r q' and k', full v), caches
+k' and v, and attends with the logits of the layer before it, aligned across heads, plus the
+low-rank delta q'.k'. The layer before hands its logits over in a float32 buffer
+[tokens, heads, keys]; a chain of LiSA layers ping-pongs two such buffers.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ from .checkpoint import DTYPES, load_config, load_tensors
 from .config import ModelConfig
 from .errors import UserError
 from .kv_cache import BlockTable, KVCache
+from .lisa import Adapter, find_adapter
 
 MAX_CUDA_HEAD_DIM = 256  # kMaxHeadDim in csrc/cuda/kernels.h
+PREFILL_CHUNK = 512  # tokens per pass when a caller prefills a long sequence by itself
 
 
 @dataclass
@@ -66,18 +74,19 @@ def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.d
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    qkv_proj: torch.Tensor      # [q + 2 kv, hidden]
+    qkv_proj: torch.Tensor      # [q + 2 kv, hidden]; a LiSA layer: [h r + g r + kv, hidden] (q' | k' | v)
     o_proj: torch.Tensor
     mlp_norm: torch.Tensor
     gate_up_proj: torch.Tensor  # [2 * intermediate, hidden]
     down_proj: torch.Tensor
+    aligner: tuple[torch.Tensor, ...] | None = None  # LiSA layers: float32 (A, W1, b1, W2, b2)
 
 
 class Model:
     """A loaded decoder and its tokenizer, on one device in one dtype."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device,
-                 dtype: torch.dtype, tokenizer=None, path: Path | None = None):
+                 dtype: torch.dtype, tokenizer=None, path: Path | None = None, adapter: Adapter | None = None):
         self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda" and (config.head_dim % 8 or config.head_dim > MAX_CUDA_HEAD_DIM):
@@ -88,6 +97,9 @@ class Model:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
+        self.adapter = adapter
+        self.lisa = adapter.config if adapter is not None else None
+        lisa_layers = set(self.lisa.layers) if self.lisa is not None else set()
 
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(device=self.device, dtype=dtype)
@@ -98,72 +110,102 @@ class Model:
         self.layers = []
         for i in range(config.num_layers):
             p = f"layers.{i}."
+            aligner = None
+            if i in lisa_layers:
+                lisa = adapter.layer(i)
+                qk = [lisa["q_proj"].to(device=self.device, dtype=dtype),
+                      lisa["k_proj"].to(device=self.device, dtype=dtype)]
+                aligner = tuple(lisa[name].to(device=self.device, dtype=torch.float32).contiguous()
+                                for name in ("align_a", "align_w1", "align_b1", "align_w2", "align_b2"))
+            else:
+                qk = [w(p + "attn.q_proj.weight"), w(p + "attn.k_proj.weight")]
             self.layers.append(LayerWeights(
                 attn_norm=w(p + "attn_norm.weight"),
-                qkv_proj=torch.cat([w(p + "attn.q_proj.weight"), w(p + "attn.k_proj.weight"),
-                                    w(p + "attn.v_proj.weight")]).contiguous(),
+                qkv_proj=torch.cat([*qk, w(p + "attn.v_proj.weight")]).contiguous(),
                 o_proj=w(p + "attn.o_proj.weight"),
                 mlp_norm=w(p + "mlp_norm.weight"),
                 gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
-                down_proj=w(p + "mlp.down_proj.weight")))
+                down_proj=w(p + "mlp.down_proj.weight"),
+                aligner=aligner))
         self.cos_sin_cache = reference.rope_cos_sin_cache(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
             config.rope_scaling).to(self.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        if self.lisa is not None:
+            # q' and k' are rotated like heads of dimension r.
+            self.lisa_cos_sin_cache = reference.rope_cos_sin_cache(
+                self.lisa.rank, config.max_position_embeddings, config.rope_theta,
+                config.rope_scaling).to(self.device)
+            self.lisa_scale = 1.0 / math.sqrt(self.lisa.rank)
         self._workspace_rows = 0
         self._buffers: dict[str, torch.Tensor] = {}
+        self._scores_size = 0
+        self._scores: list[torch.Tensor] = []
 
     @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
     def new_cache(self, token_counts: list[int]) -> KVCache:
-        return KVCache.for_tokens(self.config, token_counts, self.device, self.dtype)
+        return KVCache.for_tokens(self.config, token_counts, self.device, self.dtype, lisa=self.lisa)
 
-    def workspace(self, tokens: int) -> dict[str, torch.Tensor]:
-        """Activation buffers for `tokens` tokens, reused across passes.
+    def cache_for_budget(self, budget_bytes: int) -> KVCache:
+        return KVCache.for_budget(self.config, budget_bytes, self.device, self.dtype, lisa=self.lisa)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size(), self.lisa)
+
+    def workspace(self, tokens: int, max_keys: int = 0) -> dict[str, torch.Tensor]:
+        """Activation buffers for `tokens` tokens, reused across passes; with LiSA layers also the
+        two float32 logits buffers ("scores") of [tokens, heads, max_keys] that layers hand on.
 
         Fresh large allocations cost page faults on every pass (and cannot live inside a CUDA
-        graph), so the buffers only grow, doubling, when a pass needs more rows.
+        graph), so the buffers only grow, doubling, when a pass needs more.
         """
+        c = self.config
         if self._workspace_rows < tokens:
             rows = max(tokens, 2 * self._workspace_rows)
-            c = self.config
             widths = {"hidden": c.hidden_size, "residual": c.hidden_size,
                       "qkv": c.q_size + 2 * c.kv_size, "attn": c.q_size,
                       "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size}
+            if self.lisa is not None:
+                widths["lisa_qkv"] = (c.num_heads + c.num_kv_heads) * self.lisa.rank + c.kv_size
             self._buffers = {name: torch.empty(rows, width, device=self.device, dtype=self.dtype)
                              for name, width in widths.items()}
             self._workspace_rows = rows
-        return {name: buf[:tokens] for name, buf in self._buffers.items()}
+        views = {name: buf[:tokens] for name, buf in self._buffers.items()}
+        if self.lisa is not None:
+            size = tokens * c.num_heads * max_keys
+            if self._scores_size < size:
+                self._scores_size = max(size, 2 * self._scores_size)
+                self._scores = [torch.empty(self._scores_size, device=self.device, dtype=torch.float32)
+                                for _ in range(2)]
+            views["scores"] = [buf[:size].view(tokens, c.num_heads, max_keys) for buf in self._scores]
+        return views
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Runs the chunks through every layer, filling the cache; float32 logits [R, vocab]."""
         c = self.config
         tokens = batch.input_ids.shape[0]
-        ws = self.workspace(tokens)
-        hidden, residual, qkv, gate_up, act = ws["hidden"], ws["residual"], ws["qkv"], ws["gate_up"], ws["act"]
-        attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
+        # Logits handed to a LiSA layer cover every key the block tables can address.
+        ws = self.workspace(tokens, batch.block_tables.shape[1] * cache.block_size)
+        hidden, residual, gate_up, act = ws["hidden"], ws["residual"], ws["gate_up"], ws["act"]
         torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         # The residual stream starts at zero so that every layer, the first included, enters
         # through the same fused add + norm.
         residual.zero_()
-        q = qkv[:, : c.q_size].view(tokens, c.num_heads, c.head_dim)
-        k = qkv[:, c.q_size : c.q_size + c.kv_size].view(tokens, c.num_kv_heads, c.head_dim)
-        v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+        scores = ws.get("scores", [None, None])
+        handed_on = 0  # which scores buffer holds the logits the next LiSA layer reads
         for i, layer in enumerate(self.layers):
             ops.fused_add_rms_norm(hidden, residual, layer.attn_norm, c.rms_norm_eps)
-            ops.linear(qkv, hidden, layer.qkv_proj)
-            ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
-            ops.cache_write(k, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
-            if batch.is_decode:
-                ops.paged_decode_attention(attn, q, cache.key_pools[i], cache.value_pools[i],
-                                           batch.block_tables, batch.seq_lens, self.scale)
+            feeds_lisa = i + 1 < len(self.layers) and self.layers[i + 1].aligner is not None
+            if layer.aligner is None:
+                self._full_attention(i, batch, cache, ws, scores[handed_on] if feeds_lisa else None)
             else:
-                ops.paged_prefill_attention(attn, q, cache.key_pools[i], cache.value_pools[i],
-                                            batch.block_tables, batch.cu_query_lens, batch.seq_lens,
-                                            self.scale)
+                self._lisa_attention(i, batch, cache, ws, scores[handed_on],
+                                     scores[1 - handed_on] if feeds_lisa else None)
+                handed_on = 1 - handed_on if feeds_lisa else handed_on
             ops.linear(hidden, ws["attn"], layer.o_proj)
             ops.fused_add_rms_norm(hidden, residual, layer.mlp_norm, c.rms_norm_eps)
             ops.linear(gate_up, hidden, layer.gate_up_proj)
@@ -174,6 +216,45 @@ class Model:
         logits = torch.empty(rows.shape[0], c.vocab_size, device=self.device, dtype=self.dtype)
         return ops.linear(logits, rows, self.lm_head).float()
 
+    def _full_attention(self, i: int, batch: Batch, cache: KVCache, ws: dict,
+                        scores_out: torch.Tensor | None) -> None:
+        """Layer i's own attention into ws["attn"]; its logits into scores_out when a LiSA layer follows."""
+        c, layer = self.config, self.layers[i]
+        tokens, qkv = batch.input_ids.shape[0], ws["qkv"]
+        q = qkv[:, : c.q_size].view(tokens, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size : c.q_size + c.kv_size].view(tokens, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+        attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
+        kc, vc = cache.key_pools[i], cache.value_pools[i]
+        ops.linear(qkv, ws["hidden"], layer.qkv_proj)
+        ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
+        ops.cache_write(k, v, kc, vc, batch.slot_mapping)
+        if scores_out is not None:
+            ops.paged_attention_scores(attn, scores_out, q, kc, vc, batch.block_tables, batch.cu_query_lens,
+                                       batch.seq_lens, self.scale)
+        elif batch.is_decode:
+            ops.paged_decode_attention(attn, q, kc, vc, batch.block_tables, batch.seq_lens, self.scale)
+        else:
+            ops.paged_prefill_attention(attn, q, kc, vc, batch.block_tables, batch.cu_query_lens,
+                                        batch.seq_lens, self.scale)
+
+    def _lisa_attention(self, i: int, batch: Batch, cache: KVCache, ws: dict, scores_prev: torch.Tensor,
+                        scores_out: torch.Tensor | None) -> None:
+        """LiSA layer i: q' | k' | v, cache k' and v, attend with the aligned logits of layer i-1."""
+        c, layer, r = self.config, self.layers[i], self.lisa.rank
+        tokens, lisa_qkv = batch.input_ids.shape[0], ws["lisa_qkv"]
+        h_r, g_r = c.num_heads * r, c.num_kv_heads * r
+        q_lr = lisa_qkv[:, :h_r].view(tokens, c.num_heads, r)
+        k_lr = lisa_qkv[:, h_r : h_r + g_r].view(tokens, c.num_kv_heads, r)
+        v = lisa_qkv[:, h_r + g_r :].view(tokens, c.num_kv_heads, c.head_dim)
+        attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
+        ops.linear(lisa_qkv, ws["hidden"], layer.qkv_proj)
+        ops.rotary_embedding(batch.positions, q_lr, k_lr, self.lisa_cos_sin_cache)
+        ops.cache_write(k_lr, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
+        ops.lisa_attention(attn, scores_out, scores_prev, q_lr, cache.key_pools[i], cache.value_pools[i],
+                           batch.block_tables, batch.cu_query_lens, batch.seq_lens, *layer.aligner,
+                           self.lisa_scale)
+
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab] of one prefill over token_ids (for scoring and tools)."""
         if not token_ids:
@@ -182,7 +263,16 @@ class Model:
         cache = self.new_cache([len(token_ids)])
         table = BlockTable(cache)
         table.ensure(len(token_ids))
-        return self.forward(build_batch([(list(token_ids), 0, table)], self.device, all_logits=True), cache)
+        return self.prefill_logits(list(token_ids), cache, table)
+
+    def prefill_logits(self, token_ids: list[int], cache: KVCache, table: BlockTable) -> torch.Tensor:
+        """Float32 logits [len, vocab] of every token, prefilled from position 0 in chunks of
+        PREFILL_CHUNK tokens (which bounds the logits LiSA layers hand on to chunk x context)."""
+        out = []
+        for start in range(0, len(token_ids), PREFILL_CHUNK):
+            chunk = token_ids[start : start + PREFILL_CHUNK]
+            out.append(self.forward(build_batch([(chunk, start, table)], self.device, all_logits=True), cache))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def check_context(self, num_tokens: int) -> None:
         if num_tokens > self.max_context:
@@ -217,14 +307,19 @@ def parse_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_model_dir(model_dir: str | Path, device=None, dtype=None) -> Model:
-    """Loads a converted lisa-rt model directory."""
+def load_model_dir(model_dir: str | Path, device=None, dtype=None, lisa=None) -> Model:
+    """Loads a converted lisa-rt model directory.
+
+    lisa: None runs the model's own LiSA adapter if it has one, False the base model, a path
+    that adapter file (or the lisa.safetensors in that directory).
+    """
     from .tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    adapter = find_adapter(model_dir, config, lisa)
     tensors = load_tensors(model_dir, config)
     tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
-    return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=model_dir)
+    return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=model_dir, adapter=adapter)

@@ -149,22 +149,39 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     return out
 
 
-def llama_forward(config, tensors: dict[str, torch.Tensor], token_ids: list[int]) -> torch.Tensor:
-    """Dense float32 forward of one sequence; returns logits [len, vocab]. The model-level oracle."""
+def llama_forward(config, tensors: dict[str, torch.Tensor], token_ids: list[int], adapter=None) -> torch.Tensor:
+    """Dense float32 forward of one sequence; returns logits [len, vocab]. The model-level oracle.
+
+    With a LiSA adapter (lisa.Adapter) its layers attend with the aligned logits of the layer
+    before plus the low-rank delta (DESIGN section 3), on full [heads, n, n] logits.
+    """
     t = {name: w.float() for name, w in tensors.items()}
     n = len(token_ids)
     positions = torch.arange(n)
     cache = rope_cos_sin_cache(config.head_dim, n, config.rope_theta, config.rope_scaling)
+    lisa_layers = set(adapter.config.layers) if adapter is not None else set()
+    if adapter is not None:
+        rank = adapter.config.rank
+        lisa_cache = rope_cos_sin_cache(rank, n, config.rope_theta, config.rope_scaling)
     x = t["embed.weight"][torch.tensor(token_ids)]
     scale = 1.0 / math.sqrt(config.head_dim)
+    logits = None  # the previous layer's [heads, n, n] attention logits
     for layer in range(config.num_layers):
         p = f"layers.{layer}."
         h = rms_norm(x, t[p + "attn_norm.weight"], config.rms_norm_eps)
-        q = (h @ t[p + "attn.q_proj.weight"].T).view(n, config.num_heads, config.head_dim)
-        k = (h @ t[p + "attn.k_proj.weight"].T).view(n, config.num_kv_heads, config.head_dim)
         v = (h @ t[p + "attn.v_proj.weight"].T).view(n, config.num_kv_heads, config.head_dim)
-        q, k = rotary_embedding(positions, q, cache), rotary_embedding(positions, k, cache)
-        o = attention(q, k, v, scale, 0).reshape(n, -1)
+        if layer in lisa_layers:
+            w = {name: value.float() for name, value in adapter.layer(layer).items()}
+            q_lr = rotary_embedding(positions, (h @ w["q_proj"].T).view(n, config.num_heads, rank), lisa_cache)
+            k_lr = rotary_embedding(positions, (h @ w["k_proj"].T).view(n, config.num_kv_heads, rank), lisa_cache)
+            logits = lisa_scores(logits, q_lr, k_lr, w["align_a"], w["align_w1"], w["align_b1"],
+                                 w["align_w2"], w["align_b2"], 1.0 / math.sqrt(rank))
+        else:
+            q = (h @ t[p + "attn.q_proj.weight"].T).view(n, config.num_heads, config.head_dim)
+            k = (h @ t[p + "attn.k_proj.weight"].T).view(n, config.num_kv_heads, config.head_dim)
+            q, k = rotary_embedding(positions, q, cache), rotary_embedding(positions, k, cache)
+            logits = lowrank_delta(q, k, scale)  # the same product: scale * q . k per head pair
+        o = attend_logits(logits, v, 0).reshape(n, -1)
         x = x + o @ t[p + "attn.o_proj.weight"].T
         h = rms_norm(x, t[p + "mlp_norm.weight"], config.rms_norm_eps)
         gate_up = torch.cat([h @ t[p + "mlp.gate_proj.weight"].T, h @ t[p + "mlp.up_proj.weight"].T], -1)

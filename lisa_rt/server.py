@@ -620,18 +620,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
           kv_cache_gb: float | None = None, max_num_seqs: int = 256, model_name: str | None = None,
-          log_level: str = "info", sock: socket.socket | None = None, on_ready=None) -> None:
+          log_level: str = "info", sock: socket.socket | None = None, on_ready=None, lisa=None) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C). Binds 127.0.0.1 by default.
 
     model_name: the model's id in the API (default: the LLM's model_name).
 
     sock: an already bound listening socket (then host and port only name it in messages).
     on_ready(url): called once the server accepts connections.
+    lisa: the LiSA adapter, as for load_model (None: the model's own).
     """
     from .llm import LLM
 
     sock = sock or bind_socket(host, port)
-    kwargs = {"device": device, "dtype": dtype, "kv_cache_gb": kv_cache_gb, "max_num_seqs": max_num_seqs}
+    kwargs = {"device": device, "dtype": dtype, "kv_cache_gb": kv_cache_gb, "max_num_seqs": max_num_seqs,
+              "lisa": lisa}
     try:
         llm = LLM(model, **kwargs) if model is not None else LLM(**kwargs)
     except BaseException:

@@ -96,6 +96,20 @@ def test_cache_write(device, dtype):
     assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
 
 
+@pytest.mark.parametrize("key_dim,value_dim", [(8, 64), (6, 128), (16, 2)])
+def test_cache_write_key_and_value_widths_differ(device, dtype, key_dim, value_dim):
+    """A LiSA layer caches rank-r keys beside full values in one call."""
+    tokens, kv_heads, block_size = 21, 3, 16
+    key_cache = torch.zeros(4, block_size, kv_heads, key_dim, device=device, dtype=dtype)
+    value_cache = torch.zeros(4, block_size, kv_heads, value_dim, device=device, dtype=dtype)
+    key = torch.randn(tokens, kv_heads, key_dim, device=device, dtype=dtype)
+    value = torch.randn(tokens, kv_heads, value_dim, device=device, dtype=dtype)
+    slots = torch.randperm(4 * block_size, device=device)[:tokens]
+    want_k, want_v = reference.cache_write(key.cpu(), value.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu())
+    ops.cache_write(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)])
 @pytest.mark.parametrize("lengths", [[1], [16, 17, 5], [300, 33, 129, 1]])
 def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):

@@ -13,8 +13,8 @@ void cache_write_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor&
   const int64_t* s = slots.data_ptr<int64_t>();
   const int64_t tokens = key.size(0);
   const int64_t capacity = key_cache.size(0) * key_cache.size(1);
-  const int64_t row = key.size(1) * key.size(2);
-  const int64_t bytes = row * key.element_size();
+  const int64_t key_bytes = key.size(1) * key.size(2) * key.element_size();
+  const int64_t value_bytes = value.size(1) * value.size(2) * value.element_size();
   auto* kc = static_cast<char*>(key_cache.data_ptr());
   auto* vc = static_cast<char*>(value_cache.data_ptr());
   const auto* k = static_cast<const char*>(key.data_ptr());
@@ -23,8 +23,8 @@ void cache_write_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor&
   for (int64_t t = 0; t < tokens; ++t) {
     if (s[t] < 0) continue;  // padding token
     TORCH_CHECK(s[t] < capacity, "cache_write: slot ", s[t], " beyond the cache (", capacity, ")");
-    std::memcpy(kc + s[t] * bytes, k + t * ks, bytes);
-    std::memcpy(vc + s[t] * bytes, v + t * vs, bytes);
+    std::memcpy(kc + s[t] * key_bytes, k + t * ks, key_bytes);
+    std::memcpy(vc + s[t] * value_bytes, v + t * vs, value_bytes);
   }
 }
 

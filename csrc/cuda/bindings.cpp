@@ -82,7 +82,7 @@ void cache_write_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor
   check_launch(kernels::cache_write(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
                                     key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(),
                                     slot_mapping.stride(0), key.size(0), key.size(1) * key.size(2),
-                                    key_cache.size(0) * key_cache.size(1), dtype, current_stream()),
+                                    value.size(1) * value.size(2), key_cache.size(0) * key_cache.size(1), dtype, current_stream()),
                "cache_write");
 }
 

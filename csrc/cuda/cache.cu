@@ -1,5 +1,6 @@
 // Writes new keys and values into the paged KV cache; one block per token, copying raw bytes
-// in the widest unit (16 bytes down to 2) that the row size, strides and pointers allow.
+// in the widest unit (16 bytes down to 2) that the row sizes, strides and pointers allow. Key and
+// value rows may differ in size (a LiSA layer caches low-rank keys beside full values).
 #include "device.cuh"
 
 namespace lisa_rt::kernels {
@@ -14,29 +15,33 @@ struct CacheWriteArgs {
   char* value_cache;
   const int64_t* slot_mapping;
   int64_t slot_mapping_stride;
-  int64_t row_bytes;
+  int64_t key_row_bytes;
+  int64_t value_row_bytes;
   int64_t num_slots;
 };
+
+template <typename Unit>
+__device__ void copy_row(const char* src, char* dst, int64_t bytes) {
+  const auto* from = reinterpret_cast<const Unit*>(src);
+  auto* to = reinterpret_cast<Unit*>(dst);
+  for (int64_t i = threadIdx.x; i < bytes / static_cast<int64_t>(sizeof(Unit)); i += blockDim.x) to[i] = from[i];
+}
 
 template <typename Unit>
 __global__ void cache_write_kernel(CacheWriteArgs args) {
   const int64_t token = blockIdx.x;
   const int64_t slot = args.slot_mapping[token * args.slot_mapping_stride];
   if (slot < 0 || slot >= args.num_slots) return;  // padding, or a slot the host cannot reject
-  const int64_t units = args.row_bytes / static_cast<int64_t>(sizeof(Unit));
-  const auto* key = reinterpret_cast<const Unit*>(args.key + token * args.key_row_bytes_stride);
-  const auto* value = reinterpret_cast<const Unit*>(args.value + token * args.value_row_bytes_stride);
-  auto* key_dst = reinterpret_cast<Unit*>(args.key_cache + slot * args.row_bytes);
-  auto* value_dst = reinterpret_cast<Unit*>(args.value_cache + slot * args.row_bytes);
-  for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
-    key_dst[i] = key[i];
-    value_dst[i] = value[i];
-  }
+  copy_row<Unit>(args.key + token * args.key_row_bytes_stride, args.key_cache + slot * args.key_row_bytes,
+                 args.key_row_bytes);
+  copy_row<Unit>(args.value + token * args.value_row_bytes_stride, args.value_cache + slot * args.value_row_bytes,
+                 args.value_row_bytes);
 }
 
 template <typename Unit>
 cudaError_t launch(const CacheWriteArgs& args, int64_t tokens, cudaStream_t stream) {
-  const unsigned threads = threads_for(args.row_bytes / static_cast<int64_t>(sizeof(Unit)));
+  const int64_t widest = args.key_row_bytes > args.value_row_bytes ? args.key_row_bytes : args.value_row_bytes;
+  const unsigned threads = threads_for(widest / static_cast<int64_t>(sizeof(Unit)));
   cache_write_kernel<Unit><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(args);
   return cudaGetLastError();
 }
@@ -46,17 +51,21 @@ cudaError_t launch(const CacheWriteArgs& args, int64_t tokens, cudaStream_t stre
 cudaError_t cache_write(const void* key, int64_t key_row_stride, const void* value,
                         int64_t value_row_stride, void* key_cache, void* value_cache,
                         const int64_t* slot_mapping, int64_t slot_mapping_stride, int64_t tokens,
-                        int64_t row_elements, int64_t num_slots, DType dtype, cudaStream_t stream) {
-  if (tokens == 0 || row_elements == 0) return cudaSuccess;
+                        int64_t key_row_elements, int64_t value_row_elements, int64_t num_slots, DType dtype,
+                        cudaStream_t stream) {
+  if (tokens == 0 || (key_row_elements == 0 && value_row_elements == 0)) return cudaSuccess;
   const int64_t element_bytes = dtype == DType::kFloat32 ? 4 : 2;
-  const CacheWriteArgs args{static_cast<const char*>(key), key_row_stride * element_bytes,
+  const CacheWriteArgs args{static_cast<const char*>(key),   key_row_stride * element_bytes,
                             static_cast<const char*>(value), value_row_stride * element_bytes,
-                            static_cast<char*>(key_cache), static_cast<char*>(value_cache),
-                            slot_mapping, slot_mapping_stride, row_elements * element_bytes, num_slots};
+                            static_cast<char*>(key_cache),   static_cast<char*>(value_cache),
+                            slot_mapping,                    slot_mapping_stride,
+                            key_row_elements * element_bytes, value_row_elements * element_bytes,
+                            num_slots};
   const auto fits = [&](int64_t unit) {
-    return args.row_bytes % unit == 0 && args.key_row_bytes_stride % unit == 0 &&
-           args.value_row_bytes_stride % unit == 0 && is_aligned(key, unit) && is_aligned(value, unit) &&
-           is_aligned(key_cache, unit) && is_aligned(value_cache, unit);
+    return args.key_row_bytes % unit == 0 && args.value_row_bytes % unit == 0 &&
+           args.key_row_bytes_stride % unit == 0 && args.value_row_bytes_stride % unit == 0 &&
+           is_aligned(key, unit) && is_aligned(value, unit) && is_aligned(key_cache, unit) &&
+           is_aligned(value_cache, unit);
   };
   if (fits(16)) return launch<uint4>(args, tokens, stream);
   if (fits(8)) return launch<uint2>(args, tokens, stream);

@@ -35,12 +35,13 @@ cudaError_t rotary_embedding(const int64_t* positions, int64_t positions_stride,
                              int64_t head_dim, const float* cos_sin_cache, int64_t max_positions,
                              DType dtype, cudaStream_t stream);
 
-// Copies row t of key/value (row_elements packed elements) to slot slot_mapping[t] of the
-// caches; negative slots (padding) and slots >= num_slots are skipped.
+// Copies row t of key (key_row_elements packed elements) and of value (value_row_elements) to
+// slot slot_mapping[t] of the caches; negative slots (padding) and slots >= num_slots are skipped.
 cudaError_t cache_write(const void* key, int64_t key_row_stride, const void* value,
                         int64_t value_row_stride, void* key_cache, void* value_cache,
                         const int64_t* slot_mapping, int64_t slot_mapping_stride, int64_t tokens,
-                        int64_t row_elements, int64_t num_slots, DType dtype, cudaStream_t stream);
+                        int64_t key_row_elements, int64_t value_row_elements, int64_t num_slots, DType dtype,
+                        cudaStream_t stream);
 
 // A paged KV cache: keys/values [num_blocks, block_size, kv_heads, head_dim] contiguous,
 // block_tables int32 [batch, max_blocks] contiguous.

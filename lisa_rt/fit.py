@@ -1,0 +1,460 @@
+"""Fitting LiSA adapters to a model: layer selection, initialisation, distillation.
+
+1. Calibration: the data (text or JSONL files, or text the model samples itself) is tokenized
+   into sequences of seq_len tokens; a tenth (at least one sequence) is held out to measure the
+   result. The frozen base model (float32, dense, batched) is the teacher.
+2. Layer selection: for every layer l >= min_layer, the Jensen-Shannon divergence between each
+   head's attention and every head of layer l-1; a head's match is its closest head of l-1. The
+   layers whose matched divergence is lowest are the most shareable; the ratio picks how many.
+3. Initialisation (DESIGN section 3): A one-hot at the matched heads, W2 = b2 = 0, Wk' = 0, so
+   the adapter starts as direct sharing with rearranged heads.
+4. Layer-wise phase: each LiSA layer, in order, on the teacher's hidden states, is fitted so its
+   attention distribution matches the teacher layer's own (KL); a chained layer reads the
+   fitted logits of the LiSA layer before it. Cheap: no pass through the whole model.
+5. End-to-end phase: the whole model with every LiSA layer, base weights frozen; loss = KL from
+   the teacher's next-token distribution (its top-k, cached once) plus attn_weight x the mean KL
+   of each LiSA layer's attention from the one its own Q/K would give on the same input.
+
+Everything runs in float32 on one device and is deterministic for a seed (on the same machine
+and thread count).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .config import LisaConfig, ModelConfig
+from .errors import UserError
+from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer, rotate
+
+TEACHER_TOP_K = 64
+KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
+SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "When", "History",
+                "Here is", "The city", "Many people", "It was", "Question:", "Dear", "Why", "How to")
+
+
+@dataclass
+class FitOptions:
+    layers: list[int] | None = None      # explicit LiSA layers; otherwise chosen by ratio
+    ratio: float = 0.6
+    min_layer: int = 1                   # shallowest layer that may become LiSA
+    rank: int | None = None              # default: max(8, head_dim / 8)
+    align_hidden: int | None = None      # default: num_heads
+    steps: int = 200                     # end-to-end steps
+    layerwise_steps: int = 150           # per LiSA layer
+    seq_len: int = 256
+    batch_size: int = 2
+    lr: float = 2e-3
+    attn_weight: float = 0.1
+    max_sequences: int = 256             # calibration sequences used at most
+    seed: int = 0
+    matched_heads: bool = True           # False: A = identity (the same head index), for ablations
+    train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
+    train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
+    progress: bool = True
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.layers is None and not 0 < self.ratio < 1:
+            raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if not 1 <= self.min_layer < config.num_layers:
+            raise UserError(f"--min-layer must be in 1..{config.num_layers - 1}, got {self.min_layer}")
+        for name in ("steps", "layerwise_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len < 8 or self.seq_len > config.max_position_embeddings:
+            raise UserError(f"--seq-len must be in 8..{config.max_position_embeddings}, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.rank is not None and (self.rank < 2 or self.rank % 2):
+            raise UserError(f"--rank must be even and >= 2, got {self.rank}")
+        if self.align_hidden is not None and self.align_hidden < 1:
+            raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
+
+
+@dataclass
+class FitResult:
+    adapter: Adapter
+    selection: list[dict]                # per layer l >= 1: same-index and matched divergence
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+
+
+# --- data ---
+
+def read_texts(paths: list[str]) -> list[str]:
+    """Texts from .txt files (one text each) and .jsonl files (a string or {"text": ...} per line)."""
+    texts = []
+    for name in paths:
+        path = Path(name)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such data file") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a directory, not a data file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise UserError(f"{path}: unreadable ({exc.strerror})") from None
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+                if isinstance(item, dict):
+                    item = item.get("text")
+                if not isinstance(item, str):
+                    raise UserError(f"{path}:{number}: expected a string or an object with a \"text\" string")
+                texts.append(item)
+        else:
+            texts.append(raw)
+        if not any(t.strip() for t in texts[-1:]):
+            raise UserError(f"{path}: holds no text")
+    return texts
+
+
+def sample_self_texts(model, count: int, tokens: int, seed: int) -> list[str]:
+    """Calibration text for users without a corpus: the model's own samples (temperature 1)."""
+    from .engine import generate
+    from .sampling import SamplingParams
+
+    tok = model.tokenizer
+    prompts = [tok.encode(SELF_PROMPTS[i % len(SELF_PROMPTS)]) for i in range(count)]
+    params = [SamplingParams(max_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.02,
+                             seed=seed + i, ignore_eos=True) for i in range(count)]
+    return [SELF_PROMPTS[i % len(SELF_PROMPTS)] + c.text for i, c in enumerate(generate(model, prompts, params))]
+
+
+def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> torch.Tensor:
+    """[N, seq_len] token ids: the texts concatenated (each with the tokenizer's special tokens, BOS where it adds one) and cut."""
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer.encode(text))
+        if len(stream) >= seq_len * limit:
+            break
+    count = min(len(stream) // seq_len, limit)
+    if count < 2:
+        raise UserError(f"the calibration data has {len(stream)} tokens; fitting needs at least "
+                        f"{2 * seq_len} (two sequences of --seq-len {seq_len})")
+    return torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+
+
+# --- the dense, batched model ---
+
+class DenseModel:
+    """The base model in float32 as plain tensors (frozen), run on [B, n] token batches, with
+    LiSA layers (LisaLayer modules) where given."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device):
+        self.config = config
+        self.t = {name: w.to(device=device, dtype=torch.float32) for name, w in tensors.items()}
+        self.device = device
+        self.cos_sin = reference.rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
+                                                    config.rope_theta, config.rope_scaling).to(device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.t["embed.weight"][ids]
+
+    def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return reference.rms_norm(hidden, self.t[f"layers.{layer}.attn_norm.weight"], self.config.rms_norm_eps)
+
+    def own_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x."""
+        c, p = self.config, f"layers.{layer}.attn."
+        batch, n = x.shape[:2]
+        q = rotate((x @ self.t[p + "q_proj.weight"].T).view(batch, n, c.num_heads, c.head_dim), self.cos_sin)
+        k = rotate((x @ self.t[p + "k_proj.weight"].T).view(batch, n, c.num_kv_heads, c.head_dim), self.cos_sin)
+        k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
+        return torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+
+    def finish_layer(self, layer: int, hidden: torch.Tensor, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """hidden + attention output (probs [B, h, n, n] times V) + MLP: the next residual stream."""
+        c, p = self.config, f"layers.{layer}."
+        batch, n = x.shape[:2]
+        v = (x @ self.t[p + "attn.v_proj.weight"].T).view(batch, n, c.num_kv_heads, c.head_dim)
+        v = v.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
+        o = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, n, -1)
+        hidden = hidden + o @ self.t[p + "attn.o_proj.weight"].T
+        h = reference.rms_norm(hidden, self.t[p + "mlp_norm.weight"], c.rms_norm_eps)
+        gate = h @ self.t[p + "mlp.gate_proj.weight"].T
+        up = h @ self.t[p + "mlp.up_proj.weight"].T
+        return hidden + (F.silu(gate) * up) @ self.t[p + "mlp.down_proj.weight"].T
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = reference.rms_norm(hidden, self.t["norm.weight"], c.rms_norm_eps)
+        w = self.t["embed.weight"] if c.tie_word_embeddings else self.t["lm_head.weight"]
+        return x @ w.T
+
+    def forward(self, ids: torch.Tensor, lisa: dict[int, LisaLayer] | None = None, rank: int = 0,
+                on_layer=None) -> torch.Tensor:
+        """Logits [B, n, vocab]. on_layer(layer, hidden, x, logits) sees every layer's input
+        residual, its normed input and its attention logits (pre-mask) as they are computed."""
+        c = self.config
+        lisa = lisa or {}
+        n = ids.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+        hidden = self.embed(ids)
+        logits = None
+        for layer in range(c.num_layers):
+            x = self.normed(layer, hidden)
+            if layer in lisa:
+                logits = lisa[layer].scores(logits, x, self.lisa_cos_sin(rank), c.num_kv_heads, rank)
+            else:
+                logits = self.own_logits(layer, x)
+            if on_layer is not None:
+                on_layer(layer, hidden, x, logits)
+            probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+            hidden = self.finish_layer(layer, hidden, x, probs)
+        return self.head(hidden)
+
+    def lisa_cos_sin(self, rank: int) -> torch.Tensor:
+        if getattr(self, "_lisa_rank", None) != rank:
+            c = self.config
+            self._lisa_cos_sin = reference.rope_cos_sin_cache(rank, c.max_position_embeddings, c.rope_theta,
+                                                              c.rope_scaling).to(self.device)
+            self._lisa_rank = rank
+        return self._lisa_cos_sin
+
+
+def causal_probs(logits: torch.Tensor) -> torch.Tensor:
+    n = logits.shape[-1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def attention_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal."""
+    n = logits.shape[-1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
+    target_logp = torch.log_softmax(target_logits.masked_fill(~mask, float("-inf")), dim=-1)
+    logp = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    terms = torch.where(mask, target_logp.exp() * (target_logp - logp), 0.0)
+    return terms.sum(-1).mean()
+
+
+# --- the fitter ---
+
+class Fitter:
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], sequences: torch.Tensor,
+                 options: FitOptions, device: torch.device | str = "cpu"):
+        options.validate(config)
+        self.config = config
+        self.options = options
+        self.device = torch.device(device)
+        self.dense = DenseModel(config, tensors, self.device)
+        held = max(1, len(sequences) // 10)
+        self.train, self.held_out = sequences[:-held].to(self.device), sequences[-held:].to(self.device)
+        self.rank = options.rank or default_rank(config.head_dim)
+        self.align_hidden = options.align_hidden or config.num_heads
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    def _bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", disable=not self.options.progress, leave=False)
+
+    @torch.no_grad()
+    def teacher_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream entering every layer, [layers][B, n, hidden]."""
+        states = []
+        self.dense.forward(ids, on_layer=lambda layer, hidden, x, logits: states.append(hidden))
+        return states
+
+    @torch.no_grad()
+    def select(self, states: list[torch.Tensor]) -> tuple[list[dict], dict[int, list[int]]]:
+        """Divergence table of every layer >= 1 against the one before, and each one's head matching."""
+        table, matching = [], {}
+        prev = causal_probs(self.dense.own_logits(0, self.dense.normed(0, states[0])))
+        for layer in range(1, self.config.num_layers):
+            probs = causal_probs(self.dense.own_logits(layer, self.dense.normed(layer, states[layer])))
+            div = head_divergence(prev, probs)  # [h, h_prev]
+            best = div.argmin(dim=1)
+            matching[layer] = best.tolist()
+            table.append({"layer": layer, "jsd_same_head": float(div.diagonal().mean()),
+                          "jsd_matched": float(div.gather(1, best[:, None]).mean()), "matching": best.tolist()})
+            prev = probs
+        return table, matching
+
+    def choose_layers(self, table: list[dict]) -> list[int]:
+        o = self.options
+        if o.layers is not None:
+            return sorted(o.layers)
+        count = max(1, math.floor(o.ratio * self.config.num_layers + 1e-9))
+        eligible = [row for row in table if row["layer"] >= o.min_layer]
+        if count > len(eligible):
+            raise UserError(f"--ratio {o.ratio} asks for {count} LiSA layers but only {len(eligible)} "
+                            f"layers are eligible (--min-layer {o.min_layer})")
+        ranked = sorted(eligible, key=lambda row: row["jsd_matched"])
+        return sorted(row["layer"] for row in ranked[:count])
+
+    def trainable(self, layer: LisaLayer) -> list[torch.nn.Parameter]:
+        names = []
+        if self.options.train_aligner:
+            names += ["align_a", "align_w1", "align_b1", "align_w2", "align_b2"]
+        if self.options.train_delta:
+            names += ["q_proj", "k_proj"]
+        return [getattr(layer, name) for name in names]
+
+    def fit_layerwise(self, layers: list[int], modules: dict[int, LisaLayer], states: list[torch.Tensor]) -> list[float]:
+        """Each LiSA layer in order, on teacher hidden states, towards the teacher layer's attention."""
+        o, c, dense = self.options, self.config, self.dense
+        losses = []
+        cos_sin = dense.lisa_cos_sin(self.rank)
+        bar = self._bar(o.layerwise_steps * len(layers), "fit: layer-wise")
+        for layer in layers:
+            params = self.trainable(modules[layer])
+            if not params or o.layerwise_steps == 0:
+                continue
+            x_all = dense.normed(layer, states[layer])
+            with torch.no_grad():
+                target_all = dense.own_logits(layer, x_all)
+                prev_all = self._input_logits(layer, modules, states)
+            optimizer = torch.optim.Adam(params, lr=o.lr * 5)
+            last = 0.0
+            for step in range(o.layerwise_steps):
+                pick = torch.randint(len(x_all), (o.batch_size,), generator=self.generator)
+                logits = modules[layer].scores(prev_all[pick], x_all[pick], cos_sin, c.num_kv_heads, self.rank)
+                loss = attention_kl(target_all[pick], logits)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                last = loss.item()
+                bar.update(1)
+                bar.set_postfix(layer=layer, loss=f"{last:.4f}")
+            losses.append(last)
+        bar.close()
+        return losses
+
+    @torch.no_grad()
+    def _input_logits(self, layer: int, modules: dict[int, LisaLayer], states: list[torch.Tensor]) -> torch.Tensor:
+        """The logits layer `layer` receives: the teacher's own of layer-1, or, when layer-1 is
+        LiSA itself, what its (already fitted) adapter makes of its own input logits."""
+        prev = layer - 1
+        x = self.dense.normed(prev, states[prev])
+        if prev not in modules:
+            return self.dense.own_logits(prev, x)
+        return modules[prev].scores(self._input_logits(prev, modules, states), x,
+                                    self.dense.lisa_cos_sin(self.rank), self.config.num_kv_heads, self.rank)
+
+    @torch.no_grad()
+    def teacher_targets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k next-token probabilities of the teacher (renormalised): (indices, probs) [N, n, k]."""
+        indices, probs = [], []
+        for start in range(0, len(ids), self.options.batch_size):
+            logits = self.dense.forward(ids[start : start + self.options.batch_size])
+            top = torch.log_softmax(logits, dim=-1).topk(TEACHER_TOP_K, dim=-1)
+            indices.append(top.indices)
+            probs.append(torch.softmax(top.values, dim=-1))
+        return torch.cat(indices), torch.cat(probs)
+
+    def fit_end_to_end(self, modules: dict[int, LisaLayer]) -> list[float]:
+        o = self.options
+        params = [p for m in modules.values() for p in self.trainable(m)]
+        if not params or o.steps == 0:
+            return []
+        bar = self._bar(o.steps, "fit: end-to-end")
+        bar.set_description("fit: teacher targets")
+        indices, probs = self.teacher_targets(self.train)
+        bar.set_description("fit: end-to-end")
+        optimizer = torch.optim.Adam(params, lr=o.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, o.steps) / o.steps)))
+        losses = []
+        for step in range(o.steps):
+            pick = torch.randint(len(self.train), (o.batch_size,), generator=self.generator)
+            attn_terms = []
+
+            def on_layer(layer, hidden, x, logits):
+                if layer in modules and o.attn_weight > 0:
+                    with torch.no_grad():
+                        own = self.dense.own_logits(layer, x)
+                    attn_terms.append(attention_kl(own, logits))
+
+            logits = self.dense.forward(self.train[pick], modules, self.rank, on_layer=on_layer)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, indices[pick])
+            distill = -(probs[pick] * logp).sum(-1).mean()
+            loss = distill + o.attn_weight * torch.stack(attn_terms).mean() if attn_terms else distill
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(distill.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        return losses
+
+    @torch.no_grad()
+    def next_token_kl(self, ids: torch.Tensor, modules: dict[int, LisaLayer]) -> float:
+        """Mean KL(teacher || LiSA model) of the next-token distributions over ids, in nats."""
+        total, count = 0.0, 0
+        for start in range(0, len(ids), self.options.batch_size):
+            batch = ids[start : start + self.options.batch_size]
+            teacher = torch.log_softmax(self.dense.forward(batch), dim=-1)
+            student = torch.log_softmax(self.dense.forward(batch, modules, self.rank), dim=-1)
+            total += float((teacher.exp() * (teacher - student)).sum(-1).double().sum())
+            count += batch.numel()
+        return total / count
+
+    @torch.no_grad()
+    def perplexity(self, ids: torch.Tensor, modules: dict[int, LisaLayer] | None = None) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(ids), self.options.batch_size):
+            batch = ids[start : start + self.options.batch_size]
+            logits = self.dense.forward(batch, modules, self.rank)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None])
+            total -= float(logp.double().sum())
+            count += logp.numel()
+        return math.exp(total / count)
+
+    def run(self) -> FitResult:
+        o, c = self.options, self.config
+        torch.manual_seed(o.seed)
+        started = time.perf_counter()
+        # A few sequences suffice to rank layers and match heads.
+        states = self.teacher_states(self.train[: min(len(self.train), 8)])
+        table, matching = self.select(states)
+        layers = self.choose_layers(table)
+        lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
+        lisa_config.validate(c)
+        identity = list(range(c.num_heads))
+        modules = {layer: LisaLayer(init_layer(c, lisa_config, matching[layer] if o.matched_heads else identity,
+                                               self.generator)).to(self.device)
+                   for layer in layers}
+        for module in modules.values():
+            module.requires_grad_(False)
+            for param in self.trainable(module):
+                param.requires_grad_(True)
+        layerwise = self.fit_layerwise(layers, modules, states)
+        del states
+        end_to_end = self.fit_end_to_end(modules)
+        base_ppl = self.perplexity(self.held_out)
+        lisa_ppl = self.perplexity(self.held_out, modules)
+        tensors = {}
+        for layer, module in modules.items():
+            tensors.update(module.tensors(layer))
+        lisa_config.fit = {"tokens": int(self.train.numel()), "sequences": len(self.train), "seq_len": o.seq_len,
+                           "steps": o.steps, "layerwise_steps": o.layerwise_steps, "batch_size": o.batch_size,
+                           "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
+                           "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
+                           "seconds": round(time.perf_counter() - started, 1)}
+        quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(base_ppl, 4),
+                   "lisa_ppl": round(lisa_ppl, 4), "ppl_ratio": round(lisa_ppl / base_ppl, 4),
+                   "held_out_kl": round(self.next_token_kl(self.held_out, modules), 5),
+                   "train_kl": round(self.next_token_kl(self.train[:KL_SEQUENCES], modules), 5)}
+        lisa_config.quality = quality
+        adapter = Adapter(lisa_config, {name: t.cpu() for name, t in tensors.items()})
+        adapter.validate(c)
+        return FitResult(adapter, table, {"layerwise": layerwise, "end_to_end": end_to_end}, quality)

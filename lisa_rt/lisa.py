@@ -1,0 +1,240 @@
+"""LiSA adapters: the head aligner and low-rank delta of DESIGN section 3, their file format, and
+the head matching that initialises them.
+
+A LiSA layer l takes S_prev, the scaled pre-mask logits of layer l-1, and computes
+
+    S = A a + W2 silu(W1 a + b1) + b2  +  q'_i . k'_j / sqrt(r)      (a = S_prev[:, i, j])
+
+with q' = RoPE(x Wq') (h heads of rank r) and k' = RoPE(x Wk') (g heads of rank r), then
+softmax(S + mask) V with the layer's own V. The adapter file `lisa.safetensors` holds, per LiSA
+layer i, `layers.{i}.lisa.{align_a, align_w1, align_b1, align_w2, align_b2, q_proj, k_proj}`
+in float32, and the adapter's LisaConfig as JSON in the safetensors metadata under "lisa", so an
+adapter file describes itself wherever it is copied.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, LisaConfig, ModelConfig
+from .errors import UserError
+
+ADAPTER_FILE = "lisa.safetensors"
+PARAMS = ("align_a", "align_w1", "align_b1", "align_w2", "align_b2", "q_proj", "k_proj")
+
+
+class AdapterError(UserError):
+    """An adapter file that cannot be used with this model; the message names file and tensor."""
+
+
+def default_rank(head_dim: int) -> int:
+    """max(8, d/8), rounded up to even (RoPE rotates pairs)."""
+    rank = max(8, head_dim // 8)
+    return rank + rank % 2
+
+
+def param_shapes(model: ModelConfig, lisa: LisaConfig) -> dict[str, tuple[int, ...]]:
+    h, g, r, m = model.num_heads, model.num_kv_heads, lisa.rank, lisa.align_hidden
+    return {"align_a": (h, h), "align_w1": (m, h), "align_b1": (m,), "align_w2": (h, m),
+            "align_b2": (h,), "q_proj": (h * r, model.hidden_size), "k_proj": (g * r, model.hidden_size)}
+
+
+def tensor_name(layer: int, param: str) -> str:
+    return f"layers.{layer}.lisa.{param}"
+
+
+@dataclass
+class Adapter:
+    """A LiSA adapter: its config and float32 tensors (full names, see tensor_name)."""
+
+    config: LisaConfig
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """One layer's parameters by short name (align_a, ..., k_proj)."""
+        return {param: self.tensors[tensor_name(index, param)] for param in PARAMS}
+
+    def validate(self, model: ModelConfig, where: str = "adapter") -> None:
+        self.config.validate(model)
+        shapes = param_shapes(model, self.config)
+        want = {tensor_name(layer, p): shape for layer in self.config.layers for p, shape in shapes.items()}
+        for name, shape in want.items():
+            if name not in self.tensors:
+                raise AdapterError(f"{where}: tensor {name!r} is missing")
+            tensor = self.tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise AdapterError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                   f"the model and adapter config imply {shape}")
+            if tensor.dtype != torch.float32:
+                raise AdapterError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected float32")
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{where}: tensor {name!r} holds NaN or infinity")
+        extra = sorted(set(self.tensors) - set(want))
+        if extra:
+            raise AdapterError(f"{where}: unexpected tensor {extra[0]!r}")
+
+
+def load_adapter(path: str | os.PathLike, model: ModelConfig) -> Adapter:
+    """Reads and validates an adapter file (or a directory holding lisa.safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such LiSA adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: unreadable safetensors file ({exc})") from None
+    if "lisa" not in metadata:
+        raise AdapterError(f"{path}: not a LiSA adapter (no 'lisa' entry in its metadata)")
+    try:
+        config = LisaConfig.from_dict(json.loads(metadata["lisa"]), model)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: invalid 'lisa' metadata ({exc})") from None
+    except (ConfigError, TypeError) as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+    adapter = Adapter(config, tensors, path)
+    adapter.validate(model, where=str(path))
+    return adapter
+
+
+def save_adapter(path: str | os.PathLike, adapter: Adapter, model: ModelConfig) -> Path:
+    """Writes the adapter atomically (temp file, then rename): never a half-written file."""
+    from safetensors.torch import save_file
+
+    adapter.validate(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {name: t.detach().float().contiguous().cpu() for name, t in adapter.tensors.items()}
+        save_file(tensors, tmp, metadata={"format": "pt", "lisa": json.dumps(adapter.config.to_dict())})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def find_adapter(model_dir: Path | None, model: ModelConfig, lisa=None) -> Adapter | None:
+    """The adapter a run uses: lisa=None takes the model's own (config.json["lisa"] set and
+    lisa.safetensors beside it), lisa=False none, a path that file or directory."""
+    if lisa is False:
+        return None
+    if lisa is None or lisa is True:
+        if model.lisa is None or model_dir is None:
+            if lisa is True:
+                raise AdapterError(f"{model_dir}: the model has no LiSA adapter of its own")
+            return None
+        return load_adapter(Path(model_dir) / ADAPTER_FILE, model)
+    return load_adapter(lisa, model)
+
+
+def install_adapter(model_dir: str | os.PathLike, adapter: Adapter, model: ModelConfig) -> Path:
+    """Makes the adapter the model's own: lisa.safetensors beside it and config.json["lisa"].
+
+    The adapter file is written first and config.json replaced atomically after it, so a failure
+    leaves either the old pairing or the new one.
+    """
+    from .checkpoint import CONFIG_FILE
+
+    model_dir = Path(model_dir)
+    path = save_adapter(model_dir / ADAPTER_FILE, adapter, model)
+    data = json.loads((model_dir / CONFIG_FILE).read_text())
+    data["lisa"] = adapter.config.to_dict()
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.tmp-", dir=model_dir)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, model_dir / CONFIG_FILE)
+    return path
+
+
+# --- head matching and initialisation ---
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JS divergence (nats) between distributions along the last dim; zeros are fine."""
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log()), 0.0).sum(-1)
+
+    return 0.5 * (kl(p) + kl(q))
+
+
+def head_divergence(prev_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """[h, h_prev] mean JS divergence between head hd of a layer and head e of the layer before.
+
+    prev_probs [..., h_prev, n, n], probs [..., h, n, n]: causal attention distributions, with
+    any leading batch dims averaged over.
+    """
+    p = probs.flatten(0, -4) if probs.dim() > 3 else probs[None]
+    q = prev_probs.flatten(0, -4) if prev_probs.dim() > 3 else prev_probs[None]
+    heads, prev_heads = p.shape[1], q.shape[1]
+    out = torch.empty(heads, prev_heads, dtype=torch.float64)
+    for hd in range(heads):
+        for e in range(prev_heads):
+            out[hd, e] = jensen_shannon(p[:, hd].double(), q[:, e].double()).mean()
+    return out
+
+
+def init_layer(model: ModelConfig, lisa: LisaConfig, matching: list[int],
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Step-0 parameters: A rows one-hot at the matched heads, W2 = b2 = 0, Wk' = 0, so the
+    layer starts as direct sharing with rearranged heads. W1 and Wq' are small random values
+    (they need to be non-zero for the zero-initialised halves to receive gradients)."""
+    shapes = param_shapes(model, lisa)
+    h = model.num_heads
+    params = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    params["align_a"][torch.arange(h), torch.tensor(matching)] = 1.0
+    params["align_w1"] = torch.randn(shapes["align_w1"], generator=generator) / math.sqrt(h)
+    params["q_proj"] = torch.randn(shapes["q_proj"], generator=generator) / math.sqrt(model.hidden_size)
+    return params
+
+
+class LisaLayer(torch.nn.Module):
+    """One LiSA layer's trainable parameters and its dense (batched, differentiable) logits."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        for name in PARAMS:
+            self.register_parameter(name, torch.nn.Parameter(params[name].detach().clone().float()))
+
+    def scores(self, s_prev: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, num_kv_heads: int,
+               rank: int, delta: bool = True) -> torch.Tensor:
+        """S [B, h, n, n] from s_prev [B, h, n, n] and the normed hidden x [B, n, hidden]."""
+        a = s_prev.permute(0, 2, 3, 1)  # [B, n, n, h]
+        hidden = torch.nn.functional.silu(a @ self.align_w1.T + self.align_b1)
+        aligned = (a @ self.align_a.T + hidden @ self.align_w2.T + self.align_b2).permute(0, 3, 1, 2)
+        if not delta:
+            return aligned
+        batch, n = x.shape[:2]
+        q = rotate(( x @ self.q_proj.T).view(batch, n, -1, rank), cos_sin)
+        k = rotate((x @ self.k_proj.T).view(batch, n, num_kv_heads, rank), cos_sin)
+        k = k.repeat_interleave(q.shape[2] // num_kv_heads, dim=2)
+        return aligned + torch.einsum("bqhr,bkhr->bhqk", q, k) / math.sqrt(rank)
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        return {tensor_name(layer, name): getattr(self, name).detach().clone() for name in PARAMS}
+
+
+def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half) of x [B, n, heads, dim] at positions 0..n-1; cos_sin [>= n, dim]."""
+    half = x.shape[-1] // 2
+    cos = cos_sin[: x.shape[1], :half][None, :, None, :]
+    sin = cos_sin[: x.shape[1], half:][None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

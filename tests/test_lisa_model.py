@@ -1,0 +1,245 @@
+"""LiSA in the decoder: the runtime against the dense reference, direct sharing, prefill/decode
+consistency, the smaller KV cache, the adapter file, and the fitter, on a tiny random model
+(3 layers, GQA 6/2, head dim 16)."""
+import json
+import math
+
+import pytest
+import torch
+
+from lisa_rt import SamplingParams, generate, reference
+from lisa_rt.checkpoint import load_config, load_tensors
+from lisa_rt.config import LisaConfig
+from lisa_rt.fit import FitOptions, Fitter, make_sequences
+from lisa_rt.kv_cache import BlockTable
+from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, find_adapter, install_adapter, load_adapter,
+                          param_shapes, save_adapter, tensor_name)
+from lisa_rt.model import Model, build_batch, load_model_dir
+from tests.fixtures import CORPUS, tiny_model_dir
+
+pytest.importorskip("transformers")
+
+IDS = list(range(3, 3 + 53))  # crosses three 16-token blocks, odd length
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tiny_model_dir(tmp_path_factory.mktemp("lisa-model"))
+    config = load_config(directory)
+    return directory, config, load_tensors(directory, config)
+
+
+def random_adapter(config, layers, rank=4, align_hidden=5, seed=0) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    lisa = LisaConfig(layers=layers, rank=rank, align_hidden=align_hidden)
+    tensors = {tensor_name(layer, name): torch.randn(shape, generator=g) * 0.4
+               for layer in layers for name, shape in param_shapes(config, lisa).items()}
+    return Adapter(lisa, tensors)
+
+
+def sharing_adapter(config, layers, permutations) -> Adapter:
+    """A = a head permutation, W2 = b2 = 0, Wk' = 0 (W1, b1, Wq' random: they must not matter)."""
+    adapter = random_adapter(config, layers)
+    for layer, perm in zip(layers, permutations):
+        h = config.num_heads
+        a = torch.zeros(h, h)
+        a[torch.arange(h), torch.tensor(perm)] = 1.0
+        adapter.tensors[tensor_name(layer, "align_a")] = a
+        for name in ("align_w2", "align_b2", "k_proj"):
+            adapter.tensors[tensor_name(layer, name)].zero_()
+    return adapter
+
+
+def direct_sharing_logits(config, t, ids, shared: dict[int, list[int]]) -> torch.Tensor:
+    """An independent dense model where layer l in `shared` uses softmax of layer l-1's logits
+    with heads rearranged by shared[l] (no aligner, no delta): what LiSA must reduce to."""
+    t = {k: v.float() for k, v in t.items()}
+    n, h, g, d = len(ids), config.num_heads, config.num_kv_heads, config.head_dim
+    cache = reference.rope_cos_sin_cache(d, n, config.rope_theta, config.rope_scaling)
+    pos = torch.arange(n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    x = t["embed.weight"][torch.tensor(ids)]
+    logits = None
+    for layer in range(config.num_layers):
+        p = f"layers.{layer}."
+        hn = reference.rms_norm(x, t[p + "attn_norm.weight"], config.rms_norm_eps)
+        v = (hn @ t[p + "attn.v_proj.weight"].T).view(n, g, d).repeat_interleave(h // g, dim=1)
+        if layer in shared:
+            logits = logits[torch.tensor(shared[layer])]
+        else:
+            q = reference.rotary_embedding(pos, (hn @ t[p + "attn.q_proj.weight"].T).view(n, h, d), cache)
+            k = reference.rotary_embedding(pos, (hn @ t[p + "attn.k_proj.weight"].T).view(n, g, d), cache)
+            k = k.repeat_interleave(h // g, dim=1)
+            logits = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        x = x + torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1) @ t[p + "attn.o_proj.weight"].T
+        hn = reference.rms_norm(x, t[p + "mlp_norm.weight"], config.rms_norm_eps)
+        act = torch.nn.functional.silu(hn @ t[p + "mlp.gate_proj.weight"].T) * (hn @ t[p + "mlp.up_proj.weight"].T)
+        x = x + act @ t[p + "mlp.down_proj.weight"].T
+    x = reference.rms_norm(x, t["norm.weight"], config.rms_norm_eps)
+    return x @ t["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("layers", [[1, 2], [2], [1]], ids=["chain", "last", "first"])
+def test_runtime_matches_reference(tiny, layers):
+    _, config, t = tiny
+    adapter = random_adapter(config, layers)
+    model = Model(config, t, "cpu", torch.float32, adapter=adapter)
+    got = model.logits(IDS)
+    want = reference.llama_forward(config, t, IDS, adapter=adapter)
+    assert (got - want).abs().max() < 1e-3
+
+
+def test_identity_adapter_is_exact_direct_sharing(tiny):
+    _, config, t = tiny
+    perms = {1: [2, 0, 1, 5, 4, 3], 2: [0, 1, 2, 3, 4, 5]}
+    model = Model(config, t, "cpu", torch.float32, adapter=sharing_adapter(config, [1, 2], list(perms.values())))
+    want = direct_sharing_logits(config, t, IDS, perms)
+    assert (model.logits(IDS) - want).abs().max() < 1e-4
+    # and it is not the base model: sharing changes the result
+    base = Model(config, t, "cpu", torch.float32)
+    assert (base.logits(IDS) - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layers", [[1, 2], [2]])
+def test_prefill_then_decode_equals_one_prefill(tiny, layers):
+    _, config, t = tiny
+    model = Model(config, t, "cpu", torch.float32, adapter=random_adapter(config, layers, seed=3))
+    whole = model.logits(IDS)
+    cache = model.new_cache([len(IDS)])
+    table = BlockTable(cache)
+    table.ensure(len(IDS))
+    split = 21
+    got = [model.forward(build_batch([(IDS[:split], 0, table)], model.device, all_logits=True), cache)]
+    for pos in range(split, len(IDS)):  # then one token at a time, as decode
+        got.append(model.forward(build_batch([([IDS[pos]], pos, table)], model.device), cache))
+    assert (torch.cat(got) - whole).abs().max() < 1e-3
+
+
+def test_batched_generation_equals_each_alone(tiny):
+    _, config, t = tiny
+    model = Model(config, t, "cpu", torch.float32, adapter=random_adapter(config, [1, 2], seed=5))
+    prompts = [IDS[:5], IDS[:31], IDS[7:24]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    together = [c.token_ids for c in generate(model, prompts, params)]
+    alone = [generate(model, [p], params)[0].token_ids for p in prompts]
+    assert together == alone
+
+
+def test_lisa_layers_cache_low_rank_keys(tiny):
+    _, config, t = tiny
+    adapter = random_adapter(config, [1, 2], rank=4)
+    model = Model(config, t, "cpu", torch.float32, adapter=adapter)
+    cache = model.new_cache([40])
+    assert cache.key_pools[0].shape[-1] == config.head_dim
+    assert [pool.shape[-1] for pool in cache.key_pools[1:]] == [4, 4]
+    assert all(pool.shape[-1] == config.head_dim for pool in cache.value_pools)
+    full = config.kv_bytes_per_token(4)
+    assert full == 2 * 3 * config.num_kv_heads * config.head_dim * 4
+    assert model.kv_bytes_per_token() == full - 2 * config.num_kv_heads * (config.head_dim - 4) * 4
+    actual = sum(p.numel() * p.element_size() for p in cache.key_pools + cache.value_pools)
+    assert actual == model.kv_bytes_per_token() * cache.num_blocks * cache.block_size
+
+
+# --- the adapter file ---
+
+def test_adapter_round_trip_and_default(tiny, tmp_path):
+    directory, config, t = tiny
+    adapter = random_adapter(config, [2])
+    path = save_adapter(tmp_path / "a.safetensors", adapter, config)
+    loaded = load_adapter(path, config)
+    assert loaded.config.layers == [2] and loaded.config.formulation == "lisa-rt/1"
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
+    assert find_adapter(directory, config, None) is None  # the base model has none of its own
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in directory.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    install_adapter(model_dir, adapter, config)
+    assert json.loads((model_dir / "config.json").read_text())["lisa"]["layers"] == [2]
+    assert load_model_dir(model_dir).lisa.layers == [2]
+    assert load_model_dir(model_dir, lisa=False).lisa is None
+    assert load_model_dir(model_dir, lisa=path).lisa.layers == [2]
+
+
+def _write_adapter(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda t, m: t.pop("layers.2.lisa.k_proj"), "'layers.2.lisa.k_proj' is missing"),
+    (lambda t, m: t.__setitem__("layers.2.lisa.align_a", torch.zeros(5, 5)), "has shape (5, 5)"),
+    (lambda t, m: t.__setitem__("layers.2.lisa.align_b1", torch.zeros(5, dtype=torch.float16)), "dtype"),
+    (lambda t, m: t.__setitem__("layers.2.lisa.align_b2", torch.full((6,), float("nan"))), "NaN"),
+    (lambda t, m: t.__setitem__("layers.1.lisa.extra", torch.zeros(1)), "unexpected tensor"),
+    (lambda t, m: m.pop("lisa"), "not a LiSA adapter"),
+    (lambda t, m: m.__setitem__("lisa", "{not json"), "invalid 'lisa' metadata"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [0], "rank": 4, "align_hidden": 5})), "layer 0"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 3, "align_hidden": 5})), "even"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4, "align_hidden": 5,
+                                                    "formulation": "other/2"})), "formulation"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4})), "align_hidden"),
+])
+def test_bad_adapter_files_are_refused(tiny, tmp_path, break_it, message):
+    _, config, _ = tiny
+    adapter = random_adapter(config, [2])
+    tensors = dict(adapter.tensors)
+    metadata = {"lisa": json.dumps(adapter.config.to_dict())}
+    break_it(tensors, metadata)
+    path = tmp_path / ADAPTER_FILE
+    _write_adapter(path, tensors, metadata)
+    with pytest.raises(AdapterError, match=None) as info:
+        load_adapter(path, config)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_unreadable_adapter_files(tiny, tmp_path):
+    _, config, _ = tiny
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not safetensors")
+    with pytest.raises(AdapterError, match="unreadable"):
+        load_adapter(garbage, config)
+    with pytest.raises(AdapterError, match="no such LiSA adapter"):
+        load_adapter(tmp_path / "missing.safetensors", config)
+
+
+# --- fitting ---
+
+def _fit(config, t, tokenizer, **kw):
+    sequences = make_sequences(tokenizer, [CORPUS], 64, 12)
+    options = FitOptions(seq_len=64, batch_size=2, progress=False, **kw)
+    return Fitter(config, t, sequences, options).run()
+
+
+def test_fit_lowers_the_loss_and_starts_as_matched_sharing(tiny):
+    directory, config, t = tiny
+    tokenizer = load_model_dir(directory).tokenizer
+    start = _fit(config, t, tokenizer, layers=[1, 2], steps=0, layerwise_steps=0)
+    # step 0: A one-hot at the matched heads, W2 = b2 = 0, Wk' = 0
+    for layer in (1, 2):
+        a = start.adapter.tensors[tensor_name(layer, "align_a")]
+        assert torch.equal(a.sum(1), torch.ones(config.num_heads)) and set(a.unique().tolist()) == {0.0, 1.0}
+        matching = next(row["matching"] for row in start.selection if row["layer"] == layer)
+        assert a.argmax(1).tolist() == matching
+        for name in ("align_w2", "align_b2", "k_proj"):
+            assert not start.adapter.tensors[tensor_name(layer, name)].any()
+    fitted = _fit(config, t, tokenizer, layers=[1, 2], steps=30, layerwise_steps=30, lr=5e-3)
+    assert fitted.quality["train_kl"] < 0.7 * start.quality["train_kl"]
+    e2e = fitted.losses["end_to_end"]
+    assert len(e2e) == 30 and sum(e2e[-5:]) < sum(e2e[:5])
+    # deterministic for a seed
+    again = _fit(config, t, tokenizer, layers=[1, 2], steps=30, layerwise_steps=30, lr=5e-3)
+    assert all(torch.equal(again.adapter.tensors[k], v) for k, v in fitted.adapter.tensors.items())
+
+
+def test_fit_selects_by_ratio_and_min_layer(tiny):
+    directory, config, t = tiny
+    tokenizer = load_model_dir(directory).tokenizer
+    result = _fit(config, t, tokenizer, ratio=0.34, steps=0, layerwise_steps=0)
+    assert len(result.adapter.config.layers) == 1
+    best = min(result.selection, key=lambda row: row["jsd_matched"])["layer"]
+    assert result.adapter.config.layers == [best]
+    assert [row["layer"] for row in result.selection] == [1, 2]
+    assert _fit(config, t, tokenizer, ratio=0.34, min_layer=2, steps=0, layerwise_steps=0).adapter.config.layers == [2]
