@@ -43,7 +43,7 @@ def weights_of(model) -> list[torch.Tensor]:
     if model.lm_head is not model.embed:
         tensors.append(model.lm_head)
     for layer in model.layers:
-        tensors.extend(vars(layer).values())
+        tensors.extend(v for v in vars(layer).values() if isinstance(v, torch.Tensor))
     return tensors
 
 

