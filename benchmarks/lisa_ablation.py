@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--calibration", required=True, help="text the variants are fitted on")
     parser.add_argument("--held-out", required=True, help="text they are scored on")
     parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N held-out tokens")
     parser.add_argument("--ratios", default="0.3,0.53,0.7", help="layer ratios of the full-LiSA rows")
     parser.add_argument("--main-ratio", type=float, default=0.53, help="ratio of the variant rows")
     parser.add_argument("--steps", type=int, default=50, help="end-to-end steps per variant")
@@ -60,7 +61,7 @@ def main() -> int:
     tokenizer = base.tokenizer
     calibration = make_sequences(tokenizer, [Path(args.calibration).read_text(encoding="utf-8")],
                                  args.seq_len, args.max_sequences)
-    held_out = tokenizer.encode(Path(args.held_out).read_text(encoding="utf-8"))
+    held_out = tokenizer.encode(Path(args.held_out).read_text(encoding="utf-8"))[: args.max_tokens]
     kv_base = config.kv_bytes_per_token(2)
 
     rows = []
@@ -100,7 +101,8 @@ def main() -> int:
     print(f"\nLiSA ablation, {args.model}, held-out {Path(args.held_out).name} ({rows[0]['tokens']} tokens, "
           f"ctx {args.ctx}), {machine_name()}")
     print(f"fitting per variant: {args.layerwise_steps} layer-wise steps per layer, {args.steps} end-to-end "
-          f"steps, {len(calibration)} x {args.seq_len}-token calibration sequences\n")
+          f"steps, {len(calibration)} x {args.seq_len}-token calibration sequences")
+    print(f"command: python benchmarks/lisa_ablation.py {' '.join(sys.argv[1:])}\n")
     print("| variant | LiSA layers | held-out ppl | vs base | KV B/token (bf16) |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:

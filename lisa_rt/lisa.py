@@ -134,10 +134,8 @@ def find_adapter(model_dir: Path | None, model: ModelConfig, lisa=None) -> Adapt
     lisa.safetensors beside it), lisa=False none, a path that file or directory."""
     if lisa is False:
         return None
-    if lisa is None or lisa is True:
+    if lisa is None:
         if model.lisa is None or model_dir is None:
-            if lisa is True:
-                raise AdapterError(f"{model_dir}: the model has no LiSA adapter of its own")
             return None
         return load_adapter(Path(model_dir) / ADAPTER_FILE, model)
     return load_adapter(lisa, model)

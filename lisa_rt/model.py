@@ -97,6 +97,8 @@ class Model:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
+        if adapter is not None:
+            adapter.validate(config)
         self.adapter = adapter
         self.lisa = adapter.config if adapter is not None else None
         lisa_layers = set(self.lisa.layers) if self.lisa is not None else set()

@@ -25,13 +25,6 @@ PROMPT = "The model reads"
 
 # --- helpers ----------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def lisa_home(tmp_path, monkeypatch):
-    home = tmp_path / "lisa-home"
-    monkeypatch.setenv("LISA_RT_HOME", str(home))
-    return home
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=4)

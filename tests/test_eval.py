@@ -37,11 +37,6 @@ PROSE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def lisa_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "lisa-home"))
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """(transformers model, lisa-rt model) on the same random weights."""

@@ -16,11 +16,6 @@ pytest.importorskip("transformers")
 FIT = ("--steps", 3, "--layerwise-steps", 3, "--seq-len", 64, "--batch-size", 2)
 
 
-@pytest.fixture(autouse=True)
-def lisa_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "lisa-home"))
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """(tiny base model dir, a copy that owns a fitted adapter, the adapter file, fit's stdout)."""
