@@ -43,8 +43,9 @@ def main() -> int:
     parser.add_argument("--held-out", required=True, help="text they are scored on")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N held-out tokens")
-    parser.add_argument("--ratios", default="0.3,0.53,0.7", help="layer ratios of the full-LiSA rows")
-    parser.add_argument("--main-ratio", type=float, default=0.53, help="ratio of the variant rows")
+    parser.add_argument("--ratios", default="0.3,0.55,0.7", help="layer ratios of the full-LiSA rows")
+    parser.add_argument("--main-ratio", type=float, default=0.55,
+                        help="ratio of the variant rows (0.55 of 30 layers: 16, the shipped adapter's count)")
     parser.add_argument("--steps", type=int, default=50, help="end-to-end steps per variant")
     parser.add_argument("--layerwise-steps", type=int, default=150)
     parser.add_argument("--max-sequences", type=int, default=64)
@@ -84,16 +85,14 @@ def main() -> int:
         score(name, result.adapter, round(time.perf_counter() - started, 1))
 
     score("base", None, None)
-    main_pct = round(100 * args.main_ratio)
     untrained = dict(steps=0, layerwise_steps=0, train_aligner=False, train_delta=False)
-    fitted(f"same head, direct sharing ({main_pct}%)", args.main_ratio, matched_heads=False,
-           **untrained)
-    fitted(f"matched heads, direct sharing ({main_pct}%)", args.main_ratio, **untrained)
-    fitted(f"matched heads + FFN ({main_pct}%)", args.main_ratio, train_delta=False)
+    fitted("same head, direct sharing", args.main_ratio, matched_heads=False, **untrained)
+    fitted("matched heads, direct sharing", args.main_ratio, **untrained)
+    fitted("matched heads + FFN", args.main_ratio, train_delta=False)
     for ratio in sorted({float(r) for r in args.ratios.split(",")} | {args.main_ratio}):
-        fitted(f"full LiSA ({round(100 * ratio)}%)", ratio)
+        fitted("full LiSA", ratio)
     shallow = config.num_layers // 3
-    fitted(f"full LiSA ({main_pct}%), layers < {shallow} excluded", args.main_ratio, min_layer=shallow)
+    fitted(f"full LiSA, layers < {shallow} excluded", args.main_ratio, min_layer=shallow)
     if args.shipped:
         score("shipped adapter", load_adapter(args.shipped, config), None)
 

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: .txt or .jsonl files; 'self' samples text from the model")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--ratio", type=_fraction, default=None,
-                       help="fraction of the layers to make LiSA, the most shareable first (0.6)")
+                       help="make floor(RATIO x layers) layers LiSA, the most shareable first (0.6)")
     which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
     p.add_argument("--min-layer", type=_positive_int, default=1,
                    help="shallowest layer --ratio may choose (1; shallow layers are fragile)")

@@ -43,7 +43,7 @@ SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "Wh
 @dataclass
 class FitOptions:
     layers: list[int] | None = None      # explicit LiSA layers; otherwise chosen by ratio
-    ratio: float = 0.6
+    ratio: float = 0.6                   # floor(ratio x num_layers) LiSA layers
     min_layer: int = 1                   # shallowest layer that may become LiSA
     rank: int | None = None              # default: max(8, head_dim / 8)
     align_hidden: int | None = None      # default: num_heads

@@ -163,29 +163,38 @@ def install_adapter(model_dir: str | os.PathLike, adapter: Adapter, model: Model
 
 # --- head matching and initialisation ---
 
+def xlogx(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a > 0, a * a.clamp_min(1e-30).log(), 0.0)
+
+
 def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """JS divergence (nats) between distributions along the last dim; zeros are fine."""
-    m = 0.5 * (p + q)
+    """JS divergence (nats) between distributions along the last dim; zeros are fine.
 
-    def kl(a: torch.Tensor) -> torch.Tensor:
-        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log()), 0.0).sum(-1)
+    JS = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; sums accumulate in float64.
+    """
+    def neg_entropy(a: torch.Tensor) -> torch.Tensor:
+        return xlogx(a).sum(-1, dtype=torch.float64)
 
-    return 0.5 * (kl(p) + kl(q))
+    return 0.5 * (neg_entropy(p) + neg_entropy(q)) - neg_entropy(0.5 * (p + q))
 
 
 def head_divergence(prev_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """[h, h_prev] mean JS divergence between head hd of a layer and head e of the layer before.
 
     prev_probs [..., h_prev, n, n], probs [..., h, n, n]: causal attention distributions, with
-    any leading batch dims averaged over.
+    any leading batch dims averaged over. Each head's own entropy term is computed once, so a
+    pair costs one pass over its mixture.
     """
     p = probs.flatten(0, -4) if probs.dim() > 3 else probs[None]
     q = prev_probs.flatten(0, -4) if prev_probs.dim() > 3 else prev_probs[None]
     heads, prev_heads = p.shape[1], q.shape[1]
+    p_terms = [xlogx(p[:, hd]).sum(-1, dtype=torch.float64) for hd in range(heads)]
+    q_terms = [xlogx(q[:, e]).sum(-1, dtype=torch.float64) for e in range(prev_heads)]
     out = torch.empty(heads, prev_heads, dtype=torch.float64)
     for hd in range(heads):
         for e in range(prev_heads):
-            out[hd, e] = jensen_shannon(p[:, hd].double(), q[:, e].double()).mean()
+            mixture = xlogx(0.5 * (p[:, hd] + q[:, e])).sum(-1, dtype=torch.float64)
+            out[hd, e] = (0.5 * (p_terms[hd] + q_terms[e]) - mixture).mean()
     return out
 
 
