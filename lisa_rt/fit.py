@@ -162,6 +162,7 @@ class DenseModel:
         self.cos_sin = reference.rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                                     config.rope_theta, config.rope_scaling).to(device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self._lisa_cos_sin: dict[int, torch.Tensor] = {}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.t["embed.weight"][ids]
@@ -220,12 +221,12 @@ class DenseModel:
         return self.head(hidden)
 
     def lisa_cos_sin(self, rank: int) -> torch.Tensor:
-        if getattr(self, "_lisa_rank", None) != rank:
+        """The RoPE table of rank-r heads (q', k'), made once per rank."""
+        if rank not in self._lisa_cos_sin:
             c = self.config
-            self._lisa_cos_sin = reference.rope_cos_sin_cache(rank, c.max_position_embeddings, c.rope_theta,
-                                                              c.rope_scaling).to(self.device)
-            self._lisa_rank = rank
-        return self._lisa_cos_sin
+            self._lisa_cos_sin[rank] = reference.rope_cos_sin_cache(
+                rank, c.max_position_embeddings, c.rope_theta, c.rope_scaling).to(self.device)
+        return self._lisa_cos_sin[rank]
 
 
 def causal_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ class LisaLayer(torch.nn.Module):
         if not delta:
             return aligned
         batch, n = x.shape[:2]
-        q = rotate(( x @ self.q_proj.T).view(batch, n, -1, rank), cos_sin)
+        q = rotate((x @ self.q_proj.T).view(batch, n, -1, rank), cos_sin)
         k = rotate((x @ self.k_proj.T).view(batch, n, num_kv_heads, rank), cos_sin)
         k = k.repeat_interleave(q.shape[2] // num_kv_heads, dim=2)
         return aligned + torch.einsum("bqhr,bkhr->bhqk", q, k) / math.sqrt(rank)
