@@ -157,7 +157,7 @@ class Model:
     def kv_bytes_per_token(self) -> int:
         return self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size(), self.lisa)
 
-    def workspace(self, tokens: int, max_keys: int = 0) -> dict[str, torch.Tensor]:
+    def workspace(self, tokens: int, max_keys: int = 0) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Activation buffers for `tokens` tokens, reused across passes; with LiSA layers also the
         two float32 logits buffers ("scores") of [tokens, heads, max_keys] that layers hand on.
 
