@@ -428,8 +428,11 @@ def cmd_fit(args) -> int:
     from .checkpoint import load_config, load_tensors
     from .fit import FitOptions, Fitter, make_sequences, read_texts, sample_self_texts
     from .lisa import ADAPTER_FILE, install_adapter, save_adapter
-    from .model import load_model_dir, parse_device
+    import torch
+
+    from .model import Model, parse_device
     from .registry import resolve_model
+    from .tokenizer import load_tokenizer
 
     files = [name for name in args.data if name != "self"]
     texts = read_texts(files)  # fail on bad data before the (slow) model load
@@ -448,13 +451,14 @@ def cmd_fit(args) -> int:
     options.validate(config)
     if args.layers is not None and (args.layers[0] < 1 or args.layers[-1] >= config.num_layers):
         raise UserError(f"--layers must be in 1..{config.num_layers - 1} (layer 0 is never LiSA)")
-    model = load_model_dir(model_dir, device=device, dtype="float32", lisa=False)
+    tensors = load_tensors(model_dir, config)
+    tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
     if "self" in args.data:
         print(f"sampling {args.self_samples} calibration texts from the model ...", file=sys.stderr)
+        model = Model(config, tensors, device, torch.float32, tokenizer=tokenizer)
         texts += sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
-    sequences = make_sequences(model.tokenizer, texts, args.seq_len, args.max_sequences)
-    tensors = load_tensors(model_dir, config)
-    del model
+        del model
+    sequences = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
     result = Fitter(config, tensors, sequences, options, device).run()
     adapter = result.adapter
     adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]

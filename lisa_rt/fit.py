@@ -204,8 +204,6 @@ class DenseModel:
         residual, its normed input and its attention logits (pre-mask) as they are computed."""
         c = self.config
         lisa = lisa or {}
-        n = ids.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
         hidden = self.embed(ids)
         logits = None
         for layer in range(c.num_layers):
@@ -216,8 +214,7 @@ class DenseModel:
                 logits = self.own_logits(layer, x)
             if on_layer is not None:
                 on_layer(layer, hidden, x, logits)
-            probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-            hidden = self.finish_layer(layer, hidden, x, probs)
+            hidden = self.finish_layer(layer, hidden, x, causal_probs(logits))
         return self.head(hidden)
 
     def lisa_cos_sin(self, rank: int) -> torch.Tensor:
@@ -314,6 +311,7 @@ class Fitter:
         losses = []
         cos_sin = dense.lisa_cos_sin(self.rank)
         bar = self._bar(o.layerwise_steps * len(layers), "fit: layer-wise")
+        handed_on = {}  # a fitted LiSA layer -> the logits it hands to the LiSA layer after it
         for layer in layers:
             params = self.trainable(modules[layer])
             if not params or o.layerwise_steps == 0:
@@ -321,7 +319,9 @@ class Fitter:
             x_all = dense.normed(layer, states[layer])
             with torch.no_grad():
                 target_all = dense.own_logits(layer, x_all)
-                prev_all = self._input_logits(layer, modules, states)
+                prev = layer - 1
+                prev_all = (handed_on.pop(prev) if prev in modules
+                            else dense.own_logits(prev, dense.normed(prev, states[prev])))
             optimizer = torch.optim.Adam(params, lr=o.lr * 5)
             last = 0.0
             for step in range(o.layerwise_steps):
@@ -335,19 +335,11 @@ class Fitter:
                 bar.update(1)
                 bar.set_postfix(layer=layer, loss=f"{last:.4f}")
             losses.append(last)
+            if layer + 1 in modules:  # a chain: the next layer reads what this one makes, once fitted
+                with torch.no_grad():
+                    handed_on[layer] = modules[layer].scores(prev_all, x_all, cos_sin, c.num_kv_heads, self.rank)
         bar.close()
         return losses
-
-    @torch.no_grad()
-    def _input_logits(self, layer: int, modules: dict[int, LisaLayer], states: list[torch.Tensor]) -> torch.Tensor:
-        """The logits layer `layer` receives: the teacher's own of layer-1, or, when layer-1 is
-        LiSA itself, what its (already fitted) adapter makes of its own input logits."""
-        prev = layer - 1
-        x = self.dense.normed(prev, states[prev])
-        if prev not in modules:
-            return self.dense.own_logits(prev, x)
-        return modules[prev].scores(self._input_logits(prev, modules, states), x,
-                                    self.dense.lisa_cos_sin(self.rank), self.config.num_kv_heads, self.rank)
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,27 +390,21 @@ class Fitter:
         return losses
 
     @torch.no_grad()
-    def next_token_kl(self, ids: torch.Tensor, modules: dict[int, LisaLayer]) -> float:
-        """Mean KL(teacher || LiSA model) of the next-token distributions over ids, in nats."""
-        total, count = 0.0, 0
+    def compare(self, ids: torch.Tensor, modules: dict[int, LisaLayer]) -> dict[str, float]:
+        """Perplexity of the base model and of the LiSA model over ids, and the mean KL(base ||
+        LiSA) of their next-token distributions (nats), from one pass of each per batch."""
+        base_nll = lisa_nll = kl = 0.0
         for start in range(0, len(ids), self.options.batch_size):
             batch = ids[start : start + self.options.batch_size]
             teacher = torch.log_softmax(self.dense.forward(batch), dim=-1)
             student = torch.log_softmax(self.dense.forward(batch, modules, self.rank), dim=-1)
-            total += float((teacher.exp() * (teacher - student)).sum(-1).double().sum())
-            count += batch.numel()
-        return total / count
-
-    @torch.no_grad()
-    def perplexity(self, ids: torch.Tensor, modules: dict[int, LisaLayer] | None = None) -> float:
-        total, count = 0.0, 0
-        for start in range(0, len(ids), self.options.batch_size):
-            batch = ids[start : start + self.options.batch_size]
-            logits = self.dense.forward(batch, modules, self.rank)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None])
-            total -= float(logp.double().sum())
-            count += logp.numel()
-        return math.exp(total / count)
+            kl += float((teacher.exp() * (teacher - student)).sum(-1).double().sum())
+            targets = batch[:, 1:, None]
+            base_nll -= float(teacher[:, :-1].gather(-1, targets).double().sum())
+            lisa_nll -= float(student[:, :-1].gather(-1, targets).double().sum())
+        predictions = ids[:, 1:].numel()
+        return {"base_ppl": math.exp(base_nll / predictions), "lisa_ppl": math.exp(lisa_nll / predictions),
+                "kl": kl / ids.numel()}
 
     def run(self) -> FitResult:
         o, c = self.options, self.config
@@ -441,8 +427,8 @@ class Fitter:
         layerwise = self.fit_layerwise(layers, modules, states)
         del states
         end_to_end = self.fit_end_to_end(modules)
-        base_ppl = self.perplexity(self.held_out)
-        lisa_ppl = self.perplexity(self.held_out, modules)
+        held_out = self.compare(self.held_out, modules)
+        train = self.compare(self.train[:KL_SEQUENCES], modules)
         tensors = {}
         for layer, module in modules.items():
             tensors.update(module.tensors(layer))
@@ -451,10 +437,10 @@ class Fitter:
                            "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
                            "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
                            "seconds": round(time.perf_counter() - started, 1)}
-        quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(base_ppl, 4),
-                   "lisa_ppl": round(lisa_ppl, 4), "ppl_ratio": round(lisa_ppl / base_ppl, 4),
-                   "held_out_kl": round(self.next_token_kl(self.held_out, modules), 5),
-                   "train_kl": round(self.next_token_kl(self.train[:KL_SEQUENCES], modules), 5)}
+        quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
+                   "lisa_ppl": round(held_out["lisa_ppl"], 4),
+                   "ppl_ratio": round(held_out["lisa_ppl"] / held_out["base_ppl"], 4),
+                   "held_out_kl": round(held_out["kl"], 5), "train_kl": round(train["kl"], 5)}
         lisa_config.quality = quality
         adapter = Adapter(lisa_config, {name: t.cpu() for name, t in tensors.items()})
         adapter.validate(c)

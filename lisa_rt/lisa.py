@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import reference
 from .config import ConfigError, LisaConfig, ModelConfig
 from .errors import UserError
 
@@ -167,23 +168,12 @@ def xlogx(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > 0, a * a.clamp_min(1e-30).log(), 0.0)
 
 
-def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """JS divergence (nats) between distributions along the last dim; zeros are fine.
-
-    JS = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; sums accumulate in float64.
-    """
-    def neg_entropy(a: torch.Tensor) -> torch.Tensor:
-        return xlogx(a).sum(-1, dtype=torch.float64)
-
-    return 0.5 * (neg_entropy(p) + neg_entropy(q)) - neg_entropy(0.5 * (p + q))
-
-
 def head_divergence(prev_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """[h, h_prev] mean JS divergence between head hd of a layer and head e of the layer before.
 
     prev_probs [..., h_prev, n, n], probs [..., h, n, n]: causal attention distributions, with
-    any leading batch dims averaged over. Each head's own entropy term is computed once, so a
-    pair costs one pass over its mixture.
+    any leading batch dims averaged over. JS(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2:
+    each head's own entropy term is computed once, so a pair costs one pass over its mixture.
     """
     p = probs.flatten(0, -4) if probs.dim() > 3 else probs[None]
     q = prev_probs.flatten(0, -4) if prev_probs.dim() > 3 else prev_probs[None]
@@ -239,9 +229,7 @@ class LisaLayer(torch.nn.Module):
 
 
 def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (rotate-half) of x [B, n, heads, dim] at positions 0..n-1; cos_sin [>= n, dim]."""
-    half = x.shape[-1] // 2
-    cos = cos_sin[: x.shape[1], :half][None, :, None, :]
-    sin = cos_sin[: x.shape[1], half:][None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """reference.rotary_embedding of x [B, n, heads, dim] at positions 0..n-1 of every sequence."""
+    batch, n = x.shape[:2]
+    positions = torch.arange(n, device=x.device).repeat(batch)
+    return reference.rotary_embedding(positions, x.reshape(batch * n, *x.shape[2:]), cos_sin).view(x.shape)
