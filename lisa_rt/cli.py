@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--ratio", type=_fraction, default=None,
                        help="make floor(RATIO x layers) layers LiSA, the most shareable first (0.6)")
     which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
+    p.add_argument("--select", choices=("fitted", "jsd"), default="fitted",
+                   help="how --ratio ranks layers: 'fitted' fits each layer alone and ranks by its cost to "
+                        "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
     p.add_argument("--min-layer", type=_positive_int, default=1,
                    help="shallowest layer --ratio may choose (1; shallow layers are fragile)")
     p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8))")
@@ -445,7 +448,7 @@ def cmd_fit(args) -> int:
         raise UserError(f"{out}: exists (use --force to replace it)")
     config = load_config(model_dir)
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,
-                         min_layer=args.min_layer, rank=args.rank, align_hidden=args.align_hidden,
+                         min_layer=args.min_layer, select=args.select, rank=args.rank, align_hidden=args.align_hidden,
                          steps=args.steps, layerwise_steps=args.layerwise_steps, seq_len=args.seq_len,
                          batch_size=args.batch_size, lr=args.lr, max_sequences=args.max_sequences, seed=args.seed)
     options.validate(config)
@@ -463,9 +466,10 @@ def cmd_fit(args) -> int:
     adapter = result.adapter
     adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]
     chosen = set(adapter.config.layers)
-    _write("layer  JSD same head  JSD matched  LiSA\n")
+    _write("layer  JSD same head  JSD matched  fitted KL  LiSA\n")
     for row in result.selection:
-        _write(f"{row['layer']:>5}  {row['jsd_same_head']:>13.4f}  {row['jsd_matched']:>11.4f}  "
+        fitted = f"{row['fitted_kl']:.4f}" if "fitted_kl" in row else "-"
+        _write(f"{row['layer']:>5}  {row['jsd_same_head']:>13.4f}  {row['jsd_matched']:>11.4f}  {fitted:>9}  "
                f"{'yes' if row['layer'] in chosen else ''}\n")
     if args.out is None:
         path = install_adapter(model_dir, adapter, config)

@@ -3,16 +3,23 @@
 1. Calibration: the data (text or JSONL files, or text the model samples itself) is tokenized
    into sequences of seq_len tokens; a tenth (at least one sequence) is held out to measure the
    result. The frozen base model (float32, dense, batched) is the teacher.
-2. Layer selection: for every layer l >= min_layer, the Jensen-Shannon divergence between each
-   head's attention and every head of layer l-1; a head's match is its closest head of l-1. The
-   layers whose matched divergence is lowest are the most shareable; the ratio picks how many.
+2. Head matching: for every layer l >= 1, the Jensen-Shannon divergence between each head's
+   attention and every head of layer l-1; a head's match is its closest head of l-1.
 3. Initialisation (DESIGN section 3): A one-hot at the matched heads, W2 = b2 = 0, Wk' = 0, so
    the adapter starts as direct sharing with rearranged heads.
-4. Layer-wise phase: each LiSA layer, in order, on the teacher's hidden states, is fitted so its
+4. Layer selection. select="fitted" (the default): every eligible layer is fitted alone (the
+   layer-wise fit below, from the teacher's logits of l-1) and scored by the KL of the model's
+   next-token distribution with only that layer LiSA, from the teacher's; the lowest scores win.
+   This measures what a fitted layer costs the model, which the divergence at step 0 does not
+   (a layer whose heads match well may still matter a lot downstream). select="jsd": the
+   lowest matched divergence wins, with no fitting (cheaper, worse).
+5. Layer-wise phase: each LiSA layer, in order, on the teacher's hidden states, is fitted so its
    attention distribution matches the teacher layer's own (KL); a chained layer reads the
-   fitted logits of the LiSA layer before it. Cheap: no pass through the whole model.
-5. End-to-end phase: the whole model with every LiSA layer, base weights frozen; loss = KL from
-   the teacher's next-token distribution (its top-k, cached once) plus attn_weight x the mean KL
+   fitted logits of the LiSA layer before it. Cheap: no pass through the whole model, and only
+   the first LAYERWISE_TOKENS of each sequence (the attention targets cost n^2).
+6. End-to-end phase: the whole model with every LiSA layer, base weights frozen; loss = KL from
+   the teacher's next-token distribution (its top-k, computed once per sequence the first time
+   the sequence is drawn) plus attn_weight x the mean KL
    of each LiSA layer's attention from the one its own Q/K would give on the same input.
 
 Everything runs in float32 on one device and is deterministic for a seed (on the same machine
@@ -36,6 +43,10 @@ from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer,
 
 TEACHER_TOP_K = 64
 KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
+SELECT_SEQUENCES = 16  # sequences whose teacher states drive head matching, selection, layer-wise fits
+PROBE_SEQUENCES = 4  # sequences that score each fitted layer's cost to the model's output
+LAYERWISE_TOKENS = 256  # the prefix of each sequence that head matching and layer-wise fits look at
+SELECTIONS = ("fitted", "jsd")
 SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "When", "History",
                 "Here is", "The city", "Many people", "It was", "Question:", "Dear", "Why", "How to")
 
@@ -55,6 +66,7 @@ class FitOptions:
     attn_weight: float = 0.1
     max_sequences: int = 256             # calibration sequences used at most
     seed: int = 0
+    select: str = "fitted"               # how layers are chosen when not given: see SELECTIONS
     matched_heads: bool = True           # False: A = identity (the same head index), for ablations
     train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
     train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
@@ -70,6 +82,8 @@ class FitOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8 or self.seq_len > config.max_position_embeddings:
             raise UserError(f"--seq-len must be in 8..{config.max_position_embeddings}, got {self.seq_len}")
+        if self.select not in SELECTIONS:
+            raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.rank is not None and (self.rank < 2 or self.rank % 2):
@@ -274,9 +288,9 @@ class Fitter:
     def select(self, states: list[torch.Tensor]) -> tuple[list[dict], dict[int, list[int]]]:
         """Divergence table of every layer >= 1 against the one before, and each one's head matching."""
         table, matching = [], {}
-        prev = causal_probs(self.dense.own_logits(0, self.dense.normed(0, states[0])))
+        prev = causal_probs(self.own_logits(0, states))
         for layer in range(1, self.config.num_layers):
-            probs = causal_probs(self.dense.own_logits(layer, self.dense.normed(layer, states[layer])))
+            probs = causal_probs(self.own_logits(layer, states))
             div = head_divergence(prev, probs)  # [h, h_prev]
             best = div.argmin(dim=1)
             matching[layer] = best.tolist()
@@ -284,6 +298,75 @@ class Fitter:
                           "jsd_matched": float(div.gather(1, best[:, None]).mean()), "matching": best.tolist()})
             prev = probs
         return table, matching
+
+    def new_module(self, layer: int, matching: dict[int, list[int]]) -> LisaLayer:
+        """A LiSA layer at its step-0 parameters, with only the trainable ones requiring grad."""
+        heads = matching[layer] if self.options.matched_heads else list(range(self.config.num_heads))
+        shapes = LisaConfig(layers=[layer], rank=self.rank, align_hidden=self.align_hidden)
+        module = LisaLayer(init_layer(self.config, shapes, heads, self.generator)).to(self.device)
+        module.requires_grad_(False)
+        for param in self.trainable(module):
+            param.requires_grad_(True)
+        return module
+
+    def trainable(self, layer: LisaLayer) -> list[torch.nn.Parameter]:
+        names = []
+        if self.options.train_aligner:
+            names += ["align_a", "align_w1", "align_b1", "align_w2", "align_b2"]
+        if self.options.train_delta:
+            names += ["q_proj", "k_proj"]
+        return [getattr(layer, name) for name in names]
+
+    def fit_layer(self, layer: int, module: LisaLayer, prev_logits: torch.Tensor, x: torch.Tensor,
+                  target: torch.Tensor, bar) -> float:
+        """The layer-wise fit of one LiSA layer: its attention towards target's, from prev_logits
+        (what layer-1 hands on) and its normed input x. Returns the last loss."""
+        o, c = self.options, self.config
+        params = self.trainable(module)
+        if not params:
+            return 0.0
+        cos_sin = self.dense.lisa_cos_sin(self.rank)
+        optimizer = torch.optim.Adam(params, lr=o.lr * 5)
+        last = 0.0
+        for _ in range(o.layerwise_steps):
+            pick = torch.randint(len(x), (o.batch_size,), generator=self.generator)
+            loss = attention_kl(target[pick], module.scores(prev_logits[pick], x[pick], cos_sin, c.num_kv_heads, self.rank))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            last = loss.item()
+            bar.update(1)
+            bar.set_postfix(layer=layer, loss=f"{last:.4f}")
+        return last
+
+    @torch.no_grad()
+    def own_logits(self, layer: int, states: list[torch.Tensor]) -> torch.Tensor:
+        return self.dense.own_logits(layer, self.dense.normed(layer, states[layer]))
+
+    def score_layers(self, table: list[dict], matching: dict[int, list[int]],
+                     states: list[torch.Tensor]) -> dict[int, LisaLayer]:
+        """Fits every eligible layer alone and records in its table row "fitted_kl": the mean KL
+        (nats per token) of the next-token distribution with only that layer LiSA, from the
+        teacher's, on probe sequences. Returns the fitted layers (the layer-wise phase goes on
+        from them)."""
+        o, dense = self.options, self.dense
+        probe = self.train[-PROBE_SEQUENCES:, :LAYERWISE_TOKENS]
+        with torch.no_grad():
+            teacher = torch.log_softmax(dense.forward(probe), dim=-1)
+        rows = [row for row in table if row["layer"] >= o.min_layer]
+        fitted = {}
+        bar = self._bar(o.layerwise_steps * len(rows), "fit: scoring layers")
+        for row in rows:
+            layer = row["layer"]
+            module = self.new_module(layer, matching)
+            x = dense.normed(layer, states[layer])
+            self.fit_layer(layer, module, self.own_logits(layer - 1, states), x, self.own_logits(layer, states), bar)
+            with torch.no_grad():
+                student = torch.log_softmax(dense.forward(probe, {layer: module}, self.rank), dim=-1)
+                row["fitted_kl"] = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+            fitted[layer] = module
+        bar.close()
+        return fitted
 
     def choose_layers(self, table: list[dict]) -> list[int]:
         o = self.options
@@ -294,63 +377,38 @@ class Fitter:
         if count > len(eligible):
             raise UserError(f"--ratio {o.ratio} asks for {count} LiSA layers but only {len(eligible)} "
                             f"layers are eligible (--min-layer {o.min_layer})")
-        ranked = sorted(eligible, key=lambda row: row["jsd_matched"])
+        key = "fitted_kl" if o.select == "fitted" else "jsd_matched"
+        ranked = sorted(eligible, key=lambda row: row[key])
         return sorted(row["layer"] for row in ranked[:count])
 
-    def trainable(self, layer: LisaLayer) -> list[torch.nn.Parameter]:
-        names = []
-        if self.options.train_aligner:
-            names += ["align_a", "align_w1", "align_b1", "align_w2", "align_b2"]
-        if self.options.train_delta:
-            names += ["q_proj", "k_proj"]
-        return [getattr(layer, name) for name in names]
-
-    def fit_layerwise(self, layers: list[int], modules: dict[int, LisaLayer], states: list[torch.Tensor]) -> list[float]:
-        """Each LiSA layer in order, on teacher hidden states, towards the teacher layer's attention."""
-        o, c, dense = self.options, self.config, self.dense
+    def fit_layerwise(self, modules: dict[int, LisaLayer], states: list[torch.Tensor], done: set[int]) -> list[float]:
+        """Each LiSA layer in order, on teacher hidden states, towards the teacher layer's attention.
+        A layer in done was already fitted from the teacher's logits of l-1 and is left as it is
+        unless l-1 is LiSA too: then it goes on fitting from what l-1 hands on."""
+        c, dense = self.config, self.dense
+        layers = sorted(modules)
         losses = []
         cos_sin = dense.lisa_cos_sin(self.rank)
-        bar = self._bar(o.layerwise_steps * len(layers), "fit: layer-wise")
+        todo = [layer for layer in layers if layer not in done or layer - 1 in modules]
+        bar = self._bar(self.options.layerwise_steps * len(todo), "fit: layer-wise")
         handed_on = {}  # a fitted LiSA layer -> the logits it hands to the LiSA layer after it
         for layer in layers:
-            params = self.trainable(modules[layer])
-            if not params or o.layerwise_steps == 0:
-                continue
-            x_all = dense.normed(layer, states[layer])
-            with torch.no_grad():
-                target_all = dense.own_logits(layer, x_all)
-                prev = layer - 1
-                prev_all = (handed_on.pop(prev) if prev in modules
-                            else dense.own_logits(prev, dense.normed(prev, states[prev])))
-            optimizer = torch.optim.Adam(params, lr=o.lr * 5)
-            last = 0.0
-            for step in range(o.layerwise_steps):
-                pick = torch.randint(len(x_all), (o.batch_size,), generator=self.generator)
-                logits = modules[layer].scores(prev_all[pick], x_all[pick], cos_sin, c.num_kv_heads, self.rank)
-                loss = attention_kl(target_all[pick], logits)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                last = loss.item()
-                bar.update(1)
-                bar.set_postfix(layer=layer, loss=f"{last:.4f}")
-            losses.append(last)
+            x = dense.normed(layer, states[layer])
+            prev = layer - 1
+            prev_logits = handed_on.pop(prev) if prev in modules else self.own_logits(prev, states)
+            if layer in todo:
+                losses.append(self.fit_layer(layer, modules[layer], prev_logits, x, self.own_logits(layer, states), bar))
             if layer + 1 in modules:  # a chain: the next layer reads what this one makes, once fitted
                 with torch.no_grad():
-                    handed_on[layer] = modules[layer].scores(prev_all, x_all, cos_sin, c.num_kv_heads, self.rank)
+                    handed_on[layer] = modules[layer].scores(prev_logits, x, cos_sin, c.num_kv_heads, self.rank)
         bar.close()
         return losses
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k next-token probabilities of the teacher (renormalised): (indices, probs) [N, n, k]."""
-        indices, probs = [], []
-        for start in range(0, len(ids), self.options.batch_size):
-            logits = self.dense.forward(ids[start : start + self.options.batch_size])
-            top = torch.log_softmax(logits, dim=-1).topk(TEACHER_TOP_K, dim=-1)
-            indices.append(top.indices)
-            probs.append(torch.softmax(top.values, dim=-1))
-        return torch.cat(indices), torch.cat(probs)
+        """Top-k next-token probabilities of the teacher (renormalised): (indices, probs) [B, n, k]."""
+        top = torch.log_softmax(self.dense.forward(ids), dim=-1).topk(TEACHER_TOP_K, dim=-1)
+        return top.indices, torch.softmax(top.values, dim=-1)
 
     def fit_end_to_end(self, modules: dict[int, LisaLayer]) -> list[float]:
         o = self.options
@@ -358,15 +416,21 @@ class Fitter:
         if not params or o.steps == 0:
             return []
         bar = self._bar(o.steps, "fit: end-to-end")
-        bar.set_description("fit: teacher targets")
-        indices, probs = self.teacher_targets(self.train)
-        bar.set_description("fit: end-to-end")
         optimizer = torch.optim.Adam(params, lr=o.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, o.steps) / o.steps)))
+        # The teacher's top-k for a sequence is made the first time it is drawn: a short fit on a
+        # large corpus never pays for the sequences it does not draw.
+        targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         losses = []
         for step in range(o.steps):
-            pick = torch.randint(len(self.train), (o.batch_size,), generator=self.generator)
+            pick = torch.randint(len(self.train), (o.batch_size,), generator=self.generator).tolist()
+            new = sorted(set(i for i in pick if i not in targets))
+            if new:
+                indices, probs = self.teacher_targets(self.train[new])
+                targets.update((i, (indices[n], probs[n])) for n, i in enumerate(new))
+            indices = torch.stack([targets[i][0] for i in pick])
+            probs = torch.stack([targets[i][1] for i in pick])
             attn_terms = []
 
             def on_layer(layer, hidden, x, logits):
@@ -376,8 +440,8 @@ class Fitter:
                     attn_terms.append(attention_kl(own, logits))
 
             logits = self.dense.forward(self.train[pick], modules, self.rank, on_layer=on_layer)
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, indices[pick])
-            distill = -(probs[pick] * logp).sum(-1).mean()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, indices)
+            distill = -(probs * logp).sum(-1).mean()
             loss = distill + o.attn_weight * torch.stack(attn_terms).mean() if attn_terms else distill
             optimizer.zero_grad()
             loss.backward()
@@ -410,21 +474,16 @@ class Fitter:
         o, c = self.options, self.config
         torch.manual_seed(o.seed)
         started = time.perf_counter()
-        # A few sequences suffice to rank layers and match heads.
-        states = self.teacher_states(self.train[: min(len(self.train), 8)])
+        # A few sequence prefixes suffice to match heads, score layers and fit them one by one.
+        states = self.teacher_states(self.train[:SELECT_SEQUENCES, :LAYERWISE_TOKENS])
         table, matching = self.select(states)
+        fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
         layers = self.choose_layers(table)
         lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
         lisa_config.validate(c)
-        identity = list(range(c.num_heads))
-        modules = {layer: LisaLayer(init_layer(c, lisa_config, matching[layer] if o.matched_heads else identity,
-                                               self.generator)).to(self.device)
-                   for layer in layers}
-        for module in modules.values():
-            module.requires_grad_(False)
-            for param in self.trainable(module):
-                param.requires_grad_(True)
-        layerwise = self.fit_layerwise(layers, modules, states)
+        modules = {layer: fitted[layer] if layer in fitted else self.new_module(layer, matching) for layer in layers}
+        layerwise = self.fit_layerwise(modules, states, done=set(fitted))
+        del fitted
         del states
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
@@ -436,6 +495,7 @@ class Fitter:
                            "steps": o.steps, "layerwise_steps": o.layerwise_steps, "batch_size": o.batch_size,
                            "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
                            "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
+                           "select": None if o.layers is not None else o.select,
                            "seconds": round(time.perf_counter() - started, 1)}
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
                    "lisa_ppl": round(held_out["lisa_ppl"], 4),

@@ -38,7 +38,7 @@ def test_fit_prints_the_selection_and_writes_the_adapter(run, fitted, tmp_path):
     rc, stdout, err = run("fit", base, "--data", data, "--ratio", 0.6, "--out", out, *FIT)
     assert rc == 0, err
     lines = stdout.splitlines()
-    assert lines[0].split() == ["layer", "JSD", "same", "head", "JSD", "matched", "LiSA"]
+    assert lines[0].split() == ["layer", "JSD", "same", "head", "JSD", "matched", "fitted", "KL", "LiSA"]
     assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
     assert "1 of 3 layers LiSA" in lines[-1] and str(out) in lines[-1]
     assert out.is_file() and not (base / ADAPTER_FILE).exists()  # --out leaves the model alone

@@ -10,6 +10,7 @@ import torch
 from lisa_rt import SamplingParams, generate, reference
 from lisa_rt.checkpoint import load_config, load_tensors
 from lisa_rt.config import LisaConfig
+from lisa_rt.errors import UserError
 from lisa_rt.fit import FitOptions, Fitter, make_sequences
 from lisa_rt.kv_cache import BlockTable
 from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, find_adapter, install_adapter, load_adapter,
@@ -250,9 +251,18 @@ def test_fit_lowers_the_loss_and_starts_as_matched_sharing(tiny):
 def test_fit_selects_by_ratio_and_min_layer(tiny):
     directory, config, t = tiny
     tokenizer = load_model_dir(directory).tokenizer
-    result = _fit(config, t, tokenizer, ratio=0.34, steps=0, layerwise_steps=0)
-    assert len(result.adapter.config.layers) == 1
-    best = min(result.selection, key=lambda row: row["jsd_matched"])["layer"]
-    assert result.adapter.config.layers == [best]
-    assert [row["layer"] for row in result.selection] == [1, 2]
+    by_jsd = _fit(config, t, tokenizer, ratio=0.34, select="jsd", steps=0, layerwise_steps=0)
+    assert len(by_jsd.adapter.config.layers) == 1
+    best = min(by_jsd.selection, key=lambda row: row["jsd_matched"])["layer"]
+    assert by_jsd.adapter.config.layers == [best]
+    assert [row["layer"] for row in by_jsd.selection] == [1, 2]
+    assert all("fitted_kl" not in row for row in by_jsd.selection)
+    # the default: every eligible layer fitted alone and scored by its cost to the output
+    fitted = _fit(config, t, tokenizer, ratio=0.34, steps=0, layerwise_steps=10)
+    scores = {row["layer"]: row["fitted_kl"] for row in fitted.selection}
+    assert set(scores) == {1, 2} and all(score > 0 for score in scores.values())
+    assert fitted.adapter.config.layers == [min(scores, key=scores.get)]
+    assert fitted.losses["layerwise"] == []  # the chosen layer keeps the fit that scored it
     assert _fit(config, t, tokenizer, ratio=0.34, min_layer=2, steps=0, layerwise_steps=0).adapter.config.layers == [2]
+    with pytest.raises(UserError, match="--select"):
+        _fit(config, t, tokenizer, ratio=0.34, select="best")
