@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--layerwise-steps", type=int, default=150)
     parser.add_argument("--max-sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--select", choices=("fitted", "jsd"), default="fitted",
+                        help="how each variant's layers are chosen (lisa-rt fit --select)")
     parser.add_argument("--shipped", default=None, help="also score this adapter file (e.g. the shipped one)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -79,7 +81,7 @@ def main() -> int:
     def fitted(name: str, ratio: float, **kw) -> None:
         settings = {"steps": args.steps, "layerwise_steps": args.layerwise_steps, **kw}
         options = FitOptions(ratio=ratio, seq_len=args.seq_len, max_sequences=args.max_sequences,
-                             progress=False, **settings)
+                             select=args.select, progress=False, **settings)
         started = time.perf_counter()
         result = Fitter(config, tensors, calibration, options).run()
         score(name, result.adapter, round(time.perf_counter() - started, 1))
@@ -100,7 +102,7 @@ def main() -> int:
     print(f"\nLiSA ablation, {args.model}, held-out {Path(args.held_out).name} ({rows[0]['tokens']} tokens, "
           f"ctx {args.ctx}), {machine_name()}")
     print(f"fitting per variant: {args.layerwise_steps} layer-wise steps per layer, {args.steps} end-to-end "
-          f"steps, {len(calibration)} x {args.seq_len}-token calibration sequences")
+          f"steps, {len(calibration)} x {args.seq_len}-token calibration sequences, layers by --select {args.select}")
     print(f"command: python benchmarks/lisa_ablation.py {' '.join(sys.argv[1:])}\n")
     print("| variant | LiSA layers | held-out ppl | vs base | KV B/token (bf16) |")
     print("| --- | --- | --- | --- | --- |")

@@ -1,8 +1,8 @@
 """Fitting LiSA adapters to a model: layer selection, initialisation, distillation.
 
 1. Calibration: the data (text or JSONL files, or text the model samples itself) is tokenized
-   into sequences of seq_len tokens; a tenth (at least one sequence) is held out to measure the
-   result. The frozen base model (float32, dense, batched) is the teacher.
+   into sequences of seq_len tokens, shuffled; a tenth (at least one sequence) is held out to
+   measure the result. The frozen base model (float32, dense, batched) is the teacher.
 2. Head matching: for every layer l >= 1, the Jensen-Shannon divergence between each head's
    attention and every head of layer l-1; a head's match is its closest head of l-1.
 3. Initialisation (DESIGN section 3): A one-hot at the matched heads, W2 = b2 = 0, Wk' = 0, so
@@ -266,6 +266,8 @@ class Fitter:
         self.options = options
         self.device = torch.device(device)
         self.dense = DenseModel(config, tensors, self.device)
+        # Shuffled before the split so that every source (files, self samples) is in both halves.
+        sequences = sequences[torch.randperm(len(sequences), generator=torch.Generator().manual_seed(options.seed))]
         held = max(1, len(sequences) // 10)
         self.train, self.held_out = sequences[:-held].to(self.device), sequences[-held:].to(self.device)
         self.rank = options.rank or default_rank(config.head_dim)
@@ -393,6 +395,8 @@ class Fitter:
         bar = self._bar(self.options.layerwise_steps * len(todo), "fit: layer-wise")
         handed_on = {}  # a fitted LiSA layer -> the logits it hands to the LiSA layer after it
         for layer in layers:
+            if layer not in todo and layer + 1 not in modules:
+                continue  # fitted while scoring, and hands nothing on
             x = dense.normed(layer, states[layer])
             prev = layer - 1
             prev_logits = handed_on.pop(prev) if prev in modules else self.own_logits(prev, states)

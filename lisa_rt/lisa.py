@@ -213,9 +213,12 @@ class LisaLayer(torch.nn.Module):
     def scores(self, s_prev: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, num_kv_heads: int,
                rank: int, delta: bool = True) -> torch.Tensor:
         """S [B, h, n, n] from s_prev [B, h, n, n] and the normed hidden x [B, n, hidden]."""
-        a = s_prev.permute(0, 2, 3, 1)  # [B, n, n, h]
-        hidden = torch.nn.functional.silu(a @ self.align_w1.T + self.align_b1)
-        aligned = (a @ self.align_a.T + hidden @ self.align_w2.T + self.align_b2).permute(0, 3, 1, 2)
+        # The aligner mixes the head axis: as [B, h, n*n] each map is one GEMM over contiguous
+        # logits (a permute to [..., h] would copy them, several times over in the backward pass).
+        a = s_prev.flatten(2)
+        hidden = torch.nn.functional.silu(torch.matmul(self.align_w1, a) + self.align_b1[:, None])
+        aligned = torch.matmul(self.align_a, a) + torch.matmul(self.align_w2, hidden) + self.align_b2[:, None]
+        aligned = aligned.view(s_prev.shape)
         if not delta:
             return aligned
         batch, n = x.shape[:2]
