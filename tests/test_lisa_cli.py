@@ -107,6 +107,7 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--rank", "3"), ["--rank", "even"]),
     (("fit", "{base}", "--data", "{data}", "--seq-len", "4"), ["--seq-len"]),
     (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
+    (("fit", "{base}", "--data", "{data}", "--select", "best"), ["--select", "fitted", "jsd"]),
     (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
     (("fit", "{base}"), ["--data"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
