@@ -77,7 +77,7 @@ def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True)
     if not is_model_dir(target):
         convert(source, target, force=True, progress=progress)
     if name in BUNDLED_ADAPTERS:
-        install_bundled_adapter(target, BUNDLED_ADAPTERS[name])
+        install_bundled_adapter(target, bundled_adapter_path(BUNDLED_ADAPTERS[name]))
     return target
 
 
@@ -85,13 +85,22 @@ def bundled_adapter_path(file_name: str) -> Path:
     return Path(__file__).parent / "adapters" / file_name
 
 
-def install_bundled_adapter(model_dir: Path, file_name: str) -> None:
-    """Gives a converted alias model lisa-rt's fitted adapter, unless it has one of its own
-    (`lisa-rt fit` may have installed another)."""
+def install_bundled_adapter(model_dir: Path, bundled: Path) -> None:
+    """Gives a converted alias model lisa-rt's fitted adapter. The installed adapter records which
+    shipped file it came from (config.json["lisa"]["fit"]["shipped"]: name and content hash), so
+    a newer lisa-rt replaces the adapter an older one installed, but never one the user fitted
+    (`lisa-rt fit` without --out) or asked for elsewhere."""
+    import hashlib
+
     from .checkpoint import load_config
     from .lisa import install_adapter, load_adapter
 
     config = load_config(model_dir)
+    shipped = f"{bundled.name}@{hashlib.sha256(bundled.read_bytes()).hexdigest()[:16]}"
     if config.lisa is not None:
-        return
-    install_adapter(model_dir, load_adapter(bundled_adapter_path(file_name), config), config)
+        installed = (config.lisa.get("fit") or {}).get("shipped")
+        if installed is None or installed == shipped:
+            return
+    adapter = load_adapter(bundled, config)
+    adapter.config.fit["shipped"] = shipped
+    install_adapter(model_dir, adapter, config)

@@ -141,7 +141,7 @@ def test_default_model_runs_its_shipped_adapter(tmp_path):
     assert len(info["lisa_layers"]) >= 16 and info["config"]["num_layers"] == 30
     # The fitter's own held-out measurement, recorded in the adapter (the 1.05x goal is not met yet:
     # lisa_rt/adapters/README.md); this guards against a worse adapter being shipped.
-    assert info["lisa"]["quality"]["ppl_ratio"] < 1.15
+    assert info["lisa"]["quality"]["ppl_ratio"] < 1.10
     assert info["lisa"]["tokens_in_same_memory"] > 1.2
     rc, out, err = run_sub("generate", "--chat", "-p", "What is the capital of France?", "-n", 24, "--temp", 0,
                            home=home, timeout=600)

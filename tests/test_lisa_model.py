@@ -176,6 +176,30 @@ def test_adapter_round_trip_and_default(tiny, tmp_path):
     assert load_model_dir(model_dir, lisa=path).lisa.layers == [2]
 
 
+def test_bundled_adapter_is_upgraded_but_a_fitted_one_is_kept(tiny, tmp_path):
+    from lisa_rt.registry import install_bundled_adapter
+
+    directory, config, _ = tiny
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in directory.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    bundled = save_adapter(tmp_path / "shipped.safetensors", random_adapter(config, [2]), config)
+    install_bundled_adapter(model_dir, bundled)
+    first = json.loads((model_dir / "config.json").read_text())["lisa"]
+    assert first["layers"] == [2] and first["fit"]["shipped"].startswith("shipped.safetensors@")
+    stamp = (model_dir / ADAPTER_FILE).stat().st_mtime_ns
+    install_bundled_adapter(model_dir, bundled)  # the same shipped file: nothing is rewritten
+    assert (model_dir / ADAPTER_FILE).stat().st_mtime_ns == stamp
+    save_adapter(bundled, random_adapter(config, [1, 2], seed=1), config)  # a newer lisa-rt ships another
+    install_bundled_adapter(model_dir, bundled)
+    assert load_model_dir(model_dir).lisa.layers == [1, 2]
+    install_adapter(model_dir, random_adapter(config, [1], seed=2), config)  # the user's own fit
+    save_adapter(bundled, random_adapter(config, [2], seed=3), config)
+    install_bundled_adapter(model_dir, bundled)
+    assert load_model_dir(model_dir).lisa.layers == [1]
+
+
 def _write_adapter(path, tensors, metadata):
     from safetensors.torch import save_file
 
