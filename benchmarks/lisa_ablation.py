@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine_name  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.eval import perplexity  # noqa: E402
-from lisa_rt.fit import FitOptions, Fitter, make_sequences  # noqa: E402
+from lisa_rt.fit import SELECTIONS, FitOptions, Fitter, make_sequences  # noqa: E402
 from lisa_rt.lisa import load_adapter  # noqa: E402
 from lisa_rt.model import Model, load_model_dir  # noqa: E402
 from lisa_rt.registry import resolve_model  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--layerwise-steps", type=int, default=150)
     parser.add_argument("--max-sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--select", choices=("fitted", "jsd"), default="fitted",
+    parser.add_argument("--select", choices=SELECTIONS, default="fitted",
                         help="how each variant's layers are chosen (lisa-rt fit --select)")
     parser.add_argument("--shipped", default=None, help="also score this adapter file (e.g. the shipped one)")
     parser.add_argument("--json", default=None, help="write the results here")

@@ -246,6 +246,11 @@ def causal_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
+def next_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position [..., n] from log-probabilities over the vocabulary."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
 def attention_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal."""
     n = logits.shape[-1]
@@ -358,14 +363,17 @@ class Fitter:
         rows = [row for row in table if row["layer"] >= o.min_layer]
         fitted = {}
         bar = self._bar(o.layerwise_steps * len(rows), "fit: scoring layers")
+        # The rows are consecutive layers: one layer's own logits (its target) are the next one's input.
+        prev_logits = self.own_logits(rows[0]["layer"] - 1, states) if rows else None
         for row in rows:
             layer = row["layer"]
             module = self.new_module(layer, matching)
-            x = dense.normed(layer, states[layer])
-            self.fit_layer(layer, module, self.own_logits(layer - 1, states), x, self.own_logits(layer, states), bar)
+            own = self.own_logits(layer, states)
+            self.fit_layer(layer, module, prev_logits, dense.normed(layer, states[layer]), own, bar)
+            prev_logits = own
             with torch.no_grad():
                 student = torch.log_softmax(dense.forward(probe, {layer: module}, self.rank), dim=-1)
-                row["fitted_kl"] = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+                row["fitted_kl"] = float(next_token_kl(teacher, student).mean())
             fitted[layer] = module
         bar.close()
         return fitted
@@ -466,7 +474,7 @@ class Fitter:
             batch = ids[start : start + self.options.batch_size]
             teacher = torch.log_softmax(self.dense.forward(batch), dim=-1)
             student = torch.log_softmax(self.dense.forward(batch, modules, self.rank), dim=-1)
-            kl += float((teacher.exp() * (teacher - student)).sum(-1).double().sum())
+            kl += float(next_token_kl(teacher, student).double().sum())
             targets = batch[:, 1:, None]
             base_nll -= float(teacher[:, :-1].gather(-1, targets).double().sum())
             lisa_nll -= float(student[:, :-1].gather(-1, targets).double().sum())

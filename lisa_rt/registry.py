@@ -96,11 +96,12 @@ def install_bundled_adapter(model_dir: Path, bundled: Path) -> None:
     from .lisa import install_adapter, load_adapter
 
     config = load_config(model_dir)
+    installed = (config.lisa.get("fit") or {}).get("shipped") if config.lisa is not None else None
+    if config.lisa is not None and installed is None:
+        return  # the user's own adapter: the shipped file is not even read
     shipped = f"{bundled.name}@{hashlib.sha256(bundled.read_bytes()).hexdigest()[:16]}"
-    if config.lisa is not None:
-        installed = (config.lisa.get("fit") or {}).get("shipped")
-        if installed is None or installed == shipped:
-            return
+    if installed == shipped:
+        return
     adapter = load_adapter(bundled, config)
     adapter.config.fit["shipped"] = shipped
     install_adapter(model_dir, adapter, config)
