@@ -115,16 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--ratio", type=_fraction, default=None,
                        help="make floor(RATIO x layers) layers LiSA, the most shareable first (0.6)")
     which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
-    p.add_argument("--select", choices=("fitted", "jsd"), default="fitted",
+    p.add_argument("--init", default=None, metavar="ADAPTER",
+                   help="go on fitting this adapter end to end (its layers, rank and width; no selection "
+                        "or layer-wise phase)")
+    p.add_argument("--select", choices=("fitted", "jsd"), default=None,
                    help="how --ratio ranks layers: 'fitted' fits each layer alone and ranks by its cost to "
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
-    p.add_argument("--min-layer", type=_positive_int, default=1,
+    p.add_argument("--min-layer", type=_positive_int, default=None,
                    help="shallowest layer --ratio may choose (1; shallow layers are fragile)")
     p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8))")
     p.add_argument("--align-hidden", type=_positive_int, default=None,
                    help="width of the head aligner's FFN (default: the number of heads)")
     p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")
-    p.add_argument("--layerwise-steps", type=_non_negative_int, default=150,
+    p.add_argument("--layerwise-steps", type=_non_negative_int, default=None,
                    help="layer-wise steps per LiSA layer (150)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="calibration sequence length (256)")
     p.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per step (2)")
@@ -430,7 +433,7 @@ def cmd_fit(args) -> int:
 
     from .checkpoint import load_config, load_tensors
     from .fit import FitOptions, Fitter, make_sequences, read_texts, sample_self_texts
-    from .lisa import ADAPTER_FILE, install_adapter, save_adapter
+    from .lisa import ADAPTER_FILE, install_adapter, load_adapter, save_adapter
     import torch
 
     from .model import Model, parse_device
@@ -447,10 +450,22 @@ def cmd_fit(args) -> int:
     if out.exists() and not args.force:
         raise UserError(f"{out}: exists (use --force to replace it)")
     config = load_config(model_dir)
+    init = None
+    if args.init is not None:
+        shaping = [flag for flag, value in (("--layers", args.layers), ("--ratio", args.ratio), ("--rank", args.rank),
+                                            ("--align-hidden", args.align_hidden), ("--select", args.select),
+                                            ("--min-layer", args.min_layer),
+                                            ("--layerwise-steps", args.layerwise_steps)) if value is not None]
+        if shaping:
+            raise UserError(f"--init goes on from the adapter's own layers, rank and width: "
+                            f"{', '.join(shaping)} not allowed with it")
+        init = load_adapter(args.init, config)
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,
-                         min_layer=args.min_layer, select=args.select, rank=args.rank, align_hidden=args.align_hidden,
-                         steps=args.steps, layerwise_steps=args.layerwise_steps, seq_len=args.seq_len,
-                         batch_size=args.batch_size, lr=args.lr, max_sequences=args.max_sequences, seed=args.seed)
+                         min_layer=args.min_layer or 1, select=args.select or "fitted", rank=args.rank,
+                         align_hidden=args.align_hidden, steps=args.steps,
+                         layerwise_steps=150 if args.layerwise_steps is None else args.layerwise_steps,
+                         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                         max_sequences=args.max_sequences, seed=args.seed, init=init)
     options.validate(config)
     if args.layers is not None and (args.layers[0] < 1 or args.layers[-1] >= config.num_layers):
         raise UserError(f"--layers must be in 1..{config.num_layers - 1} (layer 0 is never LiSA)")
@@ -465,8 +480,11 @@ def cmd_fit(args) -> int:
     result = Fitter(config, tensors, sequences, options, device).run()
     adapter = result.adapter
     adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]
+    if init is not None:
+        adapter.config.fit["init"]["file"] = Path(args.init).name
     chosen = set(adapter.config.layers)
-    _write("layer  JSD same head  JSD matched  fitted KL  LiSA\n")
+    if result.selection:  # a refit chooses nothing
+        _write("layer  JSD same head  JSD matched  fitted KL  LiSA\n")
     for row in result.selection:
         fitted = f"{row['fitted_kl']:.4f}" if "fitted_kl" in row else "-"
         _write(f"{row['layer']:>5}  {row['jsd_same_head']:>13.4f}  {row['jsd_matched']:>11.4f}  {fitted:>9}  "

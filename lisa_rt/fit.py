@@ -21,6 +21,10 @@
    the teacher's next-token distribution (its top-k, computed once per sequence the first time
    the sequence is drawn) plus attn_weight x the mean KL
    of each LiSA layer's attention from the one its own Q/K would give on the same input.
+   Full layers whose logits no LiSA layer reads run torch's fused attention (no n x n tensors).
+
+A refit (options.init = an adapter) skips 2-5: it goes on end to end from that adapter's layers
+and parameters, e.g. with more steps, longer sequences or other data than the first fit had.
 
 Everything runs in float32 on one device and is deterministic for a seed (on the same machine
 and thread count).
@@ -70,6 +74,7 @@ class FitOptions:
     matched_heads: bool = True           # False: A = identity (the same head index), for ablations
     train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
     train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
+    init: Adapter | None = None          # go on fitting this adapter end to end (its layers, rank, width)
     progress: bool = True
 
     def validate(self, config: ModelConfig) -> None:
@@ -184,22 +189,44 @@ class DenseModel:
     def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return reference.rms_norm(hidden, self.t[f"layers.{layer}.attn_norm.weight"], self.config.rms_norm_eps)
 
-    def own_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x."""
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's RoPE'd q [B, n, h, d], k and v [B, n, g, d] from its normed input x."""
         c, p = self.config, f"layers.{layer}.attn."
         batch, n = x.shape[:2]
         q = rotate((x @ self.t[p + "q_proj.weight"].T).view(batch, n, c.num_heads, c.head_dim), self.cos_sin)
         k = rotate((x @ self.t[p + "k_proj.weight"].T).view(batch, n, c.num_kv_heads, c.head_dim), self.cos_sin)
+        return q, k, self.values(layer, x)
+
+    def values(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return (x @ self.t[f"layers.{layer}.attn.v_proj.weight"].T).view(*x.shape[:2], c.num_kv_heads, c.head_dim)
+
+    def own_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x."""
+        c = self.config
+        q, k, _ = self.qkv(layer, x)
         k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
         return torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
 
-    def finish_layer(self, layer: int, hidden: torch.Tensor, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """hidden + attention output (probs [B, h, n, n] times V) + MLP: the next residual stream."""
+    def mix(self, layer: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, n, h*d] of the causal probabilities probs [B, h, n, n]."""
+        c = self.config
+        v = self.values(layer, x).repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v).flatten(2)
+
+    def fused_attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, n, h*d] of a full layer whose logits nobody reads: torch's
+        fused causal attention, which never materialises the n x n logits (forward or backward)."""
+        c = self.config
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(layer, x))
+        group = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return o.transpose(1, 2).flatten(2)
+
+    def finish_layer(self, layer: int, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """hidden + the attention output o [B, n, h*d] projected + MLP: the next residual stream."""
         c, p = self.config, f"layers.{layer}."
-        batch, n = x.shape[:2]
-        v = (x @ self.t[p + "attn.v_proj.weight"].T).view(batch, n, c.num_kv_heads, c.head_dim)
-        v = v.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
-        o = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, n, -1)
         hidden = hidden + o @ self.t[p + "attn.o_proj.weight"].T
         h = reference.rms_norm(hidden, self.t[p + "mlp_norm.weight"], c.rms_norm_eps)
         gate = h @ self.t[p + "mlp.gate_proj.weight"].T
@@ -215,7 +242,8 @@ class DenseModel:
     def forward(self, ids: torch.Tensor, lisa: dict[int, LisaLayer] | None = None, rank: int = 0,
                 on_layer=None) -> torch.Tensor:
         """Logits [B, n, vocab]. on_layer(layer, hidden, x, logits) sees every layer's input
-        residual, its normed input and its attention logits (pre-mask) as they are computed."""
+        residual, its normed input and its attention logits (pre-mask) as they are computed;
+        logits is None for a full layer whose next layer is not LiSA (it runs fused attention)."""
         c = self.config
         lisa = lisa or {}
         hidden = self.embed(ids)
@@ -224,11 +252,14 @@ class DenseModel:
             x = self.normed(layer, hidden)
             if layer in lisa:
                 logits = lisa[layer].scores(logits, x, self.lisa_cos_sin(rank), c.num_kv_heads, rank)
-            else:
+            elif layer + 1 in lisa:
                 logits = self.own_logits(layer, x)
+            else:
+                logits = None
             if on_layer is not None:
                 on_layer(layer, hidden, x, logits)
-            hidden = self.finish_layer(layer, hidden, x, causal_probs(logits))
+            o = self.fused_attention(layer, x) if logits is None else self.mix(layer, x, causal_probs(logits))
+            hidden = self.finish_layer(layer, hidden, o)
         return self.head(hidden)
 
     def lisa_cos_sin(self, rank: int) -> torch.Tensor:
@@ -240,10 +271,20 @@ class DenseModel:
         return self._lisa_cos_sin[rank]
 
 
+_CAUSAL_BIAS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def causal_bias(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n]: 0 on and below the diagonal, -inf above. Adding it masks in one pass, where
+    masked_fill would copy the logits first."""
+    key = (n, device)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((n, n), float("-inf"), device=device).triu(1)
+    return _CAUSAL_BIAS[key]
+
+
 def causal_probs(logits: torch.Tensor) -> torch.Tensor:
-    n = logits.shape[-1]
-    mask = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.softmax(logits + causal_bias(logits.shape[-1], logits.device), dim=-1)
 
 
 def next_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -252,13 +293,15 @@ def next_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tor
 
 
 def attention_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal."""
-    n = logits.shape[-1]
-    mask = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
-    target_logp = torch.log_softmax(target_logits.masked_fill(~mask, float("-inf")), dim=-1)
-    logp = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    terms = torch.where(mask, target_logp.exp() * (target_logp - logp), 0.0)
-    return terms.sum(-1).mean()
+    """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal.
+    Per row, KL = sum_j p_j (t_j - l_j) - (lse(t) - lse(l)) over the unmasked j: the masked
+    terms vanish with p_j = 0 and t_j - l_j stays finite, so no log(0) is ever formed."""
+    bias = causal_bias(logits.shape[-1], logits.device)
+    target = target_logits + bias
+    target_lse = torch.logsumexp(target, dim=-1, keepdim=True)
+    p = torch.exp(target - target_lse)
+    lse = torch.logsumexp(logits + bias, dim=-1)
+    return ((p * (target_logits - logits)).sum(-1) - target_lse.squeeze(-1) + lse).mean()
 
 
 # --- the fitter ---
@@ -275,8 +318,12 @@ class Fitter:
         sequences = sequences[torch.randperm(len(sequences), generator=torch.Generator().manual_seed(options.seed))]
         held = max(1, len(sequences) // 10)
         self.train, self.held_out = sequences[:-held].to(self.device), sequences[-held:].to(self.device)
-        self.rank = options.rank or default_rank(config.head_dim)
-        self.align_hidden = options.align_hidden or config.num_heads
+        if options.init is not None:
+            options.init.validate(config, "--init adapter")
+            self.rank, self.align_hidden = options.init.config.rank, options.init.config.align_hidden
+        else:
+            self.rank = options.rank or default_rank(config.head_dim)
+            self.align_hidden = options.align_hidden or config.num_heads
         self.generator = torch.Generator().manual_seed(options.seed)
 
     def _bar(self, total: int, desc: str):
@@ -310,7 +357,10 @@ class Fitter:
         """A LiSA layer at its step-0 parameters, with only the trainable ones requiring grad."""
         heads = matching[layer] if self.options.matched_heads else list(range(self.config.num_heads))
         shapes = LisaConfig(layers=[layer], rank=self.rank, align_hidden=self.align_hidden)
-        module = LisaLayer(init_layer(self.config, shapes, heads, self.generator)).to(self.device)
+        return self.train_only_trainable(LisaLayer(init_layer(self.config, shapes, heads, self.generator)))
+
+    def train_only_trainable(self, module: LisaLayer) -> LisaLayer:
+        module = module.to(self.device)
         module.requires_grad_(False)
         for param in self.trainable(module):
             param.requires_grad_(True)
@@ -486,17 +536,22 @@ class Fitter:
         o, c = self.options, self.config
         torch.manual_seed(o.seed)
         started = time.perf_counter()
-        # A few sequence prefixes suffice to match heads, score layers and fit them one by one.
-        states = self.teacher_states(self.train[:SELECT_SEQUENCES, :LAYERWISE_TOKENS])
-        table, matching = self.select(states)
-        fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
-        layers = self.choose_layers(table)
-        lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
-        lisa_config.validate(c)
-        modules = {layer: fitted[layer] if layer in fitted else self.new_module(layer, matching) for layer in layers}
-        layerwise = self.fit_layerwise(modules, states, done=set(fitted))
-        del fitted
-        del states
+        if o.init is not None:  # a refit: the adapter's layers, as they are, straight to end to end
+            lisa_config = LisaConfig(layers=list(o.init.config.layers), rank=self.rank, align_hidden=self.align_hidden)
+            modules = {layer: self.train_only_trainable(LisaLayer(o.init.layer(layer))) for layer in lisa_config.layers}
+            table, layerwise = [], []
+        else:
+            # A few sequence prefixes suffice to match heads, score layers and fit them one by one.
+            states = self.teacher_states(self.train[:SELECT_SEQUENCES, :LAYERWISE_TOKENS])
+            table, matching = self.select(states)
+            fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
+            layers = self.choose_layers(table)
+            lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
+            lisa_config.validate(c)
+            modules = {layer: fitted[layer] if layer in fitted else self.new_module(layer, matching) for layer in layers}
+            layerwise = self.fit_layerwise(modules, states, done=set(fitted))
+            del fitted
+            del states
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
         train = self.compare(self.train[:KL_SEQUENCES], modules)
@@ -509,6 +564,9 @@ class Fitter:
                            "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
                            "select": None if o.layers is not None else o.select,
                            "seconds": round(time.perf_counter() - started, 1)}
+        if o.init is not None:  # what it went on from, so the whole chain stays on record
+            lisa_config.fit.update(layerwise_steps=0, min_layer=None, ratio=None, select=None,
+                                   init=dict(o.init.config.fit))
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
                    "lisa_ppl": round(held_out["lisa_ppl"], 4),
                    "ppl_ratio": round(held_out["lisa_ppl"] / held_out["base_ppl"], 4),

@@ -213,11 +213,17 @@ class LisaLayer(torch.nn.Module):
     def scores(self, s_prev: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, num_kv_heads: int,
                rank: int, delta: bool = True) -> torch.Tensor:
         """S [B, h, n, n] from s_prev [B, h, n, n] and the normed hidden x [B, n, hidden]."""
-        # The aligner mixes the head axis: as [B, h, n*n] each map is one GEMM over contiguous
-        # logits (a permute to [..., h] would copy them, several times over in the backward pass).
+        # The aligner mixes the head axis: as [B, h, n*n] each map is one batched GEMM over
+        # contiguous logits (a permute to [..., h] would copy them, several times over in the
+        # backward pass; matmul's broadcasting folds the batch in through transposed copies too).
         a = s_prev.flatten(2)
-        hidden = torch.nn.functional.silu(torch.matmul(self.align_w1, a) + self.align_b1[:, None])
-        aligned = torch.matmul(self.align_a, a) + torch.matmul(self.align_w2, hidden) + self.align_b2[:, None]
+        batch = a.shape[0]
+
+        def mixed(weight: torch.Tensor, bias: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.baddbmm(bias[:, None].expand(batch, -1, 1), weight.expand(batch, -1, -1), inputs)
+
+        hidden = torch.nn.functional.silu(mixed(self.align_w1, self.align_b1, a))
+        aligned = mixed(self.align_a, self.align_b2, a) + torch.bmm(self.align_w2.expand(batch, -1, -1), hidden)
         aligned = aligned.view(s_prev.shape)
         if not delta:
             return aligned

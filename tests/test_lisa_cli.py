@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from lisa_rt import cli
-from lisa_rt.lisa import ADAPTER_FILE
+from lisa_rt.checkpoint import load_config
+from lisa_rt.lisa import ADAPTER_FILE, load_adapter
 from tests.fixtures import CORPUS, tiny_model_dir
 from tests.test_cli import assert_user_error, run, run_sub  # noqa: F401 (fixtures)
 
@@ -46,6 +47,22 @@ def test_fit_prints_the_selection_and_writes_the_adapter(run, fitted, tmp_path):
     # an existing adapter is not replaced without --force
     assert_user_error(*run("fit", base, "--data", data, "--out", out, *FIT), "exists", "--force")
     assert run("fit", base, "--data", data, "--out", out, "--force", *FIT)[0] == 0
+
+
+def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
+    base, _, adapter, data = fitted
+    out = tmp_path / "refit.safetensors"
+    rc, stdout, err = run("fit", base, "--data", data, "--init", adapter, "--out", out,
+                          "--steps", 3, "--seq-len", 64, "--batch-size", 2)
+    assert rc == 0, err
+    assert "JSD" not in stdout and "2 of 3 layers LiSA" in stdout.splitlines()[-1]
+    rc, stdout, _ = run("info", base, "--lisa", out, "--json")
+    lisa = json.loads(stdout)
+    assert lisa["lisa_layers"] == [1, 2]
+    fit = load_adapter(out, load_config(base)).config.fit
+    assert fit["init"]["file"] == adapter.name and fit["steps"] == 3 and fit["layerwise_steps"] == 0
+    assert fit["init"]["steps"] == 3  # the first fit's record, kept
+    assert json.loads((base / "config.json").read_text())["lisa"] is None  # --out leaves the model alone
 
 
 def test_fit_without_out_makes_the_adapter_the_models_own(run, fitted):
@@ -109,6 +126,11 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
     (("fit", "{base}", "--data", "{data}", "--select", "best"), ["--select", "fitted", "jsd"]),
     (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/none.safetensors"), ["none.safetensors"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--ratio", "0.5", "--rank", "4"),
+     ["--init", "--ratio, --rank", "not allowed"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--layerwise-steps", "3"), ["--layerwise-steps"]),
     (("fit", "{base}"), ["--data"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),

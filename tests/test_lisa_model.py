@@ -11,10 +11,10 @@ from lisa_rt import SamplingParams, generate, reference
 from lisa_rt.checkpoint import load_config, load_tensors
 from lisa_rt.config import LisaConfig
 from lisa_rt.errors import UserError
-from lisa_rt.fit import FitOptions, Fitter, make_sequences
+from lisa_rt.fit import DenseModel, FitOptions, Fitter, make_sequences
 from lisa_rt.kv_cache import BlockTable
-from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, find_adapter, install_adapter, load_adapter,
-                          param_shapes, save_adapter, tensor_name)
+from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, LisaLayer, find_adapter, install_adapter,
+                          load_adapter, param_shapes, save_adapter, tensor_name)
 from lisa_rt.model import Model, build_batch, load_model_dir
 from tests.fixtures import CORPUS, tiny_model_dir
 
@@ -89,6 +89,21 @@ def test_runtime_matches_reference(tiny, layers):
     got = model.logits(IDS)
     want = reference.llama_forward(config, t, IDS, adapter=adapter)
     assert (got - want).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("layers", [[], [1, 2], [2], [1]], ids=["base", "chain", "last", "first"])
+def test_the_fitters_dense_model_matches_the_reference(tiny, layers):
+    """What fitting trains is what the runtime runs: full layers whose logits no LiSA layer reads
+    take the fused-attention path there, the others the explicit logits."""
+    _, config, t = tiny
+    adapter = random_adapter(config, layers) if layers else None
+    dense = DenseModel(config, t, torch.device("cpu"))
+    modules = {layer: LisaLayer(adapter.layer(layer)) for layer in layers}
+    ids = torch.tensor([IDS, IDS[::-1]])
+    got = dense.forward(ids, modules, rank=4)
+    for row in range(2):
+        want = reference.llama_forward(config, t, ids[row].tolist(), adapter=adapter)
+        assert (got[row] - want).abs().max() < 1e-3
 
 
 def test_identity_adapter_is_exact_direct_sharing(tiny):
@@ -290,3 +305,16 @@ def test_fit_selects_by_ratio_and_min_layer(tiny):
     assert _fit(config, t, tokenizer, ratio=0.34, min_layer=2, steps=0, layerwise_steps=0).adapter.config.layers == [2]
     with pytest.raises(UserError, match="--select"):
         _fit(config, t, tokenizer, ratio=0.34, select="best")
+
+def test_refit_goes_on_from_an_adapter(tiny):
+    directory, config, t = tiny
+    tokenizer = load_model_dir(directory).tokenizer
+    first = _fit(config, t, tokenizer, layers=[1, 2], rank=4, steps=2, layerwise_steps=5, lr=5e-3)
+    refit = _fit(config, t, tokenizer, init=first.adapter, steps=30, lr=5e-3)
+    assert refit.adapter.config.layers == [1, 2] and refit.adapter.config.rank == 4
+    assert refit.selection == [] and refit.losses["layerwise"] == []
+    assert refit.quality["train_kl"] < first.quality["train_kl"]
+    assert refit.adapter.config.fit["init"] == first.adapter.config.fit
+    # zero steps hand the adapter back as it was
+    same = _fit(config, t, tokenizer, init=first.adapter, steps=0)
+    assert all(torch.equal(same.adapter.tensors[k], v) for k, v in first.adapter.tensors.items())
