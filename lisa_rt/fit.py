@@ -189,13 +189,13 @@ class DenseModel:
     def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return reference.rms_norm(hidden, self.t[f"layers.{layer}.attn_norm.weight"], self.config.rms_norm_eps)
 
-    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's RoPE'd q [B, n, h, d], k and v [B, n, g, d] from its normed input x."""
+    def queries_keys(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's RoPE'd q [B, n, h, d] and k [B, n, g, d] from its normed input x."""
         c, p = self.config, f"layers.{layer}.attn."
         batch, n = x.shape[:2]
         q = rotate((x @ self.t[p + "q_proj.weight"].T).view(batch, n, c.num_heads, c.head_dim), self.cos_sin)
         k = rotate((x @ self.t[p + "k_proj.weight"].T).view(batch, n, c.num_kv_heads, c.head_dim), self.cos_sin)
-        return q, k, self.values(layer, x)
+        return q, k
 
     def values(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -204,7 +204,7 @@ class DenseModel:
     def own_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x."""
         c = self.config
-        q, k, _ = self.qkv(layer, x)
+        q, k = self.queries_keys(layer, x)
         k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
         return torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
 
@@ -217,11 +217,9 @@ class DenseModel:
     def fused_attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The attention output [B, n, h*d] of a full layer whose logits nobody reads: torch's
         fused causal attention, which never materialises the n x n logits (forward or backward)."""
-        c = self.config
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(layer, x))
-        group = c.num_heads // c.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        q, k = self.queries_keys(layer, x)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, self.values(layer, x)))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2).flatten(2)
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -357,9 +355,10 @@ class Fitter:
         """A LiSA layer at its step-0 parameters, with only the trainable ones requiring grad."""
         heads = matching[layer] if self.options.matched_heads else list(range(self.config.num_heads))
         shapes = LisaConfig(layers=[layer], rank=self.rank, align_hidden=self.align_hidden)
-        return self.train_only_trainable(LisaLayer(init_layer(self.config, shapes, heads, self.generator)))
+        return self.for_training(LisaLayer(init_layer(self.config, shapes, heads, self.generator)))
 
-    def train_only_trainable(self, module: LisaLayer) -> LisaLayer:
+    def for_training(self, module: LisaLayer) -> LisaLayer:
+        """module on the fitting device with only its trainable parameters requiring grad."""
         module = module.to(self.device)
         module.requires_grad_(False)
         for param in self.trainable(module):
@@ -538,7 +537,7 @@ class Fitter:
         started = time.perf_counter()
         if o.init is not None:  # a refit: the adapter's layers, as they are, straight to end to end
             lisa_config = LisaConfig(layers=list(o.init.config.layers), rank=self.rank, align_hidden=self.align_hidden)
-            modules = {layer: self.train_only_trainable(LisaLayer(o.init.layer(layer))) for layer in lisa_config.layers}
+            modules = {layer: self.for_training(LisaLayer(o.init.layer(layer))) for layer in lisa_config.layers}
             table, layerwise = [], []
         else:
             # A few sequence prefixes suffice to match heads, score layers and fit them one by one.
