@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: build _C for the card, run the CUDA tests, run the GPU
-# checks (CPU-vs-GPU agreement, bf16 decode speed) and the LiSA-vs-full attention kernel times.
-# Logs and JSON go to $OUT.
+# checks (CPU-vs-GPU agreement, eager vs CUDA-graph decode), the LiSA-vs-full attention kernel
+# times, and the speed grid with and without LiSA next to HF transformers (gpu_bench.py, which
+# ends with the GPU-speed issue's targets, met or not). Logs and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh            (on the GPU machine, from the repository root)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -22,3 +23,4 @@ cuda_tests=$(grep -l "pytest.mark.cuda" tests/test_*.py)
 python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests 2>&1 | tee "$OUT/test_cuda.log" | tail -30
 python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -25
 python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json" 2>&1 | tee "$OUT/lisa_kernels.log" | tail -16
+python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | tail -40

@@ -1,4 +1,4 @@
-"""The `lisa-rt` command: convert, fit, info, generate, chat, eval, serve.
+"""The `lisa-rt` command: convert, fit, info, generate, chat, eval, bench, serve.
 
 stdout carries only results (generated text, JSON); progress bars and speeds go to stderr.
 Errors a user can cause end in one `error: ...` line on stderr and exit code 2.
@@ -60,17 +60,31 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
 
 
-def _add_lisa_args(p: argparse.ArgumentParser) -> None:
+def _add_lisa_args(p: argparse.ArgumentParser):
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lisa", default=None, metavar="PATH",
                        help="run with this LiSA adapter (a lisa.safetensors file or its directory)")
     group.add_argument("--no-lisa", action="store_true",
                        help="run the base model, without the model's own LiSA adapter")
+    return group
 
 
 def _lisa_choice(args):
     """load_model's lisa argument: None (the model's own adapter), False, or a path."""
     return False if args.no_lisa else args.lisa
+
+
+def _size_list(text: str) -> list[int]:
+    """Comma-separated positive integers, in the order given, without repeats."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no value given")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def _layer_list(text: str) -> list[int]:
@@ -169,6 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the first N tokens of the file (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_lisa_args(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on CUDA")
+
+    p = sub.add_parser("bench", help="decode speed through the engine, with and without LiSA")
+    p.add_argument("model", nargs="?", default=None, help="model (default: smollm2, unless --shape)")
+    p.add_argument("--shape", default=None, choices=["smollm2", "llama2-7b", "llama3-8b"],
+                   help="instead of a model: random weights of this shape, made on the device")
+    group = _add_lisa_args(p)
+    group.add_argument("--lisa-ratio", type=_fraction, default=None,
+                       help="compare against a random adapter on this fraction of the layers "
+                            "(default with --shape: 0.6; with a model: its own adapter)")
+    p.add_argument("--batch", type=_size_list, default=[1, 8, 32, 64, 128],
+                   help="batch sizes of the grid (1,8,32,64,128)")
+    p.add_argument("--ctx", type=_size_list, default=[512, 2048],
+                   help="contexts of the grid: tokens in the cache when decoding starts (512,2048)")
+    p.add_argument("--max-batch-ctx", type=_size_list, default=None,
+                   help="contexts at which to run the largest batch the KV budget holds "
+                        "(default: the largest --ctx)")
+    p.add_argument("--kv-budget-gb", type=_positive_float, default=None,
+                   help="KV-cache memory, the same with and without LiSA (default: 70%% of the "
+                        "GPU memory free after loading the model; 1 GiB on the CPU)")
+    p.add_argument("--steps", type=_positive_int, default=32, help="timed decode steps per point (32)")
+    p.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps before them (3)")
+    p.add_argument("--no-graphs", action="store_true", help="decode eagerly on CUDA, without CUDA graphs")
+    p.add_argument("--seed", type=int, default=0, help="random seed of weights, adapter and cache (0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on the CPU, bfloat16 on CUDA")
@@ -500,6 +541,89 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .checkpoint import load_config, load_tensors
+    from .config import ModelConfig
+    from .lisa import find_adapter
+    from .model import Model, parse_device, parse_dtype
+    from .registry import resolve_model
+    from .tokenizer import load_tokenizer
+
+    if args.shape and args.model:
+        raise UserError("give a model or --shape, not both")
+    if args.shape and args.lisa:
+        raise UserError("--lisa PATH needs a model (--shape benchmarks a random adapter; see --lisa-ratio)")
+    if args.json:
+        _check_writable(args.json)  # before minutes of measuring
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if args.shape:
+        shape = bench.SHAPES[args.shape]
+        config = ModelConfig(**shape)
+        adapter = (None if args.no_lisa else
+                   bench.random_adapter(config, args.lisa_ratio or bench.DEFAULT_LISA_RATIO, seed=args.seed))
+
+        def build(lisa: bool) -> Model:
+            return bench.random_model(shape, device, dtype, args.seed, adapter if lisa else None)
+        name = f"{args.shape}-shaped, random weights"
+    else:
+        path = resolve_model(args.model)
+        config = load_config(path)
+        if args.lisa_ratio is not None:
+            adapter = bench.random_adapter(config, args.lisa_ratio, seed=args.seed)
+        else:
+            adapter = find_adapter(path, config, _lisa_choice(args))
+        tensors = load_tensors(path, config)
+        tokenizer = load_tokenizer(path, extra_eos_ids=config.eos_token_ids)
+
+        def build(lisa: bool) -> Model:
+            return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=path,
+                         adapter=adapter if lisa else None)
+        name = str(path)
+    options = bench.BenchOptions(
+        batches=args.batch, contexts=args.ctx, steps=args.steps, warmup=args.warmup,
+        max_batch_contexts=args.max_batch_ctx, cuda_graphs=not args.no_graphs, seed=args.seed,
+        kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
+    options.validate(config)
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    with torch.inference_mode():
+        result = bench.Bench(build, options, device, log=log).run(lisa=adapter is not None)
+    result.update(model=name, dtype=str(dtype).removeprefix("torch."))
+    if args.json:
+        _write_file_atomically(args.json, json.dumps(result, indent=2) + "\n")
+    _write(f"model: {name}, {result['dtype']}\n" + bench.report(result))
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory")
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: directory {parent} is not writable")
+
+
+def _write_file_atomically(path: str, text: str) -> None:
+    """Temp file beside it, then rename: the file is whole or untouched."""
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -533,7 +657,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
-            "eval": cmd_eval, "serve": cmd_serve, "fit": cmd_fit}
+            "eval": cmd_eval, "serve": cmd_serve, "fit": cmd_fit, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,6 +286,20 @@ class Engine:
 
     # -- the stepping thread -----------------------------------------------------------------
 
+    def add_prefilled(self, request: Request) -> None:
+        """Starts `request` decoding as if its prompt had been prefilled: its blocks are taken at
+        once and all but the last prompt token count as computed, whatever those blocks hold.
+
+        For measuring decode at long contexts without paying for their prefill (bench.py).
+        Raises OutOfBlocks, changing nothing, when the cache has no room for the prompt.
+        """
+        table = BlockTable(self.cache)
+        table.ensure(request.length)
+        request.table = table
+        request.computed = request.length - 1
+        request.t_admit = time.perf_counter()
+        self.running.append(request)
+
     def abort_all(self) -> None:
         """Cancels every request left (after close)."""
         self._drain()
