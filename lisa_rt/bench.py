@@ -365,9 +365,19 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     cells = [[heading for _, heading in columns]]
     cells += [["" if r.get(key) is None else str(r.get(key)) for key, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+    # Numbers line up on the right, words on the left.
+    lines = ["  ".join(cell.rjust(w) if _numeric(cell) else cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+             for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def report(result: dict) -> str:
@@ -379,18 +389,17 @@ def report(result: dict) -> str:
         parts.append(f"LiSA: {len(lisa['layers'])} of {result['config']['num_layers']} layers, rank "
                      f"{lisa['rank']}; KV {lisa['kv_bytes_per_token']:,} vs {result['kv_bytes_per_token']:,} "
                      f"B/token without")
-    grid = [dict(r, tok_per_s=r.get("tok_per_s", r.get("skipped"))) for r in result["grid"]]
-    parts.append(format_table(grid, [("variant", "variant"), ("batch", "batch"), ("context", "context"),
-                                     ("step_ms_p50", "step ms"), ("tok_per_s", "tok/s"),
-                                     ("streamed_gb_per_s", "GB/s streamed"),
-                                     ("bandwidth_utilisation", "of copy bw")]))
+    parts.append(format_table(result["grid"], [("variant", "variant"), ("batch", "batch"), ("context", "context"),
+                                               ("step_ms_p50", "step ms"), ("tok_per_s", "tok/s"),
+                                               ("streamed_gb_per_s", "GB/s streamed"),
+                                               ("bandwidth_utilisation", "of copy bw"), ("skipped", "")]))
     if result["lisa_vs_base"]:
         parts.append("LiSA vs base, same batch:\n" + format_table(
             result["lisa_vs_base"], [("batch", "batch"), ("context", "context"), ("base_tok_per_s", "base tok/s"),
                                      ("lisa_tok_per_s", "LiSA tok/s"), ("ratio", "LiSA/base")]))
-    at_max = [dict(r, tok_per_s=r.get("tok_per_s", r.get("skipped"))) for r in result["max_batch"]]
     parts.append("Largest batch in the KV budget:\n" + format_table(
-        at_max, [("variant", "variant"), ("context", "context"), ("batch", "batch"), ("tok_per_s", "tok/s")]))
+        result["max_batch"], [("variant", "variant"), ("context", "context"), ("batch", "batch"),
+                              ("tok_per_s", "tok/s"), ("skipped", "")]))
     if result["max_batch_lisa_vs_base"]:
         parts.append(format_table(result["max_batch_lisa_vs_base"],
                                   [("context", "context"), ("base_batch", "base batch"),

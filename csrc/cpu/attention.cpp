@@ -5,7 +5,7 @@
 #include <limits>
 #include <vector>
 
-#include "common.h"
+#include "paged.h"
 
 namespace lisa_rt {
 namespace {
@@ -19,39 +19,30 @@ struct PagedCache {
   int64_t num_blocks;
   int64_t kv_heads;
   int64_t head_dim;
+
+  PagedSeq seq(int64_t b) const { return PagedSeq{block_tables + b * max_blocks, block_size, num_blocks, kv_heads}; }
 };
 
-// out = softmax(q . K[:n] * scale) V[:n] for one head of one sequence.
+// Per-thread scratch: logits then weights (g rows), their 1/sums, and the P V accumulators.
+struct Scratch {
+  std::vector<float> p, inv, acc;
+};
+
+// out_i = softmax(q_i . K[:n] * scale) V[:n] for the g query heads (q, out: g rows of head_dim)
+// that share KV head kv_head of sequence b.
 template <typename T>
-void attend(T* out, const T* q, const PagedCache& c, const int32_t* blocks, int64_t kv_head,
-            int64_t n_keys, float scale, std::vector<float>& scores, std::vector<float>& acc) {
+void attend(T* out, const T* q, int64_t g, const PagedCache& c, int64_t b, int64_t kv_head, int64_t n_keys,
+            float scale, Scratch& scratch) {
+  const PagedSeq seq = c.seq(b);
   const int64_t d = c.head_dim;
-  const auto* keys = static_cast<const T*>(c.keys);
-  const auto* values = static_cast<const T*>(c.values);
-  scores.resize(n_keys);
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n_keys; ++j) {
-    const int64_t block = blocks[j / c.block_size];
-    TORCH_CHECK(block >= 0 && block < c.num_blocks, "paged attention: block id ", block, " out of range");
-    const int64_t row = (block * c.block_size + j % c.block_size) * c.kv_heads + kv_head;
-    scores[j] = dot(q, keys + row * d, d) * scale;
-    max_score = std::max(max_score, scores[j]);
-  }
-  float total = 0;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    scores[j] = std::exp(scores[j] - max_score);
-    total += scores[j];
-  }
-  acc.assign(d, 0.0f);
-  for (int64_t j = 0; j < n_keys; ++j) {
-    const int64_t block = blocks[j / c.block_size];
-    const int64_t row = (block * c.block_size + j % c.block_size) * c.kv_heads + kv_head;
-    const T* v = values + row * d;
-    const float p = scores[j];
-    for (int64_t i = 0; i < d; ++i) acc[i] += p * static_cast<float>(v[i]);
-  }
-  const float inv = n_keys > 0 ? 1.0f / total : 0.0f;
-  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(acc[i] * inv);
+  scratch.p.resize(g * n_keys);
+  scratch.inv.resize(g);
+  scratch.acc.resize(g * d);
+  float* p = scratch.p.data();
+  key_logits(p, n_keys, q, g, static_cast<const T*>(c.keys), seq, kv_head, d, n_keys, scale);
+  for (int64_t i = 0; i < g; ++i) scratch.inv[i] = softmax_inplace(p + i * n_keys, n_keys);
+  weighted_values(out, p, n_keys, scratch.inv.data(), g, static_cast<const T*>(c.values), seq, kv_head, d, n_keys,
+                  scratch.acc.data());
 }
 
 PagedCache make_cache(const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -74,15 +65,23 @@ void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const 
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / c.kv_heads;
   for (int64_t b = 0; b < batch; ++b) check_length(lens[b], c);
+  if (query.scalar_type() == at::kFloat && c.head_dim % 8 == 0 && has_avx2()) {
+    const PagedPool pool{c.block_tables, c.max_blocks, c.block_size, c.num_blocks, c.kv_heads};
+    decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), static_cast<const float*>(c.keys),
+                      static_cast<const float*>(c.values), pool, lens, batch, heads, c.head_dim,
+                      static_cast<float>(scale), DecodeLogits{});
+    return;
+  }
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, acc;
+    const int64_t g = heads_per_item(batch, c.kv_heads, group), items = heads / g;
+    at::parallel_for(0, batch * items, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / heads, h = idx % heads;
-        attend(o + (b * heads + h) * c.head_dim, q + b * query.stride(0) + h * c.head_dim, c,
-               c.block_tables + b * c.max_blocks, h / group, lens[b], static_cast<float>(scale), scores, acc);
+        const int64_t b = idx / items, h = idx % items * g;
+        attend(o + (b * heads + h) * c.head_dim, q + b * query.stride(0) + h * c.head_dim, g, c, b, h / group,
+               lens[b], static_cast<float>(scale), scratch);
       }
     });
   });
@@ -108,14 +107,15 @@ void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_prefill_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, acc;
+    const int64_t g = heads_per_item(tokens, c.kv_heads, group), items = heads / g;
+    at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / heads, h = idx % heads, b = seq_of_token[t];
+        const int64_t t = idx / items, h = idx % items * g, b = seq_of_token[t];
         // Query t sits at position lens[b] - (cu[b+1] - t) and sees keys up to itself.
         const int64_t n_keys = lens[b] - (cu[b + 1] - t) + 1;
-        attend(o + (t * heads + h) * c.head_dim, q + t * query.stride(0) + h * c.head_dim, c,
-               c.block_tables + b * c.max_blocks, h / group, n_keys, static_cast<float>(scale), scores, acc);
+        attend(o + (t * heads + h) * c.head_dim, q + t * query.stride(0) + h * c.head_dim, g, c, b, h / group,
+               n_keys, static_cast<float>(scale), scratch);
       }
     });
   });

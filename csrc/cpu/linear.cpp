@@ -8,9 +8,8 @@
 // batch-8 decode of SmolLM2 1.4x faster than when rows 5-8 streamed the weights a second time.
 // Above 8 rows MKL's sgemm (at::mm) was faster there in real decode (at 16 and 32 rows), and
 // bfloat16 weights already stream well: both go to at::mm.
-#include <immintrin.h>
-
 #include "common.h"
+#include "vec_avx2.h"
 
 namespace lisa_rt {
 namespace {
@@ -24,12 +23,6 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
     const float* row = w + r * k;
     for (int64_t i = 0; i < m; ++i) y[i * n + r] = dot(x + i * k, row, k);
   }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
 // M input rows against R weight rows at a time over [n_begin, n_end): each weight vector is
@@ -86,14 +79,13 @@ void gemv(const float* x, int64_t m, const float* w, float* y, int64_t n_begin, 
 void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   check_linear_args(out, input, weight);
   const int64_t m = input.size(0), k = input.size(1), n = weight.size(0);
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   // bfloat16 weights go to at::mm, whose bf16 path already streams them well.
   const bool streamable = m <= kMaxGemvRows && input.scalar_type() == at::kFloat;
   if (!streamable) {
     at::mm_out(out, input, weight.t());
     return;
   }
-  const bool avx2 = has_avx2 && k % 8 == 0;
+  const bool avx2 = has_avx2() && k % 8 == 0;
   const float* x = input.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* y = out.data_ptr<float>();

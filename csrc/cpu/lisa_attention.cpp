@@ -12,10 +12,9 @@
 // Splitting the keys in pass 1 keeps every core busy in decode, where there are few rows.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
-#include "common.h"
+#include "paged.h"
 
 namespace lisa_rt {
 namespace {
@@ -47,38 +46,22 @@ Rows chunk_rows(const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, con
   return rows;
 }
 
+// One query per sequence, each at the end of its sequence: the case decode_split_avx2 serves.
+bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  if (static_cast<int64_t>(rows.seq.size()) != seq_lens.size(0)) return false;
+  for (size_t t = 0; t < rows.seq.size(); ++t) {
+    if (rows.seq[t] != static_cast<int64_t>(t) || rows.n_keys[t] != lens[t]) return false;
+  }
+  return true;
+}
+
 // Row of cache slot `key` of a sequence ([.., kv_heads, dim] element offset of head 0).
 inline int64_t slot_row(const int32_t* blocks, int64_t key, int64_t block_size, int64_t num_blocks,
                         int64_t kv_heads) {
   const int64_t block = blocks[key / block_size];
   TORCH_CHECK(block >= 0 && block < num_blocks, "paged attention: block id ", block, " out of range");
   return (block * block_size + key % block_size) * kv_heads;
-}
-
-// In place: s[0..n) -> softmax weights; returns 1 / sum (0 when n == 0).
-inline float softmax_inplace(float* s, int64_t n) {
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, s[j]);
-  float total = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - max_score);
-    total += s[j];
-  }
-  return n > 0 ? 1.0f / total : 0.0f;
-}
-
-// out[0..d) = inv * sum_j p[j] V[j, kv_head].
-template <typename T>
-void weighted_values(T* out, const float* p, float inv, const T* values, const int32_t* blocks, int64_t n,
-                     int64_t block_size, int64_t num_blocks, int64_t kv_heads, int64_t kv_head, int64_t d,
-                     std::vector<float>& acc) {
-  acc.assign(d, 0.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* v = values + (slot_row(blocks, j, block_size, num_blocks, kv_heads) + kv_head) * d;
-    const float w = p[j];
-    for (int64_t i = 0; i < d; ++i) acc[i] += w * static_cast<float>(v[i]);
-  }
-  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(acc[i] * inv);
 }
 
 void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::Tensor& query,
@@ -93,27 +76,34 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
                                "paged_attention_scores");
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   float* s_all = scores.data_ptr<float>();
+  if (query.scalar_type() == at::kFloat && d % 8 == 0 && has_avx2() && is_decode(rows, seq_lens)) {
+    const PagedPool pool{tables, max_blocks, block_size, num_blocks, kv_heads};
+    decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), key_cache.data_ptr<float>(),
+                      value_cache.data_ptr<float>(), pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d,
+                      static_cast<float>(scale), DecodeLogits{nullptr, s_all, max_keys});
+    return;
+  }
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_attention_scores", [&] {
     const scalar_t* q_all = query.data_ptr<scalar_t>();
     const scalar_t* keys = key_cache.data_ptr<scalar_t>();
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> p, acc;
+    const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
+    at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / heads, hd = idx % heads, kv = hd / group, n = rows.n_keys[t];
-        const int32_t* blocks = tables + rows.seq[t] * max_blocks;
-        const scalar_t* q = q_all + t * query.stride(0) + hd * d;
-        float* s_row = s_all + (t * heads + hd) * max_keys;
-        p.resize(n);
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* k = keys + (slot_row(blocks, j, block_size, num_blocks, kv_heads) + kv) * d;
-          p[j] = dot(q, k, d) * static_cast<float>(scale);
-          s_row[j] = p[j];
+        const int64_t t = idx / items, hd = idx % items * g, kv = hd / group, n = rows.n_keys[t];
+        const PagedSeq seq{tables + rows.seq[t] * max_blocks, block_size, num_blocks, kv_heads};
+        float* s_rows = s_all + (t * heads + hd) * max_keys;
+        key_logits(s_rows, max_keys, q_all + t * query.stride(0) + hd * d, g, keys, seq, kv, d, n,
+                   static_cast<float>(scale));
+        // The logits stay in `scores` for the next layer; the softmax works on a copy.
+        p.resize(g * n);
+        for (int64_t i = 0; i < g; ++i) {
+          std::copy(s_rows + i * max_keys, s_rows + i * max_keys + n, p.begin() + i * n);
+          inv[i] = softmax_inplace(p.data() + i * n, n);
         }
-        const float inv = softmax_inplace(p.data(), n);
-        weighted_values(o_all + (t * heads + hd) * d, p.data(), inv, values, blocks, n, block_size, num_blocks,
-                        kv_heads, kv, d, acc);
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data());
       }
     });
   });
@@ -179,15 +169,27 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
       }
     });
     // Pass 2: softmax and P V per (row, head).
-    at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> p, acc;
+    // (The casts are no-ops: the branch runs for float32 only.)
+    if (std::is_same_v<scalar_t, float> && d % 8 == 0 && has_avx2() && is_decode(rows, seq_lens)) {
+      const PagedPool pool{tables, max_blocks, block_size, num_blocks, kv_heads};
+      decode_split_avx2(reinterpret_cast<float*>(o_all), nullptr, 0, nullptr, reinterpret_cast<const float*>(values),
+                        pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d, 0.0f, DecodeLogits{s_all, nullptr, out_keys});
+      return;
+    }
+    const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
+    at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / heads, hd = idx % heads, n = rows.n_keys[t];
-        const float* s_row = s_all + (t * heads + hd) * out_keys;
-        p.assign(s_row, s_row + n);
-        const float inv = softmax_inplace(p.data(), n);
-        weighted_values(o_all + (t * heads + hd) * d, p.data(), inv, values, tables + rows.seq[t] * max_blocks, n,
-                        block_size, num_blocks, kv_heads, hd / group, d, acc);
+        const int64_t t = idx / items, hd = idx % items * g, n = rows.n_keys[t];
+        const PagedSeq seq{tables + rows.seq[t] * max_blocks, block_size, num_blocks, kv_heads};
+        const float* s_rows = s_all + (t * heads + hd) * out_keys;
+        p.resize(g * n);
+        for (int64_t i = 0; i < g; ++i) {
+          std::copy(s_rows + i * out_keys, s_rows + i * out_keys + n, p.begin() + i * n);
+          inv[i] = softmax_inplace(p.data() + i * n, n);
+        }
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, seq, hd / group, d, n,
+                        acc.data());
       }
     });
   });

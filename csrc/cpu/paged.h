@@ -1,0 +1,273 @@
+// The pieces every CPU attention kernel is made of, over one sequence's paged cache:
+// logits q . K, softmax, and P V. They walk the block table a block at a time, and run AVX2
+// code for float32 caches whose head sizes are multiples of 8 (a portable loop otherwise).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "vec_avx2.h"
+
+namespace lisa_rt {
+
+// One sequence's view of a paged pool [blocks, block_size, kv_heads, width].
+struct PagedSeq {
+  const int32_t* blocks;  // this sequence's row of the block table
+  int64_t block_size;
+  int64_t num_blocks;
+  int64_t kv_heads;
+
+  // Element offset of head `kv_head` of the block_size-slot run that holds key j0 (a block start).
+  int64_t block_row(int64_t j0, int64_t kv_head, int64_t width) const {
+    const int64_t block = blocks[j0 / block_size];
+    TORCH_CHECK(block >= 0 && block < num_blocks, "paged attention: block id ", block, " out of range");
+    return (block * block_size * kv_heads + kv_head) * width;
+  }
+};
+
+// The paged pools of a batch: block table rows and the pool geometry.
+struct PagedPool {
+  const int32_t* block_tables;
+  int64_t max_blocks;  // row length of block_tables
+  int64_t block_size;
+  int64_t num_blocks;
+  int64_t kv_heads;
+
+  PagedSeq seq(int64_t b) const { return PagedSeq{block_tables + b * max_blocks, block_size, num_blocks, kv_heads}; }
+};
+
+// Where decode_split_avx2's logits come from and go: [batch, heads, stride] float32 buffers.
+struct DecodeLogits {
+  const float* given = nullptr;  // LiSA: the aligned logits, already computed
+  float* out = nullptr;          // a layer whose logits a LiSA layer reads next
+  int64_t stride = 0;
+};
+
+// Logits of g query heads that share KV head kv_head (q: g rows of d), over keys j < n:
+// s[i * s_stride + j] = scale * q_i . K[j]. Each key row is read from memory once for all g.
+template <typename T>
+void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
+                int64_t kv_head, int64_t d, int64_t n, float scale) {
+  const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
+  bool vectorised = false;
+  if constexpr (std::is_same_v<T, float>) vectorised = d % 8 == 0 && has_avx2();
+  for (int64_t j0 = 0; j0 < n; j0 += seq.block_size) {
+    const T* k = keys + seq.block_row(j0, kv_head, d);
+    const int64_t rows = std::min(seq.block_size, n - j0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < g; ++i) {
+        float logit;
+        if constexpr (std::is_same_v<T, float>) {
+          logit = vectorised ? dot8(q + i * d, k + r * stride, d) : dot(q + i * d, k + r * stride, d);
+        } else {
+          logit = dot(q + i * d, k + r * stride, d);
+        }
+        s[i * s_stride + j0 + r] = scale * logit;
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float max_avx2(const float* s, int64_t n) {
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  float result = hmax(vmax);
+  for (; j < n; ++j) result = std::max(result, s[j]);
+  return result;
+}
+
+// In place: s[0..n) -> exp(s - shift); returns their sum.
+__attribute__((target("avx2,fma"))) inline float exp_shifted_avx2(float* s, int64_t n, float shift) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float total = hsum(vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    total += s[j];
+  }
+  return total;
+}
+
+// In place: s[0..n) -> exp(s - max s); returns 1 / their sum (0 when n == 0).
+inline float softmax_inplace(float* s, int64_t n) {
+  if (n == 0) return 0.0f;
+  if (has_avx2()) return 1.0f / exp_shifted_avx2(s, n, max_avx2(s, n));
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, s[j]);
+  float total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - max_score);
+    total += s[j];
+  }
+  return 1.0f / total;
+}
+
+// acc[0..d) += sum over `rows` slots (`stride` apart) of p[r] v_r: four 8-float columns at a
+// time, so the FMA chains are independent; d a multiple of 8.
+__attribute__((target("avx2,fma"))) inline void accumulate_values_avx2(float* acc, const float* p, const float* v,
+                                                                      int64_t rows, int64_t stride, int64_t d) {
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) {
+    __m256 a0 = _mm256_loadu_ps(acc + c), a1 = _mm256_loadu_ps(acc + c + 8);
+    __m256 a2 = _mm256_loadu_ps(acc + c + 16), a3 = _mm256_loadu_ps(acc + c + 24);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 w = _mm256_set1_ps(p[r]);
+      const float* vr = v + r * stride + c;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 16), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 24), a3);
+    }
+    _mm256_storeu_ps(acc + c, a0);
+    _mm256_storeu_ps(acc + c + 8, a1);
+    _mm256_storeu_ps(acc + c + 16, a2);
+    _mm256_storeu_ps(acc + c + 24, a3);
+  }
+  for (; c < d; c += 8) {
+    __m256 a = _mm256_loadu_ps(acc + c);
+    for (int64_t r = 0; r < rows; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(v + r * stride + c), a);
+    _mm256_storeu_ps(acc + c, a);
+  }
+}
+
+// For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
+// (out: g rows of d). A block of values is read from memory once and serves all g heads from
+// L1. acc is g * d floats of scratch.
+template <typename T>
+void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g, const T* values,
+                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
+  std::fill(acc, acc + g * d, 0.0f);
+  const int64_t stride = seq.kv_heads * d;
+  bool vectorised = false;
+  if constexpr (std::is_same_v<T, float>) vectorised = d % 8 == 0 && has_avx2();
+  for (int64_t j0 = 0; j0 < n; j0 += seq.block_size) {
+    const T* v = values + seq.block_row(j0, kv_head, d);
+    const int64_t rows = std::min(seq.block_size, n - j0);
+    for (int64_t i = 0; i < g; ++i) {
+      const float* w = p + i * p_stride + j0;
+      float* a = acc + i * d;
+      if constexpr (std::is_same_v<T, float>) {
+        if (vectorised) {
+          accumulate_values_avx2(a, w, v, rows, stride, d);
+          continue;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* vr = v + r * stride;
+        for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
+}
+
+// Heads handled together per work item: the whole GQA group (keys and values read once) when
+// there are enough (sequence, KV head) items to keep every thread busy, else one head each.
+inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
+  return rows * kv_heads >= 2 * at::get_num_threads() ? group : 1;
+}
+
+// Decode attention over float32 caches on AVX2 CPUs, split over the context. A work item is
+// one sequence's run of keys for every head at once, so it streams whole cache rows (the KV
+// heads of a slot are adjacent; reading one head's rows alone drew a fifth of the memory
+// bandwidth here), and runs are short enough that even batch 1 keeps every thread busy. Each
+// item leaves, per head, its largest logit, the sum of exp(logit - largest) and the unnormalised
+// P V; a second pass merges the runs of each sequence.
+//
+// The logits are q . K * scale, or (LiSA) given; logits.out, when set, receives them for the
+// next layer. out and q are [batch, heads, d] (q rows q_stride apart); keys, values: the pools.
+inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, const float* keys, const float* values,
+                              const PagedPool& c, const int32_t* lens, int64_t batch, int64_t heads, int64_t d,
+                              float scale, DecodeLogits logits) {
+  const int64_t kv_heads = c.kv_heads, group = heads / kv_heads, bs = c.block_size;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, lens[b]);
+  // About four runs per thread over the batch, whole blocks, at least 64 keys.
+  const int64_t runs_per_seq = std::max<int64_t>(1, (4 * at::get_num_threads() + batch - 1) / batch);
+  int64_t chunk = std::max<int64_t>(64, (longest + runs_per_seq - 1) / runs_per_seq);
+  chunk = (chunk + bs - 1) / bs * bs;
+  std::vector<int64_t> item_seq, item_start, first_item(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    first_item[b] = static_cast<int64_t>(item_seq.size());
+    for (int64_t j0 = 0; j0 < lens[b]; j0 += chunk) {
+      item_seq.push_back(b);
+      item_start.push_back(j0);
+    }
+  }
+  first_item[batch] = static_cast<int64_t>(item_seq.size());
+  const int64_t items = first_item[batch], part = d + 2;  // per head: P V, largest logit, sum
+  std::vector<float> partial(items * heads * part);
+  const int64_t row_stride = kv_heads * d;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(heads * chunk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item_seq[item], j0 = item_start[item], n = std::min(chunk, lens[b] - j0);
+      const PagedSeq seq = c.seq(b);
+      if (logits.given != nullptr) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const float* given = logits.given + (b * heads + h) * logits.stride + j0;
+          std::copy(given, given + n, s.data() + h * chunk);
+        }
+      } else {
+        const float* qb = q + b * q_stride;
+        for (int64_t jb = 0; jb < n; jb += bs) {
+          const float* k = keys + seq.block_row(j0 + jb, 0, d);
+          const int64_t rows = std::min(bs, n - jb);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t h = 0; h < heads; ++h)
+              s[h * chunk + jb + r] = scale * dot8(qb + h * d, k + r * row_stride + h / group * d, d);
+        }
+      }
+      if (logits.out != nullptr) {
+        for (int64_t h = 0; h < heads; ++h)
+          std::copy(s.data() + h * chunk, s.data() + h * chunk + n, logits.out + (b * heads + h) * logits.stride + j0);
+      }
+      float* result = partial.data() + item * heads * part;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* sh = s.data() + h * chunk;
+        const float largest = max_avx2(sh, n);
+        result[h * part + d] = largest;
+        result[h * part + d + 1] = exp_shifted_avx2(sh, n, largest);
+        std::fill(result + h * part, result + h * part + d, 0.0f);
+      }
+      for (int64_t jb = 0; jb < n; jb += bs) {
+        const float* v = values + seq.block_row(j0 + jb, 0, d);
+        const int64_t rows = std::min(bs, n - jb);
+        for (int64_t h = 0; h < heads; ++h)
+          accumulate_values_avx2(result + h * part, s.data() + h * chunk + jb, v + h / group * d, rows, row_stride, d);
+      }
+    }
+  });
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / heads, h = idx % heads;
+      float* o = out + idx * d;
+      std::fill(o, o + d, 0.0f);
+      float largest = -std::numeric_limits<float>::infinity(), total = 0.0f;
+      for (int64_t item = first_item[b]; item < first_item[b + 1]; ++item)
+        largest = std::max(largest, partial[(item * heads + h) * part + d]);
+      for (int64_t item = first_item[b]; item < first_item[b + 1]; ++item) {
+        const float* run = partial.data() + (item * heads + h) * part;
+        const float weight = std::exp(run[d] - largest);
+        total += weight * run[d + 1];
+        for (int64_t i = 0; i < d; ++i) o[i] += weight * run[i];
+      }
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // an empty sequence attends to nothing
+      for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+    }
+  });
+}
+
+}  // namespace lisa_rt
