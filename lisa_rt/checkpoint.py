@@ -153,6 +153,20 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         raise
 
 
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Writes a text file through a temp file beside it and a rename: whole or untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write tensors as model.safetensors, or as shards plus an index when large."""
     from safetensors.torch import save_file

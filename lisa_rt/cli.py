@@ -545,7 +545,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import bench
-    from .checkpoint import load_config, load_tensors
+    from .checkpoint import load_config, load_tensors, write_text_atomically
     from .config import ModelConfig
     from .lisa import find_adapter
     from .model import Model, parse_device, parse_dtype
@@ -563,6 +563,15 @@ def cmd_bench(args) -> int:
     if args.shape:
         shape = bench.SHAPES[args.shape]
         config = ModelConfig(**shape)
+    else:
+        path = resolve_model(args.model)
+        config = load_config(path)
+    options = bench.BenchOptions(
+        batches=args.batch, contexts=args.ctx, steps=args.steps, warmup=args.warmup,
+        max_batch_contexts=args.max_batch_ctx, cuda_graphs=not args.no_graphs, seed=args.seed,
+        kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
+    options.validate(config)  # before the weights load (Bench.run checks again, for library callers)
+    if args.shape:
         adapter = (None if args.no_lisa else
                    bench.random_adapter(config, args.lisa_ratio or bench.DEFAULT_LISA_RATIO, seed=args.seed))
 
@@ -570,8 +579,6 @@ def cmd_bench(args) -> int:
             return bench.random_model(shape, device, dtype, args.seed, adapter if lisa else None)
         name = f"{args.shape}-shaped, random weights"
     else:
-        path = resolve_model(args.model)
-        config = load_config(path)
         if args.lisa_ratio is not None:
             adapter = bench.random_adapter(config, args.lisa_ratio, seed=args.seed)
         else:
@@ -583,17 +590,12 @@ def cmd_bench(args) -> int:
             return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=path,
                          adapter=adapter if lisa else None)
         name = str(path)
-    options = bench.BenchOptions(
-        batches=args.batch, contexts=args.ctx, steps=args.steps, warmup=args.warmup,
-        max_batch_contexts=args.max_batch_ctx, cuda_graphs=not args.no_graphs, seed=args.seed,
-        kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
-    options.validate(config)
     log = (lambda line: print(line, file=sys.stderr, flush=True))
     with torch.inference_mode():
         result = bench.Bench(build, options, device, log=log).run(lisa=adapter is not None)
     result.update(model=name, dtype=str(dtype).removeprefix("torch."))
     if args.json:
-        _write_file_atomically(args.json, json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
     _write(f"model: {name}, {result['dtype']}\n" + bench.report(result))
     return 0
 
@@ -606,22 +608,6 @@ def _check_writable(path: str) -> None:
         raise UserError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{path}: directory {parent} is not writable")
-
-
-def _write_file_atomically(path: str, text: str) -> None:
-    """Temp file beside it, then rename: the file is whole or untouched."""
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def cmd_serve(args) -> int:

@@ -148,17 +148,13 @@ def install_adapter(model_dir: str | os.PathLike, adapter: Adapter, model: Model
     The adapter file is written first and config.json replaced atomically after it, so a failure
     leaves either the old pairing or the new one.
     """
-    from .checkpoint import CONFIG_FILE
+    from .checkpoint import CONFIG_FILE, write_text_atomically
 
     model_dir = Path(model_dir)
     path = save_adapter(model_dir / ADAPTER_FILE, adapter, model)
     data = json.loads((model_dir / CONFIG_FILE).read_text())
     data["lisa"] = adapter.config.to_dict()
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.tmp-", dir=model_dir)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, model_dir / CONFIG_FILE)
+    write_text_atomically(model_dir / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
     return path
 
 

@@ -134,13 +134,13 @@ def test_bench_writes_no_json_when_it_fails(run, tiny, tmp_path):
     (["MODEL", "--batch", ","], ["--batch", "no value"]),
     (["MODEL", "--lisa-ratio", "1.5"], ["--lisa-ratio", "(0, 1)"]),
     (["MODEL", "--lisa-ratio", "0.5", "--no-lisa"], ["not allowed with"]),
-    (["MODEL", "--lisa-ratio", "0.1"], ["no LiSA layer"]),
+    (["MODEL", "--lisa-ratio", "0.1", "--ctx", "8"], ["no LiSA layer"]),
     (["MODEL", "--steps", "0"], ["--steps", ">= 1"]),
     (["MODEL", "--kv-budget-gb", "-1"], ["--kv-budget-gb", "> 0"]),
     (["MODEL", "--json", "/no/such/dir/b.json"], ["does not exist"]),
     (["MODEL", "--json", "TMP"], ["is a directory"]),
     (["MODEL", "--dtype", "int8"], ["invalid choice"]),
-    (["MODEL", "--lisa", "/no/such/adapter"], ["no such LiSA adapter"]),
+    (["MODEL", "--lisa", "/no/such/adapter", "--ctx", "8"], ["no such LiSA adapter"]),
     (["/no/such/model"], ["no such model"]),
 ])
 def test_bench_bad_input_is_one_error_line(run, tiny, tmp_path, argv, fragments):

@@ -13,14 +13,8 @@ namespace {
 struct PagedCache {
   const void* keys;
   const void* values;
-  const int32_t* block_tables;
-  int64_t max_blocks;   // row length of block_tables
-  int64_t block_size;
-  int64_t num_blocks;
-  int64_t kv_heads;
+  PagedPool pool;
   int64_t head_dim;
-
-  PagedSeq seq(int64_t b) const { return PagedSeq{block_tables + b * max_blocks, block_size, num_blocks, kv_heads}; }
 };
 
 // Per-thread scratch: logits then weights (g rows), their 1/sums, and the P V accumulators.
@@ -33,7 +27,7 @@ struct Scratch {
 template <typename T>
 void attend(T* out, const T* q, int64_t g, const PagedCache& c, int64_t b, int64_t kv_head, int64_t n_keys,
             float scale, Scratch& scratch) {
-  const PagedSeq seq = c.seq(b);
+  const PagedSeq seq = c.pool.seq(b);
   const int64_t d = c.head_dim;
   scratch.p.resize(g * n_keys);
   scratch.inv.resize(g);
@@ -47,13 +41,13 @@ void attend(T* out, const T* q, int64_t g, const PagedCache& c, int64_t b, int64
 
 PagedCache make_cache(const at::Tensor& key_cache, const at::Tensor& value_cache,
                       const at::Tensor& block_tables) {
-  return PagedCache{key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr<int32_t>(),
-                    block_tables.size(1), key_cache.size(1), key_cache.size(0), key_cache.size(2),
-                    key_cache.size(3)};
+  const PagedPool pool{block_tables.data_ptr<int32_t>(), block_tables.size(1), key_cache.size(1), key_cache.size(0),
+                       key_cache.size(2)};
+  return PagedCache{key_cache.data_ptr(), value_cache.data_ptr(), pool, key_cache.size(3)};
 }
 
 void check_length(int64_t length, const PagedCache& c) {
-  TORCH_CHECK(length >= 0 && length <= c.max_blocks * c.block_size,
+  TORCH_CHECK(length >= 0 && length <= c.pool.max_blocks * c.pool.block_size,
               "paged attention: sequence length ", length, " exceeds its block table");
 }
 
@@ -63,19 +57,18 @@ void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const 
   check_decode_args(out, query, key_cache, value_cache, block_tables, seq_lens);
   const PagedCache c = make_cache(key_cache, value_cache, block_tables);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int64_t batch = query.size(0), heads = query.size(1), group = heads / c.kv_heads;
+  const int64_t batch = query.size(0), heads = query.size(1), group = heads / c.pool.kv_heads;
   for (int64_t b = 0; b < batch; ++b) check_length(lens[b], c);
-  if (query.scalar_type() == at::kFloat && c.head_dim % 8 == 0 && has_avx2()) {
-    const PagedPool pool{c.block_tables, c.max_blocks, c.block_size, c.num_blocks, c.kv_heads};
+  if (query.scalar_type() == at::kFloat && use_avx2<float>(c.head_dim)) {
     decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), static_cast<const float*>(c.keys),
-                      static_cast<const float*>(c.values), pool, lens, batch, heads, c.head_dim,
+                      static_cast<const float*>(c.values), c.pool, lens, batch, heads, c.head_dim,
                       static_cast<float>(scale), DecodeLogits{});
     return;
   }
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t g = heads_per_item(batch, c.kv_heads, group), items = heads / g;
+    const int64_t g = heads_per_item(batch, c.pool.kv_heads, group), items = heads / g;
     at::parallel_for(0, batch * items, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t idx = begin; idx < end; ++idx) {
@@ -95,7 +88,7 @@ void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
   const int64_t batch = seq_lens.size(0), tokens = query.size(0), heads = query.size(1);
-  const int64_t group = heads / c.kv_heads;
+  const int64_t group = heads / c.pool.kv_heads;
   TORCH_CHECK(cu[0] == 0 && cu[batch] == tokens, "paged_prefill_attention: cu_query_lens must span the queries");
   std::vector<int64_t> seq_of_token(tokens);
   for (int64_t b = 0; b < batch; ++b) {
@@ -107,7 +100,7 @@ void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_prefill_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t g = heads_per_item(tokens, c.kv_heads, group), items = heads / g;
+    const int64_t g = heads_per_item(tokens, c.pool.kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t idx = begin; idx < end; ++idx) {

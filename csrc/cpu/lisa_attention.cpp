@@ -56,14 +56,6 @@ bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
   return true;
 }
 
-// Row of cache slot `key` of a sequence ([.., kv_heads, dim] element offset of head 0).
-inline int64_t slot_row(const int32_t* blocks, int64_t key, int64_t block_size, int64_t num_blocks,
-                        int64_t kv_heads) {
-  const int64_t block = blocks[key / block_size];
-  TORCH_CHECK(block >= 0 && block < num_blocks, "paged attention: block id ", block, " out of range");
-  return (block * block_size + key % block_size) * kv_heads;
-}
-
 // The aligner for eight keys j..j+7 of one query row at once, a key per AVX2 lane (the h-vectors
 // a = S_prev[:, j] of neighbouring keys are neighbours in memory): s[hd * s_stride + j + lane] =
 // A a + W2 silu(W1 a + b1) + b2. scratch holds (heads + width) x 8 floats.
@@ -101,10 +93,9 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
   const int64_t group = heads / kv_heads, max_keys = scores.size(2), max_blocks = block_tables.size(1);
   const Rows rows = chunk_rows(cu_query_lens, seq_lens, block_tables, block_size, tokens, max_keys,
                                "paged_attention_scores");
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const PagedPool pool{block_tables.data_ptr<int32_t>(), max_blocks, block_size, num_blocks, kv_heads};
   float* s_all = scores.data_ptr<float>();
-  if (query.scalar_type() == at::kFloat && d % 8 == 0 && has_avx2() && is_decode(rows, seq_lens)) {
-    const PagedPool pool{tables, max_blocks, block_size, num_blocks, kv_heads};
+  if (query.scalar_type() == at::kFloat && use_avx2<float>(d) && is_decode(rows, seq_lens)) {
     decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), key_cache.data_ptr<float>(),
                       value_cache.data_ptr<float>(), pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d,
                       static_cast<float>(scale), DecodeLogits{nullptr, s_all, max_keys});
@@ -120,7 +111,7 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
       std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / items, hd = idx % items * g, kv = hd / group, n = rows.n_keys[t];
-        const PagedSeq seq{tables + rows.seq[t] * max_blocks, block_size, num_blocks, kv_heads};
+        const PagedSeq seq = pool.seq(rows.seq[t]);
         float* s_rows = s_all + (t * heads + hd) * max_keys;
         key_logits(s_rows, max_keys, q_all + t * query.stride(0) + hd * d, g, keys, seq, kv, d, n,
                    static_cast<float>(scale));
@@ -154,7 +145,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
   const int64_t out_keys = logits.size(2);
   const Rows rows = chunk_rows(cu_query_lens, seq_lens, block_tables, block_size, tokens,
                                std::min(prev_keys, out_keys), "lisa_attention");
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const PagedPool pool{block_tables.data_ptr<int32_t>(), max_blocks, block_size, num_blocks, kv_heads};
   const float* prev = scores_prev.data_ptr<float>();
   float* s_all = logits.data_ptr<float>();
   const float* A = align_a.data_ptr<float>();
@@ -174,24 +165,19 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
     const bool vectorised = std::is_same_v<scalar_t, float> && has_avx2();
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> a(heads), hidden(width), s(heads), scratch((heads + width) * 8);
+      std::vector<float> a(heads), hidden(width), scratch((heads + width) * 8);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
         const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
-        const int32_t* blocks = tables + rows.seq[t] * max_blocks;
+        const PagedSeq seq = pool.seq(rows.seq[t]);
         const scalar_t* q_row = q_all + t * query_lr.stride(0);
         float* s_row = s_all + t * heads * out_keys;
+        // The aligned logits: eight keys at a time where AVX2 serves, then one at a time.
         int64_t j = j0;
         if (vectorised) {
-          for (; j + 8 <= j1; j += 8) {
+          for (; j + 8 <= j1; j += 8)
             align_keys8(s_row, out_keys, prev + t * heads * prev_keys, prev_keys, j, heads, width, A, W1, b1, W2, b2,
                         scratch.data());
-            for (int64_t jj = j; jj < j + 8; ++jj) {
-              const int64_t row = slot_row(blocks, jj, block_size, num_blocks, kv_heads);
-              for (int64_t hd = 0; hd < heads; ++hd)
-                s_row[hd * out_keys + jj] += delta * dot(q_row + hd * rank, keys + (row + hd / group) * rank, rank);
-            }
-          }
         }
         for (; j < j1; ++j) {
           for (int64_t hd = 0; hd < heads; ++hd) a[hd] = prev[(t * heads + hd) * prev_keys + j];
@@ -199,20 +185,20 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
             const float x = dot(W1 + i * heads, a.data(), heads) + b1[i];
             hidden[i] = x / (1.0f + std::exp(-x));
           }
-          const int64_t row = slot_row(blocks, j, block_size, num_blocks, kv_heads);
-          for (int64_t hd = 0; hd < heads; ++hd) {
-            const scalar_t* k = keys + (row + hd / group) * rank;
-            s[hd] = dot(A + hd * heads, a.data(), heads) + dot(W2 + hd * width, hidden.data(), width) + b2[hd] +
-                    delta * dot(q_row + hd * rank, k, rank);
-          }
-          for (int64_t hd = 0; hd < heads; ++hd) s_all[(t * heads + hd) * out_keys + j] = s[hd];
+          for (int64_t hd = 0; hd < heads; ++hd)
+            s_row[hd * out_keys + j] = dot(A + hd * heads, a.data(), heads) + dot(W2 + hd * width, hidden.data(), width) + b2[hd];
+        }
+        // Plus the low-rank delta q'_hd . k'_j.
+        for (j = j0; j < j1; ++j) {
+          const scalar_t* k = keys + seq.row(j) * rank;
+          for (int64_t hd = 0; hd < heads; ++hd)
+            s_row[hd * out_keys + j] += delta * dot(q_row + hd * rank, k + hd / group * rank, rank);
         }
       }
     });
     // Pass 2: softmax and P V per (row, head).
     // (The casts are no-ops: the branch runs for float32 only.)
-    if (std::is_same_v<scalar_t, float> && d % 8 == 0 && has_avx2() && is_decode(rows, seq_lens)) {
-      const PagedPool pool{tables, max_blocks, block_size, num_blocks, kv_heads};
+    if (use_avx2<scalar_t>(d) && is_decode(rows, seq_lens)) {
       decode_split_avx2(reinterpret_cast<float*>(o_all), nullptr, 0, nullptr, reinterpret_cast<const float*>(values),
                         pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d, 0.0f, DecodeLogits{s_all, nullptr, out_keys});
       return;
@@ -222,7 +208,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
       std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / items, hd = idx % items * g, n = rows.n_keys[t];
-        const PagedSeq seq{tables + rows.seq[t] * max_blocks, block_size, num_blocks, kv_heads};
+        const PagedSeq seq = pool.seq(rows.seq[t]);
         const float* s_rows = s_all + (t * heads + hd) * out_keys;
         p.resize(g * n);
         for (int64_t i = 0; i < g; ++i) {

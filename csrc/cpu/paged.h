@@ -21,13 +21,27 @@ struct PagedSeq {
   int64_t num_blocks;
   int64_t kv_heads;
 
-  // Element offset of head `kv_head` of the block_size-slot run that holds key j0 (a block start).
-  int64_t block_row(int64_t j0, int64_t kv_head, int64_t width) const {
-    const int64_t block = blocks[j0 / block_size];
+  // Row of key j in the pool seen as [slots * kv_heads, width] rows: the row of its KV head 0.
+  int64_t row(int64_t j) const {
+    const int64_t block = blocks[j / block_size];
     TORCH_CHECK(block >= 0 && block < num_blocks, "paged attention: block id ", block, " out of range");
-    return (block * block_size * kv_heads + kv_head) * width;
+    return (block * block_size + j % block_size) * kv_heads;
+  }
+
+  // fn(offset, j, rows) for each run of keys [begin, end) that shares a block (begin a block
+  // start): offset is the element offset of KV head kv_head of key j; the run's `rows` slots
+  // follow kv_heads * width elements apart.
+  template <typename F>
+  void for_each_block(int64_t begin, int64_t end, int64_t kv_head, int64_t width, F&& fn) const {
+    for (int64_t j = begin; j < end; j += block_size) fn((row(j) + kv_head) * width, j, std::min(block_size, end - j));
   }
 };
+
+// Whether the AVX2 paths serve elements of type T with head size d.
+template <typename T>
+bool use_avx2(int64_t d) {
+  return std::is_same_v<T, float> && d % 8 == 0 && has_avx2();
+}
 
 // The paged pools of a batch: block table rows and the pool geometry.
 struct PagedPool {
@@ -53,11 +67,9 @@ template <typename T>
 void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
                 int64_t kv_head, int64_t d, int64_t n, float scale) {
   const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
-  bool vectorised = false;
-  if constexpr (std::is_same_v<T, float>) vectorised = d % 8 == 0 && has_avx2();
-  for (int64_t j0 = 0; j0 < n; j0 += seq.block_size) {
-    const T* k = keys + seq.block_row(j0, kv_head, d);
-    const int64_t rows = std::min(seq.block_size, n - j0);
+  const bool vectorised = use_avx2<T>(d);
+  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+    const T* k = keys + offset;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < g; ++i) {
         float logit;
@@ -69,7 +81,7 @@ void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys
         s[i * s_stride + j0 + r] = scale * logit;
       }
     }
-  }
+  });
 }
 
 __attribute__((target("avx2,fma"))) inline float max_avx2(const float* s, int64_t n) {
@@ -149,11 +161,9 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
                      const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
   std::fill(acc, acc + g * d, 0.0f);
   const int64_t stride = seq.kv_heads * d;
-  bool vectorised = false;
-  if constexpr (std::is_same_v<T, float>) vectorised = d % 8 == 0 && has_avx2();
-  for (int64_t j0 = 0; j0 < n; j0 += seq.block_size) {
-    const T* v = values + seq.block_row(j0, kv_head, d);
-    const int64_t rows = std::min(seq.block_size, n - j0);
+  const bool vectorised = use_avx2<T>(d);
+  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+    const T* v = values + offset;
     for (int64_t i = 0; i < g; ++i) {
       const float* w = p + i * p_stride + j0;
       float* a = acc + i * d;
@@ -168,7 +178,7 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
         for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
       }
     }
-  }
+  });
   for (int64_t i = 0; i < g; ++i)
     for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
 }
@@ -222,13 +232,11 @@ inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, cons
         }
       } else {
         const float* qb = q + b * q_stride;
-        for (int64_t jb = 0; jb < n; jb += bs) {
-          const float* k = keys + seq.block_row(j0 + jb, 0, d);
-          const int64_t rows = std::min(bs, n - jb);
+        seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t h = 0; h < heads; ++h)
-              s[h * chunk + jb + r] = scale * dot8(qb + h * d, k + r * row_stride + h / group * d, d);
-        }
+              s[h * chunk + j - j0 + r] = scale * dot8(qb + h * d, keys + offset + r * row_stride + h / group * d, d);
+        });
       }
       if (logits.out != nullptr) {
         for (int64_t h = 0; h < heads; ++h)
@@ -242,12 +250,11 @@ inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, cons
         result[h * part + d + 1] = exp_shifted_avx2(sh, n, largest);
         std::fill(result + h * part, result + h * part + d, 0.0f);
       }
-      for (int64_t jb = 0; jb < n; jb += bs) {
-        const float* v = values + seq.block_row(j0 + jb, 0, d);
-        const int64_t rows = std::min(bs, n - jb);
+      seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
         for (int64_t h = 0; h < heads; ++h)
-          accumulate_values_avx2(result + h * part, s.data() + h * chunk + jb, v + h / group * d, rows, row_stride, d);
-      }
+          accumulate_values_avx2(result + h * part, s.data() + h * chunk + j - j0, values + offset + h / group * d,
+                                 rows, row_stride, d);
+      });
     }
   });
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
