@@ -1,26 +1,72 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one command: build _C for the card, run the CUDA tests, run the GPU
-# checks (CPU-vs-GPU agreement, eager vs CUDA-graph decode), the LiSA-vs-full attention kernel
-# times, and the speed grid with and without LiSA next to HF transformers (gpu_bench.py, which
-# ends with the GPU-speed issue's targets, met or not). Logs and JSON go to $OUT.
-#   bash benchmarks/gpu_run.sh            (on the GPU machine, from the repository root)
+# One lent-GPU session in one command: build _C for the card, run the CUDA tests, profile decode
+# steps, run the GPU checks (CPU-vs-GPU agreement, eager vs CUDA-graph decode), the LiSA-vs-full
+# attention kernel times, and the speed grid with and without LiSA next to HF transformers
+# (gpu_bench.py, which ends with the GPU-speed issue's targets, met or not). Every stage has a
+# time limit so that one slow stage cannot eat the lease; build.log, run.log (every stage's
+# output) and JSON go to $OUT.
+#   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
+#   stages: diag tests profile check kernels bench (default: all, in that order)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
 mkdir -p "$OUT"
+stages=${*:-diag tests profile check kernels bench}
+limit() { echo "${LIMIT[$1]:-300}"; }
+declare -A LIMIT=([build]=300 [diag]=60 [tests]=200 [profile]=120 [check]=90 [kernels]=60 [bench]=400)
+for s in "${!LIMIT[@]}"; do v="LIMIT_${s^^}"; [ -n "${!v:-}" ] && LIMIT[$s]=${!v}; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# The system compiler when there is one (SYSTEM_CXX=0: the default one): on the lent H100 the
+# default g++ (/opt/gcc, 13.3) built a _C whose error messages with numbers crashed.
+if [ "${SYSTEM_CXX:-1}" = 1 ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+echo "c++: $(command -v "${CXX:-c++}") -> $(readlink -f "$(command -v "${CXX:-c++}")"), $(${CXX:-c++} --version | head -1)"
+build() { timeout "$(limit build)" python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; }
 start=$(date +%s)
-if ! python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT/build.log" | head -40
-  tail -30 "$OUT/build.log"
-  exit 1
+if ! build; then
+  grep -E "error|Error" "$OUT/build.log" | head -20
+  if [ -n "${CXX:-}" ]; then
+    echo "build with $CXX failed; again with the default compiler"
+    unset CXX CUDAHOSTCXX
+    rm -rf build
+    build || { grep -E "error|Error" "$OUT/build.log" | head -40; tail -30 "$OUT/build.log"; exit 1; }
+  else
+    tail -30 "$OUT/build.log"
+    exit 1
+  fi
 fi
 echo "build: $(( $(date +%s) - start )) s"
-# Every test file with CUDA tests (the others need packages the GPU machine may lack).
-cuda_tests=$(grep -l "pytest.mark.cuda" tests/test_*.py)
-python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests 2>&1 | tee "$OUT/test_cuda.log" | tail -30
-python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -25
-python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json" 2>&1 | tee "$OUT/lisa_kernels.log" | tail -16
-python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | tail -40
+stage() {  # stage NAME COMMAND...: runs under the stage's time limit, output to $OUT/NAME.log
+  local name=$1; shift
+  [[ " $stages " == *" $name "* ]] || return 0
+  local began=$(date +%s)
+  echo "== $name"
+  timeout "$(limit "$name")" "$@" > "$OUT/stage.log" 2>&1
+  local rc=$?
+  { echo "== $name"; cat "$OUT/stage.log"; } >> "$OUT/run.log"  # at most 8 files come back
+  tail -n "${TAIL:-40}" "$OUT/stage.log"
+  rm -f "$OUT/stage.log"
+  echo "== $name: exit $rc, $(( $(date +%s) - began )) s"
+}
+# What the extension links and how its argument errors behave on each device (a crash there
+# exits 139).
+diag() {
+  ldd lisa_rt/_C*.so | grep -E "stdc|gcc_s"
+  echo "libstdc++ the compiler links: $(${CXX:-c++} -print-file-name=libstdc++.so)"
+  head -c 300 "$(${CXX:-c++} -print-file-name=libstdc++.so)" | tr -d '\0' | grep -a GROUP || true
+  for dev in cpu cuda; do
+    python3 -m pytest -q -p no:cacheprovider tests/test_lisa_ops.py -k "bad_arguments and $dev" 2>&1 | tail -2
+    echo "argument errors on $dev: pytest exit ${PIPESTATUS[0]}"
+  done
+}
+stage diag bash -c "$(declare -f diag); diag"
+# Every CUDA test, in 4 worker processes (a crashing test takes down its worker only); files
+# whose imports need packages the GPU machine lacks are reported as collection errors and the
+# rest still run.
+stage tests python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors \
+  --timeout 120 -rfE -n 4 tests
+stage profile python3 benchmarks/gpu_profile.py --json "$OUT/gpu_profile.json"
+stage check python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
+stage kernels python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json"
+stage bench python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-}

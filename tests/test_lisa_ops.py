@@ -79,6 +79,11 @@ CHUNKS = [
     [(5, 21), (16, 16), (1, 40)],
     [(0, 3), (33, 100), (1, 1), (130, 130)],
     [(1, 64), (1, 65), (2, 33), (0, 17), (3, 32)],
+    # Decode-shaped (a token per sequence: the CUDA split-context path), one context long
+    # enough to be split many ways.
+    [(1, 1), (1, 300), (1, 64), (1, 33)],
+    # As many tokens as sequences, but not one each: the decode path must still map tokens.
+    [(2, 40), (0, 10), (1, 700)],
 ]
 
 
@@ -141,9 +146,12 @@ def test_lisa_attention(device, dtype, heads, kv_heads, dim, rank, width, chunks
     (64, 8, 256, 256, 256),
     # CUDA: the tiles alone take about 177 KiB; the weights do not fit and are read from global.
     (64, 2, 256, 256, 256),
+    # CUDA decode: the aligned-logits kernel's 32-head variant with its largest rank.
+    (32, 8, 128, 256, 32),
 ])
-def test_lisa_attention_large(device, heads, kv_heads, dim, rank, width):
-    batch = Batch([(3, 40), (1, 33), (2, 2)], device)
+@pytest.mark.parametrize("chunks", [[(3, 40), (1, 33), (2, 2)], [(1, 40), (1, 333), (1, 2)]])
+def test_lisa_attention_large(device, heads, kv_heads, dim, rank, width, chunks):
+    batch = Batch(chunks, device)
     out, scores_out, want_out, want_scores = run_lisa(batch, heads, kv_heads, dim, rank, width, device,
                                                       torch.float32)
     close(out, want_out, torch.float32)

@@ -1,5 +1,5 @@
-// Attention over the paged KV cache: decode (one query per sequence) and chunked prefill
-// (packed causal chunks) share one tiled kernel; decode is the chunk-of-one case.
+// Attention over the paged KV cache for chunked prefill (packed causal chunks); decode goes
+// to the split-context kernel of decode_attention.cu.
 //
 // A block owns kBlockM query rows of one sequence and one KV head. The rows of a sequence are
 // its (query token, head of the GQA group) pairs, token-major, so every K/V tile the block
@@ -9,11 +9,9 @@
 // log2 domain: the queries are pre-scaled by scale * log2(e)). Query row r at position p sees
 // keys 0..p; the chunk of sequence b ends at seq_lens[b], so its first query sits at
 // seq_len - chunk_len.
-//
-// No split over the context (flash-decoding) yet: the op has no scratch argument and decode
-// must not allocate, so a block covers a whole context.
 #include <cmath>
 
+#include "cuda/decode_attention.h"
 #include "device.cuh"
 
 namespace lisa_rt::kernels {
@@ -28,7 +26,7 @@ struct AttentionArgs {
   int group;  // query heads per KV head
   int batch;
   PagedKVCache cache;
-  const int32_t* cu_query_lens;  // nullptr in decode: sequence b owns query row b
+  const int32_t* cu_query_lens;
   const int32_t* seq_lens;
   int64_t seq_lens_stride;
   float scale_log2;  // scale * log2(e)
@@ -64,10 +62,7 @@ struct TileConfig {
                 BlockN % kThreadsPerRow == 0, "softmax rows must map onto lanes of one warp");
 };
 
-// Decode: a few rows (the heads of one group), 4 warps.
-template <int HeadDimMax>
-using DecodeTile = TileConfig<HeadDimMax, 8, 32, 128>;
-// Prefill: 64 rows (32 for head_dim 256, to bound registers and shared memory), 8 warps.
+// 64 rows (32 for head_dim 256, to bound registers and shared memory), 8 warps.
 template <int HeadDimMax>
 using PrefillTile = TileConfig<HeadDimMax, HeadDimMax <= 128 ? 64 : 32, 32, 256>;
 
@@ -163,18 +158,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_attention_kernel(const At
 
   const int group = args.group;
   int seq, tile;
-  if (args.cu_query_lens == nullptr) {
-    const int tiles_per_seq = (group + kBlockM - 1) / kBlockM;
-    seq = blockIdx.x / tiles_per_seq;
-    tile = blockIdx.x % tiles_per_seq;
-  } else {
-    locate_tile(args.cu_query_lens, args.batch, group, kBlockM, blockIdx.x, &seq, &tile);
-    if (seq < 0) return;  // the grid is an upper bound on the tiles
-  }
+  locate_tile(args.cu_query_lens, args.batch, group, kBlockM, blockIdx.x, &seq, &tile);
+  if (seq < 0) return;  // the grid is an upper bound on the tiles
   const PagedKVCache& cache = args.cache;
   const int kv_head = blockIdx.y, head_dim = static_cast<int>(cache.head_dim);
-  const int chunk_start = args.cu_query_lens ? args.cu_query_lens[seq] : seq;
-  const int chunk_len = args.cu_query_lens ? args.cu_query_lens[seq + 1] - chunk_start : 1;
+  const int chunk_start = args.cu_query_lens[seq];
+  const int chunk_len = args.cu_query_lens[seq + 1] - chunk_start;
   // Keys past the block table do not exist; bad lengths cannot be reported from here.
   const int seq_len = min(args.seq_lens[seq * args.seq_lens_stride],
                           static_cast<int>(cache.max_blocks * cache.block_size));
@@ -350,27 +339,21 @@ cudaError_t launch_tiles(const AttentionArgs& args, unsigned row_tiles, cudaStre
   return cudaGetLastError();
 }
 
-// Instantiates the kernel for the smallest supported head-dim bucket that holds head_dim.
-template <template <int> class Tile>
-cudaError_t launch_attention(const AttentionArgs& args, DType dtype, cudaStream_t stream,
-                             unsigned (*row_tiles)(const AttentionArgs&, int block_m)) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const int64_t head_dim = args.cache.head_dim;
-    if (head_dim <= 64) return launch_tiles<T, Tile<64>>(args, row_tiles(args, Tile<64>::kBlockM), stream);
-    if (head_dim <= 128) return launch_tiles<T, Tile<128>>(args, row_tiles(args, Tile<128>::kBlockM), stream);
-    return launch_tiles<T, Tile<256>>(args, row_tiles(args, Tile<256>::kBlockM), stream);
-  });
-}
-
-unsigned decode_row_tiles(const AttentionArgs& args, int block_m) {
-  return static_cast<unsigned>(args.batch * ((args.group + block_m - 1) / block_m));
-}
-
 // An upper bound: sum over b of ceil(chunk_b * group / block_m) <= tokens * group / block_m + batch.
 unsigned prefill_row_tiles(const AttentionArgs& args, int block_m) {
   const int64_t rows = static_cast<int64_t>(args.num_tokens) * args.group;
   return static_cast<unsigned>((rows + block_m - 1) / block_m + args.batch);
+}
+
+// Instantiates the kernel for the smallest supported head-dim bucket that holds head_dim.
+cudaError_t launch_prefill(const AttentionArgs& args, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t head_dim = args.cache.head_dim;
+    if (head_dim <= 64) return launch_tiles<T, PrefillTile<64>>(args, prefill_row_tiles(args, PrefillTile<64>::kBlockM), stream);
+    if (head_dim <= 128) return launch_tiles<T, PrefillTile<128>>(args, prefill_row_tiles(args, PrefillTile<128>::kBlockM), stream);
+    return launch_tiles<T, PrefillTile<256>>(args, prefill_row_tiles(args, PrefillTile<256>::kBlockM), stream);
+  });
 }
 
 AttentionArgs make_args(void* out, const void* query, int64_t query_row_stride, int64_t num_tokens,
@@ -386,14 +369,28 @@ AttentionArgs make_args(void* out, const void* query, int64_t query_row_stride, 
 
 }  // namespace
 
+int64_t paged_decode_attention_workspace(int64_t batch, int64_t num_heads, const PagedKVCache& cache) {
+  const decode::Plan p = decode::plan(batch, num_heads, cache.kv_heads, cache.head_dim,
+                                      cache.max_blocks * cache.block_size);
+  return p.partial_floats * static_cast<int64_t>(sizeof(float));
+}
+
 cudaError_t paged_decode_attention(void* out, const void* query, int64_t query_row_stride,
                                    int64_t batch, int64_t num_heads, const PagedKVCache& cache,
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
-                                   DType dtype, cudaStream_t stream) {
-  if (batch == 0 || num_heads == 0 || cache.kv_heads == 0) return cudaSuccess;
-  const AttentionArgs args = make_args(out, query, query_row_stride, batch, num_heads, batch, cache,
-                                       nullptr, seq_lens, seq_lens_stride, scale);
-  return launch_attention<DecodeTile>(args, dtype, stream, decode_row_tiles);
+                                   void* workspace, DType dtype, cudaStream_t stream) {
+  decode::Launch x{};
+  x.out = out;
+  x.num_tokens = batch;
+  x.num_heads = num_heads;
+  x.cache = cache;
+  x.keys = decode::TokenKeys{nullptr, seq_lens, seq_lens_stride, static_cast<int>(batch),
+                             cache.max_blocks * cache.block_size};
+  x.query = query;
+  x.query_row_stride = query_row_stride;
+  x.scale = scale;
+  x.workspace = static_cast<float*>(workspace);
+  return decode::launch(x, dtype, stream);
 }
 
 cudaError_t paged_prefill_attention(void* out, const void* query, int64_t query_row_stride,
@@ -404,7 +401,7 @@ cudaError_t paged_prefill_attention(void* out, const void* query, int64_t query_
   if (num_tokens == 0 || batch == 0 || num_heads == 0 || cache.kv_heads == 0) return cudaSuccess;
   const AttentionArgs args = make_args(out, query, query_row_stride, num_tokens, num_heads, batch, cache,
                                        cu_query_lens, seq_lens, seq_lens_stride, scale);
-  return launch_attention<PrefillTile>(args, dtype, stream, prefill_row_tiles);
+  return launch_prefill(args, dtype, stream);
 }
 
 }  // namespace lisa_rt::kernels

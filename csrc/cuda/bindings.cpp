@@ -1,7 +1,12 @@
 // The CUDA implementations of torch.ops.lisa_rt.*: argument checks, then the launchers of
 // cuda/*.cu on torch's current stream of the tensors' device. Nothing here reads device
-// memory on the host or allocates, so every op is asynchronous and graph-capturable.
+// memory on the host, so every op is asynchronous and graph-capturable; the scratch of the
+// split decode attention comes from torch's caching allocator (inside a CUDA graph capture,
+// from the graph's own pool), never from cudaMalloc on the hot path.
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -18,6 +23,12 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// `bytes` of scratch on the device of `like`, held until the returned tensor dies (the caching
+// allocator keeps it reserved for the stream's work already queued).
+at::Tensor workspace(const at::Tensor& like, int64_t bytes) {
+  return at::empty({std::max<int64_t>(bytes, 0)}, like.options().dtype(at::kByte));
 }
 
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
@@ -102,10 +113,13 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& query, const
   check_head_dim(query, "paged_decode_attention");
   const kernels::DType dtype = dtype_of(query, "paged_decode_attention");
   const c10::cuda::CUDAGuard guard(query.device());
+  const kernels::PagedKVCache cache = paged_cache(key_cache, value_cache, block_tables);
+  const at::Tensor scratch =
+      workspace(query, kernels::paged_decode_attention_workspace(query.size(0), query.size(1), cache));
   check_launch(kernels::paged_decode_attention(out.data_ptr(), query.data_ptr(), query.stride(0), query.size(0),
-                                               query.size(1), paged_cache(key_cache, value_cache, block_tables),
-                                               seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
-                                               static_cast<float>(scale), dtype, current_stream()),
+                                               query.size(1), cache, seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
+                                               static_cast<float>(scale), scratch.data_ptr(), dtype,
+                                               current_stream()),
                "paged_decode_attention");
 }
 
@@ -154,12 +168,14 @@ void paged_attention_scores_cuda(at::Tensor& out, at::Tensor& scores, const at::
   const c10::cuda::CUDAGuard guard(query.device());
   // Lengths beyond the block table or the scores width cannot be rejected without a sync: the
   // kernel clamps them.
+  const kernels::PagedKVCache cache = paged_cache(key_cache, value_cache, block_tables);
+  const at::Tensor scratch = workspace(query, kernels::paged_attention_scores_workspace(
+                                                  query.size(0), query.size(1), seq_lens.size(0), cache, scores.size(2)));
   check_launch(kernels::paged_attention_scores(out.data_ptr(), scores.data_ptr<float>(), scores.size(2),
                                                query.data_ptr(), query.stride(0), query.size(0), query.size(1),
-                                               seq_lens.size(0), paged_cache(key_cache, value_cache, block_tables),
-                                               cu_query_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-                                               seq_lens.stride(0), static_cast<float>(scale), dtype,
-                                               current_stream()),
+                                               seq_lens.size(0), cache, cu_query_lens.data_ptr<int32_t>(),
+                                               seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
+                                               static_cast<float>(scale), scratch.data_ptr(), dtype, current_stream()),
                "paged_attention_scores");
 }
 
@@ -180,6 +196,10 @@ void lisa_attention_cuda(at::Tensor& out, const std::optional<at::Tensor>& score
                                     value_cache.size(2), value_cache.size(3)};
   float* scores_out_ptr = scores_out.has_value() ? scores_out->data_ptr<float>() : nullptr;
   const int64_t out_keys = scores_out.has_value() ? scores_out->size(2) : 0;
+  const at::Tensor scratch = workspace(
+      query_lr, kernels::lisa_attention_workspace(query_lr.size(0), query_lr.size(1), seq_lens.size(0), cache,
+                                                  query_lr.size(2), align_w1.size(0), scores_prev.size(2),
+                                                  scores_out.has_value(), out_keys));
   check_launch(kernels::lisa_attention(out.data_ptr(), scores_out_ptr, out_keys, scores_prev.data_ptr<float>(),
                                        scores_prev.size(2), query_lr.data_ptr(), query_lr.stride(0),
                                        query_lr.size(2), query_lr.size(0), query_lr.size(1), seq_lens.size(0),
@@ -187,7 +207,8 @@ void lisa_attention_cuda(at::Tensor& out, const std::optional<at::Tensor>& score
                                        seq_lens.stride(0), align_a.data_ptr<float>(), align_w1.data_ptr<float>(),
                                        align_b1.data_ptr<float>(), align_w2.data_ptr<float>(),
                                        align_b2.data_ptr<float>(), align_w1.size(0),
-                                       static_cast<float>(delta_scale), dtype, current_stream()),
+                                       static_cast<float>(delta_scale), scratch.data_ptr(), dtype,
+                                       current_stream()),
                "lisa_attention");
 }
 

@@ -35,6 +35,26 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);
 
+// Eight consecutive elements (zeros where `ok` is false), in 16-byte loads when `vectorised`
+// (src then 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ Vec<T, 8> load_row8(const T* src, bool ok, bool vectorised) {
+  Vec<T, 8> v;
+  if (ok && vectorised) {
+    constexpr int N = kVec16<T>;
+#pragma unroll
+    for (int part = 0; part < 8 / N; ++part) {
+      const Vec<T, N> chunk = reinterpret_cast<const Vec<T, N>*>(src)[part];
+#pragma unroll
+      for (int k = 0; k < N; ++k) v.data[part * N + k] = chunk.data[k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v.data[k] = ok ? src[k] : from_float<T>(0.0f);
+  }
+  return v;
+}
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float warp_sum(float v) {

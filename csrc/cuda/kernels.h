@@ -1,7 +1,9 @@
 // Host launchers of the CUDA kernels (cuda/*.cu). Plain CUDA: raw pointers, sizes and strides
 // in elements, no torch types, so nvcc compiles the kernels without a CUDA build of torch.
 // Every launcher enqueues on `stream`, allocates nothing, never synchronises, and returns
-// cudaGetLastError() after its launch (cudaSuccess when there is nothing to do).
+// cudaGetLastError() after its launch (cudaSuccess when there is nothing to do). The attention
+// launchers that split a decode step over the context take a `workspace` of the size their
+// *_workspace function returns for the same shapes (bytes; 0 means null is fine).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -60,10 +62,11 @@ constexpr int64_t kMaxHeadDim = 256;
 
 // One query per sequence: query [batch, num_heads, head_dim] (row stride free), out the same
 // shape, contiguous; sequence b attends to its first seq_lens[b] cached tokens.
+int64_t paged_decode_attention_workspace(int64_t batch, int64_t num_heads, const PagedKVCache& cache);
 cudaError_t paged_decode_attention(void* out, const void* query, int64_t query_row_stride,
                                    int64_t batch, int64_t num_heads, const PagedKVCache& cache,
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
-                                   DType dtype, cudaStream_t stream);
+                                   void* workspace, DType dtype, cudaStream_t stream);
 
 // Causal attention of packed query chunks [num_tokens, num_heads, head_dim]: the queries
 // cu_query_lens[b]..cu_query_lens[b+1] of sequence b sit at its last positions, ending at
@@ -78,11 +81,13 @@ cudaError_t paged_prefill_attention(void* out, const void* query, int64_t query_
 // head dims equal), which also writes the scaled, pre-mask logits scale * q . k of query row t,
 // head hd and key j <= p into scores[(t * num_heads + hd) * max_keys + j] (float32); columns
 // past p are left untouched.
+int64_t paged_attention_scores_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch,
+                                         const PagedKVCache& cache, int64_t max_keys);
 cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, const void* query,
                                    int64_t query_row_stride, int64_t num_tokens, int64_t num_heads,
                                    int64_t batch, const PagedKVCache& cache, const int32_t* cu_query_lens,
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
-                                   DType dtype, cudaStream_t stream);
+                                   void* workspace, DType dtype, cudaStream_t stream);
 
 // LiSA attention (DESIGN section 3) over packed query chunks. `cache.keys` is the low-rank key
 // cache [num_blocks, block_size, kv_heads, rank] and `cache.values` the value cache
@@ -93,13 +98,16 @@ cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, c
 // out [num_tokens, num_heads, head_dim] = softmax(S over j <= p) V. When scores_out is not null
 // (float32 [num_tokens, num_heads, out_keys], not overlapping scores_prev) S is written there
 // for j <= p. Returns cudaErrorInvalidConfiguration when the shapes need more shared memory
-// than a block may have.
+// than a block may have. out_keys is 0 when scores_out is null.
+int64_t lisa_attention_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
+                                 int64_t rank, int64_t width, int64_t prev_keys, bool has_scores_out,
+                                 int64_t out_keys);
 cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const float* scores_prev,
                            int64_t prev_keys, const void* query_lr, int64_t query_row_stride, int64_t rank,
                            int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
                            const int32_t* cu_query_lens, const int32_t* seq_lens, int64_t seq_lens_stride,
                            const float* align_a, const float* align_w1, const float* align_b1,
                            const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
-                           DType dtype, cudaStream_t stream);
+                           void* workspace, DType dtype, cudaStream_t stream);
 
 }  // namespace lisa_rt::kernels

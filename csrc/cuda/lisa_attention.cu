@@ -1,6 +1,11 @@
 // LiSA attention (DESIGN section 3) and the full attention that also emits its logits.
 //
-// One kernel serves both ops. A block owns one query row t and one KV head: the `group`
+// Decode-shaped calls (one query token per sequence) go to the split-context kernel of
+// decode_attention.cu: the full attention computes its q . k logits there and writes them out;
+// LiSA first computes the aligned logits of every head (lisa_decode_logits_kernel, below) and
+// then runs that kernel's softmax + P V over them. Prefill chunks use the tiled kernel here.
+//
+// One tiled kernel serves both ops. A block owns one query row t and one KV head: the `group`
 // query heads hd = kv_head * group + i that share that KV head. It walks the row's visible keys
 // j = 0..p in tiles of kTileKeys (one warp's width) and, per tile:
 //   1. loads the key rows (full keys, or the low-rank keys k') and the value rows as float32;
@@ -19,8 +24,12 @@
 // stream: the launch is graph-capturable. Inputs that only a host check could reject (lengths
 // beyond the block table or the scores buffers, cu_query_lens that do not span the rows) are
 // clamped here rather than read out of bounds.
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
+#include "cuda/decode_attention.h"
 #include "device.cuh"
 
 namespace lisa_rt::kernels {
@@ -292,6 +301,181 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
   }
 }
 
+// ---- decode: the aligned logits of every head, one key per thread ----
+
+struct LogitsArgs {
+  float* logits;  // [tokens, heads, logits_keys]
+  int64_t logits_keys;
+  const float* scores_prev;  // [tokens, heads, prev_keys]
+  int64_t prev_keys;
+  const void* query_lr;  // [tokens, heads, rank], rows query_row_stride apart
+  int64_t query_row_stride;
+  const void* keys_lr;  // [num_blocks, block_size, kv_heads, rank]
+  const int32_t* block_tables;
+  int64_t max_blocks;
+  int64_t block_size;
+  int64_t num_blocks;
+  decode::TokenKeys token_keys;
+  const float* align_a;
+  const float* align_w1;
+  const float* align_b1;
+  const float* align_w2;
+  const float* align_b2;
+  int heads;
+  int kv_heads;
+  int group;
+  int rank;
+  int width;
+  float delta_scale;
+};
+
+constexpr int kLogitsThreads = 128;
+
+// Shared floats of the logits kernel: A^T, W1^T and W2^T padded to kMaxHeads x kMaxHeads with
+// zeros (so every loop has a compile-time bound and reads four weights per 16-byte broadcast
+// load), b1, b2, and q' * delta_scale.
+int logits_shared_floats(int max_heads, int rank) { return 3 * max_heads * max_heads + 2 * max_heads + max_heads * rank; }
+
+// The variant for `heads` heads and an aligner `width` wide: 0 when none holds them.
+int logits_max_heads(int64_t heads, int64_t width) {
+  const int64_t n = std::max(heads, width);
+  return n <= 16 ? 16 : n <= 32 ? 32 : 0;
+}
+
+// S[t, hd, j] = (A a + W2 silu(W1 a + b1) + b2)[hd] + delta_scale * q'[t, hd] . k'[j] with
+// a = scores_prev[t, :, j], for the keys j visible to token t. Grid (tokens, key blocks); a
+// thread owns one key and keeps its a, hidden layer and S in registers, the weights are read
+// from shared memory by all threads at once (broadcast).
+template <typename T, int kMaxHeads>
+__global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(const LogitsArgs args) {
+  constexpr int K = kMaxHeads, K4 = kMaxHeads / 4;
+  extern __shared__ float4 shared4[];
+  float* shared = reinterpret_cast<float*>(shared4);
+  const int heads = args.heads, width = args.width, rank = args.rank, t = blockIdx.x;
+  float* at_s = shared;           // A^T  [c][h] = A[h][c]
+  float* w1t_s = at_s + K * K;    // W1^T [c][m] = W1[m][c]
+  float* w2t_s = w1t_s + K * K;   // W2^T [m][h] = W2[h][m]
+  float* b1_s = w2t_s + K * K;    // [K]
+  float* b2_s = b1_s + K;         // [K]
+  float* q_s = b2_s + K;          // [K][rank]
+  for (int i = threadIdx.x; i < K * K; i += kLogitsThreads) {
+    const int r = i / K, c = i % K;  // row r, column c of the transposed matrices
+    at_s[i] = r < heads && c < heads ? args.align_a[c * heads + r] : 0.0f;
+    w1t_s[i] = r < heads && c < width ? args.align_w1[c * heads + r] : 0.0f;
+    w2t_s[i] = r < width && c < heads ? args.align_w2[c * width + r] : 0.0f;
+  }
+  for (int i = threadIdx.x; i < K; i += kLogitsThreads) {
+    b1_s[i] = i < width ? args.align_b1[i] : 0.0f;
+    b2_s[i] = i < heads ? args.align_b2[i] : 0.0f;
+  }
+  const T* query = static_cast<const T*>(args.query_lr) + t * args.query_row_stride;
+  for (int i = threadIdx.x; i < K * rank; i += kLogitsThreads) {
+    q_s[i] = i < heads * rank ? to_float(query[i]) * args.delta_scale : 0.0f;
+  }
+  __syncthreads();
+  const float4* at4 = reinterpret_cast<const float4*>(at_s);
+  const float4* w1t4 = reinterpret_cast<const float4*>(w1t_s);
+  const float4* w2t4 = reinterpret_cast<const float4*>(w2t_s);
+
+  int seq;
+  const int n_keys = decode::visible_keys(args.token_keys, t, &seq);
+  const int32_t* table = args.block_tables + static_cast<int64_t>(seq) * args.max_blocks;
+  const T* keys_lr = static_cast<const T*>(args.keys_lr);
+  const float* prev = args.scores_prev + static_cast<int64_t>(t) * heads * args.prev_keys;
+  float* logits = args.logits + static_cast<int64_t>(t) * heads * args.logits_keys;
+  for (int key = blockIdx.y * kLogitsThreads + threadIdx.x; key < n_keys; key += gridDim.y * kLogitsThreads) {
+    float a[K], hidden[K], s[K];
+#pragma unroll
+    for (int c = 0; c < K; ++c) {
+      a[c] = c < heads ? prev[c * args.prev_keys + key] : 0.0f;
+      hidden[c] = b1_s[c];
+      s[c] = b2_s[c];
+    }
+    // s = A a + b2 and hidden = W1 a + b1, one column of A and W1 at a time.
+#pragma unroll
+    for (int c = 0; c < K; ++c) {
+#pragma unroll
+      for (int i = 0; i < K4; ++i) {
+        const float4 w1 = w1t4[c * K4 + i], wa = at4[c * K4 + i];
+        hidden[4 * i] += w1.x * a[c];
+        hidden[4 * i + 1] += w1.y * a[c];
+        hidden[4 * i + 2] += w1.z * a[c];
+        hidden[4 * i + 3] += w1.w * a[c];
+        s[4 * i] += wa.x * a[c];
+        s[4 * i + 1] += wa.y * a[c];
+        s[4 * i + 2] += wa.z * a[c];
+        s[4 * i + 3] += wa.w * a[c];
+      }
+    }
+    // s += W2 silu(hidden); padded rows of W1 and b1 are zero and silu(0) = 0.
+#pragma unroll
+    for (int m = 0; m < K; ++m) {
+      const float x = silu(hidden[m]);
+#pragma unroll
+      for (int i = 0; i < K4; ++i) {
+        const float4 w = w2t4[m * K4 + i];
+        s[4 * i] += w.x * x;
+        s[4 * i + 1] += w.y * x;
+        s[4 * i + 2] += w.z * x;
+        s[4 * i + 3] += w.w * x;
+      }
+    }
+    // The low-rank delta; a key in an invalid block reads as zeros.
+    const int64_t block = table[key / args.block_size];
+    if (block >= 0 && block < args.num_blocks) {
+      const T* row = keys_lr + (block * args.block_size + key % args.block_size) * args.kv_heads * rank;
+#pragma unroll
+      for (int h = 0; h < K; ++h) {
+        if (h < heads) {
+          const T* k = row + (h / args.group) * rank;
+          const float* q = q_s + h * rank;
+          float dot = 0.0f;
+          for (int c = 0; c < rank; ++c) dot += q[c] * to_float(k[c]);
+          s[h] += dot;
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < K; ++h) {
+      if (h < heads) logits[h * args.logits_keys + key] = s[h];
+    }
+  }
+}
+
+// Whether a LiSA call takes the decode path: decode-shaped (a token per sequence) and an
+// aligner small enough for the logits kernel (at most 32 heads and 32 wide; larger ones take
+// the tiled kernel, correct but slower).
+bool lisa_decode_path(int64_t num_tokens, int64_t batch, int64_t heads, int64_t width, int64_t rank) {
+  const int max_heads = logits_max_heads(heads, width);
+  return num_tokens == batch && max_heads > 0 &&
+         static_cast<int64_t>(logits_shared_floats(max_heads, static_cast<int>(rank))) * 4 <= 48 * 1024;
+}
+
+int64_t lisa_key_limit(const PagedKVCache& cache, int64_t prev_keys, bool has_scores_out, int64_t out_keys) {
+  int64_t limit = std::min(cache.max_blocks * cache.block_size, prev_keys);
+  return has_scores_out ? std::min(limit, out_keys) : limit;
+}
+
+cudaError_t launch_lisa_logits(const LogitsArgs& args, int64_t num_tokens, DType dtype, cudaStream_t stream) {
+  const int max_heads = logits_max_heads(args.heads, args.width);
+  const int64_t bytes = static_cast<int64_t>(logits_shared_floats(max_heads, args.rank)) * 4;
+  // Enough key blocks to cover the longest context, or to give every SM a few blocks.
+  const int64_t wanted = (4 * static_cast<int64_t>(decode::sm_count()) + num_tokens - 1) / num_tokens;
+  const int64_t needed = (args.token_keys.key_limit + kLogitsThreads - 1) / kLogitsThreads;
+  const dim3 grid(static_cast<unsigned>(num_tokens),
+                  static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, needed))));
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto go = [&](auto heads_tag) {
+      lisa_decode_logits_kernel<T, decltype(heads_tag)::value>
+          <<<grid, kLogitsThreads, static_cast<size_t>(bytes), stream>>>(args);
+      return cudaGetLastError();
+    };
+    if (max_heads == 16) return go(std::integral_constant<int, 16>{});
+    return go(std::integral_constant<int, 32>{});
+  });
+}
+
 template <bool kLisa>
 cudaError_t launch(LisaArgs args, DType dtype, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.batch == 0 || args.kv_heads == 0 || args.group == 0) return cudaSuccess;
@@ -354,15 +538,47 @@ LisaArgs common_args(void* out, const void* query, int64_t query_row_stride, int
 
 }  // namespace
 
+int64_t paged_attention_scores_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch,
+                                         const PagedKVCache& cache, int64_t max_keys) {
+  if (num_tokens != batch) return 0;
+  const int64_t limit = std::min(cache.max_blocks * cache.block_size, max_keys);
+  return decode::plan(num_tokens, num_heads, cache.kv_heads, cache.head_dim, limit).partial_floats * 4;
+}
+
 cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, const void* query,
                                    int64_t query_row_stride, int64_t num_tokens, int64_t num_heads,
                                    int64_t batch, const PagedKVCache& cache, const int32_t* cu_query_lens,
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
-                                   DType dtype, cudaStream_t stream) {
+                                   void* workspace, DType dtype, cudaStream_t stream) {
+  if (num_tokens == batch) {
+    decode::Launch x{};
+    x.out = out;
+    x.num_tokens = num_tokens;
+    x.num_heads = num_heads;
+    x.cache = cache;
+    x.keys = decode::TokenKeys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch),
+                               std::min(cache.max_blocks * cache.block_size, max_keys)};
+    x.query = query;
+    x.query_row_stride = query_row_stride;
+    x.scale = scale;
+    x.logits_out = scores;
+    x.logits_out_keys = max_keys;
+    x.workspace = static_cast<float*>(workspace);
+    return decode::launch(x, dtype, stream);
+  }
   const LisaArgs args = common_args(out, query, query_row_stride, num_tokens, num_heads, batch, cache,
                                     cache.head_dim, cu_query_lens, seq_lens, seq_lens_stride, scale, scores,
                                     max_keys);
   return launch<false>(args, dtype, stream);
+}
+
+int64_t lisa_attention_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
+                                 int64_t rank, int64_t width, int64_t prev_keys, bool has_scores_out,
+                                 int64_t out_keys) {
+  if (!lisa_decode_path(num_tokens, batch, num_heads, width, rank)) return 0;
+  const int64_t limit = lisa_key_limit(cache, prev_keys, has_scores_out, out_keys);
+  const int64_t logits = has_scores_out ? 0 : num_tokens * num_heads * limit;
+  return (logits + decode::plan(num_tokens, num_heads, cache.kv_heads, cache.head_dim, limit).partial_floats) * 4;
 }
 
 cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const float* scores_prev,
@@ -371,7 +587,51 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
                            const int32_t* cu_query_lens, const int32_t* seq_lens, int64_t seq_lens_stride,
                            const float* align_a, const float* align_w1, const float* align_b1,
                            const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
-                           DType dtype, cudaStream_t stream) {
+                           void* workspace, DType dtype, cudaStream_t stream) {
+  if (num_tokens == 0 || batch == 0 || num_heads == 0 || cache.kv_heads == 0) return cudaSuccess;
+  if (lisa_decode_path(num_tokens, batch, num_heads, width, rank)) {
+    const int64_t limit = lisa_key_limit(cache, prev_keys, scores_out != nullptr, out_keys);
+    const decode::TokenKeys token_keys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch), limit};
+    // The logits go to scores_out when the next layer wants them, else to the workspace.
+    float* logits = scores_out != nullptr ? scores_out : static_cast<float*>(workspace);
+    const int64_t logits_keys = scores_out != nullptr ? out_keys : limit;
+    LogitsArgs la{};
+    la.logits = logits;
+    la.logits_keys = logits_keys;
+    la.scores_prev = scores_prev;
+    la.prev_keys = prev_keys;
+    la.query_lr = query_lr;
+    la.query_row_stride = query_row_stride;
+    la.keys_lr = cache.keys;
+    la.block_tables = cache.block_tables;
+    la.max_blocks = cache.max_blocks;
+    la.block_size = cache.block_size;
+    la.num_blocks = cache.num_blocks;
+    la.token_keys = token_keys;
+    la.align_a = align_a;
+    la.align_w1 = align_w1;
+    la.align_b1 = align_b1;
+    la.align_w2 = align_w2;
+    la.align_b2 = align_b2;
+    la.heads = static_cast<int>(num_heads);
+    la.kv_heads = static_cast<int>(cache.kv_heads);
+    la.group = static_cast<int>(num_heads / cache.kv_heads);
+    la.rank = static_cast<int>(rank);
+    la.width = static_cast<int>(width);
+    la.delta_scale = delta_scale;
+    const cudaError_t err = launch_lisa_logits(la, num_tokens, dtype, stream);
+    if (err != cudaSuccess) return err;
+    decode::Launch x{};
+    x.out = out;
+    x.num_tokens = num_tokens;
+    x.num_heads = num_heads;
+    x.cache = cache;
+    x.keys = token_keys;
+    x.logits_in = logits;
+    x.logits_in_keys = logits_keys;
+    x.workspace = static_cast<float*>(workspace) + (scores_out != nullptr ? 0 : num_tokens * num_heads * limit);
+    return decode::launch(x, dtype, stream);
+  }
   LisaArgs args = common_args(out, query_lr, query_row_stride, num_tokens, num_heads, batch, cache, rank,
                               cu_query_lens, seq_lens, seq_lens_stride, delta_scale, scores_out, out_keys);
   args.scores_prev = scores_prev;

@@ -1,0 +1,366 @@
+// Decode-shaped attention (about one query per sequence) split over the context.
+//
+// The tiled kernels of attention.cu and lisa_attention.cu give a block one query row and one
+// KV head and walk the whole context through shared memory: right for prefill chunks, where a
+// K/V tile serves many rows, but a decode step has one row per sequence, and there a block
+// streamed a few hundred keys one tile after another while most of the GPU sat idle (one
+// layer of LLaMA-2-7B-shaped attention at batch 1, context 512: 104 us for 8 MB of cache).
+//
+// Here a block owns one query token, the heads of one KV head's group (up to 8 of them, so a
+// K/V row is read once for all of them), and one split of the token's visible keys; splits
+// are many when tokens x KV heads are few. Lanes hold 8 consecutive dims of a row: a K/V row
+// of head_dim d is read by d/8 adjacent lanes in 16-byte loads, a warp covers 32/(d/8) keys at
+// once, and each lane group keeps its own online softmax (max, sum, P V in the log2 domain)
+// for every head of the block, merged across the warp by shuffles and across the block's
+// warps in shared memory. With one split the block writes the output; otherwise it writes its
+// split's normalised output, max and sum, and a second kernel merges the splits.
+//
+// The logits come from q . k (full attention, optionally written out for a following LiSA
+// layer) or from a float32 buffer (LiSA: lisa_decode_logits_kernel computes the aligned
+// logits of every head first, since the head aligner mixes all heads of a key).
+//
+// Nothing here allocates: the host sizes the scratch (decode_workspace_bytes) and the torch
+// binding takes it from torch's caching allocator, which a CUDA graph capture also serves.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "cuda/decode_attention.h"
+#include "device.cuh"
+
+namespace lisa_rt::kernels::decode {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxHeadsPerBlock = 8;
+constexpr int kMinSplitKeys = 32;  // a split shorter than this costs more to merge than it saves
+constexpr float kLog2e = 1.4426950408889634f;
+
+int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
+
+struct SplitArgs {
+  void* out;               // [tokens, heads, head_dim] contiguous
+  float* partial_out;      // [tokens, heads, splits, head_dim], each split's normalised output
+  float* partial_max;      // [tokens, heads, splits], log2 domain
+  float* partial_sum;      // [tokens, heads, splits]; 0 marks an empty split
+  const void* query;       // [tokens, heads, head_dim], rows query_row_stride apart (q . k mode)
+  int64_t query_row_stride;
+  const float* logits_in;  // [tokens, heads, logits_in_keys] (logits mode)
+  int64_t logits_in_keys;
+  float* logits_out;       // [tokens, heads, logits_out_keys] or null (q . k mode)
+  int64_t logits_out_keys;
+  PagedKVCache cache;      // cache.keys unused in logits mode
+  TokenKeys keys;
+  int num_heads;
+  int group;               // query heads per KV head
+  int head_chunks;         // blocks per KV head: ceil(group / heads per block)
+  int splits;
+  float scale;             // logits = scale * q . k
+  bool vectorised;         // K/V rows may be read in 16-byte vectors
+};
+
+// (m, l, acc) absorbs (m2, l2, acc2): two online-softmax states over disjoint keys.
+__device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[8], float m2, float l2,
+                                            const float (&acc2)[8]) {
+  const float top = fmaxf(m, m2);
+  if (top == -INFINITY) return;  // both saw no key
+  const float c1 = exp2f(m - top), c2 = exp2f(m2 - top);
+  l = l * c1 + l2 * c2;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = acc[e] * c1 + acc2[e] * c2;
+  m = top;
+}
+
+template <typename T, int kLanes, int kHeads, bool kLogitsIn>
+__global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
+  constexpr int kGroupsPerWarp = 32 / kLanes;       // keys a warp covers at once
+  constexpr int kGroups = kWarps * kGroupsPerWarp;  // lane groups in the block
+  constexpr int kUnroll = kHeads >= 4 ? 2 : 4;      // keys per group per step: loads in flight
+  constexpr int kRowDims = kLanes * 8;
+  __shared__ float warp_max[kWarps][kHeads], warp_sum[kWarps][kHeads];
+  __shared__ float warp_acc[kWarps][kHeads][kRowDims];
+
+  const int t = blockIdx.x, split = blockIdx.z;
+  const int kv_head = blockIdx.y / args.head_chunks;
+  const int first_in_group = (blockIdx.y % args.head_chunks) * kHeads;
+  const int heads_here = min(kHeads, args.group - first_in_group);
+  const int head0 = kv_head * args.group + first_in_group;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int sub = lane % kLanes, group_id = warp * kGroupsPerWarp + lane / kLanes;
+  const PagedKVCache& cache = args.cache;
+  const int head_dim = static_cast<int>(cache.head_dim);
+  const int dim0 = sub * 8;
+  const bool dims_ok = dim0 < head_dim;
+
+  int seq;
+  const int n_keys = visible_keys(args.keys, t, &seq);
+  const int splits_used = min(args.splits, max(1, ceil_div_dev(n_keys, kMinSplitKeys)));
+  const int per_split = ceil_div_dev(n_keys, splits_used);
+  const int key_begin = split * per_split, key_end = min(n_keys, key_begin + per_split);
+  const int64_t row = static_cast<int64_t>(t) * args.num_heads + head0;  // (token, first head) row
+  if (split >= splits_used) {
+    if (threadIdx.x < heads_here) args.partial_sum[(row + threadIdx.x) * args.splits + split] = 0.0f;
+    return;
+  }
+
+  float q[kHeads][8];
+  if constexpr (!kLogitsIn) {
+    const T* query = static_cast<const T*>(args.query) + t * args.query_row_stride;
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        q[h][e] = h < heads_here && dims_ok ? to_float(query[(head0 + h) * head_dim + dim0 + e]) : 0.0f;
+      }
+    }
+  }
+  float m[kHeads], l[kHeads], acc[kHeads][8];
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[h][e] = 0.0f;
+  }
+
+  const int32_t* table = cache.block_tables + static_cast<int64_t>(seq) * cache.max_blocks;
+  const T* keys = static_cast<const T*>(cache.keys);
+  const T* values = static_cast<const T*>(cache.values);
+  // Every lane runs the same number of steps (the shuffles below need the whole warp).
+  for (int step = key_begin; step < key_end; step += kGroups * kUnroll) {
+    const int key0 = step + group_id * kUnroll;
+    Vec<T, 8> k_row[kUnroll], v_row[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = key0 + u;
+      valid[u] = key < key_end;
+      int64_t offset = -1;  // keys in an invalid block read as zeros
+      if (valid[u]) {
+        const int64_t block = table[key / cache.block_size];
+        if (block >= 0 && block < cache.num_blocks) {
+          offset = ((block * cache.block_size + key % cache.block_size) * cache.kv_heads + kv_head) * head_dim + dim0;
+        }
+      }
+      const bool ok = offset >= 0 && dims_ok;
+      if constexpr (!kLogitsIn) k_row[u] = load_row8(keys + (ok ? offset : 0), ok, args.vectorised);
+      v_row[u] = load_row8(values + (ok ? offset : 0), ok, args.vectorised);
+    }
+    // Logits of the step's keys in the log2 domain; -inf for keys past the split.
+    float s[kUnroll][kHeads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = key0 + u;
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        if constexpr (kLogitsIn) {
+          s[u][h] = valid[u] && h < heads_here
+                        ? args.logits_in[(row + h) * args.logits_in_keys + key] * kLog2e
+                        : -INFINITY;
+        } else {
+          float dot = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dot += q[h][e] * to_float(k_row[u].data[e]);
+#pragma unroll
+          for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFullMask, dot, offset);
+          const float logit = dot * args.scale;
+          if (args.logits_out != nullptr && valid[u] && sub == 0 && h < heads_here) {
+            args.logits_out[(row + h) * args.logits_out_keys + key] = logit;
+          }
+          s[u][h] = valid[u] && h < heads_here ? logit * kLog2e : -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      float top = m[h];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) top = fmaxf(top, s[u][h]);
+      if (top == -INFINITY) continue;
+      const float rescale = exp2f(m[h] - top);
+      l[h] *= rescale;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] *= rescale;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float p = exp2f(s[u][h] - top);
+        l[h] += p;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][e] += p * to_float(v_row[u].data[e]);
+      }
+      m[h] = top;
+    }
+  }
+
+  // Merge the warp's lane groups (lanes with the same dims), then the warps.
+#pragma unroll
+  for (int offset = kLanes; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      float other[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) other[e] = __shfl_xor_sync(kFullMask, acc[h][e], offset);
+      const float m2 = __shfl_xor_sync(kFullMask, m[h], offset);
+      const float l2 = __shfl_xor_sync(kFullMask, l[h], offset);
+      merge_state(m[h], l[h], acc[h], m2, l2, other);
+    }
+  }
+  if (lane < kLanes) {
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) warp_acc[warp][h][dim0 + e] = acc[h][e];
+      if (lane == 0) {
+        warp_max[warp][h] = m[h];
+        warp_sum[warp][h] = l[h];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < heads_here * head_dim; i += kThreads) {
+    const int h = i / head_dim, d = i % head_dim;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_max[w][h]);
+    float total = 0.0f, value = 0.0f;
+    if (top != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float c = exp2f(warp_max[w][h] - top);
+        total += warp_sum[w][h] * c;
+        value += warp_acc[w][h][d] * c;
+      }
+    }
+    // A row with no visible key outputs zeros, as the CPU kernel does.
+    const float normalised = total > 0.0f ? value / total : 0.0f;
+    if (args.splits == 1) {
+      static_cast<T*>(args.out)[(row + h) * head_dim + d] = from_float<T>(normalised);
+    } else {
+      const int64_t at = (row + h) * args.splits + split;
+      args.partial_out[at * head_dim + d] = normalised;
+      if (d == 0) {
+        args.partial_max[at] = top;
+        args.partial_sum[at] = total;
+      }
+    }
+  }
+}
+
+// out[t, hd] = the splits' outputs weighted by their softmax mass. Grid (tokens, heads).
+template <typename T>
+__global__ void combine_kernel(const SplitArgs args) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * args.num_heads + blockIdx.y;
+  const int head_dim = static_cast<int>(args.cache.head_dim), d = threadIdx.x;
+  const float* maxes = args.partial_max + row * args.splits;
+  const float* sums = args.partial_sum + row * args.splits;
+  float top = -INFINITY;
+  for (int s = 0; s < args.splits; ++s) {
+    if (sums[s] > 0.0f) top = fmaxf(top, maxes[s]);
+  }
+  float total = 0.0f, value = 0.0f;
+  for (int s = 0; s < args.splits; ++s) {
+    if (sums[s] > 0.0f) {
+      const float w = sums[s] * exp2f(maxes[s] - top);
+      total += w;
+      if (d < head_dim) value += w * args.partial_out[(row * args.splits + s) * head_dim + d];
+    }
+  }
+  if (d < head_dim) static_cast<T*>(args.out)[row * head_dim + d] = from_float<T>(total > 0.0f ? value / total : 0.0f);
+}
+
+// Heads of one KV head's group a block takes (the K/V rows it reads serve them all): the
+// smallest variant that holds the group, at most 8.
+int heads_per_block(int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kMaxHeadsPerBlock; }
+
+}  // namespace
+
+int sm_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) {
+    return 132;  // an H100's; only how work is divided depends on it
+  }
+  return count;
+}
+
+Plan plan(int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t max_keys) {
+  Plan p{};
+  if (num_tokens <= 0 || kv_heads <= 0 || num_heads <= 0) return p;
+  const int64_t group = num_heads / kv_heads;
+  p.head_chunks = ceil_div(group, heads_per_block(group));
+  const int64_t units = num_tokens * kv_heads * p.head_chunks;
+  // About four blocks per SM in all; never splits shorter than kMinSplitKeys.
+  const int64_t wanted = ceil_div(4 * static_cast<int64_t>(sm_count()), units);
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, ceil_div(std::max<int64_t>(max_keys, 1), kMinSplitKeys))));
+  p.partial_floats = p.splits > 1 ? num_tokens * num_heads * p.splits * (head_dim + 2) : 0;
+  return p;
+}
+
+cudaError_t launch(const Launch& x, DType dtype, cudaStream_t stream) {
+  if (x.num_tokens == 0 || x.num_heads == 0 || x.cache.kv_heads == 0) return cudaSuccess;
+  const Plan p = plan(x.num_tokens, x.num_heads, x.cache.kv_heads, x.cache.head_dim, x.keys.key_limit);
+  SplitArgs args{};
+  args.out = x.out;
+  const int64_t partial_rows = x.num_tokens * x.num_heads * p.splits;
+  args.partial_out = x.workspace;
+  args.partial_max = x.workspace + partial_rows * x.cache.head_dim;
+  args.partial_sum = args.partial_max + partial_rows;
+  args.query = x.query;
+  args.query_row_stride = x.query_row_stride;
+  args.logits_in = x.logits_in;
+  args.logits_in_keys = x.logits_in_keys;
+  args.logits_out = x.logits_out;
+  args.logits_out_keys = x.logits_out_keys;
+  args.cache = x.cache;
+  args.keys = x.keys;
+  args.num_heads = static_cast<int>(x.num_heads);
+  args.group = static_cast<int>(x.num_heads / x.cache.kv_heads);
+  args.head_chunks = p.head_chunks;
+  args.splits = p.splits;
+  args.scale = x.scale;
+  // Row offsets are multiples of 8 elements (head_dim is), so aligned bases keep every
+  // 16-byte piece aligned.
+  args.vectorised = is_aligned(x.cache.values, 16) && (x.logits_in != nullptr || is_aligned(x.cache.keys, 16));
+  // Tokens on x: the only dimension whose size has no small bound.
+  const dim3 grid(static_cast<unsigned>(x.num_tokens), static_cast<unsigned>(x.cache.kv_heads * p.head_chunks),
+                  static_cast<unsigned>(p.splits));
+  const int heads = heads_per_block(args.group);
+  const int64_t d = x.cache.head_dim;
+  const bool logits_in = x.logits_in != nullptr;
+  cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto go = [&](auto lanes_tag) {
+      constexpr int kLanes = decltype(lanes_tag)::value;
+      auto with_heads = [&](auto heads_tag) {
+        constexpr int kHeads = decltype(heads_tag)::value;
+        if (logits_in) {
+          split_kernel<T, kLanes, kHeads, true><<<grid, kThreads, 0, stream>>>(args);
+        } else {
+          split_kernel<T, kLanes, kHeads, false><<<grid, kThreads, 0, stream>>>(args);
+        }
+        return cudaGetLastError();
+      };
+      switch (heads) {
+        case 1: return with_heads(std::integral_constant<int, 1>{});
+        case 2: return with_heads(std::integral_constant<int, 2>{});
+        case 4: return with_heads(std::integral_constant<int, 4>{});
+        default: return with_heads(std::integral_constant<int, kMaxHeadsPerBlock>{});
+      }
+    };
+    if (d <= 64) return go(std::integral_constant<int, 8>{});
+    if (d <= 128) return go(std::integral_constant<int, 16>{});
+    return go(std::integral_constant<int, 32>{});
+  });
+  if (err != cudaSuccess || p.splits == 1) return err;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned threads = static_cast<unsigned>((d + 31) / 32 * 32);
+    combine_kernel<T><<<dim3(static_cast<unsigned>(x.num_tokens), static_cast<unsigned>(x.num_heads)), threads, 0,
+                        stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace lisa_rt::kernels::decode
