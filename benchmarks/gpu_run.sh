@@ -6,14 +6,14 @@
 # time limit so that one slow stage cannot eat the lease; build.log, run.log (every stage's
 # output) and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
-#   stages: diag tests profile check kernels bench (default: all, in that order)
+#   stages: diag tests profile check kernels bench ncu (default: all, in that order)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
 mkdir -p "$OUT"
-stages=${*:-diag tests profile check kernels bench}
+stages=${*:-diag tests profile check kernels bench ncu}
 limit() { echo "${LIMIT[$1]:-300}"; }
-declare -A LIMIT=([build]=300 [diag]=60 [tests]=200 [profile]=120 [check]=90 [kernels]=60 [bench]=400)
+declare -A LIMIT=([build]=300 [diag]=60 [tests]=200 [profile]=120 [check]=90 [kernels]=60 [bench]=400 [ncu]=60)
 for s in "${!LIMIT[@]}"; do v="LIMIT_${s^^}"; [ -n "${!v:-}" ] && LIMIT[$s]=${!v}; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -61,12 +61,23 @@ diag() {
   done
 }
 stage diag bash -c "$(declare -f diag); diag"
-# Every CUDA test, in 4 worker processes (a crashing test takes down its worker only); files
+# Every CUDA test, in 8 worker processes (a crashing test takes down its worker only); files
 # whose imports need packages the GPU machine lacks are reported as collection errors and the
 # rest still run.
 stage tests python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors \
-  --timeout 120 -rfE -n 4 tests
+  --timeout 120 -rfE -n ${TEST_WORKERS:-8} tests
 stage profile python3 benchmarks/gpu_profile.py --json "$OUT/gpu_profile.json"
 stage check python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
 stage kernels python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json"
 stage bench python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-}
+# Hardware counters of one launch each of the split decode attention and the LiSA logits
+# kernel (LLaMA-2-7B shapes, batch 32, context 2048): where their time goes.
+ncu_kernels() {
+  for kernel in split_kernel logits_kernel; do
+    ncu --kernel-name "regex:$kernel" --launch-count 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats --section SchedulerStats \
+      python3 benchmarks/lisa_kernels.py --shapes llama2-7b --contexts 2048 --batches 32 --reps 2 2>&1 |
+      grep -vE "^==PROF==|^ +-+( +-+)*$|^ *$" | grep -vE "^ *(OPT|INF|WRN) " | head -70
+  done
+}
+stage ncu bash -c "$(declare -f ncu_kernels); ncu_kernels"

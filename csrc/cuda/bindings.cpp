@@ -198,8 +198,8 @@ void lisa_attention_cuda(at::Tensor& out, const std::optional<at::Tensor>& score
   const int64_t out_keys = scores_out.has_value() ? scores_out->size(2) : 0;
   const at::Tensor scratch = workspace(
       query_lr, kernels::lisa_attention_workspace(query_lr.size(0), query_lr.size(1), seq_lens.size(0), cache,
-                                                  query_lr.size(2), align_w1.size(0), scores_prev.size(2),
-                                                  scores_out.has_value(), out_keys));
+                                                  align_w1.size(0), scores_prev.size(2), scores_out.has_value(),
+                                                  out_keys));
   check_launch(kernels::lisa_attention(out.data_ptr(), scores_out_ptr, out_keys, scores_prev.data_ptr<float>(),
                                        scores_prev.size(2), query_lr.data_ptr(), query_lr.stride(0),
                                        query_lr.size(2), query_lr.size(0), query_lr.size(1), seq_lens.size(0),

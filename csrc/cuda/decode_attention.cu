@@ -35,6 +35,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxHeadsPerBlock = 8;
 constexpr int kMinSplitKeys = 32;  // a split shorter than this costs more to merge than it saves
+constexpr int kMaxSplits = 64;     // splits per token: enough to fill the GPU at batch 1
 constexpr float kLog2e = 1.4426950408889634f;
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -44,22 +45,40 @@ struct SplitArgs {
   void* out;               // [tokens, heads, head_dim] contiguous
   float* partial_out;      // [tokens, heads, splits, head_dim], each split's normalised output
   float* partial_max;      // [tokens, heads, splits], log2 domain
-  float* partial_sum;      // [tokens, heads, splits]; 0 marks an empty split
-  const void* query;       // [tokens, heads, head_dim], rows query_row_stride apart (q . k mode)
+  float* partial_sum;      // [tokens, heads, splits]
+  const void* query;       // [tokens, heads, key_dim], rows query_row_stride apart
   int64_t query_row_stride;
-  const float* logits_in;  // [tokens, heads, logits_in_keys] (logits mode)
+  const float* logits_in;  // optional logits added to scale * q . k: [tokens, heads, logits_in_keys]
   int64_t logits_in_keys;
-  float* logits_out;       // [tokens, heads, logits_out_keys] or null (q . k mode)
+  float* logits_out;       // optional: the logits, [tokens, heads, logits_out_keys]
   int64_t logits_out_keys;
-  PagedKVCache cache;      // cache.keys unused in logits mode
+  PagedKVCache cache;      // values [.., kv_heads, head_dim]; keys [.., kv_heads, key_dim]
   TokenKeys keys;
+  int key_dim;
   int num_heads;
   int group;               // query heads per KV head
   int head_chunks;         // blocks per KV head: ceil(group / heads per block)
   int splits;
-  float scale;             // logits = scale * q . k
-  bool vectorised;         // K/V rows may be read in 16-byte vectors
+  float scale;             // logits = logits_in + scale * q . k
+  bool keys_vectorised;    // key rows may be read in 16-byte vectors
+  bool values_vectorised;  // value rows likewise
 };
+
+// Splits actually used for a token that sees n keys: none shorter than kMinSplitKeys.
+__device__ __forceinline__ int splits_for(int splits, int n_keys) {
+  return min(splits, max(1, ceil_div_dev(n_keys, kMinSplitKeys)));
+}
+
+// Up to eight elements of a row starting at src: `count` of them (zeros after), in 16-byte
+// loads when all eight are wanted and `vectorised`.
+template <typename T>
+__device__ __forceinline__ Vec<T, 8> load_part8(const T* src, int count, bool vectorised) {
+  if (count >= 8) return load_row8(src, true, vectorised);
+  Vec<T, 8> v;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v.data[k] = k < count ? src[k] : from_float<T>(0.0f);
+  return v;
+}
 
 // (m, l, acc) absorbs (m2, l2, acc2): two online-softmax states over disjoint keys.
 __device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[8], float m2, float l2,
@@ -90,29 +109,28 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int sub = lane % kLanes, group_id = warp * kGroupsPerWarp + lane / kLanes;
   const PagedKVCache& cache = args.cache;
-  const int head_dim = static_cast<int>(cache.head_dim);
+  const int head_dim = static_cast<int>(cache.head_dim), key_dim = args.key_dim;
+  const int block_size = static_cast<int>(cache.block_size);
   const int dim0 = sub * 8;
-  const bool dims_ok = dim0 < head_dim;
+  const bool values_ok = dim0 < head_dim;
+  const int key_count = min(8, max(0, key_dim - dim0));  // of this lane's 8 key dims
 
   int seq;
   const int n_keys = visible_keys(args.keys, t, &seq);
-  const int splits_used = min(args.splits, max(1, ceil_div_dev(n_keys, kMinSplitKeys)));
+  const int splits_used = splits_for(args.splits, n_keys);
+  if (split >= splits_used) return;  // the combine reads only the splits in use
   const int per_split = ceil_div_dev(n_keys, splits_used);
   const int key_begin = split * per_split, key_end = min(n_keys, key_begin + per_split);
   const int64_t row = static_cast<int64_t>(t) * args.num_heads + head0;  // (token, first head) row
-  if (split >= splits_used) {
-    if (threadIdx.x < heads_here) args.partial_sum[(row + threadIdx.x) * args.splits + split] = 0.0f;
-    return;
-  }
 
   float q[kHeads][8];
-  if constexpr (!kLogitsIn) {
+  {
     const T* query = static_cast<const T*>(args.query) + t * args.query_row_stride;
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        q[h][e] = h < heads_here && dims_ok ? to_float(query[(head0 + h) * head_dim + dim0 + e]) : 0.0f;
+        q[h][e] = h < heads_here && e < key_count ? to_float(query[(head0 + h) * key_dim + dim0 + e]) : 0.0f;
       }
     }
   }
@@ -131,22 +149,27 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
   // Every lane runs the same number of steps (the shuffles below need the whole warp).
   for (int step = key_begin; step < key_end; step += kGroups * kUnroll) {
     const int key0 = step + group_id * kUnroll;
+    // The group's keys are consecutive: one 32-bit division per step finds their blocks.
+    int table_index = key0 / block_size, in_block = key0 - table_index * block_size;
     Vec<T, 8> k_row[kUnroll], v_row[kUnroll];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int key = key0 + u;
-      valid[u] = key < key_end;
-      int64_t offset = -1;  // keys in an invalid block read as zeros
+      valid[u] = key0 + u < key_end;
+      int64_t slot = -1;  // keys in an invalid block read as zeros
       if (valid[u]) {
-        const int64_t block = table[key / cache.block_size];
-        if (block >= 0 && block < cache.num_blocks) {
-          offset = ((block * cache.block_size + key % cache.block_size) * cache.kv_heads + kv_head) * head_dim + dim0;
-        }
+        const int64_t block = table[table_index];
+        if (block >= 0 && block < cache.num_blocks) slot = block * block_size + in_block;
       }
-      const bool ok = offset >= 0 && dims_ok;
-      if constexpr (!kLogitsIn) k_row[u] = load_row8(keys + (ok ? offset : 0), ok, args.vectorised);
-      v_row[u] = load_row8(values + (ok ? offset : 0), ok, args.vectorised);
+      if (++in_block == block_size) {
+        in_block = 0;
+        ++table_index;
+      }
+      const int64_t row_index = slot * cache.kv_heads + kv_head;
+      k_row[u] = load_part8(keys + (slot >= 0 ? row_index * key_dim + dim0 : 0), slot >= 0 ? key_count : 0,
+                            args.keys_vectorised);
+      v_row[u] = load_row8(values + (slot >= 0 ? row_index * head_dim + dim0 : 0), slot >= 0 && values_ok,
+                           args.values_vectorised);
     }
     // Logits of the step's keys in the log2 domain; -inf for keys past the split.
     float s[kUnroll][kHeads];
@@ -155,22 +178,20 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
       const int key = key0 + u;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
+        float given = 0.0f;
         if constexpr (kLogitsIn) {
-          s[u][h] = valid[u] && h < heads_here
-                        ? args.logits_in[(row + h) * args.logits_in_keys + key] * kLog2e
-                        : -INFINITY;
-        } else {
-          float dot = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dot += q[h][e] * to_float(k_row[u].data[e]);
-#pragma unroll
-          for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFullMask, dot, offset);
-          const float logit = dot * args.scale;
-          if (args.logits_out != nullptr && valid[u] && sub == 0 && h < heads_here) {
-            args.logits_out[(row + h) * args.logits_out_keys + key] = logit;
-          }
-          s[u][h] = valid[u] && h < heads_here ? logit * kLog2e : -INFINITY;
+          if (valid[u] && h < heads_here) given = args.logits_in[(row + h) * args.logits_in_keys + key];
         }
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += q[h][e] * to_float(k_row[u].data[e]);
+#pragma unroll
+        for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFullMask, dot, offset);
+        const float logit = given + dot * args.scale;
+        if (args.logits_out != nullptr && valid[u] && sub == 0 && h < heads_here) {
+          args.logits_out[(row + h) * args.logits_out_keys + key] = logit;
+        }
+        s[u][h] = valid[u] && h < heads_here ? logit * kLog2e : -INFINITY;
       }
     }
 #pragma unroll
@@ -248,26 +269,51 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
   }
 }
 
-// out[t, hd] = the splits' outputs weighted by their softmax mass. Grid (tokens, heads).
+// out[t, hd] = the used splits' outputs weighted by their softmax mass. Grid (tokens, heads);
+// warp 0 turns the splits' (max, sum) into weights, then every thread sums its dims.
 template <typename T>
-__global__ void combine_kernel(const SplitArgs args) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * args.num_heads + blockIdx.y;
-  const int head_dim = static_cast<int>(args.cache.head_dim), d = threadIdx.x;
+__global__ void __launch_bounds__(kThreads) combine_kernel(const SplitArgs args) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float inv_total;
+  const int t = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(t) * args.num_heads + blockIdx.y;
+  int seq;
+  const int used = splits_for(args.splits, visible_keys(args.keys, t, &seq));
   const float* maxes = args.partial_max + row * args.splits;
   const float* sums = args.partial_sum + row * args.splits;
-  float top = -INFINITY;
-  for (int s = 0; s < args.splits; ++s) {
-    if (sums[s] > 0.0f) top = fmaxf(top, maxes[s]);
-  }
-  float total = 0.0f, value = 0.0f;
-  for (int s = 0; s < args.splits; ++s) {
-    if (sums[s] > 0.0f) {
-      const float w = sums[s] * exp2f(maxes[s] - top);
-      total += w;
-      if (d < head_dim) value += w * args.partial_out[(row * args.splits + s) * head_dim + d];
+  if (threadIdx.x < 32) {
+    constexpr int kPerLane = kMaxSplits / 32;
+    float m[kPerLane], w[kPerLane];
+    float top = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int s = threadIdx.x + 32 * i;
+      const bool ok = s < used && sums[s] > 0.0f;
+      m[i] = ok ? maxes[s] : -INFINITY;
+      w[i] = ok ? sums[s] : 0.0f;
+      top = fmaxf(top, m[i]);
     }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(kFullMask, top, offset));
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      w[i] = w[i] > 0.0f ? w[i] * exp2f(m[i] - top) : 0.0f;
+      total += w[i];
+      weight[threadIdx.x + 32 * i] = w[i];
+    }
+    total = warp_sum(total);
+    if (threadIdx.x == 0) inv_total = total > 0.0f ? 1.0f / total : 0.0f;
   }
-  if (d < head_dim) static_cast<T*>(args.out)[row * head_dim + d] = from_float<T>(total > 0.0f ? value / total : 0.0f);
+  __syncthreads();
+  const int head_dim = static_cast<int>(args.cache.head_dim);
+  const float* partial = args.partial_out + row * args.splits * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    float value = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < used; ++s) value += weight[s] * partial[s * head_dim + d];
+    static_cast<T*>(args.out)[row * head_dim + d] = from_float<T>(value * inv_total);
+  }
 }
 
 // Heads of one KV head's group a block takes (the K/V rows it reads serve them all): the
@@ -293,7 +339,8 @@ Plan plan(int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_
   const int64_t units = num_tokens * kv_heads * p.head_chunks;
   // About four blocks per SM in all; never splits shorter than kMinSplitKeys.
   const int64_t wanted = ceil_div(4 * static_cast<int64_t>(sm_count()), units);
-  p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, ceil_div(std::max<int64_t>(max_keys, 1), kMinSplitKeys))));
+  const int64_t longest = ceil_div(std::max<int64_t>(max_keys, 1), kMinSplitKeys);
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, longest, kMaxSplits})));
   p.partial_floats = p.splits > 1 ? num_tokens * num_heads * p.splits * (head_dim + 2) : 0;
   return p;
 }
@@ -315,19 +362,21 @@ cudaError_t launch(const Launch& x, DType dtype, cudaStream_t stream) {
   args.logits_out_keys = x.logits_out_keys;
   args.cache = x.cache;
   args.keys = x.keys;
+  args.key_dim = static_cast<int>(x.key_dim > 0 ? x.key_dim : x.cache.head_dim);
   args.num_heads = static_cast<int>(x.num_heads);
   args.group = static_cast<int>(x.num_heads / x.cache.kv_heads);
   args.head_chunks = p.head_chunks;
   args.splits = p.splits;
   args.scale = x.scale;
-  // Row offsets are multiples of 8 elements (head_dim is), so aligned bases keep every
-  // 16-byte piece aligned.
-  args.vectorised = is_aligned(x.cache.values, 16) && (x.logits_in != nullptr || is_aligned(x.cache.keys, 16));
+  // Row offsets are multiples of 8 elements when the row width is, so aligned bases keep
+  // every 16-byte piece aligned.
+  args.keys_vectorised = args.key_dim % 8 == 0 && is_aligned(x.cache.keys, 16);
+  args.values_vectorised = is_aligned(x.cache.values, 16);
   // Tokens on x: the only dimension whose size has no small bound.
   const dim3 grid(static_cast<unsigned>(x.num_tokens), static_cast<unsigned>(x.cache.kv_heads * p.head_chunks),
                   static_cast<unsigned>(p.splits));
   const int heads = heads_per_block(args.group);
-  const int64_t d = x.cache.head_dim;
+  const int64_t d = std::max<int64_t>(x.cache.head_dim, args.key_dim);  // lanes cover the wider row
   const bool logits_in = x.logits_in != nullptr;
   cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -356,8 +405,7 @@ cudaError_t launch(const Launch& x, DType dtype, cudaStream_t stream) {
   if (err != cudaSuccess || p.splits == 1) return err;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const unsigned threads = static_cast<unsigned>((d + 31) / 32 * 32);
-    combine_kernel<T><<<dim3(static_cast<unsigned>(x.num_tokens), static_cast<unsigned>(x.num_heads)), threads, 0,
+    combine_kernel<T><<<dim3(static_cast<unsigned>(x.num_tokens), static_cast<unsigned>(x.num_heads)), kThreads, 0,
                         stream>>>(args);
     return cudaGetLastError();
   });

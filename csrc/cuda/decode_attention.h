@@ -57,19 +57,22 @@ int sm_count();
 
 Plan plan(int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t max_keys);
 
+// logits[t, hd, j] = logits_in[t, hd, j] (when given) + scale * q[t, hd] . k[j]; out =
+// softmax over the visible keys, times V.
 struct Launch {
-  void* out;                    // [tokens, heads, head_dim] contiguous
+  void* out;                    // [tokens, heads, head_dim] contiguous (head_dim: cache.head_dim)
   int64_t num_tokens;
   int64_t num_heads;
-  PagedKVCache cache;           // keys unused when logits_in is given
+  PagedKVCache cache;           // values [.., kv_heads, head_dim]; keys [.., kv_heads, key_dim]
   TokenKeys keys;
-  const void* query = nullptr;  // [tokens, heads, head_dim], rows query_row_stride apart
-  int64_t query_row_stride = 0;
-  float scale = 1.0f;           // logits = scale * q . k
-  float* logits_out = nullptr;  // optional: the q . k logits, [tokens, heads, logits_out_keys]
-  int64_t logits_out_keys = 0;
-  const float* logits_in = nullptr;  // or given logits [tokens, heads, logits_in_keys]
+  const void* query;            // [tokens, heads, key_dim], rows query_row_stride apart
+  int64_t query_row_stride;
+  float scale;
+  int64_t key_dim = 0;          // 0: cache.head_dim
+  const float* logits_in = nullptr;  // [tokens, heads, logits_in_keys]
   int64_t logits_in_keys = 0;
+  float* logits_out = nullptr;  // the logits, [tokens, heads, logits_out_keys]; may be logits_in
+  int64_t logits_out_keys = 0;
   float* workspace = nullptr;   // plan(...).partial_floats floats
 };
 

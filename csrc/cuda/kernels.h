@@ -100,8 +100,7 @@ cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, c
 // for j <= p. Returns cudaErrorInvalidConfiguration when the shapes need more shared memory
 // than a block may have. out_keys is 0 when scores_out is null.
 int64_t lisa_attention_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
-                                 int64_t rank, int64_t width, int64_t prev_keys, bool has_scores_out,
-                                 int64_t out_keys);
+                                 int64_t width, int64_t prev_keys, bool has_scores_out, int64_t out_keys);
 cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const float* scores_prev,
                            int64_t prev_keys, const void* query_lr, int64_t query_row_stride, int64_t rank,
                            int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,

@@ -2,8 +2,10 @@
 //
 // Decode-shaped calls (one query token per sequence) go to the split-context kernel of
 // decode_attention.cu: the full attention computes its q . k logits there and writes them out;
-// LiSA first computes the aligned logits of every head (lisa_decode_logits_kernel, below) and
-// then runs that kernel's softmax + P V over them. Prefill chunks use the tiled kernel here.
+// LiSA first computes the aligned part of every head's logits (lisa_decode_logits_kernel,
+// below: the aligner mixes all heads of a key), and that kernel adds the low-rank delta
+// q' . k' (its q . k over rank dims), hands the sum on and runs softmax + P V. Prefill chunks
+// use the tiled kernel here.
 //
 // One tiled kernel serves both ops. A block owns one query row t and one KV head: the `group`
 // query heads hd = kv_head * group + i that share that KV head. It walks the row's visible keys
@@ -308,13 +310,6 @@ struct LogitsArgs {
   int64_t logits_keys;
   const float* scores_prev;  // [tokens, heads, prev_keys]
   int64_t prev_keys;
-  const void* query_lr;  // [tokens, heads, rank], rows query_row_stride apart
-  int64_t query_row_stride;
-  const void* keys_lr;  // [num_blocks, block_size, kv_heads, rank]
-  const int32_t* block_tables;
-  int64_t max_blocks;
-  int64_t block_size;
-  int64_t num_blocks;
   decode::TokenKeys token_keys;
   const float* align_a;
   const float* align_w1;
@@ -322,19 +317,15 @@ struct LogitsArgs {
   const float* align_w2;
   const float* align_b2;
   int heads;
-  int kv_heads;
-  int group;
-  int rank;
   int width;
-  float delta_scale;
 };
 
 constexpr int kLogitsThreads = 128;
 
 // Shared floats of the logits kernel: A^T, W1^T and W2^T padded to kMaxHeads x kMaxHeads with
 // zeros (so every loop has a compile-time bound and reads four weights per 16-byte broadcast
-// load), b1, b2, and q' * delta_scale.
-int logits_shared_floats(int max_heads, int rank) { return 3 * max_heads * max_heads + 2 * max_heads + max_heads * rank; }
+// load), b1 and b2.
+int logits_shared_floats(int max_heads) { return 3 * max_heads * max_heads + 2 * max_heads; }
 
 // The variant for `heads` heads and an aligner `width` wide: 0 when none holds them.
 int logits_max_heads(int64_t heads, int64_t width) {
@@ -342,22 +333,26 @@ int logits_max_heads(int64_t heads, int64_t width) {
   return n <= 16 ? 16 : n <= 32 ? 32 : 0;
 }
 
-// S[t, hd, j] = (A a + W2 silu(W1 a + b1) + b2)[hd] + delta_scale * q'[t, hd] . k'[j] with
-// a = scores_prev[t, :, j], for the keys j visible to token t. Grid (tokens, key blocks); a
+// A compiler barrier: the loads after it stay after it. The weights are the same for every
+// key, and without it the compiler hoists all 3 K^2 of them out of the key loop into
+// registers, which spill (32 heads: 17 KiB of stack).
+__device__ __forceinline__ void keep_loads_here() { asm volatile("" ::: "memory"); }
+
+// The aligned logits (A a + W2 silu(W1 a + b1) + b2)[hd] with a = scores_prev[t, :, j], for
+// the keys j visible to token t (the low-rank delta is added by the split kernel). Grid (tokens, key blocks); a
 // thread owns one key and keeps its a, hidden layer and S in registers, the weights are read
 // from shared memory by all threads at once (broadcast).
-template <typename T, int kMaxHeads>
+template <int kMaxHeads>
 __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(const LogitsArgs args) {
   constexpr int K = kMaxHeads, K4 = kMaxHeads / 4;
   extern __shared__ float4 shared4[];
   float* shared = reinterpret_cast<float*>(shared4);
-  const int heads = args.heads, width = args.width, rank = args.rank, t = blockIdx.x;
+  const int heads = args.heads, width = args.width, t = blockIdx.x;
   float* at_s = shared;           // A^T  [c][h] = A[h][c]
   float* w1t_s = at_s + K * K;    // W1^T [c][m] = W1[m][c]
   float* w2t_s = w1t_s + K * K;   // W2^T [m][h] = W2[h][m]
   float* b1_s = w2t_s + K * K;    // [K]
   float* b2_s = b1_s + K;         // [K]
-  float* q_s = b2_s + K;          // [K][rank]
   for (int i = threadIdx.x; i < K * K; i += kLogitsThreads) {
     const int r = i / K, c = i % K;  // row r, column c of the transposed matrices
     at_s[i] = r < heads && c < heads ? args.align_a[c * heads + r] : 0.0f;
@@ -368,10 +363,6 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
     b1_s[i] = i < width ? args.align_b1[i] : 0.0f;
     b2_s[i] = i < heads ? args.align_b2[i] : 0.0f;
   }
-  const T* query = static_cast<const T*>(args.query_lr) + t * args.query_row_stride;
-  for (int i = threadIdx.x; i < K * rank; i += kLogitsThreads) {
-    q_s[i] = i < heads * rank ? to_float(query[i]) * args.delta_scale : 0.0f;
-  }
   __syncthreads();
   const float4* at4 = reinterpret_cast<const float4*>(at_s);
   const float4* w1t4 = reinterpret_cast<const float4*>(w1t_s);
@@ -379,11 +370,10 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
 
   int seq;
   const int n_keys = decode::visible_keys(args.token_keys, t, &seq);
-  const int32_t* table = args.block_tables + static_cast<int64_t>(seq) * args.max_blocks;
-  const T* keys_lr = static_cast<const T*>(args.keys_lr);
   const float* prev = args.scores_prev + static_cast<int64_t>(t) * heads * args.prev_keys;
   float* logits = args.logits + static_cast<int64_t>(t) * heads * args.logits_keys;
   for (int key = blockIdx.y * kLogitsThreads + threadIdx.x; key < n_keys; key += gridDim.y * kLogitsThreads) {
+    keep_loads_here();
     float a[K], hidden[K], s[K];
 #pragma unroll
     for (int c = 0; c < K; ++c) {
@@ -391,20 +381,27 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
       hidden[c] = b1_s[c];
       s[c] = b2_s[c];
     }
-    // s = A a + b2 and hidden = W1 a + b1, one column of A and W1 at a time.
+    // hidden = W1 a + b1, then s = A a + b2, one column of W1 (of A) at a time.
 #pragma unroll
     for (int c = 0; c < K; ++c) {
 #pragma unroll
       for (int i = 0; i < K4; ++i) {
-        const float4 w1 = w1t4[c * K4 + i], wa = at4[c * K4 + i];
-        hidden[4 * i] += w1.x * a[c];
-        hidden[4 * i + 1] += w1.y * a[c];
-        hidden[4 * i + 2] += w1.z * a[c];
-        hidden[4 * i + 3] += w1.w * a[c];
-        s[4 * i] += wa.x * a[c];
-        s[4 * i + 1] += wa.y * a[c];
-        s[4 * i + 2] += wa.z * a[c];
-        s[4 * i + 3] += wa.w * a[c];
+        const float4 w = w1t4[c * K4 + i];
+        hidden[4 * i] += w.x * a[c];
+        hidden[4 * i + 1] += w.y * a[c];
+        hidden[4 * i + 2] += w.z * a[c];
+        hidden[4 * i + 3] += w.w * a[c];
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < K; ++c) {
+#pragma unroll
+      for (int i = 0; i < K4; ++i) {
+        const float4 w = at4[c * K4 + i];
+        s[4 * i] += w.x * a[c];
+        s[4 * i + 1] += w.y * a[c];
+        s[4 * i + 2] += w.z * a[c];
+        s[4 * i + 3] += w.w * a[c];
       }
     }
     // s += W2 silu(hidden); padded rows of W1 and b1 are zero and silu(0) = 0.
@@ -420,21 +417,6 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
         s[4 * i + 3] += w.w * x;
       }
     }
-    // The low-rank delta; a key in an invalid block reads as zeros.
-    const int64_t block = table[key / args.block_size];
-    if (block >= 0 && block < args.num_blocks) {
-      const T* row = keys_lr + (block * args.block_size + key % args.block_size) * args.kv_heads * rank;
-#pragma unroll
-      for (int h = 0; h < K; ++h) {
-        if (h < heads) {
-          const T* k = row + (h / args.group) * rank;
-          const float* q = q_s + h * rank;
-          float dot = 0.0f;
-          for (int c = 0; c < rank; ++c) dot += q[c] * to_float(k[c]);
-          s[h] += dot;
-        }
-      }
-    }
 #pragma unroll
     for (int h = 0; h < K; ++h) {
       if (h < heads) logits[h * args.logits_keys + key] = s[h];
@@ -445,10 +427,8 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
 // Whether a LiSA call takes the decode path: decode-shaped (a token per sequence) and an
 // aligner small enough for the logits kernel (at most 32 heads and 32 wide; larger ones take
 // the tiled kernel, correct but slower).
-bool lisa_decode_path(int64_t num_tokens, int64_t batch, int64_t heads, int64_t width, int64_t rank) {
-  const int max_heads = logits_max_heads(heads, width);
-  return num_tokens == batch && max_heads > 0 &&
-         static_cast<int64_t>(logits_shared_floats(max_heads, static_cast<int>(rank))) * 4 <= 48 * 1024;
+bool lisa_decode_path(int64_t num_tokens, int64_t batch, int64_t heads, int64_t width) {
+  return num_tokens == batch && logits_max_heads(heads, width) > 0;
 }
 
 int64_t lisa_key_limit(const PagedKVCache& cache, int64_t prev_keys, bool has_scores_out, int64_t out_keys) {
@@ -456,24 +436,20 @@ int64_t lisa_key_limit(const PagedKVCache& cache, int64_t prev_keys, bool has_sc
   return has_scores_out ? std::min(limit, out_keys) : limit;
 }
 
-cudaError_t launch_lisa_logits(const LogitsArgs& args, int64_t num_tokens, DType dtype, cudaStream_t stream) {
+cudaError_t launch_lisa_logits(const LogitsArgs& args, int64_t num_tokens, cudaStream_t stream) {
   const int max_heads = logits_max_heads(args.heads, args.width);
-  const int64_t bytes = static_cast<int64_t>(logits_shared_floats(max_heads, args.rank)) * 4;
+  const size_t bytes = static_cast<size_t>(logits_shared_floats(max_heads)) * sizeof(float);
   // Enough key blocks to cover the longest context, or to give every SM a few blocks.
   const int64_t wanted = (4 * static_cast<int64_t>(decode::sm_count()) + num_tokens - 1) / num_tokens;
   const int64_t needed = (args.token_keys.key_limit + kLogitsThreads - 1) / kLogitsThreads;
   const dim3 grid(static_cast<unsigned>(num_tokens),
                   static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, needed))));
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto go = [&](auto heads_tag) {
-      lisa_decode_logits_kernel<T, decltype(heads_tag)::value>
-          <<<grid, kLogitsThreads, static_cast<size_t>(bytes), stream>>>(args);
-      return cudaGetLastError();
-    };
-    if (max_heads == 16) return go(std::integral_constant<int, 16>{});
-    return go(std::integral_constant<int, 32>{});
-  });
+  if (max_heads == 16) {
+    lisa_decode_logits_kernel<16><<<grid, kLogitsThreads, bytes, stream>>>(args);
+  } else {
+    lisa_decode_logits_kernel<32><<<grid, kLogitsThreads, bytes, stream>>>(args);
+  }
+  return cudaGetLastError();
 }
 
 template <bool kLisa>
@@ -573,9 +549,8 @@ cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, c
 }
 
 int64_t lisa_attention_workspace(int64_t num_tokens, int64_t num_heads, int64_t batch, const PagedKVCache& cache,
-                                 int64_t rank, int64_t width, int64_t prev_keys, bool has_scores_out,
-                                 int64_t out_keys) {
-  if (!lisa_decode_path(num_tokens, batch, num_heads, width, rank)) return 0;
+                                 int64_t width, int64_t prev_keys, bool has_scores_out, int64_t out_keys) {
+  if (!lisa_decode_path(num_tokens, batch, num_heads, width)) return 0;
   const int64_t limit = lisa_key_limit(cache, prev_keys, has_scores_out, out_keys);
   const int64_t logits = has_scores_out ? 0 : num_tokens * num_heads * limit;
   return (logits + decode::plan(num_tokens, num_heads, cache.kv_heads, cache.head_dim, limit).partial_floats) * 4;
@@ -589,10 +564,11 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
                            const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
                            void* workspace, DType dtype, cudaStream_t stream) {
   if (num_tokens == 0 || batch == 0 || num_heads == 0 || cache.kv_heads == 0) return cudaSuccess;
-  if (lisa_decode_path(num_tokens, batch, num_heads, width, rank)) {
+  if (lisa_decode_path(num_tokens, batch, num_heads, width)) {
     const int64_t limit = lisa_key_limit(cache, prev_keys, scores_out != nullptr, out_keys);
     const decode::TokenKeys token_keys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch), limit};
-    // The logits go to scores_out when the next layer wants them, else to the workspace.
+    // The aligned logits go to scores_out when the next layer wants them (the split kernel
+    // then adds the delta in place), else to the workspace.
     float* logits = scores_out != nullptr ? scores_out : static_cast<float*>(workspace);
     const int64_t logits_keys = scores_out != nullptr ? out_keys : limit;
     LogitsArgs la{};
@@ -600,13 +576,6 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
     la.logits_keys = logits_keys;
     la.scores_prev = scores_prev;
     la.prev_keys = prev_keys;
-    la.query_lr = query_lr;
-    la.query_row_stride = query_row_stride;
-    la.keys_lr = cache.keys;
-    la.block_tables = cache.block_tables;
-    la.max_blocks = cache.max_blocks;
-    la.block_size = cache.block_size;
-    la.num_blocks = cache.num_blocks;
     la.token_keys = token_keys;
     la.align_a = align_a;
     la.align_w1 = align_w1;
@@ -614,12 +583,8 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
     la.align_w2 = align_w2;
     la.align_b2 = align_b2;
     la.heads = static_cast<int>(num_heads);
-    la.kv_heads = static_cast<int>(cache.kv_heads);
-    la.group = static_cast<int>(num_heads / cache.kv_heads);
-    la.rank = static_cast<int>(rank);
     la.width = static_cast<int>(width);
-    la.delta_scale = delta_scale;
-    const cudaError_t err = launch_lisa_logits(la, num_tokens, dtype, stream);
+    const cudaError_t err = launch_lisa_logits(la, num_tokens, stream);
     if (err != cudaSuccess) return err;
     decode::Launch x{};
     x.out = out;
@@ -627,8 +592,14 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
     x.num_heads = num_heads;
     x.cache = cache;
     x.keys = token_keys;
+    x.query = query_lr;
+    x.query_row_stride = query_row_stride;
+    x.scale = delta_scale;
+    x.key_dim = rank;
     x.logits_in = logits;
     x.logits_in_keys = logits_keys;
+    x.logits_out = scores_out;
+    x.logits_out_keys = out_keys;
     x.workspace = static_cast<float*>(workspace) + (scores_out != nullptr ? 0 : num_tokens * num_heads * limit);
     return decode::launch(x, dtype, stream);
   }
