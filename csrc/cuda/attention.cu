@@ -379,18 +379,10 @@ cudaError_t paged_decode_attention(void* out, const void* query, int64_t query_r
                                    int64_t batch, int64_t num_heads, const PagedKVCache& cache,
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
                                    void* workspace, DType dtype, cudaStream_t stream) {
-  decode::Launch x{};
-  x.out = out;
-  x.num_tokens = batch;
-  x.num_heads = num_heads;
-  x.cache = cache;
-  x.keys = decode::TokenKeys{nullptr, seq_lens, seq_lens_stride, static_cast<int>(batch),
-                             cache.max_blocks * cache.block_size};
-  x.query = query;
-  x.query_row_stride = query_row_stride;
-  x.scale = scale;
-  x.workspace = static_cast<float*>(workspace);
-  return decode::launch(x, dtype, stream);
+  const decode::TokenKeys keys{nullptr, seq_lens, seq_lens_stride, static_cast<int>(batch),
+                               cache.max_blocks * cache.block_size};
+  return decode::launch(decode::Launch(out, batch, num_heads, cache, keys, query, query_row_stride, scale, workspace),
+                        dtype, stream);
 }
 
 cudaError_t paged_prefill_attention(void* out, const void* query, int64_t query_row_stride,

@@ -60,6 +60,11 @@ Plan plan(int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_
 // logits[t, hd, j] = logits_in[t, hd, j] (when given) + scale * q[t, hd] . k[j]; out =
 // softmax over the visible keys, times V.
 struct Launch {
+  Launch(void* out, int64_t num_tokens, int64_t num_heads, const PagedKVCache& cache, const TokenKeys& keys,
+         const void* query, int64_t query_row_stride, float scale, void* workspace)
+      : out(out), num_tokens(num_tokens), num_heads(num_heads), cache(cache), keys(keys), query(query),
+        query_row_stride(query_row_stride), scale(scale), workspace(static_cast<float*>(workspace)) {}
+
   void* out;                    // [tokens, heads, head_dim] contiguous (head_dim: cache.head_dim)
   int64_t num_tokens;
   int64_t num_heads;
@@ -68,12 +73,12 @@ struct Launch {
   const void* query;            // [tokens, heads, key_dim], rows query_row_stride apart
   int64_t query_row_stride;
   float scale;
+  float* workspace;             // plan(...).partial_floats floats
   int64_t key_dim = 0;          // 0: cache.head_dim
   const float* logits_in = nullptr;  // [tokens, heads, logits_in_keys]
   int64_t logits_in_keys = 0;
   float* logits_out = nullptr;  // the logits, [tokens, heads, logits_out_keys]; may be logits_in
   int64_t logits_out_keys = 0;
-  float* workspace = nullptr;   // plan(...).partial_floats floats
 };
 
 cudaError_t launch(const Launch& x, DType dtype, cudaStream_t stream);

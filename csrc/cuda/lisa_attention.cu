@@ -338,6 +338,19 @@ int logits_max_heads(int64_t heads, int64_t width) {
 // registers, which spill (32 heads: 17 KiB of stack).
 __device__ __forceinline__ void keep_loads_here() { asm volatile("" ::: "memory"); }
 
+// acc[i] += w[i] * x for i < K (a multiple of 4), w read four at a time.
+template <int K>
+__device__ __forceinline__ void add_scaled(float (&acc)[K], const float4* w, float x) {
+#pragma unroll
+  for (int i = 0; i < K / 4; ++i) {
+    const float4 v = w[i];
+    acc[4 * i] += v.x * x;
+    acc[4 * i + 1] += v.y * x;
+    acc[4 * i + 2] += v.z * x;
+    acc[4 * i + 3] += v.w * x;
+  }
+}
+
 // The aligned logits (A a + W2 silu(W1 a + b1) + b2)[hd] with a = scores_prev[t, :, j], for
 // the keys j visible to token t (the low-rank delta is added by the split kernel). Grid (tokens, key blocks); a
 // thread owns one key and keeps its a, hidden layer and S in registers, the weights are read
@@ -383,40 +396,12 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
     }
     // hidden = W1 a + b1, then s = A a + b2, one column of W1 (of A) at a time.
 #pragma unroll
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; c < K; ++c) add_scaled(hidden, w1t4 + c * K4, a[c]);
 #pragma unroll
-      for (int i = 0; i < K4; ++i) {
-        const float4 w = w1t4[c * K4 + i];
-        hidden[4 * i] += w.x * a[c];
-        hidden[4 * i + 1] += w.y * a[c];
-        hidden[4 * i + 2] += w.z * a[c];
-        hidden[4 * i + 3] += w.w * a[c];
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < K; ++c) {
-#pragma unroll
-      for (int i = 0; i < K4; ++i) {
-        const float4 w = at4[c * K4 + i];
-        s[4 * i] += w.x * a[c];
-        s[4 * i + 1] += w.y * a[c];
-        s[4 * i + 2] += w.z * a[c];
-        s[4 * i + 3] += w.w * a[c];
-      }
-    }
+    for (int c = 0; c < K; ++c) add_scaled(s, at4 + c * K4, a[c]);
     // s += W2 silu(hidden); padded rows of W1 and b1 are zero and silu(0) = 0.
 #pragma unroll
-    for (int m = 0; m < K; ++m) {
-      const float x = silu(hidden[m]);
-#pragma unroll
-      for (int i = 0; i < K4; ++i) {
-        const float4 w = w2t4[m * K4 + i];
-        s[4 * i] += w.x * x;
-        s[4 * i + 1] += w.y * x;
-        s[4 * i + 2] += w.z * x;
-        s[4 * i + 3] += w.w * x;
-      }
-    }
+    for (int m = 0; m < K; ++m) add_scaled(s, w2t4 + m * K4, silu(hidden[m]));
 #pragma unroll
     for (int h = 0; h < K; ++h) {
       if (h < heads) logits[h * args.logits_keys + key] = s[h];
@@ -527,19 +512,11 @@ cudaError_t paged_attention_scores(void* out, float* scores, int64_t max_keys, c
                                    const int32_t* seq_lens, int64_t seq_lens_stride, float scale,
                                    void* workspace, DType dtype, cudaStream_t stream) {
   if (num_tokens == batch) {
-    decode::Launch x{};
-    x.out = out;
-    x.num_tokens = num_tokens;
-    x.num_heads = num_heads;
-    x.cache = cache;
-    x.keys = decode::TokenKeys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch),
-                               std::min(cache.max_blocks * cache.block_size, max_keys)};
-    x.query = query;
-    x.query_row_stride = query_row_stride;
-    x.scale = scale;
+    const decode::TokenKeys keys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch),
+                                 std::min(cache.max_blocks * cache.block_size, max_keys)};
+    decode::Launch x(out, num_tokens, num_heads, cache, keys, query, query_row_stride, scale, workspace);
     x.logits_out = scores;
     x.logits_out_keys = max_keys;
-    x.workspace = static_cast<float*>(workspace);
     return decode::launch(x, dtype, stream);
   }
   const LisaArgs args = common_args(out, query, query_row_stride, num_tokens, num_heads, batch, cache,
@@ -586,21 +563,14 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
     la.width = static_cast<int>(width);
     const cudaError_t err = launch_lisa_logits(la, num_tokens, stream);
     if (err != cudaSuccess) return err;
-    decode::Launch x{};
-    x.out = out;
-    x.num_tokens = num_tokens;
-    x.num_heads = num_heads;
-    x.cache = cache;
-    x.keys = token_keys;
-    x.query = query_lr;
-    x.query_row_stride = query_row_stride;
-    x.scale = delta_scale;
+    // The split kernel's scratch follows the logits scratch.
+    float* partials = static_cast<float*>(workspace) + (scores_out != nullptr ? 0 : num_tokens * num_heads * limit);
+    decode::Launch x(out, num_tokens, num_heads, cache, token_keys, query_lr, query_row_stride, delta_scale, partials);
     x.key_dim = rank;
     x.logits_in = logits;
     x.logits_in_keys = logits_keys;
     x.logits_out = scores_out;
     x.logits_out_keys = out_keys;
-    x.workspace = static_cast<float*>(workspace) + (scores_out != nullptr ? 0 : num_tokens * num_heads * limit);
     return decode::launch(x, dtype, stream);
   }
   LisaArgs args = common_args(out, query_lr, query_row_stride, num_tokens, num_heads, batch, cache, rank,
