@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .kv_cache import BlockTable, KVCache
+from .kv_cache import BlockTable, BlockTableRows, KVCache
 from .model import Batch, Model
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -42,6 +42,7 @@ class CudaGraphDecoder:
         self.slot_mapping = buffers(torch.long, size)
         self.seq_lens = buffers(torch.int32, size)
         self.block_tables = buffers(torch.int32, size, width)
+        self.table_rows = BlockTableRows(self.block_tables[1])
         self.rows = torch.arange(size, device=dev)
         self.cu_query_lens = torch.arange(size + 1, dtype=torch.int32, device=dev)
         # size -> (graph, its output logits, the workspace it was captured with: held so that
@@ -101,11 +102,8 @@ class CudaGraphDecoder:
         for (device_buf, host_buf), values in fields:
             host_buf[:size] = torch.tensor(values, dtype=host_buf.dtype)
             device_buf[:size].copy_(host_buf[:size], non_blocking=True)
-        width = max(len(table.blocks) for _, _, table in chunks)
-        tables = self.block_tables[1]
-        tables[:count, :width] = torch.tensor([table.blocks + [0] * (width - len(table.blocks))
-                                               for _, _, table in chunks], dtype=torch.int32)
-        self.block_tables[0][:size].copy_(tables[:size], non_blocking=True)
+        self.table_rows.update([table for _, _, table in chunks])
+        self.block_tables[0][:size].copy_(self.block_tables[1][:size], non_blocking=True)
         self._copied.record()
         graph, logits, _ = self.graphs[size]
         graph.replay()

@@ -328,7 +328,9 @@ class Engine:
                 logits = self.model.forward(build_batch(chunks, self.model.device), self.cache)
             # A chunk that reaches the end of its sequence's tokens yields the next token.
             ready = [row for row, req in enumerate(batch) if req.computed == req.length]
-            tokens = sample_batch([batch[row].sampler for row in ready], logits[ready],
+            if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
+                logits = logits[ready]
+            tokens = sample_batch([batch[row].sampler for row in ready], logits,
                                   lambda i: batch[ready[i]].prompt + batch[ready[i]].output)
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
@@ -379,10 +381,12 @@ class Engine:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.computed == req.length - 1:  # decoding: room for one more token
+            length = req.length
+            # Decoding (room for one more token), past the blocks it holds.
+            if req.computed == length - 1 and length > req.table.capacity:
                 if not self._grow(req):
                     continue  # req itself left the running list; do not advance i
-            n = min(req.length - req.computed, budget)
+            n = min(length - req.computed, budget)
             chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
             req.computed += n
             batch.append(req)

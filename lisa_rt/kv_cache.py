@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .config import LisaConfig, ModelConfig
@@ -115,3 +116,32 @@ class BlockTable:
     def release(self) -> None:
         self.cache.allocator.free(self.blocks)
         self.blocks = []
+
+
+class BlockTableRows:
+    """The block tables of a batch, row by row, in a host int32 tensor [rows, width], kept up
+    to date across steps by writing only what changed: a decode step mostly adds no block, or
+    one. Rewriting every row each step cost about 1.5 ms of Python at 128 sequences x 128
+    blocks, time a GPU decode step waits for.
+
+    A row is matched to a table through the table's block list, which grows in place and is
+    replaced when the blocks are released; the list is held here, so it cannot be recycled
+    into a look-alike. Entries past a table's length are stale and never read (a sequence's
+    length bounds the kernels' reads).
+    """
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self._view = buffer.numpy()
+        self._lists: list[list[int] | None] = [None] * buffer.shape[0]
+        self._written = [0] * buffer.shape[0]
+
+    def update(self, tables: list[BlockTable]) -> None:
+        """Rows 0..len(tables)-1 now hold these tables' blocks."""
+        for row, table in enumerate(tables):
+            blocks = table.blocks
+            start = self._written[row] if self._lists[row] is blocks else 0
+            if len(blocks) > start:
+                self._view[row, start : len(blocks)] = blocks[start:]
+            self._lists[row] = blocks
+            self._written[row] = len(blocks)

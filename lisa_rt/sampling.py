@@ -114,6 +114,8 @@ def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
     tokens: list[int] = [0] * len(samplers)
     greedy_rows = [i for i, s in enumerate(samplers) if s.is_plain_greedy]
     other_rows = [i for i, s in enumerate(samplers) if not s.is_plain_greedy]
+    if not other_rows:  # all greedy: no row gather (on a GPU that is an index upload)
+        return logits.argmax(dim=-1).tolist()
     if greedy_rows:
         picks = logits[greedy_rows].argmax(dim=-1).tolist()
         for row, token in zip(greedy_rows, picks):

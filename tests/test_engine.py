@@ -410,3 +410,39 @@ def test_generate_reraises_an_error_from_inside_a_step(model, prompts, monkeypat
     monkeypatch.setattr(model, "forward", broken)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         generate(model, prompts[:2], SamplingParams(max_tokens=3))
+
+
+# -- BlockTableRows: the graph decoder's incremental block tables -----------------------------
+
+def test_block_table_rows_follow_growth_reorder_and_readmission():
+    from lisa_rt.config import ModelConfig
+    from lisa_rt.kv_cache import BlockTable, BlockTableRows
+
+    config = ModelConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                         head_dim=4, vocab_size=16, max_position_embeddings=512)
+    cache = KVCache.for_tokens(config, [512] * 6, "cpu", torch.float32, block_size=4)
+    buffer = torch.full((6, 128), -7, dtype=torch.int32)
+    rows = BlockTableRows(buffer)
+    gen = torch.Generator().manual_seed(0)
+    tables = [BlockTable(cache) for _ in range(4)]
+
+    def check(batch):
+        rows.update(batch)
+        for row, table in enumerate(batch):
+            assert buffer[row, : len(table.blocks)].tolist() == table.blocks
+
+    for step in range(60):
+        for table in tables:  # sequences grow by 0-5 tokens a step, crossing blocks now and then
+            table.ensure(table.capacity + int(torch.randint(0, 6, (1,), generator=gen)))
+        check(tables)
+        if step % 7 == 3:  # one finishes: later rows move up
+            tables.pop(1).release()
+            tables.append(BlockTable(cache))
+        if step % 11 == 5:  # one is preempted and readmitted under the same table object
+            tables[0].release()
+            tables[0].ensure(5)
+        if step % 13 == 8:
+            tables.reverse()
+    # A shorter batch leaves later rows alone; they come back right.
+    check(tables[:2])
+    check(tables)
