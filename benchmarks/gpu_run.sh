@@ -7,13 +7,16 @@
 # output) and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
 #   stages: diag tests profile check kernels bench ncu (default: all, in that order)
+# Measured on the lent H200 (2026-11-27): build 37-43 s, diag 11, tests 67-74 (8 workers),
+# profile 20, kernels 6, bench 64 (--steps 16), ncu 15; the default limits below keep a whole
+# run inside one device call (timeout_s 600). LIMIT_<STAGE>=seconds overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
 mkdir -p "$OUT"
 stages=${*:-diag tests profile check kernels bench ncu}
 limit() { echo "${LIMIT[$1]:-300}"; }
-declare -A LIMIT=([build]=300 [diag]=60 [tests]=200 [profile]=120 [check]=90 [kernels]=60 [bench]=400 [ncu]=60)
+declare -A LIMIT=([build]=120 [diag]=30 [tests]=120 [profile]=45 [check]=60 [kernels]=20 [bench]=130 [ncu]=40)
 for s in "${!LIMIT[@]}"; do v="LIMIT_${s^^}"; [ -n "${!v:-}" ] && LIMIT[$s]=${!v}; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

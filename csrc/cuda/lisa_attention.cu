@@ -28,8 +28,6 @@
 // clamped here rather than read out of bounds.
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <type_traits>
 
 #include "cuda/decode_attention.h"
 #include "device.cuh"
