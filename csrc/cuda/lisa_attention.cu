@@ -39,6 +39,16 @@ constexpr int kTileKeys = 32;  // keys per tile: one per lane in the softmax ste
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// The head aligner of a LiSA layer (DESIGN section 3), float32 contiguous.
+struct Aligner {
+  const float* a;   // A [heads, heads]
+  const float* w1;  // W1 [width, heads]
+  const float* b1;  // [width]
+  const float* w2;  // W2 [heads, width]
+  const float* b2;  // [heads]
+  int width;
+};
+
 struct LisaArgs {
   void* out;              // [tokens, heads, head_dim] contiguous
   const void* query;      // [tokens, heads, qk_dim], row stride query_row_stride
@@ -63,12 +73,7 @@ struct LisaArgs {
   // LiSA mode (scores_prev != nullptr).
   const float* scores_prev;  // [tokens, heads, prev_keys]
   int64_t prev_keys;
-  const float* align_a;   // [heads, heads]
-  const float* align_w1;  // [width, heads]
-  const float* align_b1;  // [width]
-  const float* align_w2;  // [heads, width]
-  const float* align_b2;  // [heads]
-  int width;
+  Aligner aligner;
   bool weights_in_shared;
   // Optional logits output [tokens, heads, out_keys].
   float* scores_out;
@@ -88,7 +93,7 @@ struct SharedLayout {
     k = take(kTileKeys * odd_stride(x.qk_dim));              // [keys][qk stride]
     v = take(kTileKeys * x.head_dim);                        // [keys][head_dim]
     a = take(lisa ? kTileKeys * odd_stride(x.heads) : 0);    // [keys][heads stride]
-    hidden = take(lisa ? kTileKeys * odd_stride(x.width) : 0);  // [keys][width stride]
+    hidden = take(lisa ? kTileKeys * odd_stride(x.aligner.width) : 0);  // [keys][width stride]
     p = take(x.group * (kTileKeys + 1));                     // [group][keys + 1]
     acc = take(x.group * x.head_dim);                        // [group][head_dim]
     row_max = take(x.group);
@@ -96,8 +101,8 @@ struct SharedLayout {
     row_rescale = take(x.group);
     end_base = at;
     // Optional copies of the aligner weights this block reads for every key.
-    w1 = take(lisa ? x.width * x.heads : 0);                 // W1 [width][heads]
-    w2 = take(lisa ? x.group * x.width : 0);                 // the group's rows of W2
+    w1 = take(lisa ? x.aligner.width * x.heads : 0);                 // W1 [width][heads]
+    w2 = take(lisa ? x.group * x.aligner.width : 0);                 // the group's rows of W2
     align_a = take(lisa ? x.group * x.heads : 0);            // the group's rows of A
     end = at;
   }
@@ -127,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int t = blockIdx.x, kv_head = blockIdx.y;
   const int group = args.group, heads = args.heads, qk_dim = args.qk_dim, head_dim = args.head_dim;
-  const int width = args.width;
+  const int width = args.aligner.width;
   const int head0 = kv_head * group;
   const int k_stride = odd_stride(qk_dim), a_stride = odd_stride(heads), h_stride = odd_stride(width);
   constexpr int kPStride = kTileKeys + 1;
@@ -152,9 +157,9 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
     row_max[i] = -INFINITY;
     row_total[i] = 0.0f;
   }
-  const float* w1 = args.align_w1;
-  const float* w2 = args.align_w2 + static_cast<int64_t>(head0) * width;       // rows of the group
-  const float* align_a = args.align_a + static_cast<int64_t>(head0) * heads;   // rows of the group
+  const float* w1 = args.aligner.w1;
+  const float* w2 = args.aligner.w2 + static_cast<int64_t>(head0) * width;     // rows of the group
+  const float* align_a = args.aligner.a + static_cast<int64_t>(head0) * heads; // rows of the group
   if (kLisa && args.weights_in_shared) {
     float* w1_s = shared + L.w1;
     float* w2_s = shared + L.w2;
@@ -224,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
         const int row = i / kTileKeys, c = i % kTileKeys;
         const float* w = w1 + static_cast<int64_t>(row) * heads;
         const float* a = a_s + c * a_stride;
-        float s = args.align_b1[row];
+        float s = args.aligner.b1[row];
         for (int e = 0; e < heads; ++e) s += w[e] * a[e];
         hidden_s[c * h_stride + row] = silu(s);
       }
@@ -244,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
         const float* hid = hidden_s + c * h_stride;
         const float* a_row = align_a + static_cast<int64_t>(gi) * heads;
         const float* w2_row = w2 + static_cast<int64_t>(gi) * width;
-        float aligned = args.align_b2[hd];
+        float aligned = args.aligner.b2[hd];
         for (int e = 0; e < heads; ++e) aligned += a_row[e] * a[e];
         for (int e = 0; e < width; ++e) aligned += w2_row[e] * hid[e];
         s += aligned;
@@ -309,13 +314,8 @@ struct LogitsArgs {
   const float* scores_prev;  // [tokens, heads, prev_keys]
   int64_t prev_keys;
   decode::TokenKeys token_keys;
-  const float* align_a;
-  const float* align_w1;
-  const float* align_b1;
-  const float* align_w2;
-  const float* align_b2;
+  Aligner aligner;
   int heads;
-  int width;
 };
 
 constexpr int kLogitsThreads = 128;
@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
   constexpr int K = kMaxHeads, K4 = kMaxHeads / 4;
   extern __shared__ float4 shared4[];
   float* shared = reinterpret_cast<float*>(shared4);
-  const int heads = args.heads, width = args.width, t = blockIdx.x;
+  const int heads = args.heads, width = args.aligner.width, t = blockIdx.x;
   float* at_s = shared;           // A^T  [c][h] = A[h][c]
   float* w1t_s = at_s + K * K;    // W1^T [c][m] = W1[m][c]
   float* w2t_s = w1t_s + K * K;   // W2^T [m][h] = W2[h][m]
@@ -366,13 +366,13 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
   float* b2_s = b1_s + K;         // [K]
   for (int i = threadIdx.x; i < K * K; i += kLogitsThreads) {
     const int r = i / K, c = i % K;  // row r, column c of the transposed matrices
-    at_s[i] = r < heads && c < heads ? args.align_a[c * heads + r] : 0.0f;
-    w1t_s[i] = r < heads && c < width ? args.align_w1[c * heads + r] : 0.0f;
-    w2t_s[i] = r < width && c < heads ? args.align_w2[c * width + r] : 0.0f;
+    at_s[i] = r < heads && c < heads ? args.aligner.a[c * heads + r] : 0.0f;
+    w1t_s[i] = r < heads && c < width ? args.aligner.w1[c * heads + r] : 0.0f;
+    w2t_s[i] = r < width && c < heads ? args.aligner.w2[c * width + r] : 0.0f;
   }
   for (int i = threadIdx.x; i < K; i += kLogitsThreads) {
-    b1_s[i] = i < width ? args.align_b1[i] : 0.0f;
-    b2_s[i] = i < heads ? args.align_b2[i] : 0.0f;
+    b1_s[i] = i < width ? args.aligner.b1[i] : 0.0f;
+    b2_s[i] = i < heads ? args.aligner.b2[i] : 0.0f;
   }
   __syncthreads();
   const float4* at4 = reinterpret_cast<const float4*>(at_s);
@@ -420,7 +420,7 @@ int64_t lisa_key_limit(const PagedKVCache& cache, int64_t prev_keys, bool has_sc
 }
 
 cudaError_t launch_lisa_logits(const LogitsArgs& args, int64_t num_tokens, cudaStream_t stream) {
-  const int max_heads = logits_max_heads(args.heads, args.width);
+  const int max_heads = logits_max_heads(args.heads, args.aligner.width);
   const size_t bytes = static_cast<size_t>(logits_shared_floats(max_heads)) * sizeof(float);
   // Enough key blocks to cover the longest context, or to give every SM a few blocks.
   const int64_t wanted = (4 * static_cast<int64_t>(decode::sm_count()) + num_tokens - 1) / num_tokens;
@@ -539,6 +539,7 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
                            const float* align_w2, const float* align_b2, int64_t width, float delta_scale,
                            void* workspace, DType dtype, cudaStream_t stream) {
   if (num_tokens == 0 || batch == 0 || num_heads == 0 || cache.kv_heads == 0) return cudaSuccess;
+  const Aligner aligner{align_a, align_w1, align_b1, align_w2, align_b2, static_cast<int>(width)};
   if (lisa_decode_path(num_tokens, batch, num_heads, width)) {
     const int64_t limit = lisa_key_limit(cache, prev_keys, scores_out != nullptr, out_keys);
     const decode::TokenKeys token_keys{cu_query_lens, seq_lens, seq_lens_stride, static_cast<int>(batch), limit};
@@ -552,13 +553,8 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
     la.scores_prev = scores_prev;
     la.prev_keys = prev_keys;
     la.token_keys = token_keys;
-    la.align_a = align_a;
-    la.align_w1 = align_w1;
-    la.align_b1 = align_b1;
-    la.align_w2 = align_w2;
-    la.align_b2 = align_b2;
+    la.aligner = aligner;
     la.heads = static_cast<int>(num_heads);
-    la.width = static_cast<int>(width);
     const cudaError_t err = launch_lisa_logits(la, num_tokens, stream);
     if (err != cudaSuccess) return err;
     // The split kernel's scratch follows the logits scratch.
@@ -575,12 +571,7 @@ cudaError_t lisa_attention(void* out, float* scores_out, int64_t out_keys, const
                               cu_query_lens, seq_lens, seq_lens_stride, delta_scale, scores_out, out_keys);
   args.scores_prev = scores_prev;
   args.prev_keys = prev_keys;
-  args.align_a = align_a;
-  args.align_w1 = align_w1;
-  args.align_b1 = align_b1;
-  args.align_w2 = align_w2;
-  args.align_b2 = align_b2;
-  args.width = static_cast<int>(width);
+  args.aligner = aligner;
   return launch<true>(args, dtype, stream);
 }
 
