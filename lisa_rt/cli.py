@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="make floor(RATIO x layers) layers LiSA, the most shareable first (0.6)")
     which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
     p.add_argument("--init", default=None, metavar="ADAPTER",
-                   help="go on fitting this adapter end to end (its layers, rank and width; no selection "
-                        "or layer-wise phase)")
+                   help="go on fitting this adapter (its layers, rank and width; no selection; "
+                        "layer-wise only with --layerwise-steps)")
     p.add_argument("--select", choices=("fitted", "jsd"), default=None,
                    help="how --ratio ranks layers: 'fitted' fits each layer alone and ranks by its cost to "
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the head aligner's FFN (default: the number of heads)")
     p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")
     p.add_argument("--layerwise-steps", type=_non_negative_int, default=None,
-                   help="layer-wise steps per LiSA layer (150)")
+                   help="layer-wise steps per LiSA layer (150; 0 with --init)")
+    p.add_argument("--layerwise-loss", choices=("attention", "output"), default="attention",
+                   help="what the layer-wise phase matches: the attention distribution (default) or "
+                        "what the attention block adds to the residual stream")
+    p.add_argument("--layerwise-lr", type=_positive_float, default=None,
+                   help="learning rate of the layer-wise phase (5 x --lr)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="calibration sequence length (256)")
     p.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per step (2)")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (2e-3)")
@@ -495,8 +500,7 @@ def cmd_fit(args) -> int:
     if args.init is not None:
         shaping = [flag for flag, value in (("--layers", args.layers), ("--ratio", args.ratio), ("--rank", args.rank),
                                             ("--align-hidden", args.align_hidden), ("--select", args.select),
-                                            ("--min-layer", args.min_layer),
-                                            ("--layerwise-steps", args.layerwise_steps)) if value is not None]
+                                            ("--min-layer", args.min_layer)) if value is not None]
         if shaping:
             raise UserError(f"--init goes on from the adapter's own layers, rank and width: "
                             f"{', '.join(shaping)} not allowed with it")
@@ -504,7 +508,8 @@ def cmd_fit(args) -> int:
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,
                          min_layer=args.min_layer or 1, select=args.select or "fitted", rank=args.rank,
                          align_hidden=args.align_hidden, steps=args.steps,
-                         layerwise_steps=150 if args.layerwise_steps is None else args.layerwise_steps,
+                         layerwise_steps=args.layerwise_steps,
+                         layerwise_loss=args.layerwise_loss, layerwise_lr=args.layerwise_lr,
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                          max_sequences=args.max_sequences, seed=args.seed, init=init)
     options.validate(config)

@@ -13,18 +13,21 @@
    This measures what a fitted layer costs the model, which the divergence at step 0 does not
    (a layer whose heads match well may still matter a lot downstream). select="jsd": the
    lowest matched divergence wins, with no fitting (cheaper, worse).
-5. Layer-wise phase: each LiSA layer, in order, on the teacher's hidden states, is fitted so its
-   attention distribution matches the teacher layer's own (KL); a chained layer reads the
-   fitted logits of the LiSA layer before it. Cheap: no pass through the whole model, and only
-   the first LAYERWISE_TOKENS of each sequence (the attention targets cost n^2).
+5. Layer-wise phase: each LiSA layer, in order, on the teacher's hidden states of
+   LAYERWISE_SEQUENCES whole training sequences, is fitted towards the teacher layer. The loss
+   (layerwise_loss) is "attention": the KL of the attention distributions; or "output": the
+   squared error of what the attention block adds to the residual stream (softmax(S) V Wo),
+   relative to the teacher's, so a logit matters as much as it moves the output. A chained layer
+   reads the fitted logits of the LiSA layer before it. Cheap: no pass through the whole model.
 6. End-to-end phase: the whole model with every LiSA layer, base weights frozen; loss = KL from
    the teacher's next-token distribution (its top-k, computed once per sequence the first time
    the sequence is drawn) plus attn_weight x the mean KL
    of each LiSA layer's attention from the one its own Q/K would give on the same input.
    Full layers whose logits no LiSA layer reads run torch's fused attention (no n x n tensors).
 
-A refit (options.init = an adapter) skips 2-5: it goes on end to end from that adapter's layers
-and parameters, e.g. with more steps, longer sequences or other data than the first fit had.
+A refit (options.init = an adapter) skips 2-4: it goes on from that adapter's layers and
+parameters (layer-wise if layerwise_steps > 0, then end to end), e.g. with more steps, longer
+sequences or other data than the first fit had.
 
 Everything runs in float32 on one device and is deterministic for a seed (on the same machine
 and thread count).
@@ -47,10 +50,12 @@ from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer,
 
 TEACHER_TOP_K = 64
 KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
-SELECT_SEQUENCES = 16  # sequences whose teacher states drive head matching, selection, layer-wise fits
+SELECT_SEQUENCES = 16  # sequences whose teacher states drive head matching and selection
 PROBE_SEQUENCES = 4  # sequences that score each fitted layer's cost to the model's output
-LAYERWISE_TOKENS = 256  # the prefix of each sequence that head matching and layer-wise fits look at
+SELECT_TOKENS = 256  # the prefix of each sequence that head matching and selection look at
+LAYERWISE_SEQUENCES = 16  # whole training sequences the layer-wise phase fits on
 SELECTIONS = ("fitted", "jsd")
+LAYERWISE_LOSSES = ("attention", "output")
 SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "When", "History",
                 "Here is", "The city", "Many people", "It was", "Question:", "Dear", "Why", "How to")
 
@@ -63,7 +68,9 @@ class FitOptions:
     rank: int | None = None              # default: max(8, head_dim / 8)
     align_hidden: int | None = None      # default: num_heads
     steps: int = 200                     # end-to-end steps
-    layerwise_steps: int = 150           # per LiSA layer
+    layerwise_steps: int | None = None   # per LiSA layer; default 150, or 0 for a refit (init)
+    layerwise_loss: str = "attention"    # see LAYERWISE_LOSSES and step 5 above
+    layerwise_lr: float | None = None    # default: 5 x lr
     seq_len: int = 256
     batch_size: int = 2
     lr: float = 2e-3
@@ -74,8 +81,12 @@ class FitOptions:
     matched_heads: bool = True           # False: A = identity (the same head index), for ablations
     train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
     train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
-    init: Adapter | None = None          # go on fitting this adapter end to end (its layers, rank, width)
+    init: Adapter | None = None          # go on fitting this adapter (its layers, rank, width)
     progress: bool = True
+
+    def __post_init__(self):
+        if self.layerwise_steps is None:
+            self.layerwise_steps = 0 if self.init is not None else 150
 
     def validate(self, config: ModelConfig) -> None:
         if self.layers is None and not 0 < self.ratio < 1:
@@ -87,6 +98,11 @@ class FitOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8 or self.seq_len > config.max_position_embeddings:
             raise UserError(f"--seq-len must be in 8..{config.max_position_embeddings}, got {self.seq_len}")
+        if self.layerwise_loss not in LAYERWISE_LOSSES:
+            raise UserError(f"--layerwise-loss must be one of {', '.join(LAYERWISE_LOSSES)}, "
+                            f"got {self.layerwise_loss!r}")
+        if self.layerwise_lr is not None and not self.layerwise_lr > 0:
+            raise UserError(f"--layerwise-lr must be > 0, got {self.layerwise_lr}")
         if self.select not in SELECTIONS:
             raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.batch_size < 1:
@@ -285,6 +301,12 @@ def causal_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits + causal_bias(logits.shape[-1], logits.device), dim=-1)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate from its initial value down to 0 over steps, along a half cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
+
+
 def next_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per position [..., n] from log-probabilities over the vocabulary."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
@@ -373,23 +395,37 @@ class Fitter:
             names += ["q_proj", "k_proj"]
         return [getattr(layer, name) for name in names]
 
-    def fit_layer(self, layer: int, module: LisaLayer, prev_logits: torch.Tensor, x: torch.Tensor,
-                  target: torch.Tensor, bar) -> float:
-        """The layer-wise fit of one LiSA layer: its attention towards target's, from prev_logits
-        (what layer-1 hands on) and its normed input x. Returns the last loss."""
-        o, c = self.options, self.config
+    def fit_layer(self, layer: int, module: LisaLayer, x: torch.Tensor, prev_logits, bar) -> float:
+        """The layer-wise fit of one LiSA layer towards the teacher layer on the normed inputs x
+        [N, n, hidden]; prev_logits(rows) gives what layer-1 hands on for those rows. The teacher's
+        logits (and output) are made per step from x: cheaper than holding N x h x n x n of them.
+        Returns the last loss."""
+        o, c, dense = self.options, self.config, self.dense
         params = self.trainable(module)
         if not params:
             return 0.0
-        cos_sin = self.dense.lisa_cos_sin(self.rank)
-        optimizer = torch.optim.Adam(params, lr=o.lr * 5)
+        cos_sin = dense.lisa_cos_sin(self.rank)
+        optimizer = torch.optim.Adam(params, lr=o.layerwise_lr or o.lr * 5)
+        schedule = cosine_schedule(optimizer, o.layerwise_steps)
+        out_proj = dense.t[f"layers.{layer}.attn.o_proj.weight"]
         last = 0.0
         for _ in range(o.layerwise_steps):
             pick = torch.randint(len(x), (o.batch_size,), generator=self.generator)
-            loss = attention_kl(target[pick], module.scores(prev_logits[pick], x[pick], cos_sin, c.num_kv_heads, self.rank))
+            rows = x[pick]
+            with torch.no_grad():
+                own = dense.own_logits(layer, rows)
+                if o.layerwise_loss == "output":
+                    target = dense.mix(layer, rows, causal_probs(own)) @ out_proj.T
+            logits = module.scores(prev_logits(pick), rows, cos_sin, c.num_kv_heads, self.rank)
+            if o.layerwise_loss == "output":
+                output = dense.mix(layer, rows, causal_probs(logits)) @ out_proj.T
+                loss = (output - target).square().mean() / target.square().mean()
+            else:
+                loss = attention_kl(own, logits)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             last = loss.item()
             bar.update(1)
             bar.set_postfix(layer=layer, loss=f"{last:.4f}")
@@ -406,20 +442,18 @@ class Fitter:
         teacher's, on probe sequences. Returns the fitted layers (the layer-wise phase goes on
         from them)."""
         o, dense = self.options, self.dense
-        probe = self.train[-PROBE_SEQUENCES:, :LAYERWISE_TOKENS]
+        probe = self.train[-PROBE_SEQUENCES:, :SELECT_TOKENS]
         with torch.no_grad():
             teacher = torch.log_softmax(dense.forward(probe), dim=-1)
         rows = [row for row in table if row["layer"] >= o.min_layer]
         fitted = {}
         bar = self._bar(o.layerwise_steps * len(rows), "fit: scoring layers")
-        # The rows are consecutive layers: one layer's own logits (its target) are the next one's input.
-        prev_logits = self.own_logits(rows[0]["layer"] - 1, states) if rows else None
         for row in rows:
             layer = row["layer"]
             module = self.new_module(layer, matching)
-            own = self.own_logits(layer, states)
-            self.fit_layer(layer, module, prev_logits, dense.normed(layer, states[layer]), own, bar)
-            prev_logits = own
+            prev_x = dense.normed(layer - 1, states[layer - 1])
+            self.fit_layer(layer, module, dense.normed(layer, states[layer]),
+                           lambda pick: dense.own_logits(layer - 1, prev_x[pick]), bar)
             with torch.no_grad():
                 student = torch.log_softmax(dense.forward(probe, {layer: module}, self.rank), dim=-1)
                 row["fitted_kl"] = float(next_token_kl(teacher, student).mean())
@@ -440,30 +474,48 @@ class Fitter:
         ranked = sorted(eligible, key=lambda row: row[key])
         return sorted(row["layer"] for row in ranked[:count])
 
-    def fit_layerwise(self, modules: dict[int, LisaLayer], states: list[torch.Tensor], done: set[int]) -> list[float]:
-        """Each LiSA layer in order, on teacher hidden states, towards the teacher layer's attention.
-        A layer in done was already fitted from the teacher's logits of l-1 and is left as it is
-        unless l-1 is LiSA too: then it goes on fitting from what l-1 hands on."""
-        c, dense = self.config, self.dense
+    def fit_layerwise(self, modules: dict[int, LisaLayer]) -> list[float]:
+        """Each LiSA layer in order, on the teacher's hidden states of whole training sequences,
+        towards the teacher layer (options.layerwise_loss). A layer goes on from the parameters it
+        has (its selection fit on short prefixes, or a refit's adapter). A chained layer reads what
+        the fitted LiSA layer before it hands on. Returns each layer's last loss."""
+        c, dense, o = self.config, self.dense, self.options
         layers = sorted(modules)
-        losses = []
+        if o.layerwise_steps == 0 or not any(self.trainable(m) for m in modules.values()):
+            return []
+        inputs = self.normed_inputs(self.train[:LAYERWISE_SEQUENCES], set(layers) | {l - 1 for l in layers})
         cos_sin = dense.lisa_cos_sin(self.rank)
-        todo = [layer for layer in layers if layer not in done or layer - 1 in modules]
-        bar = self._bar(self.options.layerwise_steps * len(todo), "fit: layer-wise")
-        handed_on = {}  # a fitted LiSA layer -> the logits it hands to the LiSA layer after it
+        losses = []
+        bar = self._bar(o.layerwise_steps * len(layers), "fit: layer-wise")
+        handed_on = None  # the logits the LiSA layer just fitted hands to the next one, if LiSA
         for layer in layers:
-            if layer not in todo and layer + 1 not in modules:
-                continue  # fitted while scoring, and hands nothing on
-            x = dense.normed(layer, states[layer])
-            prev = layer - 1
-            prev_logits = handed_on.pop(prev) if prev in modules else self.own_logits(prev, states)
-            if layer in todo:
-                losses.append(self.fit_layer(layer, modules[layer], prev_logits, x, self.own_logits(layer, states), bar))
-            if layer + 1 in modules:  # a chain: the next layer reads what this one makes, once fitted
-                with torch.no_grad():
-                    handed_on[layer] = modules[layer].scores(prev_logits, x, cos_sin, c.num_kv_heads, self.rank)
+            x, prev_x = inputs[layer], inputs[layer - 1]
+            if layer - 1 in modules:
+                chained = handed_on
+                prev_logits = lambda pick: chained[pick]
+            else:
+                prev_logits = lambda pick: dense.own_logits(layer - 1, prev_x[pick])
+            losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, bar))
+            handed_on = None
+            if layer + 1 in modules:
+                with torch.no_grad():  # one sequence at a time: the scores' temporaries stay small
+                    handed_on = torch.cat([
+                        modules[layer].scores(prev_logits(torch.tensor([i])), x[i : i + 1], cos_sin,
+                                              c.num_kv_heads, self.rank) for i in range(len(x))])
         bar.close()
         return losses
+
+    @torch.no_grad()
+    def normed_inputs(self, ids: torch.Tensor, layers: set[int]) -> dict[int, torch.Tensor]:
+        """The teacher's normed input of each of the given layers, {layer: [B, n, hidden]}."""
+        inputs = {}
+
+        def keep(layer, hidden, x, logits):
+            if layer in layers:
+                inputs[layer] = x
+
+        self.dense.forward(ids, on_layer=keep)
+        return inputs
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,8 +530,7 @@ class Fitter:
             return []
         bar = self._bar(o.steps, "fit: end-to-end")
         optimizer = torch.optim.Adam(params, lr=o.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, o.steps) / o.steps)))
+        schedule = cosine_schedule(optimizer, o.steps)
         # The teacher's top-k for a sequence is made the first time it is drawn: a short fit on a
         # large corpus never pays for the sequences it does not draw.
         targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -535,22 +586,21 @@ class Fitter:
         o, c = self.options, self.config
         torch.manual_seed(o.seed)
         started = time.perf_counter()
-        if o.init is not None:  # a refit: the adapter's layers, as they are, straight to end to end
+        if o.init is not None:  # a refit: the adapter's layers and parameters, no selection
             lisa_config = LisaConfig(layers=list(o.init.config.layers), rank=self.rank, align_hidden=self.align_hidden)
             modules = {layer: self.for_training(LisaLayer(o.init.layer(layer))) for layer in lisa_config.layers}
-            table, layerwise = [], []
+            table = []
         else:
-            # A few sequence prefixes suffice to match heads, score layers and fit them one by one.
-            states = self.teacher_states(self.train[:SELECT_SEQUENCES, :LAYERWISE_TOKENS])
+            # A few sequence prefixes suffice to match heads and score layers.
+            states = self.teacher_states(self.train[:SELECT_SEQUENCES, :SELECT_TOKENS])
             table, matching = self.select(states)
             fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
             layers = self.choose_layers(table)
             lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
             lisa_config.validate(c)
             modules = {layer: fitted[layer] if layer in fitted else self.new_module(layer, matching) for layer in layers}
-            layerwise = self.fit_layerwise(modules, states, done=set(fitted))
-            del fitted
-            del states
+            del fitted, states
+        layerwise = self.fit_layerwise(modules)
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
         train = self.compare(self.train[:KL_SEQUENCES], modules)
@@ -558,14 +608,15 @@ class Fitter:
         for layer, module in modules.items():
             tensors.update(module.tensors(layer))
         lisa_config.fit = {"tokens": int(self.train.numel()), "sequences": len(self.train), "seq_len": o.seq_len,
-                           "steps": o.steps, "layerwise_steps": o.layerwise_steps, "batch_size": o.batch_size,
-                           "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
+                           "steps": o.steps, "layerwise_steps": o.layerwise_steps,
+                           "layerwise_loss": o.layerwise_loss if o.layerwise_steps else None,
+                           "layerwise_lr": (o.layerwise_lr or o.lr * 5) if o.layerwise_steps else None,
+                           "batch_size": o.batch_size, "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
                            "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
                            "select": None if o.layers is not None else o.select,
                            "seconds": round(time.perf_counter() - started, 1)}
         if o.init is not None:  # what it went on from, so the whole chain stays on record
-            lisa_config.fit.update(layerwise_steps=0, min_layer=None, ratio=None, select=None,
-                                   init=dict(o.init.config.fit))
+            lisa_config.fit.update(min_layer=None, ratio=None, select=None, init=dict(o.init.config.fit))
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
                    "lisa_ppl": round(held_out["lisa_ppl"], 4),
                    "ppl_ratio": round(held_out["lisa_ppl"] / held_out["base_ppl"], 4),

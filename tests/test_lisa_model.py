@@ -278,10 +278,11 @@ def test_fit_lowers_the_loss_and_starts_as_matched_sharing(tiny):
         assert a.argmax(1).tolist() == matching
         for name in ("align_w2", "align_b2", "k_proj"):
             assert not start.adapter.tensors[tensor_name(layer, name)].any()
+    layerwise = _fit(config, t, tokenizer, layers=[1, 2], steps=0, layerwise_steps=30, lr=5e-3)
+    assert layerwise.quality["train_kl"] < 0.7 * start.quality["train_kl"]
     fitted = _fit(config, t, tokenizer, layers=[1, 2], steps=30, layerwise_steps=30, lr=5e-3)
-    assert fitted.quality["train_kl"] < 0.7 * start.quality["train_kl"]
-    e2e = fitted.losses["end_to_end"]
-    assert len(e2e) == 30 and sum(e2e[-5:]) < sum(e2e[:5])
+    assert len(fitted.losses["end_to_end"]) == 30
+    assert fitted.quality["train_kl"] < 0.9 * layerwise.quality["train_kl"]  # end to end goes further
     # deterministic for a seed
     again = _fit(config, t, tokenizer, layers=[1, 2], steps=30, layerwise_steps=30, lr=5e-3)
     assert all(torch.equal(again.adapter.tensors[k], v) for k, v in fitted.adapter.tensors.items())
@@ -301,7 +302,7 @@ def test_fit_selects_by_ratio_and_min_layer(tiny):
     scores = {row["layer"]: row["fitted_kl"] for row in fitted.selection}
     assert set(scores) == {1, 2} and all(score > 0 for score in scores.values())
     assert fitted.adapter.config.layers == [min(scores, key=scores.get)]
-    assert fitted.losses["layerwise"] == []  # the chosen layer keeps the fit that scored it
+    assert len(fitted.losses["layerwise"]) == 1  # the chosen layer goes on fitting on whole sequences
     assert _fit(config, t, tokenizer, ratio=0.34, min_layer=2, steps=0, layerwise_steps=0).adapter.config.layers == [2]
     with pytest.raises(UserError, match="--select"):
         _fit(config, t, tokenizer, ratio=0.34, select="best")
@@ -315,6 +316,11 @@ def test_refit_goes_on_from_an_adapter(tiny):
     assert refit.selection == [] and refit.losses["layerwise"] == []
     assert refit.quality["train_kl"] < first.quality["train_kl"]
     assert refit.adapter.config.fit["init"] == first.adapter.config.fit
+    # a refit may go through the layer-wise phase first, with either loss
+    for loss in ("output", "attention"):
+        layerwise = _fit(config, t, tokenizer, init=first.adapter, steps=0, layerwise_steps=20, layerwise_loss=loss)
+        assert len(layerwise.losses["layerwise"]) == 2 and layerwise.adapter.config.fit["layerwise_loss"] == loss
+        assert layerwise.quality["train_kl"] < first.quality["train_kl"]
     # zero steps hand the adapter back as it was
     same = _fit(config, t, tokenizer, init=first.adapter, steps=0)
     assert all(torch.equal(same.adapter.tensors[k], v) for k, v in first.adapter.tensors.items())
