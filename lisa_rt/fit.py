@@ -258,11 +258,18 @@ class DenseModel:
         """Logits [B, n, vocab]. on_layer(layer, hidden, x, logits) sees every layer's input
         residual, its normed input and its attention logits (pre-mask) as they are computed;
         logits is None for a full layer whose next layer is not LiSA (it runs fused attention)."""
+        return self.head(self.run_layers(ids, lisa, rank, on_layer))
+
+    def run_layers(self, ids: torch.Tensor, lisa: dict[int, LisaLayer] | None = None, rank: int = 0,
+                   on_layer=None, count: int | None = None) -> torch.Tensor:
+        """The residual stream [B, n, hidden] after the first count layers (all by default), with
+        on_layer as in forward: what collects hidden states stops here, before the vocabulary
+        projection (B x n x vocab floats) that it does not need."""
         c = self.config
         lisa = lisa or {}
         hidden = self.embed(ids)
         logits = None
-        for layer in range(c.num_layers):
+        for layer in range(c.num_layers if count is None else count):
             x = self.normed(layer, hidden)
             if layer in lisa:
                 logits = lisa[layer].scores(logits, x, self.lisa_cos_sin(rank), c.num_kv_heads, rank)
@@ -274,7 +281,7 @@ class DenseModel:
                 on_layer(layer, hidden, x, logits)
             o = self.fused_attention(layer, x) if logits is None else self.mix(layer, x, causal_probs(logits))
             hidden = self.finish_layer(layer, hidden, o)
-        return self.head(hidden)
+        return hidden
 
     def lisa_cos_sin(self, rank: int) -> torch.Tensor:
         """The RoPE table of rank-r heads (q', k'), made once per rank."""
@@ -355,7 +362,7 @@ class Fitter:
     def teacher_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """The residual stream entering every layer, [layers][B, n, hidden]."""
         states = []
-        self.dense.forward(ids, on_layer=lambda layer, hidden, x, logits: states.append(hidden))
+        self.dense.run_layers(ids, on_layer=lambda layer, hidden, x, logits: states.append(hidden))
         return states
 
     @torch.no_grad()
@@ -514,7 +521,7 @@ class Fitter:
             if layer in layers:
                 inputs[layer] = x
 
-        self.dense.forward(ids, on_layer=keep)
+        self.dense.run_layers(ids, on_layer=keep, count=max(layers) + 1)
         return inputs
 
     @torch.no_grad()
