@@ -498,8 +498,7 @@ class Fitter:
         for layer in layers:
             x, prev_x = inputs[layer], inputs[layer - 1]
             if layer - 1 in modules:
-                chained = handed_on
-                prev_logits = lambda pick: chained[pick]
+                prev_logits = handed_on.__getitem__
             else:
                 prev_logits = lambda pick: dense.own_logits(layer - 1, prev_x[pick])
             losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, bar))
