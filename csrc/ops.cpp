@@ -48,4 +48,12 @@ TORCH_LIBRARY(lisa_rt, m) {
   // softmax(S over j <= p) V. When given, scores_out (float32 [T, H, max_keys], not overlapping
   // scores_prev) receives S for j <= p, for a following LiSA layer.
   m.def("lisa_attention(Tensor(a!) out, Tensor(b!)? scores_out, Tensor scores_prev, Tensor query_lr, Tensor key_lr_cache, Tensor value_cache, Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, Tensor align_a, Tensor align_w1, Tensor align_b1, Tensor align_w2, Tensor align_b2, float delta_scale) -> ()");
+  // The fitter's head aligner over whole causal logits, CPU only (on a GPU the fitter runs it in
+  // torch): scores/out float32 [B, H, n, n] contiguous; for keys j <= i,
+  //   out[b, :, i, j] = A a + W2 silu(W1 a + b1) + b2,  a = scores[b, :, i, j];
+  // out is 0 for j > i, and scores there is never read.
+  m.def("causal_head_align(Tensor(a!) out, Tensor scores, Tensor align_a, Tensor align_w1, Tensor align_b1, Tensor align_w2, Tensor align_b2) -> ()");
+  // Its backward from grad_out (read for j <= i only): grad_scores (0 for j > i) and the
+  // parameters' gradients, all overwritten.
+  m.def("causal_head_align_backward(Tensor(a!) grad_scores, Tensor(b!) grad_a, Tensor(c!) grad_w1, Tensor(d!) grad_b1, Tensor(e!) grad_w2, Tensor(f!) grad_b2, Tensor grad_out, Tensor scores, Tensor align_a, Tensor align_w1, Tensor align_b1, Tensor align_w2) -> ()");
 }

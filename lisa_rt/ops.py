@@ -18,7 +18,8 @@ except ImportError:
     HAVE_KERNELS = False
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "linear", "silu_and_mul", "cache_write",
-            "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention")
+            "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention",
+            "causal_head_align", "causal_head_align_backward")
 
 if HAVE_KERNELS:
     _ops = torch.ops.lisa_rt
@@ -143,6 +144,33 @@ def lisa_attention(out: torch.Tensor, scores_out: torch.Tensor | None, scores_pr
         if scores_out is not None:
             _copy_visible(scores_out, want_scores, cu_query_lens, seq_lens)
     return out
+
+
+def causal_head_align(out: torch.Tensor, scores: torch.Tensor, align_a: torch.Tensor, align_w1: torch.Tensor,
+                      align_b1: torch.Tensor, align_w2: torch.Tensor, align_b2: torch.Tensor) -> torch.Tensor:
+    """The head aligner over whole causal logits [B, h, n, n] (0 past the diagonal), for the
+    fitter; the kernel is CPU-only, other devices take the reference."""
+    if HAVE_KERNELS and scores.device.type == "cpu":
+        _ops.causal_head_align(out, scores, align_a, align_w1, align_b1, align_w2, align_b2)
+    else:
+        out.copy_(reference.causal_head_align(scores, align_a, align_w1, align_b1, align_w2, align_b2))
+    return out
+
+
+def causal_head_align_backward(grads: list[torch.Tensor], grad_out: torch.Tensor, scores: torch.Tensor,
+                               align_a: torch.Tensor, align_w1: torch.Tensor, align_b1: torch.Tensor,
+                               align_w2: torch.Tensor) -> None:
+    """Writes the gradients of causal_head_align's scores, A, W1, b1, W2 and b2 (in that order,
+    into grads) from grad_out."""
+    if HAVE_KERNELS and scores.device.type == "cpu":
+        _ops.causal_head_align_backward(*grads, grad_out, scores, align_a, align_w1, align_b1, align_w2)
+        return
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (scores, align_a, align_w1, align_b1, align_w2)]
+        b2 = torch.zeros(align_a.shape[0], device=scores.device, requires_grad=True)
+        aligned = reference.causal_head_align(*inputs, b2)
+        for grad, want in zip(grads, torch.autograd.grad(aligned, [*inputs, b2], grad_out)):
+            grad.copy_(want)
 
 
 def _copy_visible(dst: torch.Tensor, src: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor) -> None:

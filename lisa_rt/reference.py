@@ -206,6 +206,17 @@ def align_scores(s_prev: torch.Tensor, A: torch.Tensor, W1: torch.Tensor, b1: to
     return aligned.permute(2, 0, 1)
 
 
+def causal_head_align(scores: torch.Tensor, A: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor,
+                      W2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """align_scores over whole causal logits scores [B, h, n, n]: keys j <= i aligned, j > i 0
+    (and never read, so whatever they hold cannot reach the result or its gradients)."""
+    n = scores.shape[-1]
+    visible = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+    a = torch.where(visible, scores.float(), 0.0)
+    aligned = torch.stack([align_scores(a[b], A, W1, b1, W2, b2) for b in range(a.shape[0])])
+    return torch.where(visible, aligned, 0.0)
+
+
 def lowrank_delta(q_lr: torch.Tensor, k_lr: torch.Tensor, delta_scale: float) -> torch.Tensor:
     """dS [h, q, n] = delta_scale * q'_i . k'_j, q_lr [q, h, r], k_lr [n, g, r] (GQA aware)."""
     group = q_lr.shape[1] // k_lr.shape[1]

@@ -205,8 +205,9 @@ def opcheck_cases(device):
     }
 
 
-# The LiSA attention ops have their opcheck cases in test_lisa_ops.py.
-LISA_OPS = ("paged_attention_scores", "lisa_attention")
+# The LiSA attention ops have their opcheck cases in test_lisa_ops.py, the fitter's aligner
+# kernels theirs in test_head_align.py.
+LISA_OPS = ("paged_attention_scores", "lisa_attention", "causal_head_align", "causal_head_align_backward")
 
 
 @pytest.mark.parametrize("name", [name for name in ops.OP_NAMES if name not in LISA_OPS])

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "head_align.h"
 #include "paged.h"
 
 namespace lisa_rt {
@@ -54,33 +55,6 @@ bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
     if (rows.seq[t] != static_cast<int64_t>(t) || rows.n_keys[t] != lens[t]) return false;
   }
   return true;
-}
-
-// The aligner for eight keys j..j+7 of one query row at once, a key per AVX2 lane (the h-vectors
-// a = S_prev[:, j] of neighbouring keys are neighbours in memory): s[hd * s_stride + j + lane] =
-// A a + W2 silu(W1 a + b1) + b2. scratch holds (heads + width) x 8 floats.
-__attribute__((target("avx2,fma"))) void align_keys8(float* s, int64_t s_stride, const float* prev_row,
-                                                    int64_t prev_stride, int64_t j, int64_t heads, int64_t width,
-                                                    const float* A, const float* W1, const float* b1,
-                                                    const float* W2, const float* b2, float* scratch) {
-  float* a = scratch;
-  float* hidden = scratch + heads * 8;
-  for (int64_t hd = 0; hd < heads; ++hd) _mm256_storeu_ps(a + hd * 8, _mm256_loadu_ps(prev_row + hd * prev_stride + j));
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t i = 0; i < width; ++i) {
-    __m256 x = _mm256_set1_ps(b1[i]);
-    for (int64_t hd = 0; hd < heads; ++hd) x = _mm256_fmadd_ps(_mm256_set1_ps(W1[i * heads + hd]), _mm256_loadu_ps(a + hd * 8), x);
-    // silu(x) = x / (1 + e^-x); e^-x capped at e^88, where x / (1 + e^-x) is 0 in float anyway.
-    const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(88.0f)));
-    _mm256_storeu_ps(hidden + i * 8, _mm256_div_ps(x, _mm256_add_ps(one, e)));
-  }
-  for (int64_t hd = 0; hd < heads; ++hd) {
-    __m256 acc = _mm256_set1_ps(b2[hd]);
-    for (int64_t k = 0; k < heads; ++k) acc = _mm256_fmadd_ps(_mm256_set1_ps(A[hd * heads + k]), _mm256_loadu_ps(a + k * 8), acc);
-    for (int64_t i = 0; i < width; ++i)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(W2[hd * width + i]), _mm256_loadu_ps(hidden + i * 8), acc);
-    _mm256_storeu_ps(s + hd * s_stride + j, acc);
-  }
 }
 
 void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::Tensor& query,
@@ -165,29 +139,22 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
     const bool vectorised = std::is_same_v<scalar_t, float> && has_avx2();
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> a(heads), hidden(width), scratch((heads + width) * 8);
+      std::vector<float> scratch((heads + width) * 8);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
         const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
         const PagedSeq seq = pool.seq(rows.seq[t]);
         const scalar_t* q_row = q_all + t * query_lr.stride(0);
         float* s_row = s_all + t * heads * out_keys;
+        const float* prev_row = prev + t * heads * prev_keys;
         // The aligned logits: eight keys at a time where AVX2 serves, then one at a time.
         int64_t j = j0;
         if (vectorised) {
           for (; j + 8 <= j1; j += 8)
-            align_keys8(s_row, out_keys, prev + t * heads * prev_keys, prev_keys, j, heads, width, A, W1, b1, W2, b2,
-                        scratch.data());
+            align_keys8(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         }
-        for (; j < j1; ++j) {
-          for (int64_t hd = 0; hd < heads; ++hd) a[hd] = prev[(t * heads + hd) * prev_keys + j];
-          for (int64_t i = 0; i < width; ++i) {
-            const float x = dot(W1 + i * heads, a.data(), heads) + b1[i];
-            hidden[i] = x / (1.0f + std::exp(-x));
-          }
-          for (int64_t hd = 0; hd < heads; ++hd)
-            s_row[hd * out_keys + j] = dot(A + hd * heads, a.data(), heads) + dot(W2 + hd * width, hidden.data(), width) + b2[hd];
-        }
+        for (; j < j1; ++j)
+          align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         // Plus the low-rank delta q'_hd . k'_j.
         for (j = j0; j < j1; ++j) {
           const scalar_t* k = keys + seq.row(j) * rank;
