@@ -22,7 +22,8 @@
 6. End-to-end phase: the whole model with every LiSA layer, base weights frozen; loss = KL from
    the teacher's next-token distribution (its top-k, computed once per sequence the first time
    the sequence is drawn) plus attn_weight x the mean KL
-   of each LiSA layer's attention from the one its own Q/K would give on the same input.
+   of each LiSA layer's attention from the one its own Q/K would give on the same input (on
+   every ATTENTION_ROW_STRIDE-th query row, other rows each step: an unbiased estimate).
    Full layers whose logits no LiSA layer reads run torch's fused attention (no n x n tensors).
 
 A refit (options.init = an adapter) skips 2-4: it goes on from that adapter's layers and
@@ -54,6 +55,7 @@ SELECT_SEQUENCES = 16  # sequences whose teacher states drive head matching and 
 PROBE_SEQUENCES = 4  # sequences that score each fitted layer's cost to the model's output
 SELECT_TOKENS = 256  # the prefix of each sequence that head matching and selection look at
 LAYERWISE_SEQUENCES = 16  # whole training sequences the layer-wise phase fits on
+ATTENTION_ROW_STRIDE = 8  # the end-to-end attention term looks at one query row in this many
 SELECTIONS = ("fitted", "jsd")
 LAYERWISE_LOSSES = ("attention", "output")
 SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "When", "History",
@@ -217,12 +219,13 @@ class DenseModel:
         c = self.config
         return (x @ self.t[f"layers.{layer}.attn.v_proj.weight"].T).view(*x.shape[:2], c.num_kv_heads, c.head_dim)
 
-    def own_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x."""
+    def own_logits(self, layer: int, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Layer's own scaled QK^T logits [B, h, n, n] (unmasked) from its normed input x; of the
+        query rows `rows` only when given."""
         c = self.config
         q, k = self.queries_keys(layer, x)
         k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
-        return torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+        return torch.einsum("bqhd,bkhd->bhqk", q[:, rows], k) * self.scale
 
     def mix(self, layer: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """The attention output [B, n, h*d] of the causal probabilities probs [B, h, n, n]."""
@@ -319,11 +322,12 @@ def next_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tor
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
-def attention_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal.
-    Per row, KL = sum_j p_j (t_j - l_j) - (lse(t) - lse(l)) over the unmasked j: the masked
-    terms vanish with p_j = 0 and t_j - l_j stays finite, so no log(0) is ever formed."""
-    bias = causal_bias(logits.shape[-1], logits.device)
+def attention_kl(target_logits: torch.Tensor, logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """Mean over rows and heads of KL(softmax(target) || softmax(logits)), both causal, where the
+    logits [..., q, n] are the query rows `rows` of n. Per row, KL = sum_j p_j (t_j - l_j) -
+    (lse(t) - lse(l)) over the unmasked j: the masked terms vanish with p_j = 0 and t_j - l_j
+    stays finite (the logits past the diagonal are finite if meaningless), so no log(0) is formed."""
+    bias = causal_bias(logits.shape[-1], logits.device)[rows]
     target = target_logits + bias
     target_lse = torch.logsumexp(target, dim=-1, keepdim=True)
     p = torch.exp(target - target_lse)
@@ -550,12 +554,15 @@ class Fitter:
             indices = torch.stack([targets[i][0] for i in pick])
             probs = torch.stack([targets[i][1] for i in pick])
             attn_terms = []
+            # The attention term is estimated on every ATTENTION_ROW_STRIDE-th query row (a
+            # different set each step): its n x n work was a third of a step.
+            rows = slice(step % ATTENTION_ROW_STRIDE, None, ATTENTION_ROW_STRIDE)
 
             def on_layer(layer, hidden, x, logits):
                 if layer in modules and o.attn_weight > 0:
                     with torch.no_grad():
-                        own = self.dense.own_logits(layer, x)
-                    attn_terms.append(attention_kl(own, logits))
+                        own = self.dense.own_logits(layer, x, rows)
+                    attn_terms.append(attention_kl(own, logits[:, :, rows], rows))
 
             logits = self.dense.forward(self.train[pick], modules, self.rank, on_layer=on_layer)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, indices)

@@ -11,7 +11,7 @@ from lisa_rt import SamplingParams, generate, reference
 from lisa_rt.checkpoint import load_config, load_tensors
 from lisa_rt.config import LisaConfig
 from lisa_rt.errors import UserError
-from lisa_rt.fit import DenseModel, FitOptions, Fitter, make_sequences
+from lisa_rt.fit import DenseModel, FitOptions, Fitter, attention_kl, make_sequences
 from lisa_rt.kv_cache import BlockTable
 from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, LisaLayer, find_adapter, install_adapter,
                           load_adapter, param_shapes, save_adapter, tensor_name)
@@ -104,6 +104,21 @@ def test_the_fitters_dense_model_matches_the_reference(tiny, layers):
     for row in range(2):
         want = reference.llama_forward(config, t, ids[row].tolist(), adapter=adapter)
         assert (got[row] - want).abs().max() < 1e-3
+
+
+def test_attention_term_on_strided_rows_is_the_mean_over_those_rows():
+    """The end-to-end phase estimates the attention term on every 8th query row: the estimate
+    is exactly the mean KL over those rows, and over all rows without a stride."""
+    g = torch.Generator().manual_seed(0)
+    n = 19
+    target, logits = torch.randn(2, 3, n, n, generator=g), torch.randn(2, 3, n, n, generator=g)
+    visible = torch.ones(n, n, dtype=torch.bool).tril()
+    p = torch.softmax(target.masked_fill(~visible, -math.inf), -1)
+    log_q = torch.log_softmax(logits.masked_fill(~visible, -math.inf), -1)
+    per_row = torch.where(visible, p * (p.log() - log_q), 0.0).sum(-1)  # [2, 3, n]
+    torch.testing.assert_close(attention_kl(target, logits), per_row.mean())
+    for rows in (slice(3, None, 8), slice(0, None, 8), slice(7, None, 8)):
+        torch.testing.assert_close(attention_kl(target[:, :, rows], logits[:, :, rows], rows), per_row[:, :, rows].mean())
 
 
 def test_identity_adapter_is_exact_direct_sharing(tiny):
