@@ -225,7 +225,7 @@ class DenseModel:
         c = self.config
         q, k = self.queries_keys(layer, x)
         k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=2)
-        return torch.einsum("bqhd,bkhd->bhqk", q[:, rows], k) * self.scale
+        return torch.einsum("bqhd,bkhd->bhqk", q[:, rows] * self.scale, k)  # scaled on the n x d side
 
     def mix(self, layer: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """The attention output [B, n, h*d] of the causal probabilities probs [B, h, n, n]."""

@@ -218,10 +218,13 @@ class LisaLayer(torch.nn.Module):
         if not delta:
             return aligned
         batch, n = x.shape[:2]
-        q = rotate((x @ self.q_proj.T).view(batch, n, -1, rank), cos_sin)
+        # Scaled on the n x r side, and added by the GEMM itself: no extra pass over n x n.
+        q = rotate((x @ self.q_proj.T).view(batch, n, -1, rank), cos_sin) / math.sqrt(rank)
         k = rotate((x @ self.k_proj.T).view(batch, n, num_kv_heads, rank), cos_sin)
         k = k.repeat_interleave(q.shape[2] // num_kv_heads, dim=2)
-        return aligned + torch.einsum("bqhr,bkhr->bhqk", q, k) / math.sqrt(rank)
+        heads = q.shape[2]
+        return torch.baddbmm(aligned.reshape(batch * heads, n, n), q.transpose(1, 2).reshape(batch * heads, n, rank),
+                             k.permute(0, 2, 3, 1).reshape(batch * heads, rank, n)).view(batch, heads, n, n)
 
     def aligned(self, s_prev: torch.Tensor) -> torch.Tensor:
         """The aligner in torch, on every (i, j): for devices without the CPU kernel."""
