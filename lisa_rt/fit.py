@@ -553,21 +553,7 @@ class Fitter:
                 targets.update((i, (indices[n], probs[n])) for n, i in enumerate(new))
             indices = torch.stack([targets[i][0] for i in pick])
             probs = torch.stack([targets[i][1] for i in pick])
-            attn_terms = []
-            # The attention term is estimated on every ATTENTION_ROW_STRIDE-th query row (a
-            # different set each step): its n x n work was a third of a step.
-            rows = slice(step % ATTENTION_ROW_STRIDE, None, ATTENTION_ROW_STRIDE)
-
-            def on_layer(layer, hidden, x, logits):
-                if layer in modules and o.attn_weight > 0:
-                    with torch.no_grad():
-                        own = self.dense.own_logits(layer, x, rows)
-                    attn_terms.append(attention_kl(own, logits[:, :, rows], rows))
-
-            logits = self.dense.forward(self.train[pick], modules, self.rank, on_layer=on_layer)
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, indices)
-            distill = -(probs * logp).sum(-1).mean()
-            loss = distill + o.attn_weight * torch.stack(attn_terms).mean() if attn_terms else distill
+            loss, distill = self.end_to_end_loss(modules, self.train[pick], indices, probs, step)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -577,6 +563,27 @@ class Fitter:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
         return losses
+
+    def end_to_end_loss(self, modules: dict[int, LisaLayer], ids: torch.Tensor, indices: torch.Tensor,
+                        probs: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One end-to-end step's (loss, distillation part) on ids [B, n], the teacher's top-k
+        (indices, probs) [B, n, k] as targets."""
+        o = self.options
+        attn_terms = []
+        # The attention term is estimated on every ATTENTION_ROW_STRIDE-th query row (a
+        # different set each step): its n x n work was a third of a step.
+        rows = slice(step % ATTENTION_ROW_STRIDE, None, ATTENTION_ROW_STRIDE)
+
+        def on_layer(layer, hidden, x, logits):
+            if layer in modules and o.attn_weight > 0:
+                with torch.no_grad():
+                    own = self.dense.own_logits(layer, x, rows)
+                attn_terms.append(attention_kl(own, logits[:, :, rows], rows))
+
+        logits = self.dense.forward(ids, modules, self.rank, on_layer=on_layer)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, indices)
+        distill = -(probs * logp).sum(-1).mean()
+        return (distill + o.attn_weight * torch.stack(attn_terms).mean() if attn_terms else distill), distill
 
     @torch.no_grad()
     def compare(self, ids: torch.Tensor, modules: dict[int, LisaLayer]) -> dict[str, float]:

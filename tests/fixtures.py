@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 __all__ = ["CORPUS", "CHATML_TEMPLATE", "LLAMA2_TEMPLATE", "train_bpe_tokenizer",
-           "train_sentencepiece_tokenizer", "tiny_model_dir"]
+           "train_sentencepiece_tokenizer", "tiny_model_dir", "tiny_model_with_adapter", "run_script"]
 
 
 def _build_corpus() -> str:
@@ -164,3 +166,21 @@ def tiny_model_dir(directory, seed: int = 0, tokenizer: str = "bpe") -> Path:
     build_hf_model(directory / "hf", heads=6, kv_heads=2, tied=False, rope_scaling=None,
                    tokenizer=tokenizer, seed=seed)
     return convert(directory / "hf", directory / "lisa", progress=False)
+
+
+def tiny_model_with_adapter(directory) -> tuple[Path, Path]:
+    """tiny_model_dir (seed 3) and a random adapter file on its layers 1 and 2 beside it."""
+    from lisa_rt.checkpoint import load_config
+    from lisa_rt.lisa import save_adapter
+    from tests.test_lisa_model import random_adapter
+
+    model = tiny_model_dir(Path(directory) / "model", seed=3)
+    config = load_config(model)
+    adapter = Path(directory) / "adapter.safetensors"
+    save_adapter(adapter, random_adapter(config, [1, 2]), config)
+    return model, adapter
+
+
+def run_script(script: Path, *args) -> subprocess.CompletedProcess:
+    """A benchmark script run as users run it, its output captured."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=300)

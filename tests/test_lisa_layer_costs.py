@@ -1,27 +1,19 @@
 """benchmarks/lisa_layer_costs.py on a tiny model: one row per adapter layer, a JSON file, and
 a one-line error (exit 2) for a model without an adapter and for missing files."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from lisa_rt.checkpoint import load_config
-from lisa_rt.lisa import save_adapter
-from tests.fixtures import CORPUS, tiny_model_dir
-from tests.test_lisa_model import random_adapter
+from tests.fixtures import CORPUS, run_script, tiny_model_with_adapter
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lisa_layer_costs.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return run_script(SCRIPT, *args)
 
 
 def test_layer_costs_table_and_json(tmp_path):
-    model = tiny_model_dir(tmp_path / "model", seed=3)
-    config = load_config(model)
-    adapter = tmp_path / "adapter.safetensors"
-    save_adapter(adapter, random_adapter(config, [1, 2]), config)
+    model, adapter = tiny_model_with_adapter(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text(CORPUS, encoding="utf-8")
     out = tmp_path / "costs.json"
@@ -37,12 +29,9 @@ def test_layer_costs_table_and_json(tmp_path):
 
 
 def test_layer_costs_bad_input_is_one_error_line(tmp_path):
-    model = tiny_model_dir(tmp_path / "model", seed=3)
+    model, adapter = tiny_model_with_adapter(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text(CORPUS, encoding="utf-8")
-    config = load_config(model)
-    adapter = tmp_path / "adapter.safetensors"
-    save_adapter(adapter, random_adapter(config, [1, 2]), config)
     for args, fragment in ((("--held-out", text), "no adapter"),
                            (("--lisa", tmp_path / "none.safetensors", "--held-out", text), "none.safetensors"),
                            (("--lisa", adapter, "--held-out", tmp_path / "none.txt"), "none.txt")):
