@@ -108,7 +108,7 @@ def main() -> int:
              "speedup": torch_path / kernel}
 
     print(f"\nLiSA fitter speed, {args.model} ({len(modules)} LiSA layers, {config.num_heads} heads, aligner "
-          f"width {adapter.config.align_hidden}), {torch.get_num_threads()} threads, {machine_name()}")
+          f"width {adapter.config.align_hidden}), {machine_name()}")
     print(f"command: python benchmarks/fit_speed.py {' '.join(sys.argv[1:])}\n")
     print("| head aligner, forward + backward, [1, h, n, n] | CPU kernel | torch | speedup |")
     print("| --- | --- | --- | --- |")
