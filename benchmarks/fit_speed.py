@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_name, write_json  # noqa: E402
+from benchmarks.common import machine_name, timed, write_json  # noqa: E402
 from lisa_rt import ops  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
@@ -30,12 +29,7 @@ from lisa_rt.registry import resolve_model  # noqa: E402
 def best_of(repeats: int, fn) -> float:
     """Fastest of `repeats` timed calls (after one untimed warm-up), seconds."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn, "cpu") for _ in range(repeats))
 
 
 def on_torch_path(fn):
