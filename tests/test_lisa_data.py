@@ -1,0 +1,79 @@
+"""benchmarks/lisa_data.py on made-up GNU manuals and licence files: what the fitting text keeps
+and drops, the held-out texts, and one error line (exit 2, nothing written) for missing sources."""
+import gzip
+from pathlib import Path
+
+from tests.fixtures import run_script
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lisa_data.py"
+LICENSES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic")
+
+
+def _info(path: Path, *nodes: str) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("This is a made-up manual.\n" + "".join(f"\x1f\n{node}\n" for node in nodes))
+
+
+def _sources(tmp_path: Path) -> tuple[Path, Path]:
+    info = tmp_path / "info"
+    info.mkdir()
+    _info(info / "alpha.info.gz",
+          "File: alpha.info,  Node: Top,  Next: Intro\n\nAlpha\n*****\n\n* Menu:\n\n* Intro::   How to begin.",
+          "File: alpha.info,  Node: Intro,  Up: Top\n\n1 Intro\n=======\n\n   Alpha reads files."
+          "\x00\x08[image src=\"flow.png\"]\x00\x08 Then it stops.",
+          "File: alpha.info,  Node: GNU Free Documentation License\n\nTERMS AND CONDITIONS OF THE FDL",
+          "File: alpha.info,  Node: Concept Index\n\nConcept Index\n*************\n\n"
+          "* files, reading:                       Intro.                (line 6)",
+          "Tag Table:\nNode: Top27")
+    # A manual split in parts: NAME.info.gz then NAME.info-1.gz, NAME.info-2.gz, ..., -10 after -2.
+    _info(info / "beta.info.gz", "File: beta.info,  Node: Top\n\nBeta part zero.")
+    for part in (1, 2, 10):
+        _info(info / f"beta.info-{part}.gz", f"File: beta.info-{part},  Node: P{part}\n\nBeta part {part}.")
+    _info(info / "wget.info.gz", "File: wget.info,  Node: Overview\n\nWget fetches pages.")
+    licences = tmp_path / "licences"
+    licences.mkdir()
+    for name in LICENSES:
+        (licences / name).write_text(f"The {name} licence text.\n", encoding="utf-8")
+    return info, licences
+
+
+def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual(tmp_path):
+    info, licences = _sources(tmp_path)
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    assert result.returncode == 0, result.stderr
+    manuals = (out / "manuals.txt").read_text(encoding="utf-8")
+    assert "Alpha reads files. Then it stops." in manuals
+    for gone in ("File:", "* Menu", "Intro::", "(line 6)", "FDL", "Tag Table", "image", "\x00", "\x08", "Wget"):
+        assert gone not in manuals, gone
+    parts = [manuals.index(f"Beta part {p}") for p in ("zero", 1, 2, 10)]
+    assert parts == sorted(parts)
+    assert manuals.index("Alpha") < manuals.index("Beta")
+    # The file's preamble (before the first node) stays: a few lines of prose in a real manual.
+    assert (out / "held_out_manual.txt").read_text(encoding="utf-8") == "This is a made-up manual.\n\nWget fetches pages."
+    held_out = (out / "held_out.txt").read_text(encoding="utf-8")
+    assert all(f"The {name} licence text." in held_out for name in LICENSES)
+    assert len((out / "calibration.txt").read_text(encoding="utf-8")) > 100_000  # CPython's own topics
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.txt", "held_out.txt", "held_out_manual.txt",
+                                                     "manuals.txt"]
+
+
+def test_missing_sources_are_one_error_line_and_nothing_written(tmp_path):
+    info, licences = _sources(tmp_path)
+    (licences / "MPL-2.0").unlink()
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "MPL-2.0" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+    (tmp_path / "second").mkdir()
+    info, licences = _sources(tmp_path / "second")
+    (info / "wget.info.gz").unlink()
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "wget" in result.stderr
+    assert not out.exists()
+
+    (info / "wget.info.gz").write_bytes(b"not gzip at all")
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert not out.exists()
