@@ -35,10 +35,15 @@ def manual_names(info_dir: Path) -> list[str]:
     return sorted({re.sub(r"\.info(-\d+)?\.gz$", "", p.name) for p in info_dir.glob("*.info*.gz")})
 
 
+def _read_gzip(path: Path) -> str:
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def manual_text(info_dir: Path, name: str) -> str:
     """One manual as prose: its nodes in order, without navigation lines, indices and licences."""
     parts = sorted(info_dir.glob(f"{name}.info*.gz"), key=lambda p: (len(p.name), p.name))
-    raw = "".join(gzip.open(p, "rt", encoding="utf-8", errors="replace").read() for p in parts)
+    raw = "".join(_read_gzip(p) for p in parts)
     nodes = []
     for node in raw.split("\x1f"):
         node = IMAGE_OR_CONTROL.sub("", node)
