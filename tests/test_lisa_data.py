@@ -3,10 +3,10 @@ and drops, the held-out texts, and one error line (exit 2, nothing written) for 
 import gzip
 from pathlib import Path
 
+from benchmarks.lisa_data import LICENSES
 from tests.fixtures import run_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lisa_data.py"
-LICENSES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic")
 
 
 def _info(path: Path, *nodes: str) -> None:
