@@ -6,14 +6,18 @@ output), each cut to its first MANUAL_CHARS characters so that no one manual dom
 their navigation lines, indices and licence appendices, and without the wget manual. held-out:
 the licence texts in /usr/share/common-licenses (GPL-3, LGPL-3, GFDL-1.3, Apache-2.0, MPL-2.0,
 Artistic), English legal prose that fitting never sees; held_out_manual: the wget manual, the
-same cleaning, a second unseen text of another kind.
+same cleaning, a second unseen text of another kind. man_pages: the start of the larger man pages
+of sections 1, 5, 7 and 8 (at most a few per project), rendered by groff as prose, without their
+licence, author and see-also sections, and without wget's.
 
-    python benchmarks/lisa_data.py OUT_DIR [--info-dir DIR] [--licences-dir DIR]
-    # writes OUT_DIR/calibration.txt, manuals.txt, held_out.txt, held_out_manual.txt
+    python benchmarks/lisa_data.py OUT_DIR [--info-dir DIR] [--licences-dir DIR] [--man-dir DIR]
+    # writes OUT_DIR/calibration.txt, manuals.txt, man_pages.txt, held_out.txt, held_out_manual.txt
 """
 import argparse
 import gzip
 import re
+import shutil
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -35,9 +39,16 @@ def manual_names(info_dir: Path) -> list[str]:
     return sorted({re.sub(r"\.info(-\d+)?\.gz$", "", p.name) for p in info_dir.glob("*.info*.gz")})
 
 
+def _gunzip(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+
+
 def _read_gzip(path: Path) -> str:
-    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-        return f.read()
+    return _gunzip(path).decode("utf-8", errors="replace")
 
 
 def manual_text(info_dir: Path, name: str) -> str:
@@ -56,12 +67,72 @@ def manual_text(info_dir: Path, name: str) -> str:
     return "\n\n".join(nodes)
 
 
+# Man pages: sections of prose (commands, file formats, overviews, administration), not the
+# translations in /usr/share/man/LANG. A page family (gcloud-*, git-*, ALTER_*) gives at most
+# MAN_FAMILY_PAGES pages, its largest, so that no one project's boilerplate dominates.
+MAN_SECTIONS = ("man1", "man5", "man7", "man8")
+MAN_FAMILY_PAGES = 3
+MAN_MIN_BYTES = 2_000  # compressed: smaller pages are mostly a synopsis and an option list
+MAN_PAGE_CHARS = 4_000  # the start of each page: about 2.2M characters from this machine's 572
+# Sections that are licences, credits or lists of other pages: no prose worth fitting on.
+SKIPPED_MAN_SECTION = re.compile(r"^(COPYRIGHT|COPYING|LICEN[CS]E|AUTHORS?|SEE ALSO|COLOPHON|REPORTING BUGS"
+                                 r"|NAME|SYNOPSIS)\b", re.IGNORECASE)
+LICENCE_TEXT = re.compile(r"General Public License|Free Documentation License|Permission is granted to",
+                          re.IGNORECASE)
+
+
 class DataError(Exception):
     """A missing source text, said in one line."""
 
 
-def collect(info_dir: Path, licences: Path) -> dict[str, str]:
-    """The four texts by file name; nothing is written until all of them are read."""
+def man_family(page: Path) -> str:
+    return re.split(r"[-_.]", page.name, maxsplit=1)[0].lower()
+
+
+def man_pages(man_dir: Path) -> list[Path]:
+    """The pages to fit on: per family its MAN_FAMILY_PAGES largest, in name order."""
+    families: dict[str, list[Path]] = {}
+    for section in MAN_SECTIONS:
+        for page in sorted((man_dir / section).glob("*.gz")):
+            if page.is_file() and not page.is_symlink() and page.stat().st_size >= MAN_MIN_BYTES:
+                families.setdefault(man_family(page), []).append(page)
+    chosen = [page for family, pages in families.items() if family != HELD_OUT_MANUAL
+              for page in sorted(pages, key=lambda p: (-p.stat().st_size, p.name))[:MAN_FAMILY_PAGES]]
+    return sorted(chosen, key=lambda p: (p.name.lower(), str(p)))
+
+
+def man_page_text(page: Path, groff: str) -> str:
+    """One man page as prose: rendered on lines too long to wrap, without hyphenation, page header
+    and footer, indentation, or the sections SKIPPED_MAN_SECTION names. '' if groff fails on it."""
+    try:
+        rendered = subprocess.run([groff, "-k", "-man", "-Tutf8", "-rLL=4000n", "-rHY=0", "-rcR=1", "-P", "-cbou"],
+                                  input=_gunzip(page), capture_output=True, timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        return ""
+    lines = rendered.decode("utf-8", errors="replace").splitlines()[1:-1]  # header, footer
+    kept, skipping = [], False
+    for line in lines:
+        if line and not line[0].isspace():  # a section heading
+            skipping = bool(SKIPPED_MAN_SECTION.match(line))
+        if not skipping and not LICENCE_TEXT.search(line):
+            # groff puts two spaces after a sentence and pads option lists: prose has one.
+            kept.append(re.sub(" {2,}", " ", IMAGE_OR_CONTROL.sub("", line.strip())))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+
+
+def man_pages_text(man_dir: Path) -> str:
+    groff = shutil.which("groff")
+    if groff is None:
+        raise DataError("groff not found: it renders the man pages (apt install groff-base)")
+    texts = [text[:MAN_PAGE_CHARS] for text in (man_page_text(page, groff) for page in man_pages(man_dir))
+             if len(text) >= 500]
+    if not texts:
+        raise DataError(f"{man_dir}: no man pages in {', '.join(MAN_SECTIONS)}")
+    return "\n\n".join(texts)
+
+
+def collect(info_dir: Path, licences: Path, man_dir: Path) -> dict[str, str]:
+    """The five texts by file name; nothing is written until all of them are read."""
     import pydoc_data.topics as topics
 
     missing = [name for name in LICENSES if not (licences / name).is_file()]
@@ -73,6 +144,7 @@ def collect(info_dir: Path, licences: Path) -> dict[str, str]:
     return {
         "calibration.txt": "\n\n".join(topics.topics[key] for key in sorted(topics.topics)),
         "manuals.txt": "\n\n".join(manual_text(info_dir, name)[:MANUAL_CHARS] for name in names if name != HELD_OUT_MANUAL),
+        "man_pages.txt": man_pages_text(man_dir),
         "held_out.txt": "\n\n".join((licences / name).read_text(encoding="utf-8") for name in LICENSES),
         "held_out_manual.txt": manual_text(info_dir, HELD_OUT_MANUAL)[:HELD_OUT_MANUAL_CHARS],
     }
@@ -83,9 +155,11 @@ def main() -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--info-dir", type=Path, default=Path("/usr/share/info"), help="the GNU manuals (*.info*.gz)")
     parser.add_argument("--licences-dir", type=Path, default=Path("/usr/share/common-licenses"))
+    parser.add_argument("--man-dir", type=Path, default=Path("/usr/share/man"),
+                        help="the man pages (SECTION/*.gz, rendered with groff)")
     args = parser.parse_args()
     try:
-        texts = collect(args.info_dir, args.licences_dir)
+        texts = collect(args.info_dir, args.licences_dir, args.man_dir)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for file, text in texts.items():
             # Written beside and renamed: an interrupted run leaves no half-written text.
@@ -96,7 +170,7 @@ def main() -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {getattr(exc, 'filename', None) or args.out_dir}: {getattr(exc, 'strerror', None) or exc}",
               file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ def _number(parse, ok, requirement: str, kind: str):
 
 _positive_int = _number(int, lambda v: v >= 1, ">= 1", "an integer")
 _port = _number(int, lambda v: 0 <= v <= 65535, "in [0, 65535]", "a port number")
-_positive_float = _number(float, lambda v: v > 0, "> 0", "a number")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "> 0 and finite", "a number")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +100,7 @@ def _layer_list(text: str) -> list[int]:
 
 _fraction = _number(float, lambda v: 0 < v < 1, "in (0, 1)", "a number")
 _non_negative_int = _number(int, lambda v: v >= 0, ">= 0", "an integer")
+_non_negative_float = _number(float, lambda v: 0 <= v < math.inf, ">= 0 and finite", "a number")
 _even_int = _number(int, lambda v: v >= 2 and v % 2 == 0, "even and >= 2", "an integer")
 
 
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=256, help="calibration sequence length (256)")
     p.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per step (2)")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (2e-3)")
+    p.add_argument("--attn-weight", type=_non_negative_float, default=0.1,
+                   help="weight of the end-to-end attention term, each LiSA layer's attention KL from "
+                        "what its own Q/K would give (0.1; 0: next-token distillation only)")
     p.add_argument("--max-sequences", type=_positive_int, default=256,
                    help="calibration sequences used at most (256)")
     p.add_argument("--self-samples", type=_positive_int, default=32,
@@ -510,7 +515,7 @@ def cmd_fit(args) -> int:
                          align_hidden=args.align_hidden, steps=args.steps,
                          layerwise_steps=args.layerwise_steps,
                          layerwise_loss=args.layerwise_loss, layerwise_lr=args.layerwise_lr,
-                         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, attn_weight=args.attn_weight,
                          max_sequences=args.max_sequences, seed=args.seed, init=init)
     options.validate(config)
     if args.layers is not None and (args.layers[0] < 1 or args.layers[-1] >= config.num_layers):

@@ -53,7 +53,7 @@ def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
     base, _, adapter, data = fitted
     out = tmp_path / "refit.safetensors"
     rc, stdout, err = run("fit", base, "--data", data, "--init", adapter, "--out", out,
-                          "--steps", 3, "--seq-len", 64, "--batch-size", 2)
+                          "--steps", 3, "--seq-len", 64, "--batch-size", 2, "--attn-weight", 0)
     assert rc == 0, err
     assert "JSD" not in stdout and "2 of 3 layers LiSA" in stdout.splitlines()[-1]
     rc, stdout, _ = run("info", base, "--lisa", out, "--json")
@@ -61,6 +61,7 @@ def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
     assert lisa["lisa_layers"] == [1, 2]
     fit = load_adapter(out, load_config(base)).config.fit
     assert fit["init"]["file"] == adapter.name and fit["steps"] == 3 and fit["layerwise_steps"] == 0
+    assert fit["attn_weight"] == 0 and fit["init"]["attn_weight"] == 0.1
     assert fit["init"]["steps"] == 3  # the first fit's record, kept
     assert json.loads((base / "config.json").read_text())["lisa"] is None  # --out leaves the model alone
 
@@ -127,6 +128,8 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--select", "best"), ["--select", "fitted", "jsd"]),
     (("fit", "{base}", "--data", "{data}", "--layerwise-loss", "kl"), ["--layerwise-loss", "output"]),
     (("fit", "{base}", "--data", "{data}", "--layerwise-lr", "0"), ["--layerwise-lr"]),
+    (("fit", "{base}", "--data", "{data}", "--lr", "inf"), ["--lr", "finite"]),
+    (("fit", "{base}", "--data", "{data}", "--attn-weight", "-0.5"), ["--attn-weight", ">= 0"]),
     (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),

@@ -1,7 +1,11 @@
 """benchmarks/lisa_data.py on made-up GNU manuals and licence files: what the fitting text keeps
 and drops, the held-out texts, and one error line (exit 2, nothing written) for missing sources."""
 import gzip
+import hashlib
+import shutil
 from pathlib import Path
+
+import pytest
 
 from benchmarks.lisa_data import LICENSES
 from tests.fixtures import run_script
@@ -14,7 +18,22 @@ def _info(path: Path, *nodes: str) -> None:
         f.write("This is a made-up manual.\n" + "".join(f"\x1f\n{node}\n" for node in nodes))
 
 
-def _sources(tmp_path: Path) -> tuple[Path, Path]:
+def _words(seed: str, count: int) -> str:
+    """Text that gzip cannot shrink much, so that a made-up page is as large as a real one."""
+    return " ".join(hashlib.sha1(f"{seed}{i}".encode()).hexdigest()[:7] for i in range(count))
+
+
+def _man(path: Path, name: str, body: str, words: int = 600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(f'.TH {name.upper()} 1 "2026-11-27" "{name} 1.0" "User Commands"\n'
+                f".SH NAME\n{name} \\- a made-up command\n.SH SYNOPSIS\n.B {name}\n[file]\n"
+                f".SH DESCRIPTION\n{body}\n.PP\n{_words(name, words)}\n"
+                ".SH COPYRIGHT\nThis page is under the GNU General Public License.\n"
+                ".SH SEE ALSO\nbeta(1)\n")
+
+
+def _sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     info = tmp_path / "info"
     info.mkdir()
     _info(info / "alpha.info.gz",
@@ -34,13 +53,23 @@ def _sources(tmp_path: Path) -> tuple[Path, Path]:
     licences.mkdir()
     for name in LICENSES:
         (licences / name).write_text(f"The {name} licence text.\n", encoding="utf-8")
-    return info, licences
+    man = tmp_path / "man"
+    _man(man / "man1" / "alpha.1.gz", "alpha", "Alpha  reads files.  It stops at the end.")
+    _man(man / "man7" / "omega.7.gz", "omega", "Omega is an overview.")
+    _man(man / "man1" / "tiny.1.gz", "tiny", "Tiny is too small to keep.", words=10)
+    _man(man / "man1" / "wget.1.gz", "wget", "Wget fetches pages.")
+    _man(man / "man3" / "libcall.3.gz", "libcall", "A library call: not a section fitted on.")
+    _man(man / "de" / "man1" / "alpha.1.gz", "alpha", "Alpha liest Dateien.")
+    for number in range(4):  # a family: its three largest pages are kept
+        _man(man / "man1" / f"gcloud-part{number}.1.gz", f"gcloud-part{number}", f"Gcloud part {number}.",
+             words=600 + 100 * number)
+    return info, licences, man
 
 
 def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual(tmp_path):
-    info, licences = _sources(tmp_path)
+    info, licences, man = _sources(tmp_path)
     out = tmp_path / "out"
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
     assert result.returncode == 0, result.stderr
     manuals = (out / "manuals.txt").read_text(encoding="utf-8")
     assert "Alpha reads files. Then it stops." in manuals
@@ -55,25 +84,55 @@ def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual
     assert all(f"The {name} licence text." in held_out for name in LICENSES)
     assert len((out / "calibration.txt").read_text(encoding="utf-8")) > 100_000  # CPython's own topics
     assert sorted(p.name for p in out.iterdir()) == ["calibration.txt", "held_out.txt", "held_out_manual.txt",
-                                                     "manuals.txt"]
+                                                     "man_pages.txt", "manuals.txt"]
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff renders the man pages")
+def test_man_pages_are_rendered_as_prose_without_licences_lists_or_the_held_out_page(tmp_path):
+    info, licences, man = _sources(tmp_path)
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    assert result.returncode == 0, result.stderr
+    pages = (out / "man_pages.txt").read_text(encoding="utf-8")
+    assert "DESCRIPTION\nAlpha reads files. It stops at the end." in pages  # one space, no indent
+    assert pages.index("Alpha reads") < pages.index("Gcloud part 1") < pages.index("Omega is")
+    for gone in ("General Public License", "SEE ALSO", "beta(1)", "SYNOPSIS", "a made-up command", "User Commands",
+                 "Tiny is", "Wget", "library call", "Dateien", "Gcloud part 0."):
+        assert gone not in pages, gone
+    assert all(f"Gcloud part {number}." in pages for number in (1, 2, 3))
+
+
+def test_no_groff_or_a_corrupt_page_is_one_error_line_and_nothing_written(tmp_path, monkeypatch):
+    info, licences, man = _sources(tmp_path)
+    out = tmp_path / "out"
+    (man / "man7" / "omega.7.gz").write_bytes(b"not gzip at all " * 200)  # large enough to be read
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "omega.7.gz" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
+    (man / "man7" / "omega.7.gz").unlink()
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    assert result.returncode == 2 and result.stderr.startswith("error: groff not found")
+    assert result.stderr.count("\n") == 1 and not out.exists()
 
 
 def test_missing_sources_are_one_error_line_and_nothing_written(tmp_path):
-    info, licences = _sources(tmp_path)
+    info, licences, man = _sources(tmp_path)
     (licences / "MPL-2.0").unlink()
     out = tmp_path / "out"
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "MPL-2.0" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
     (tmp_path / "second").mkdir()
-    info, licences = _sources(tmp_path / "second")
+    info, licences, man = _sources(tmp_path / "second")
     (info / "wget.info.gz").unlink()
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "wget" in result.stderr
     assert not out.exists()
 
     (info / "wget.info.gz").write_bytes(b"not gzip at all")
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences)
+    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not out.exists()
