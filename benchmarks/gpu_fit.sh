@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Fits the default model's LiSA adapter on a lent GPU, going on from the shipped one: an
+# end-to-end step there takes a fraction of a second where this project's 2-core CPU machine takes
+# about 19 s. The model (its 98 MB GGUF) is larger than one device call carries (64 MiB), so it
+# travels in two halves, in two calls made back to back (a lent machine stays warm 30 s):
+#   here:    bash benchmarks/gpu_fit.sh pack     # .devrun/fit/: half1, half2, model.sha256, data.tar.xz
+#   call 1:  bash benchmarks/gpu_fit.sh stash    # carry .devrun/fit/half1; keeps it in /tmp/lisa-fit
+#   call 2:  bash benchmarks/gpu_fit.sh fit      # carry .devrun/fit/half2 .devrun/fit/model.sha256
+#                                                #       .devrun/fit/data.tar.xz
+# `fit` checks the reassembled GGUF against its hash, times a 20-step probe fit, then runs as many
+# end-to-end steps as fit in FIT_SECONDS (default 420) and writes $OUT/adapter.safetensors and
+# $OUT/fit.log; measure the adapter here with `lisa-rt eval smollm2 --lisa FILE --text ...`.
+# Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), DEVICE (cuda).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+PACK=.devrun/fit
+STASH=/tmp/lisa-fit
+ADAPTER=lisa_rt/adapters/smollm2-135m-instruct.safetensors
+lisa_rt() { python3 -c 'import sys; from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+
+pack() {
+  local gguf data=${DATA_DIR:-/tmp/lisa-data}
+  gguf=$(python3 -c 'from lisa_rt.registry import alias_source; print(alias_source("smollm2"))') || return 2
+  for f in calibration.txt manuals.txt man_pages.txt self32.jsonl; do
+    [ -f "$data/$f" ] || { echo "error: $data/$f is missing (python benchmarks/lisa_data.py $data; self32.jsonl:" \
+                                 "see lisa_rt/adapters/README.md)" >&2; return 2; }
+  done
+  rm -rf "$PACK" && mkdir -p "$PACK"
+  local size half
+  size=$(stat -c %s "$gguf")
+  half=$(( (size + 1) / 2 ))
+  head -c "$half" "$gguf" > "$PACK/half1"
+  tail -c +"$(( half + 1 ))" "$gguf" > "$PACK/half2"
+  (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > "$PACK/model.sha256"
+  tar -C "$data" -cJf "$PACK/data.tar.xz" calibration.txt manuals.txt man_pages.txt self32.jsonl
+  ls -l "$PACK"
+}
+
+stash() {
+  mkdir -p "$STASH" && cp "$PACK/half1" "$STASH/half1" && ls -l "$STASH"
+}
+
+fit() {
+  local name out=${OUT:-/tmp/lisa-fit-out} began
+  began=$(date +%s)
+  mkdir -p "$out"
+  [ -f "$STASH/half1" ] || { echo "error: $STASH/half1 is missing: run 'stash' first, on the same warm machine" >&2; return 2; }
+  name=$(awk '{print $2}' "$PACK/model.sha256")
+  cat "$STASH/half1" "$PACK/half2" > "$STASH/$name"
+  (cd "$STASH" && sha256sum -c --quiet "$OLDPWD/$PACK/model.sha256") || { echo "error: the reassembled $name does not match its hash" >&2; return 2; }
+  mkdir -p "$STASH/data" && tar -C "$STASH/data" -xJf "$PACK/data.tar.xz" || return 2
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  local d=$STASH/data common
+  common=(--data "$d/calibration.txt" "$d/manuals.txt" "$d/man_pages.txt" "$d/self32.jsonl" --init "$ADAPTER"
+          --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}" --lr "${LR:-1e-3}" --seed "${SEED:-0}"
+          --device "${DEVICE:-cuda}" --force)
+  # The probe converts the model (cached for the real fit) and gives the time of a step.
+  lisa_rt fit "$STASH/$name" "${common[@]}" --steps 20 --max-sequences 256 --out "$STASH/probe.safetensors" \
+    > "$out/probe.log" 2>&1 || { tail -20 "$out/probe.log"; return 1; }
+  local per_step steps left
+  # The end-to-end bar's elapsed time after its 20 steps (tqdm: "20/20 [mm:ss<" or "[h:mm:ss<").
+  per_step=$(tr '\r' '\n' < "$out/probe.log" | grep -o "20/20 \[[0-9:]*<" | tail -1 |
+             python3 -c "import sys; t=sys.stdin.read().split('[')[1].rstrip('<\n').split(':'); print(max(0.05, sum(float(v) * 60 ** i for i, v in enumerate(reversed(t))) / 20))")
+  [ -n "$per_step" ] || { echo "error: no step time in the probe's log" >&2; tail -5 "$out/probe.log"; return 1; }
+  left=$(( ${FIT_SECONDS:-420} - ($(date +%s) - began) ))
+  steps=$(python3 -c "print(max(0, int(0.85 * ($left - 60) / $per_step)))")
+  echo "probe: $per_step s per step; $left s left: $steps steps"
+  [ "$steps" -gt 0 ] || { echo "error: no time left for the fit" >&2; return 1; }
+  lisa_rt fit "$STASH/$name" "${common[@]}" --steps "$steps" --max-sequences 8192 --out "$out/adapter.safetensors" \
+    > "$out/fit.log" 2>&1
+  local rc=$?
+  tr '\r' '\n' < "$out/fit.log" | grep -v "^fit: end-to-end" | tail -5
+  echo "fit: exit $rc, $(( $(date +%s) - began )) s in all"
+  return $rc
+}
+
+case "${1:-}" in
+  pack|stash|fit) "$1" ;;
+  *) echo "usage: bash benchmarks/gpu_fit.sh pack|stash|fit" >&2; exit 2 ;;
+esac
