@@ -33,6 +33,13 @@ def _man(path: Path, name: str, body: str, words: int = 600) -> None:
                 ".SH SEE ALSO\nbeta(1)\n")
 
 
+def _run(out: Path, info: Path, licences: Path, man: Path):
+    return run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+
+
+needs_groff = pytest.mark.skipif(shutil.which("groff") is None, reason="groff renders the man pages")
+
+
 def _sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     info = tmp_path / "info"
     info.mkdir()
@@ -66,11 +73,17 @@ def _sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     return info, licences, man
 
 
-def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual(tmp_path):
-    info, licences, man = _sources(tmp_path)
+def _written(tmp_path: Path) -> Path:
+    """The output folder of a run on the made-up sources, which succeeds."""
     out = tmp_path / "out"
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, *_sources(tmp_path))
     assert result.returncode == 0, result.stderr
+    return out
+
+
+@needs_groff
+def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual(tmp_path):
+    out = _written(tmp_path)
     manuals = (out / "manuals.txt").read_text(encoding="utf-8")
     assert "Alpha reads files. Then it stops." in manuals
     for gone in ("File:", "* Menu", "Intro::", "(line 6)", "FDL", "Tag Table", "image", "\x00", "\x08", "Wget"):
@@ -87,13 +100,9 @@ def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual
                                                      "man_pages.txt", "manuals.txt"]
 
 
-@pytest.mark.skipif(shutil.which("groff") is None, reason="groff renders the man pages")
+@needs_groff
 def test_man_pages_are_rendered_as_prose_without_licences_lists_or_the_held_out_page(tmp_path):
-    info, licences, man = _sources(tmp_path)
-    out = tmp_path / "out"
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
-    assert result.returncode == 0, result.stderr
-    pages = (out / "man_pages.txt").read_text(encoding="utf-8")
+    pages = (_written(tmp_path) / "man_pages.txt").read_text(encoding="utf-8")
     assert "DESCRIPTION\nAlpha reads files. It stops at the end." in pages  # one space, no indent
     assert pages.index("Alpha reads") < pages.index("Gcloud part 1") < pages.index("Omega is")
     for gone in ("General Public License", "SEE ALSO", "beta(1)", "SYNOPSIS", "a made-up command", "User Commands",
@@ -106,13 +115,13 @@ def test_no_groff_or_a_corrupt_page_is_one_error_line_and_nothing_written(tmp_pa
     info, licences, man = _sources(tmp_path)
     out = tmp_path / "out"
     (man / "man7" / "omega.7.gz").write_bytes(b"not gzip at all " * 200)  # large enough to be read
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, info, licences, man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "omega.7.gz" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
     monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
     (man / "man7" / "omega.7.gz").unlink()
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, info, licences, man)
     assert result.returncode == 2 and result.stderr.startswith("error: groff not found")
     assert result.stderr.count("\n") == 1 and not out.exists()
 
@@ -121,18 +130,18 @@ def test_missing_sources_are_one_error_line_and_nothing_written(tmp_path):
     info, licences, man = _sources(tmp_path)
     (licences / "MPL-2.0").unlink()
     out = tmp_path / "out"
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, info, licences, man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "MPL-2.0" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
     (tmp_path / "second").mkdir()
     info, licences, man = _sources(tmp_path / "second")
     (info / "wget.info.gz").unlink()
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, info, licences, man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "wget" in result.stderr
     assert not out.exists()
 
     (info / "wget.info.gz").write_bytes(b"not gzip at all")
-    result = run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+    result = _run(out, info, licences, man)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not out.exists()
