@@ -16,12 +16,13 @@ export PYTHONUNBUFFERED=1
 PACK=.devrun/fit
 STASH=/tmp/lisa-fit
 ADAPTER=lisa_rt/adapters/smollm2-135m-instruct.safetensors
+DATA_FILES=(calibration.txt manuals.txt man_pages.txt self32.jsonl)  # fitting texts, in --data order
 lisa_rt() { python3 -c 'import sys; from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 
 pack() {
   local gguf data=${DATA_DIR:-/tmp/lisa-data}
   gguf=$(python3 -c 'from lisa_rt.registry import alias_source; print(alias_source("smollm2"))') || return 2
-  for f in calibration.txt manuals.txt man_pages.txt self32.jsonl; do
+  for f in "${DATA_FILES[@]}"; do
     [ -f "$data/$f" ] || { echo "error: $data/$f is missing (python benchmarks/lisa_data.py $data; self32.jsonl:" \
                                  "see lisa_rt/adapters/README.md)" >&2; return 2; }
   done
@@ -32,7 +33,7 @@ pack() {
   head -c "$half" "$gguf" > "$PACK/half1"
   tail -c +"$(( half + 1 ))" "$gguf" > "$PACK/half2"
   (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > "$PACK/model.sha256"
-  tar -C "$data" -cJf "$PACK/data.tar.xz" calibration.txt manuals.txt man_pages.txt self32.jsonl
+  tar -C "$data" -cJf "$PACK/data.tar.xz" "${DATA_FILES[@]}"
   ls -l "$PACK"
 }
 
@@ -50,8 +51,8 @@ fit() {
   (cd "$STASH" && sha256sum -c --quiet "$OLDPWD/$PACK/model.sha256") || { echo "error: the reassembled $name does not match its hash" >&2; return 2; }
   mkdir -p "$STASH/data" && tar -C "$STASH/data" -xJf "$PACK/data.tar.xz" || return 2
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  local d=$STASH/data common
-  common=(--data "$d/calibration.txt" "$d/manuals.txt" "$d/man_pages.txt" "$d/self32.jsonl" --init "$ADAPTER"
+  local common
+  common=(--data "${DATA_FILES[@]/#/$STASH/data/}" --init "$ADAPTER"
           --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}" --lr "${LR:-1e-3}" --seed "${SEED:-0}"
           --device "${DEVICE:-cuda}" --force)
   # The probe converts the model (cached for the real fit) and gives the time of a step.

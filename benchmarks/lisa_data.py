@@ -91,13 +91,13 @@ def man_family(page: Path) -> str:
 
 def man_pages(man_dir: Path) -> list[Path]:
     """The pages to fit on: per family its MAN_FAMILY_PAGES largest, in name order."""
-    families: dict[str, list[Path]] = {}
+    families: dict[str, list[tuple[int, Path]]] = {}
     for section in MAN_SECTIONS:
         for page in sorted((man_dir / section).glob("*.gz")):
-            if page.is_file() and not page.is_symlink() and page.stat().st_size >= MAN_MIN_BYTES:
-                families.setdefault(man_family(page), []).append(page)
+            if page.is_file() and not page.is_symlink() and (size := page.stat().st_size) >= MAN_MIN_BYTES:
+                families.setdefault(man_family(page), []).append((size, page))
     chosen = [page for family, pages in families.items() if family != HELD_OUT_MANUAL
-              for page in sorted(pages, key=lambda p: (-p.stat().st_size, p.name))[:MAN_FAMILY_PAGES]]
+              for _, page in sorted(pages, key=lambda sp: (-sp[0], sp[1].name))[:MAN_FAMILY_PAGES]]
     return sorted(chosen, key=lambda p: (p.name.lower(), str(p)))
 
 
