@@ -4,7 +4,8 @@
 # about 19 s. The model (its 98 MB GGUF) is larger than one device call carries (64 MiB), so it
 # travels in two halves, in two calls made back to back (a lent machine stays warm 30 s):
 #   here:    bash benchmarks/gpu_fit.sh pack     # .devrun/fit/: half1, half2, model.sha256, data.tar.xz
-#   call 1:  bash benchmarks/gpu_fit.sh stash    # carry .devrun/fit/half1; keeps it in /tmp/lisa-fit
+#   call 1:  bash benchmarks/gpu_fit.sh stash    # carry .devrun/fit/half1; keeps it in /tmp/lisa-fit and
+#                                                #   runs the fitter's CUDA test
 #   call 2:  bash benchmarks/gpu_fit.sh fit      # carry .devrun/fit/half2 .devrun/fit/model.sha256
 #                                                #       .devrun/fit/data.tar.xz
 # `fit` checks the reassembled GGUF against its hash, times a 20-step probe fit, then runs as many
@@ -17,7 +18,12 @@ PACK=.devrun/fit
 STASH=/tmp/lisa-fit
 ADAPTER=lisa_rt/adapters/smollm2-135m-instruct.safetensors
 DATA_FILES=(calibration.txt manuals.txt man_pages.txt self32.jsonl)  # fitting texts, in --data order
-lisa_rt() { python3 -c 'import sys; from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+# TF32 GEMMs (10-bit mantissa) for the fit: about 3x the float32 GEMM rate on Hopper, and the
+# fitted adapter is measured afterwards in float32 here, where it is used.
+lisa_rt() {
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -c \
+    'import sys, torch; torch.set_float32_matmul_precision("high"); from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))' "$@"
+}
 
 pack() {
   local gguf data=${DATA_DIR:-/tmp/lisa-data}
@@ -38,7 +44,10 @@ pack() {
 }
 
 stash() {
-  mkdir -p "$STASH" && cp "$PACK/half1" "$STASH/half1" && ls -l "$STASH"
+  mkdir -p "$STASH" && cp "$PACK/half1" "$STASH/half1" && ls -l "$STASH" || return 2
+  # A fit on a tiny model, on the GPU beside the CPU, before the long call is spent on it.
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_lisa_model.py -k fit_on_cuda 2>&1 | tail -3
+  return "${PIPESTATUS[0]}"
 }
 
 fit() {

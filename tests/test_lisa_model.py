@@ -275,10 +275,10 @@ def test_unreadable_adapter_files(tiny, tmp_path):
 
 # --- fitting ---
 
-def _fit(config, t, tokenizer, **kw):
+def _fit(config, t, tokenizer, device="cpu", **kw):
     sequences = make_sequences(tokenizer, [CORPUS], 64, 12)
     options = FitOptions(seq_len=64, batch_size=2, progress=False, **kw)
-    return Fitter(config, t, sequences, options).run()
+    return Fitter(config, t, sequences, options, device).run()
 
 
 def test_fit_lowers_the_loss_and_starts_as_matched_sharing(tiny):
@@ -339,3 +339,19 @@ def test_refit_goes_on_from_an_adapter(tiny):
     # zero steps hand the adapter back as it was
     same = _fit(config, t, tokenizer, init=first.adapter, steps=0)
     assert all(torch.equal(same.adapter.tensors[k], v) for k, v in first.adapter.tensors.items())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_fit_on_cuda_follows_the_cpu_fit(tiny):
+    """The GPU fit (torch's aligner instead of the CPU kernel) takes the same path as the CPU fit,
+    from layer selection through a refit, and hands back CPU tensors ready to save."""
+    directory, config, t = tiny
+    tokenizer = load_model_dir(directory).tokenizer
+    kw = dict(ratio=0.67, rank=4, steps=10, layerwise_steps=10, lr=5e-3)
+    cpu, gpu = _fit(config, t, tokenizer, **kw), _fit(config, t, tokenizer, device="cuda", **kw)
+    assert gpu.adapter.config.layers == cpu.adapter.config.layers
+    assert all(v.device.type == "cpu" for v in gpu.adapter.tensors.values())
+    assert gpu.losses["end_to_end"] == pytest.approx(cpu.losses["end_to_end"], rel=2e-2)
+    refit = _fit(config, t, tokenizer, device="cuda", init=gpu.adapter, steps=20, lr=5e-3)
+    assert refit.quality["train_kl"] < gpu.quality["train_kl"]
