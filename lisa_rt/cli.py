@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the end-to-end attention term, each LiSA layer's attention KL from "
                         "what its own Q/K would give (0.1; 0: next-token distillation only)")
     p.add_argument("--max-sequences", type=_positive_int, default=256,
-                   help="calibration sequences used at most (256)")
+                   help="calibration sequences used at most (256), taken from the --data texts in "
+                        "order: fit says what is left out")
     p.add_argument("--self-samples", type=_positive_int, default=32,
                    help="texts sampled for --data self (32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -491,8 +492,13 @@ def cmd_fit(args) -> int:
     from .registry import resolve_model
     from .tokenizer import load_tokenizer
 
-    files = [name for name in args.data if name != "self"]
-    texts = read_texts(files)  # fail on bad data before the (slow) model load
+    # Each text with the --data entry it came from, to name what --max-sequences leaves out.
+    texts, sources = [], []
+    for name in args.data:
+        if name != "self":
+            read = read_texts([name])  # fails on bad data before the (slow) model load
+            texts += read
+            sources += [name] * len(read)
     device = parse_device(args.device)
     model_dir = resolve_model(args.model)
     out = Path(args.out) if args.out is not None else model_dir / ADAPTER_FILE
@@ -525,9 +531,16 @@ def cmd_fit(args) -> int:
     if "self" in args.data:
         print(f"sampling {args.self_samples} calibration texts from the model ...", file=sys.stderr)
         model = Model(config, tensors, device, torch.float32, tokenizer=tokenizer)
-        texts += sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
+        samples = sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
+        texts += samples
+        sources += ["self"] * len(samples)
         del model
-    sequences = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
+    sequences, used = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
+    if used < len(texts):
+        left_out = [name if name not in sources[:used] else f"the rest of {name}"
+                    for name in dict.fromkeys(sources[used:])]
+        print(f"fit: --max-sequences {args.max_sequences} is reached before the end of the data: "
+              f"{', '.join(left_out)} not used", file=sys.stderr)
     result = Fitter(config, tensors, sequences, options, device).run()
     adapter = result.adapter
     adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]

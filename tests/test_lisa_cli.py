@@ -66,6 +66,28 @@ def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
     assert json.loads((base / "config.json").read_text())["lisa"] is None  # --out leaves the model alone
 
 
+def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path):
+    base, _, adapter, data = fitted
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps({"text": CORPUS}) + "\n" for _ in range(3)), encoding="utf-8")
+    out = tmp_path / "capped.safetensors"
+    common = ("fit", base, "--init", adapter, "--out", out, "--force", "--steps", 1, "--seq-len", 64,
+              "--batch-size", 2)
+    # the first file alone fills 2 sequences: the JSONL is never read
+    rc, _, err = run(*common, "--data", data, more, "--max-sequences", 2)
+    assert rc == 0, err
+    assert "--max-sequences 2 is reached before the end of the data: " + str(more) + " not used" in err
+    assert load_adapter(out, load_config(base)).config.fit["sequences"] == 1  # a tenth (one) held out
+    # the cap falls inside the JSONL: the rest of it is named
+    rc, _, err = run(*common, "--data", more, data, "--max-sequences", 2)
+    assert rc == 0, err
+    assert f"the rest of {more}, {data} not used" in err
+    # nothing is left out: nothing is said
+    rc, _, err = run(*common, "--data", data, more, "--max-sequences", 10_000)
+    assert rc == 0, err
+    assert "--max-sequences" not in err
+
+
 def test_fit_without_out_makes_the_adapter_the_models_own(run, fitted):
     _, owned, _, _ = fitted
     config = json.loads((owned / "config.json").read_text())
