@@ -35,37 +35,57 @@ def check_ctx(ctx: int, max_context: int) -> None:
         raise UserError(f"--ctx {ctx} exceeds the model's context of {max_context}")
 
 
-@torch.inference_mode()
-def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False) -> dict:
-    """Perplexity of `model` over token_ids in windows of ctx tokens.
-
-    Returns {"ppl", "tokens" (scored predictions), "windows", "seconds"}.
-    """
+def _window_nll(model, token_ids: Sequence[int], ctx: int, progress: bool):
+    """Yields each window's negative log-likelihoods [n - 1] (float64, on the model's device),
+    position 0 first."""
     from tqdm import tqdm
 
     check_ctx(ctx, model.max_context)
     token_ids = [int(t) for t in token_ids]
     if len(token_ids) < 2:
         raise UserError(f"need at least 2 tokens to measure perplexity, got {len(token_ids)}")
-    spans = windows(len(token_ids), ctx)
-    device = model.device
     cache = model.new_cache([min(ctx, len(token_ids))])
     table = BlockTable(cache)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    scored = 0
-    start_time = time.perf_counter()
-    for start, end in tqdm(spans, desc="eval", unit="window", disable=not progress):
+    for start, end in tqdm(windows(len(token_ids), ctx), desc="eval", unit="window", disable=not progress):
         window = token_ids[start:end]
         table.ensure(len(window))
         try:
             logits = model.prefill_logits(window, cache, table)[:-1]  # the last token predicts nothing here
         finally:
             table.release()
-        targets = torch.tensor(window[1:], device=device)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])
-        total -= logp.double().sum()
-        scored += len(window) - 1
-        del logits, logp
+        targets = torch.tensor(window[1:], device=model.device)
+        yield -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].double()
+        del logits
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False) -> dict:
+    """Perplexity of `model` over token_ids in windows of ctx tokens.
+
+    Returns {"ppl", "tokens" (scored predictions), "windows", "seconds"}.
+    """
+    start_time = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
+    scored = count = 0
+    for nll in _window_nll(model, token_ids, ctx, progress):
+        total += nll.sum()
+        scored += len(nll)
+        count += 1
     nll = total.item()  # syncs the device before the clock stops
     seconds = time.perf_counter() - start_time
-    return {"ppl": math.exp(nll / scored), "tokens": scored, "windows": len(spans), "seconds": seconds}
+    return {"ppl": math.exp(nll / scored), "tokens": scored, "windows": count, "seconds": seconds}
+
+
+@torch.inference_mode()
+def nll_by_position(model, token_ids: Sequence[int], ctx: int, progress: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `perplexity`, position by position: negative log-likelihood summed over the
+    windows [ctx - 1] (float64) and the predictions counted [ctx - 1] (int64) at each position p
+    of a window (p predicts the token at p + 1), on the CPU."""
+    check_ctx(ctx, model.max_context)
+    sums = torch.zeros(ctx - 1, dtype=torch.float64, device=model.device)
+    counts = torch.zeros(ctx - 1, dtype=torch.int64)
+    for nll in _window_nll(model, token_ids, ctx, progress):
+        sums[: len(nll)] += nll
+        counts[: len(nll)] += 1
+    return sums.cpu(), counts

@@ -14,7 +14,7 @@ import torch
 import lisa_rt
 from lisa_rt import cli
 from lisa_rt.convert import convert
-from lisa_rt.eval import perplexity, windows
+from lisa_rt.eval import nll_by_position, perplexity, windows
 from tests.fixtures import CORPUS, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
@@ -116,12 +116,26 @@ def test_windows_are_independent(tiny_model):
     assert abs(math.log(a["ppl"]) - nll) <= 1e-5
 
 
+def test_nll_by_position_splits_perplexity_by_position(tiny_model):
+    ctx = 20
+    ids = tiny_model.tokenizer.encode(CORPUS)[:2 * ctx + 7]  # two whole windows and one of 7
+    sums, counts = nll_by_position(tiny_model, ids, ctx)
+    assert sums.shape == counts.shape == (ctx - 1,)
+    assert counts.tolist() == [3] * 6 + [2] * (ctx - 7)
+    whole = perplexity(tiny_model, ids, ctx)
+    assert abs(math.exp(sums.sum().item() / counts.sum().item()) - whole["ppl"]) <= 1e-9 * whole["ppl"]
+    # position 0 of each window predicts its second token from its first alone
+    first = [perplexity(tiny_model, ids[s : s + 2], 2)["ppl"] for s in (0, ctx, 2 * ctx)]
+    assert abs(sums[0].item() - sum(math.log(p) for p in first)) <= 1e-6
+
+
 @pytest.mark.parametrize("ctx, ids, fragment", [
     (1, [1, 2, 3], ">= 2"), (2000, [1, 2, 3], "context"), (8, [], "at least 2"), (8, [5], "at least 2"),
 ])
 def test_library_errors(tiny_model, ctx, ids, fragment):
-    with pytest.raises(lisa_rt.UserError, match=fragment):
-        perplexity(tiny_model, ids, ctx)
+    for measure in (perplexity, nll_by_position):
+        with pytest.raises(lisa_rt.UserError, match=fragment):
+            measure(tiny_model, ids, ctx)
 
 
 # --- the command line -------------------------------------------------------------------------
