@@ -181,6 +181,14 @@ def tiny_model_with_adapter(directory) -> tuple[Path, Path]:
     return model, adapter
 
 
+def tiny_model_adapter_and_text(directory) -> tuple[Path, Path, Path]:
+    """tiny_model_with_adapter and a text file of CORPUS beside them, for the scripts that score text."""
+    model, adapter = tiny_model_with_adapter(directory)
+    text = Path(directory) / "text.txt"
+    text.write_text(CORPUS, encoding="utf-8")
+    return model, adapter, text
+
+
 def run_script(script: Path, *args) -> subprocess.CompletedProcess:
     """A benchmark script run as users run it, its output captured."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=300)

@@ -3,7 +3,7 @@ a one-line error (exit 2) for a model without an adapter and for missing files."
 import json
 from pathlib import Path
 
-from tests.fixtures import CORPUS, run_script, tiny_model_with_adapter
+from tests.fixtures import run_script, tiny_model_adapter_and_text
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lisa_layer_costs.py"
 
@@ -13,9 +13,7 @@ def _run(*args):
 
 
 def test_layer_costs_table_and_json(tmp_path):
-    model, adapter = tiny_model_with_adapter(tmp_path)
-    text = tmp_path / "text.txt"
-    text.write_text(CORPUS, encoding="utf-8")
+    model, adapter, text = tiny_model_adapter_and_text(tmp_path)
     out = tmp_path / "costs.json"
     result = _run("--model", model, "--lisa", adapter, "--held-out", text, "--ctx", 64, "--max-tokens", 400,
                   "--json", out)
@@ -29,9 +27,7 @@ def test_layer_costs_table_and_json(tmp_path):
 
 
 def test_layer_costs_bad_input_is_one_error_line(tmp_path):
-    model, adapter = tiny_model_with_adapter(tmp_path)
-    text = tmp_path / "text.txt"
-    text.write_text(CORPUS, encoding="utf-8")
+    model, adapter, text = tiny_model_adapter_and_text(tmp_path)
     for args, fragment in ((("--held-out", text), "no adapter"),
                            (("--lisa", tmp_path / "none.safetensors", "--held-out", text), "none.safetensors"),
                            (("--lisa", adapter, "--held-out", tmp_path / "none.txt"), "none.txt")):

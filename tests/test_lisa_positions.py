@@ -8,7 +8,7 @@ import torch
 
 from lisa_rt.eval import perplexity
 from lisa_rt.model import load_model_dir
-from tests.fixtures import CORPUS, run_script, tiny_model_with_adapter
+from tests.fixtures import CORPUS, run_script, tiny_model_adapter_and_text
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lisa_positions.py"
 
@@ -18,9 +18,7 @@ def _run(*args):
 
 
 def test_positions_table_and_json(tmp_path):
-    model, adapter = tiny_model_with_adapter(tmp_path)
-    text = tmp_path / "text.txt"
-    text.write_text(CORPUS, encoding="utf-8")
+    model, adapter, text = tiny_model_adapter_and_text(tmp_path)
     out = tmp_path / "positions.json"
     result = _run("--model", model, "--text", text, "--lisa", f"mine={adapter}", "--lisa", adapter, "--ctx", 40,
                   "--buckets", "0,8,20", "--max-tokens", 300, "--json", out)
@@ -43,9 +41,7 @@ def test_positions_table_and_json(tmp_path):
 
 
 def test_positions_bad_input_is_one_error_line(tmp_path):
-    model, adapter = tiny_model_with_adapter(tmp_path)
-    text = tmp_path / "text.txt"
-    text.write_text(CORPUS, encoding="utf-8")
+    model, adapter, text = tiny_model_adapter_and_text(tmp_path)
     for args, fragment in ((("--text", text), "no adapter"),
                            (("--text", text, "--lisa", tmp_path / "none.safetensors"), "none.safetensors"),
                            (("--text", tmp_path / "none.txt", "--lisa", adapter), "none.txt"),
