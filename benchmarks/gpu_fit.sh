@@ -11,8 +11,9 @@
 # `fit` checks the reassembled GGUF against its hash, times a 20-step probe fit, then runs as many
 # end-to-end steps as fit in FIT_SECONDS (default 420) and writes $OUT/adapter.safetensors and
 # $OUT/fit.log; measure the adapter here with `lisa-rt eval smollm2 --lisa FILE --text ...`.
-# Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), DEVICE (cuda), DATA (the
-# fitting texts, e.g. DATA="calibration.txt manuals.txt self32.jsonl" to leave the man pages out).
+# Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), DEVICE (cuda), TF32 (1), DATA
+# (the fitting texts, e.g. DATA="calibration.txt manuals.txt self32.jsonl" to leave the man pages
+# out). Each `fit` on the same warm machine reuses the stash: several fits can follow one stash.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PACK=.devrun/fit
@@ -20,11 +21,13 @@ STASH=/tmp/lisa-fit
 ADAPTER=lisa_rt/adapters/smollm2-135m-instruct.safetensors
 # The fitting texts, in --data order; DATA picks some of them (as `fit` runs, or as `pack` packs).
 read -r -a DATA_FILES <<< "${DATA:-calibration.txt manuals.txt man_pages.txt self32.jsonl}"
-# TF32 GEMMs (10-bit mantissa) for the fit: about 3x the float32 GEMM rate on Hopper, and the
-# fitted adapter is measured afterwards in float32 here, where it is used.
+# TF32 GEMMs (10-bit mantissa) for the fit unless TF32=0: about 3x the float32 GEMM rate on
+# Hopper, and the fitted adapter is measured afterwards in float32 here, where it is used.
 lisa_rt() {
+  local precision=high
+  [ "${TF32:-1}" = 0 ] && precision=highest
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -c \
-    'import sys, torch; torch.set_float32_matmul_precision("high"); from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))' "$@"
+    "import sys, torch; torch.set_float32_matmul_precision('$precision'); from lisa_rt.cli import main; sys.exit(main(sys.argv[1:]))" "$@"
 }
 
 pack() {
