@@ -62,8 +62,8 @@ def main() -> int:
     tensors = load_tensors(model_dir, config)
     base = load_model_dir(model_dir, device="cpu", dtype="float32", lisa=False)
     tokenizer = base.tokenizer
-    calibration, _ = make_sequences(tokenizer, [Path(args.calibration).read_text(encoding="utf-8")],
-                                    args.seq_len, args.max_sequences)
+    calibration, _, _ = make_sequences(tokenizer, [Path(args.calibration).read_text(encoding="utf-8")],
+                                       args.seq_len, args.max_sequences)
     held_out = tokenizer.encode(Path(args.held_out).read_text(encoding="utf-8"))[: args.max_tokens]
     kv_base = config.kv_bytes_per_token(2)
 

@@ -535,10 +535,10 @@ def cmd_fit(args) -> int:
         texts += samples
         sources += ["self"] * len(samples)
         del model
-    sequences, used = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
-    if used < len(texts):
+    sequences, used, whole = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
+    if whole < len(texts):
         left_out = [name if name not in sources[:used] else f"the rest of {name}"
-                    for name in dict.fromkeys(sources[used:])]
+                    for name in dict.fromkeys(sources[whole:])]
         print(f"fit: --max-sequences {args.max_sequences} is reached before the end of the data: "
               f"{', '.join(left_out)} not used", file=sys.stderr)
     result = Fitter(config, tensors, sequences, options, device).run()

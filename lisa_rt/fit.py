@@ -172,10 +172,10 @@ def sample_self_texts(model, count: int, tokens: int, seed: int) -> list[str]:
     return [SELF_PROMPTS[i % len(SELF_PROMPTS)] + c.text for i, c in enumerate(generate(model, prompts, params))]
 
 
-def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> tuple[torch.Tensor, int]:
-    """([N, seq_len] token ids, how many of the texts they draw on): the texts concatenated in
-    order (each with the tokenizer's special tokens, BOS where it adds one) and cut, up to limit
-    sequences; texts past the one that fills the limit are not read."""
+def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> tuple[torch.Tensor, int, int]:
+    """([N, seq_len] token ids, texts used, texts used whole): the texts concatenated in order
+    (each with the tokenizer's special tokens, BOS where it adds one) and cut, up to limit
+    sequences. The text that fills the limit may be used in part; those after it are not read."""
     stream: list[int] = []
     used = 0
     for text in texts:
@@ -187,7 +187,8 @@ def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> tup
     if count < 2:
         raise UserError(f"the calibration data has {len(stream)} tokens; fitting needs at least "
                         f"{2 * seq_len} (two sequences of --seq-len {seq_len})")
-    return torch.tensor(stream[: count * seq_len]).view(count, seq_len), used
+    whole = used - 1 if len(stream) > seq_len * limit else used
+    return torch.tensor(stream[: count * seq_len]).view(count, seq_len), used, whole
 
 
 # --- the dense, batched model ---

@@ -73,15 +73,18 @@ def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path)
     out = tmp_path / "capped.safetensors"
     common = ("fit", base, "--init", adapter, "--out", out, "--force", "--steps", 1, "--seq-len", 64,
               "--batch-size", 2)
-    # the first file alone fills 2 sequences: the JSONL is never read
+    # the first file alone fills 2 sequences: the rest of it, and the JSONL, are not used
     rc, _, err = run(*common, "--data", data, more, "--max-sequences", 2)
     assert rc == 0, err
-    assert "--max-sequences 2 is reached before the end of the data: " + str(more) + " not used" in err
+    assert f"--max-sequences 2 is reached before the end of the data: the rest of {data}, {more} not used" in err
     assert load_adapter(out, load_config(base)).config.fit["sequences"] == 1  # a tenth (one) held out
-    # the cap falls inside the JSONL: the rest of it is named
+    rc, _, err = run(*common, "--data", data, "--max-sequences", 2)
+    assert rc == 0, err
+    assert f"the data: the rest of {data} not used" in err
+    # the cap falls inside the JSONL's first text: the rest of the JSONL is named
     rc, _, err = run(*common, "--data", more, data, "--max-sequences", 2)
     assert rc == 0, err
-    assert f"the rest of {more}, {data} not used" in err
+    assert f"the data: the rest of {more}, {data} not used" in err
     # nothing is left out: nothing is said
     rc, _, err = run(*common, "--data", data, more, "--max-sequences", 10_000)
     assert rc == 0, err

@@ -276,7 +276,7 @@ def test_unreadable_adapter_files(tiny, tmp_path):
 # --- fitting ---
 
 def _fit(config, t, tokenizer, device="cpu", **kw):
-    sequences, _ = make_sequences(tokenizer, [CORPUS], 64, 12)
+    sequences, _, _ = make_sequences(tokenizer, [CORPUS], 64, 12)
     options = FitOptions(seq_len=64, batch_size=2, progress=False, **kw)
     return Fitter(config, t, sequences, options, device).run()
 
