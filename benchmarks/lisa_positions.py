@@ -81,17 +81,27 @@ def main() -> int:
     tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
     text = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))[: args.max_tokens]
 
-    def by_bucket(adapter) -> list[tuple[float, int]]:
-        """(mean negative log-likelihood, predictions) of each bucket, and of all positions last."""
+    def by_bucket(adapter) -> list[tuple[float | None, int]]:
+        """(mean negative log-likelihood, None where no prediction falls; predictions) of each
+        bucket, and of all positions last."""
         model = Model(config, tensors, "cpu", torch.float32, tokenizer=tokenizer, adapter=adapter)
         sums, counts = nll_by_position(model, text, args.ctx)
-        spans = buckets + [(0, args.ctx - 1)]
-        return [(sums[a:b].sum().item() / max(1, int(counts[a:b].sum())), int(counts[a:b].sum())) for a, b in spans]
+        means = []
+        for a, b in buckets + [(0, args.ctx - 1)]:
+            count = int(counts[a:b].sum())
+            means.append((sums[a:b].sum().item() / count if count else None, count))
+        return means
 
     base = by_bucket(None)
     rows = [{"name": name, "layers": len(adapter.config.layers),
-             "ratios": [math.exp(nll - base_nll) for (nll, _), (base_nll, _) in zip(by_bucket(adapter), base)]}
+             "ratios": [math.exp(nll - base_nll) if count else None
+                        for (nll, _), (base_nll, count) in zip(by_bucket(adapter), base)]}
             for name, adapter in adapters]
+    base_ppl = [math.exp(nll) if count else None for nll, count in base]
+
+    def cells(values, form: str, unit: str = "") -> str:
+        """Table cells, "-" for a bucket no prediction falls in."""
+        return " | ".join("-" if value is None else format(value, form) + unit for value in values)
 
     labels = [f"{a}-{b}" for a, b in buckets] + ["all"]
     print(f"\nLiSA cost by position, {args.model}, {Path(args.text).name} ({len(text)} tokens, "
@@ -100,12 +110,12 @@ def main() -> int:
     print("| positions | " + " | ".join(labels) + " |")
     print("| --- " * (len(labels) + 1) + "|")
     print("| predictions | " + " | ".join(f"{count:,}" for _, count in base) + " |")
-    print("| base ppl | " + " | ".join(f"{math.exp(nll):.2f}" for nll, _ in base) + " |")
+    print("| base ppl | " + cells(base_ppl, ".2f") + " |")
     for row in rows:
-        print(f"| {row['name']} / base | " + " | ".join(f"{ratio:.3f}x" for ratio in row["ratios"]) + " |")
+        print(f"| {row['name']} / base | " + cells(row["ratios"], ".3f", "x") + " |")
     write_json(args.json, {"machine": machine_name(), "model": args.model, "text": args.text, "ctx": args.ctx,
                            "tokens": len(text), "buckets": labels, "predictions": [count for _, count in base],
-                           "base_ppl": [math.exp(nll) for nll, _ in base], "adapters": rows,
+                           "base_ppl": base_ppl, "adapters": rows,
                            "options": vars(args)})
     return 0
 

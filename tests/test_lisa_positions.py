@@ -38,6 +38,14 @@ def test_positions_table_and_json(tmp_path):
     for row in report["adapters"]:
         assert row["layers"] == 2 and math.isclose(row["ratios"][-1], ratio, rel_tol=1e-9)
     assert torch.tensor(report["adapters"][0]["ratios"]).equal(torch.tensor(report["adapters"][1]["ratios"]))
+    # windows shorter than the last bucket: that bucket is empty, shown as "-" and null
+    result = _run("--model", model, "--text", text, "--lisa", adapter, "--ctx", 40, "--buckets", "0,8,20",
+                  "--max-tokens", 15, "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "| predictions | 8 | 6 | 0 | 14 |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["base_ppl"][2] is None and report["adapters"][0]["ratios"][2] is None
+    assert "| base ppl |" in result.stdout and " | - | " in result.stdout.split("| base ppl |")[1].splitlines()[0]
 
 
 def test_positions_bad_input_is_one_error_line(tmp_path):
