@@ -57,10 +57,11 @@ def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], untouched)
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33), (20, 64, 64)])
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33),
+                                        (2, 75, 40), (20, 64, 64)])
 def test_linear(device, dtype, rows, k, n):
-    """Decode-sized inputs (the streaming CPU kernel, k % 8 == 0 or not, several L2 tiles, row
-    groups of 4 and 3) and larger ones (at::mm)."""
+    """Decode-sized inputs (the streaming CPU kernels: float32 with k % 8 == 0 or not, bfloat16
+    with k % 32 == 0 or not; several L2 tiles, row groups of 4 and 3) and larger ones (at::mm)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
     out = poison(torch.empty(rows, n, device=device, dtype=dtype))

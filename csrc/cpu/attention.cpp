@@ -59,15 +59,17 @@ void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const 
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / c.pool.kv_heads;
   for (int64_t b = 0; b < batch; ++b) check_length(lens[b], c);
-  if (query.scalar_type() == at::kFloat && use_avx2<float>(c.head_dim)) {
-    decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), static_cast<const float*>(c.keys),
-                      static_cast<const float*>(c.values), c.pool, lens, batch, heads, c.head_dim,
-                      static_cast<float>(scale), DecodeLogits{});
-    return;
-  }
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    if constexpr (kWidenable<scalar_t>) {
+      if (use_avx2<scalar_t>(c.head_dim)) {
+        decode_split_avx2(o, q, query.stride(0), static_cast<const scalar_t*>(c.keys),
+                          static_cast<const scalar_t*>(c.values), c.pool, lens, batch, heads, c.head_dim,
+                          static_cast<float>(scale), DecodeLogits{});
+        return;
+      }
+    }
     const int64_t g = heads_per_item(batch, c.pool.kv_heads, group), items = heads / g;
     at::parallel_for(0, batch * items, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;

@@ -18,7 +18,7 @@ namespace lisa_rt {
 
 // silu(x) = x / (1 + e^-x) and its derivative sig * (1 + x * (1 - sig)), sig = 1 / (1 + e^-x).
 // e^-x is capped at e^88, where both are 0 in float anyway.
-__attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 x) {
+LISA_AVX2 inline __m256 sigmoid8(__m256 x) {
   const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(88.0f)));
   return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
@@ -27,7 +27,7 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(std::min(-x, 88.0
 
 // Keys j..j+7 of one row: s[hd * s_stride + j + lane] from a = prev_row[k * prev_stride + j + lane].
 // scratch holds (heads + width) x 8 floats.
-__attribute__((target("avx2,fma"))) inline void align_keys8(float* s, int64_t s_stride, const float* prev_row,
+LISA_AVX2 inline void align_keys8(float* s, int64_t s_stride, const float* prev_row,
                                                            int64_t prev_stride, int64_t j, int64_t heads,
                                                            int64_t width, const float* A, const float* W1,
                                                            const float* b1, const float* W2, const float* b2,
@@ -83,7 +83,7 @@ struct AlignGradSums {
 // (the others count as zero gradient and are written 0): from g = grad_row[k * g_stride + j + lane],
 //   grad_a = A^T g + W1^T (silu'(z) * W2^T g),  z = W1 a + b1,
 // into grad_a_row, and the parameters' gradients added into sums. scratch: (2 heads + 2 width) x 8.
-__attribute__((target("avx2,fma"))) inline void align_keys8_backward(
+LISA_AVX2 inline void align_keys8_backward(
     float* grad_a_row, int64_t grad_a_stride, const float* prev_row, int64_t prev_stride, const float* grad_row,
     int64_t g_stride, int64_t j, int64_t valid, int64_t heads, int64_t width, const float* A, const float* W1,
     const float* b1, const float* W2, AlignGradSums sums, float* scratch) {

@@ -69,17 +69,18 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
                                "paged_attention_scores");
   const PagedPool pool{block_tables.data_ptr<int32_t>(), max_blocks, block_size, num_blocks, kv_heads};
   float* s_all = scores.data_ptr<float>();
-  if (query.scalar_type() == at::kFloat && use_avx2<float>(d) && is_decode(rows, seq_lens)) {
-    decode_split_avx2(out.data_ptr<float>(), query.data_ptr<float>(), query.stride(0), key_cache.data_ptr<float>(),
-                      value_cache.data_ptr<float>(), pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d,
-                      static_cast<float>(scale), DecodeLogits{nullptr, s_all, max_keys});
-    return;
-  }
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_attention_scores", [&] {
     const scalar_t* q_all = query.data_ptr<scalar_t>();
     const scalar_t* keys = key_cache.data_ptr<scalar_t>();
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
+    if constexpr (kWidenable<scalar_t>) {
+      if (use_avx2<scalar_t>(d) && is_decode(rows, seq_lens)) {
+        decode_split_avx2(o_all, q_all, query.stride(0), keys, values, pool, seq_lens.data_ptr<int32_t>(), tokens,
+                          heads, d, static_cast<float>(scale), DecodeLogits{nullptr, s_all, max_keys});
+        return;
+      }
+    }
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> p, inv(g), acc(g * d);
@@ -137,7 +138,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
-    const bool vectorised = std::is_same_v<scalar_t, float> && has_avx2();
+    const bool vectorised = has_avx2();
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch((heads + width) * 8);
       for (int64_t idx = begin; idx < end; ++idx) {
@@ -164,11 +165,12 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
       }
     });
     // Pass 2: softmax and P V per (row, head).
-    // (The casts are no-ops: the branch runs for float32 only.)
-    if (use_avx2<scalar_t>(d) && is_decode(rows, seq_lens)) {
-      decode_split_avx2(reinterpret_cast<float*>(o_all), nullptr, 0, nullptr, reinterpret_cast<const float*>(values),
-                        pool, seq_lens.data_ptr<int32_t>(), tokens, heads, d, 0.0f, DecodeLogits{s_all, nullptr, out_keys});
-      return;
+    if constexpr (kWidenable<scalar_t>) {
+      if (use_avx2<scalar_t>(d) && is_decode(rows, seq_lens)) {
+        decode_split_avx2<scalar_t>(o_all, nullptr, 0, nullptr, values, pool, seq_lens.data_ptr<int32_t>(), tokens,
+                                    heads, d, 0.0f, DecodeLogits{s_all, nullptr, out_keys});
+        return;
+      }
     }
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {

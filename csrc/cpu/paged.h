@@ -1,6 +1,7 @@
 // The pieces every CPU attention kernel is made of, over one sequence's paged cache:
 // logits q . K, softmax, and P V. They walk the block table a block at a time, and run AVX2
-// code for float32 caches whose head sizes are multiples of 8 (a portable loop otherwise).
+// code for float32, bfloat16 and float16 caches whose head sizes are multiples of 8 (widening
+// each element to float32 as it is loaded; a portable loop serves other CPUs and sizes).
 #pragma once
 
 #include <algorithm>
@@ -40,7 +41,7 @@ struct PagedSeq {
 // Whether the AVX2 paths serve elements of type T with head size d.
 template <typename T>
 bool use_avx2(int64_t d) {
-  return std::is_same_v<T, float> && d % 8 == 0 && has_avx2();
+  return kWidenable<T> && d % 8 == 0 && has_avx2();
 }
 
 // The paged pools of a batch: block table rows and the pool geometry.
@@ -73,7 +74,7 @@ void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < g; ++i) {
         float logit;
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (kWidenable<T>) {
           logit = vectorised ? dot8(q + i * d, k + r * stride, d) : dot(q + i * d, k + r * stride, d);
         } else {
           logit = dot(q + i * d, k + r * stride, d);
@@ -84,7 +85,7 @@ void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys
   });
 }
 
-__attribute__((target("avx2,fma"))) inline float max_avx2(const float* s, int64_t n) {
+LISA_AVX2 inline float max_avx2(const float* s, int64_t n) {
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
@@ -94,7 +95,7 @@ __attribute__((target("avx2,fma"))) inline float max_avx2(const float* s, int64_
 }
 
 // In place: s[0..n) -> exp(s - shift); returns their sum.
-__attribute__((target("avx2,fma"))) inline float exp_shifted_avx2(float* s, int64_t n, float shift) {
+LISA_AVX2 inline float exp_shifted_avx2(float* s, int64_t n, float shift) {
   const __m256 vshift = _mm256_set1_ps(shift);
   __m256 vsum = _mm256_setzero_ps();
   int64_t j = 0;
@@ -127,19 +128,20 @@ inline float softmax_inplace(float* s, int64_t n) {
 
 // acc[0..d) += sum over `rows` slots (`stride` apart) of p[r] v_r: four 8-float columns at a
 // time, so the FMA chains are independent; d a multiple of 8.
-__attribute__((target("avx2,fma"))) inline void accumulate_values_avx2(float* acc, const float* p, const float* v,
-                                                                      int64_t rows, int64_t stride, int64_t d) {
+template <typename T>
+LISA_AVX2 inline void accumulate_values_avx2(float* acc, const float* p, const T* v, int64_t rows, int64_t stride,
+                                             int64_t d) {
   int64_t c = 0;
   for (; c + 32 <= d; c += 32) {
     __m256 a0 = _mm256_loadu_ps(acc + c), a1 = _mm256_loadu_ps(acc + c + 8);
     __m256 a2 = _mm256_loadu_ps(acc + c + 16), a3 = _mm256_loadu_ps(acc + c + 24);
     for (int64_t r = 0; r < rows; ++r) {
       const __m256 w = _mm256_set1_ps(p[r]);
-      const float* vr = v + r * stride + c;
-      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr), a0);
-      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8), a1);
-      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 16), a2);
-      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 24), a3);
+      const T* vr = v + r * stride + c;
+      a0 = _mm256_fmadd_ps(w, load8(vr), a0);
+      a1 = _mm256_fmadd_ps(w, load8(vr + 8), a1);
+      a2 = _mm256_fmadd_ps(w, load8(vr + 16), a2);
+      a3 = _mm256_fmadd_ps(w, load8(vr + 24), a3);
     }
     _mm256_storeu_ps(acc + c, a0);
     _mm256_storeu_ps(acc + c + 8, a1);
@@ -148,7 +150,7 @@ __attribute__((target("avx2,fma"))) inline void accumulate_values_avx2(float* ac
   }
   for (; c < d; c += 8) {
     __m256 a = _mm256_loadu_ps(acc + c);
-    for (int64_t r = 0; r < rows; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(v + r * stride + c), a);
+    for (int64_t r = 0; r < rows; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), load8(v + r * stride + c), a);
     _mm256_storeu_ps(acc + c, a);
   }
 }
@@ -167,7 +169,7 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
     for (int64_t i = 0; i < g; ++i) {
       const float* w = p + i * p_stride + j0;
       float* a = acc + i * d;
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (kWidenable<T>) {
         if (vectorised) {
           accumulate_values_avx2(a, w, v, rows, stride, d);
           continue;
@@ -189,18 +191,19 @@ inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
   return rows * kv_heads >= 2 * at::get_num_threads() ? group : 1;
 }
 
-// Decode attention over float32 caches on AVX2 CPUs, split over the context. A work item is
-// one sequence's run of keys for every head at once, so it streams whole cache rows (the KV
-// heads of a slot are adjacent; reading one head's rows alone drew a fifth of the memory
-// bandwidth here), and runs are short enough that even batch 1 keeps every thread busy. Each
-// item leaves, per head, its largest logit, the sum of exp(logit - largest) and the unnormalised
-// P V; a second pass merges the runs of each sequence.
+// Decode attention on AVX2 CPUs, split over the context (T: float32, bfloat16 or float16; the
+// arithmetic is float32). A work item is one sequence's run of keys for every head at once, so
+// it streams whole cache rows (the KV heads of a slot are adjacent; reading one head's rows
+// alone drew a fifth of the memory bandwidth here), and runs are short enough that even batch 1
+// keeps every thread busy. Each item leaves, per head, its largest logit, the sum of
+// exp(logit - largest) and the unnormalised P V; a second pass merges the runs of each sequence.
 //
 // The logits are q . K * scale, or (LiSA) given; logits.out, when set, receives them for the
 // next layer. out and q are [batch, heads, d] (q rows q_stride apart); keys, values: the pools.
-inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, const float* keys, const float* values,
-                              const PagedPool& c, const int32_t* lens, int64_t batch, int64_t heads, int64_t d,
-                              float scale, DecodeLogits logits) {
+template <typename T>
+void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, const T* values, const PagedPool& c,
+                       const int32_t* lens, int64_t batch, int64_t heads, int64_t d, float scale,
+                       DecodeLogits logits) {
   const int64_t kv_heads = c.kv_heads, group = heads / kv_heads, bs = c.block_size;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, lens[b]);
@@ -231,7 +234,7 @@ inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, cons
           std::copy(given, given + n, s.data() + h * chunk);
         }
       } else {
-        const float* qb = q + b * q_stride;
+        const T* qb = q + b * q_stride;
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t h = 0; h < heads; ++h)
@@ -258,10 +261,10 @@ inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, cons
     }
   });
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(d);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / heads, h = idx % heads;
-      float* o = out + idx * d;
-      std::fill(o, o + d, 0.0f);
+      std::fill(o.begin(), o.end(), 0.0f);
       float largest = -std::numeric_limits<float>::infinity(), total = 0.0f;
       for (int64_t item = first_item[b]; item < first_item[b + 1]; ++item)
         largest = std::max(largest, partial[(item * heads + h) * part + d]);
@@ -272,7 +275,7 @@ inline void decode_split_avx2(float* out, const float* q, int64_t q_stride, cons
         for (int64_t i = 0; i < d; ++i) o[i] += weight * run[i];
       }
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // an empty sequence attends to nothing
-      for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+      for (int64_t i = 0; i < d; ++i) out[idx * d + i] = static_cast<T>(o[i] * inv);
     }
   });
 }

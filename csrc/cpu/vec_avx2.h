@@ -1,25 +1,59 @@
 // AVX2/FMA building blocks of the CPU kernels. The extension is compiled for baseline x86-64,
-// so these carry a target attribute and callers pick them at run time (has_avx2()).
+// so these carry a target attribute (LISA_AVX2) and callers pick them at run time (has_avx2()).
+// Arithmetic is float32; bfloat16 and float16 elements are widened as they are loaded.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#define LISA_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace lisa_rt {
 
+// AVX2 and FMA, and F16C for the float16 loads (every AVX2 CPU has it).
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+// Eight elements from memory, widened to float32.
+template <typename T>
+LISA_AVX2 inline __m256 load8(const T* p);
+
+template <>
+LISA_AVX2 inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+template <>
+LISA_AVX2 inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  // A bfloat16 is the top half of the float32 with the same bits.
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+template <>
+LISA_AVX2 inline __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The element types load8 widens.
+template <typename T>
+constexpr bool kWidenable =
+    std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+LISA_AVX2 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
+LISA_AVX2 inline float hmax(__m256 v) {
   const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
@@ -28,7 +62,7 @@ __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
 // e^x for x <= 88 (softmax only feeds it x <= 0). x = n ln2 + r with |r| <= ln2/2, e^r by its
 // Taylor polynomial to r^6 (relative error about 2e-7), 2^n through the exponent bits. Below
 // -87 the result is flushed to 0, where float32 would go subnormal.
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+LISA_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // ln2 split in a part exact in float and the rest, so r keeps its low bits.
@@ -46,15 +80,16 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(result, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
 
-// a . b over n floats, n a multiple of 8.
-__attribute__((target("avx2,fma"))) inline float dot8(const float* a, const float* b, int64_t n) {
+// a . b over n elements, n a multiple of 8.
+template <typename A, typename B>
+LISA_AVX2 inline float dot8(const A* a, const B* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), acc1);
   }
-  if (i < n) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  if (i < n) acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
