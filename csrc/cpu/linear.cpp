@@ -1,13 +1,13 @@
 // out = input @ weight^T for the few-row products of decode (weights [N, K], row-major).
 //
 // Decode multiplies a handful of rows (one per sequence in the batch) by every weight matrix, so
-// it is bound by how fast the weights stream from memory. Here the threads stream disjoint row
-// ranges in tiles small enough to stay in L2: each tile comes from memory once and serves every
-// input row, four at a time. float32 runs an AVX2/FMA loop (a portable loop serves other CPUs);
-// bfloat16 runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums)
-// where the CPU has them. On the 2-core CI machine (AMD EPYC, AVX512-BF16) the float32 kernel is
-// about 20% faster than MKL's sgemv at one row; the bfloat16 one than torch's bf16 product.
-// Above 8 rows at::mm is faster in real decode, and serves float16 and CPUs without AVX512-BF16.
+// it is bound by how fast the weights stream from memory. The threads stream disjoint ranges of
+// weight rows, each range row after row (one sequential stream, which the hardware prefetchers
+// keep ahead of), in tiles small enough to stay in L2 so that inputs past the fourth re-read a
+// tile from L2, not memory. float32 runs AVX2/FMA (a portable loop serves other CPUs); bfloat16
+// runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums) where the CPU
+// has them. Above 8 rows at::mm is faster in real decode; it also serves float16, and bfloat16
+// on CPUs without AVX512-BF16.
 #include "common.h"
 #include "vec_avx2.h"
 
@@ -30,64 +30,66 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
   }
 }
 
-// M input rows against R weight rows at a time over [n_begin, n_end): each weight vector is
-// loaded once and used for all M rows, and the R rows give independent FMA chains and memory
-// streams so the loads stay in flight. k must be a multiple of 8 (the caller checks).
-template <int M, int R>
-LISA_AVX2 void gemv_block(const float* x, const float* w, float* y, int64_t r, int64_t k, int64_t n) {
-  __m256 acc[M][R];
+// One weight row against M input rows: y[i * n + r] = x_i . w_r, U sums per input row so the
+// FMAs are independent. (Reading four rows side by side instead, as this kernel once did,
+// streamed the LM head from memory at less than half the rate here: BENCHMARKS.md.)
+// float32: k a multiple of 8 (the caller checks).
+template <int M>
+LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int64_t k, int64_t n) {
+  constexpr int U = 4;
+  __m256 acc[M][U];
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < R; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < k; c += 8) {
-    __m256 xv[M];
-    for (int i = 0; i < M; ++i) xv[i] = _mm256_loadu_ps(x + i * k + c);
-    for (int j = 0; j < R; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + (r + j) * k + c);
-      for (int i = 0; i < M; ++i) acc[i][j] = _mm256_fmadd_ps(wv, xv[i], acc[i][j]);
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  const float* row = w + r * k;
+  int64_t c = 0;
+  for (; c + 8 * U <= k; c += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(row + c + 8 * u);
+      for (int i = 0; i < M; ++i) acc[i][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c + 8 * u), acc[i][u]);
     }
   }
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < R; ++j) y[i * n + r + j] = hsum(acc[i][j]);
-}
-
-// The same for bfloat16 rows and weights: 32 products a step into float32 sums; k a multiple
-// of 32. A zmm register file holds M x 4 sums, the M inputs and a weight vector.
-template <int M, int R>
-__attribute__((target("avx512f,avx512bf16,avx2,fma,f16c"))) void gemv_block_bf16(const c10::BFloat16* x,
-                                                                                 const c10::BFloat16* w,
-                                                                                 c10::BFloat16* y, int64_t r,
-                                                                                 int64_t k, int64_t n) {
-  __m512 acc[M][R];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < R; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += 32) {
-    __m512bh xv[M];
-    for (int i = 0; i < M; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + i * k + c);
-    for (int j = 0; j < R; ++j) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (r + j) * k + c);
-      for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
-    }
+  for (; c < k; c += 8) {
+    const __m256 wv = _mm256_loadu_ps(row + c);
+    for (int i = 0; i < M; ++i) acc[i][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[i][0]);
   }
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < R; ++j) {
-      const __m512 v = acc[i][j];  // (GCC 12's _mm512_reduce_add_ps warns of an uninitialised value)
-      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-      y[i * n + r + j] = c10::BFloat16(hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high)));
-    }
+    y[i * n + r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
 }
 
-// Rows [n_begin, n_end) of the product for M inputs, R weight rows at a time.
+// bfloat16: 32 products an instruction (vdpbf16ps) into float32 sums; k a multiple of 32.
+template <int M>
+__attribute__((target("avx512f,avx512bf16,avx2,fma,f16c"))) void gemv_row(const c10::BFloat16* x,
+                                                                          const c10::BFloat16* w, c10::BFloat16* y,
+                                                                          int64_t r, int64_t k, int64_t n) {
+  constexpr int U = 4;
+  __m512 acc[M][U];
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+  const c10::BFloat16* row = w + r * k;
+  int64_t c = 0;
+  for (; c + 32 * U <= k; c += 32 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + c + 32 * u);
+      for (int i = 0; i < M; ++i)
+        acc[i][u] = _mm512_dpbf16_ps(acc[i][u], (__m512bh)_mm512_loadu_si512(x + i * k + c + 32 * u), wv);
+    }
+  }
+  for (; c < k; c += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + c);
+    for (int i = 0; i < M; ++i) acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(x + i * k + c), wv);
+  }
+  for (int i = 0; i < M; ++i) {
+    const __m512 v = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+    // (GCC 12's _mm512_reduce_add_ps warns of an uninitialised value.)
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    y[i * n + r] = c10::BFloat16(hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high)));
+  }
+}
+
+// Rows [n_begin, n_end) of the product for M inputs.
 template <int M, typename T>
 void gemv_span(const T* x, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
-  int64_t r = n_begin;
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int R = M <= 2 ? 4 : 2;  // at most 8 ymm sums: no register spills
-    for (; r + R <= n_end; r += R) gemv_block<M, R>(x, w, y, r, k, n);
-    for (; r < n_end; ++r) gemv_block<M, 1>(x, w, y, r, k, n);
-  } else {
-    for (; r + 4 <= n_end; r += 4) gemv_block_bf16<M, 4>(x, w, y, r, k, n);
-    for (; r < n_end; ++r) gemv_block_bf16<M, 1>(x, w, y, r, k, n);
-  }
+  for (int64_t r = n_begin; r < n_end; ++r) gemv_row<M>(x, w, y, r, k, n);
 }
 
 template <typename T>
