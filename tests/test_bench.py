@@ -53,8 +53,8 @@ def test_streamed_weight_bytes_counts_every_layer_and_the_head_once(tiny):
     c = model.config
     per_layer = (2 * c.hidden_size + (c.q_size + 2 * c.kv_size) * c.hidden_size + c.q_size * c.hidden_size
                  + 3 * c.intermediate_size * c.hidden_size)
-    assert bench.streamed_weight_bytes(model) == 4 * (c.num_layers * per_layer + c.hidden_size
-                                                      + c.vocab_size * c.hidden_size)
+    assert bench.streamed_weight_bytes(model) == model.embed.element_size() * (
+        c.num_layers * per_layer + c.hidden_size + c.vocab_size * c.hidden_size)
 
 
 def test_a_prefilled_request_decodes_like_a_prefill(tiny):
@@ -90,7 +90,7 @@ def test_add_prefilled_without_room_changes_nothing(tiny):
 def test_bench_grid_budget_and_json(run, tiny, tmp_path):
     out = tmp_path / "bench.json"
     rc, stdout, err = run("bench", tiny, "--lisa-ratio", 0.67, "--batch", "1,3", "--ctx", "8,40",
-                          "--kv-budget-gb", BUDGET_GB, "--json", out, *FAST)
+                          "--kv-budget-gb", BUDGET_GB, "--dtype", "float32", "--json", out, *FAST)
     assert rc == 0, err
     result = json.loads(out.read_text())
     assert result["lisa"]["layers"] == [1, 2] and result["lisa"]["kv_bytes_per_token"] == 640

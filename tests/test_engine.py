@@ -200,7 +200,9 @@ def test_sampling_params_defaults_and_stop_string():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return lisa_rt.load_model(tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=11), device="cpu")
+    # float32: the tests compare batched requests with each alone (see test_llm's ref).
+    return lisa_rt.load_model(tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=11), device="cpu",
+                              dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def tiny_pair(tmp_path_factory):
     hf = build_hf_model(d / "hf", heads=6, kv_heads=2, tied=False, rope_scaling=None,
                         tokenizer="bpe", seed=7)
     out = convert(d / "hf", d / "lisa", progress=False)
-    return hf, lisa_rt.load_model(out, device="cpu")
+    return hf, lisa_rt.load_model(out, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
