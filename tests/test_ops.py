@@ -58,7 +58,7 @@ def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
 
 
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33),
-                                        (2, 75, 40), (20, 64, 64)])
+                                        (2, 75, 40), (2, 96, 40), (5, 160, 33), (4, 0, 7), (20, 64, 64)])
 def test_linear(device, dtype, rows, k, n):
     """Decode-sized inputs (the streaming CPU kernels: float32 with k % 8 == 0 or not, bfloat16
     with k % 32 == 0 or not; several L2 tiles, row groups of 4 and 3) and larger ones (at::mm)."""
@@ -112,10 +112,11 @@ def test_cache_write_key_and_value_widths_differ(device, dtype, key_dim, value_d
     assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
 
 
-# dim 12: the CPU's portable path for float32; [700]: one sequence split into several runs
-# of keys whose partial softmaxes are merged.
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64), (6, 2, 12)])
-@pytest.mark.parametrize("lengths", [[1], [16, 17, 5], [300, 33, 129, 1], [700]])
+# dim 12: the CPU's portable path; dim 72: the AVX2 path's 8-wide tail after 32-wide steps;
+# [700]: one sequence split into several runs of keys whose partial softmaxes are merged;
+# [0, 17]: a sequence with no keys yet attends to nothing.
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64), (6, 2, 12), (6, 2, 72)])
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 5], [300, 33, 129, 1], [700], [0, 17]])
 def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):
     if device == "cuda" and dim % 8:
         pytest.skip("CUDA kernels take head sizes that are multiples of 8")

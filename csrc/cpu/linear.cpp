@@ -18,7 +18,9 @@ constexpr int64_t kMaxGemvRows = 8;         // input rows handled by the streami
 constexpr int64_t kTileBytes = 128 * 1024;  // weights per tile: stays in L2 while every row uses it
 
 bool has_avx512_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  // (GCC's avx512bf16 target implies AVX512BW: check all three.)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
@@ -36,6 +38,8 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
 // float32: k a multiple of 8 (the caller checks).
 template <int M>
 LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int64_t k, int64_t n) {
+  // U stays 4 whatever M, so a row's sums come out the same alone or in a batch (at M = 4 that
+  // is one ymm register more than AVX2 has: a spill, cheaper than batch-dependent results).
   constexpr int U = 4;
   __m256 acc[M][U];
   for (int i = 0; i < M; ++i)
@@ -52,8 +56,10 @@ LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int
     const __m256 wv = _mm256_loadu_ps(row + c);
     for (int i = 0; i < M; ++i) acc[i][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[i][0]);
   }
-  for (int i = 0; i < M; ++i)
-    y[i * n + r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
+  for (int i = 0; i < M; ++i) {
+    for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
+    y[i * n + r] = hsum(acc[i][0]);
+  }
 }
 
 // bfloat16: 32 products an instruction (vdpbf16ps) into float32 sums; k a multiple of 32.
@@ -132,6 +138,10 @@ void linear_streamed(at::Tensor& out, const at::Tensor& input, const at::Tensor&
 void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   check_linear_args(out, input, weight);
   const int64_t m = input.size(0), k = input.size(1);
+  if (k == 0) {  // empty sums (and no tile size to divide by)
+    out.zero_();
+    return;
+  }
   if (m <= kMaxGemvRows && input.scalar_type() == at::kFloat)
     return linear_streamed<float>(out, input, weight, has_avx2() && k % 8 == 0);
   if (m <= kMaxGemvRows && input.scalar_type() == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)

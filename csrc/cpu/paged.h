@@ -204,6 +204,7 @@ template <typename T>
 void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, const T* values, const PagedPool& c,
                        const int32_t* lens, int64_t batch, int64_t heads, int64_t d, float scale,
                        DecodeLogits logits) {
+  if (batch == 0) return;
   const int64_t kv_heads = c.kv_heads, group = heads / kv_heads, bs = c.block_size;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, lens[b]);
