@@ -290,8 +290,8 @@ def cpu_has_native_bf16() -> bool:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on CUDA and on CPUs with native bfloat16, float32 on other CPUs. On the CPU
-    machine of BENCHMARKS.md bfloat16 decodes 1.1-3x faster than float32 (half the bytes to
-    stream) for +0.1% perplexity; float32 stays one `--dtype` away."""
+    machine of BENCHMARKS.md bfloat16 decodes 1.3-2x faster than float32 (half the bytes to
+    stream) at the same perplexity; float32 stays one `--dtype` away."""
     if device.type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
