@@ -114,12 +114,14 @@ def test_cache_write_key_and_value_widths_differ(device, dtype, key_dim, value_d
 
 # dim 12: the CPU's portable path; dim 72: the AVX2 path's 8-wide tail after 32-wide steps;
 # [700]: one sequence split into several runs of keys whose partial softmaxes are merged;
-# [0, 17]: a sequence with no keys yet attends to nothing.
+# [0, 17]: a sequence with no keys yet attends to nothing (zeros, on the CPU).
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64), (6, 2, 12), (6, 2, 72)])
 @pytest.mark.parametrize("lengths", [[1], [16, 17, 5], [300, 33, 129, 1], [700], [0, 17]])
 def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):
     if device == "cuda" and dim % 8:
         pytest.skip("CUDA kernels take head sizes that are multiples of 8")
+    if device == "cuda" and 0 in lengths:
+        pytest.skip("on CUDA an empty sequence is CUDA-graph padding, whose output nobody reads")
     block_size = 16
     num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
     key_cache, value_cache = make_cache(num_blocks, block_size, kv_heads, dim, device, dtype)
