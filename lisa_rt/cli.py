@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
     p.add_argument("--init", default=None, metavar="ADAPTER",
                    help="go on fitting this adapter (its layers, rank and width; no selection; "
-                        "layer-wise only with --layerwise-steps)")
+                        "layer-wise only with --layerwise-steps; --rank, a multiple of its rank, widens "
+                        "its delta first)")
     p.add_argument("--select", choices=("fitted", "jsd"), default=None,
                    help="how --ratio ranks layers: 'fitted' fits each layer alone and ranks by its cost to "
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
@@ -509,11 +510,11 @@ def cmd_fit(args) -> int:
     config = load_config(model_dir)
     init = None
     if args.init is not None:
-        shaping = [flag for flag, value in (("--layers", args.layers), ("--ratio", args.ratio), ("--rank", args.rank),
+        shaping = [flag for flag, value in (("--layers", args.layers), ("--ratio", args.ratio),
                                             ("--align-hidden", args.align_hidden), ("--select", args.select),
                                             ("--min-layer", args.min_layer)) if value is not None]
         if shaping:
-            raise UserError(f"--init goes on from the adapter's own layers, rank and width: "
+            raise UserError(f"--init goes on from the adapter's own layers and width: "
                             f"{', '.join(shaping)} not allowed with it")
         init = load_adapter(args.init, config)
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,

@@ -28,7 +28,8 @@
 
 A refit (options.init = an adapter) skips 2-4: it goes on from that adapter's layers and
 parameters (layer-wise if layerwise_steps > 0, then end to end), e.g. with more steps, longer
-sequences or other data than the first fit had.
+sequences or other data than the first fit had. With a rank that is a multiple of the adapter's,
+its delta is first widened to that rank without changing what it computes (lisa.widen_rank).
 
 Everything runs in float32 on one device and is deterministic for a seed (on the same machine
 and thread count).
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from . import reference
 from .config import LisaConfig, ModelConfig
 from .errors import UserError
-from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer, rotate
+from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer, rotate, widen_rank
 
 TEACHER_TOP_K = 64
 KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
@@ -111,6 +112,9 @@ class FitOptions:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.rank is not None and (self.rank < 2 or self.rank % 2):
             raise UserError(f"--rank must be even and >= 2, got {self.rank}")
+        if self.rank is not None and self.init is not None and self.rank % self.init.config.rank:
+            raise UserError(f"--rank {self.rank} with --init: must be a multiple of the adapter's rank "
+                            f"{self.init.config.rank}")
         if self.align_hidden is not None and self.align_hidden < 1:
             raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
 
@@ -356,7 +360,8 @@ class Fitter:
         self.train, self.held_out = sequences[:-held].to(self.device), sequences[-held:].to(self.device)
         if options.init is not None:
             options.init.validate(config, "--init adapter")
-            self.rank, self.align_hidden = options.init.config.rank, options.init.config.align_hidden
+            self.rank = options.rank or options.init.config.rank
+            self.align_hidden = options.init.config.align_hidden
         else:
             self.rank = options.rank or default_rank(config.head_dim)
             self.align_hidden = options.align_hidden or config.num_heads
@@ -613,7 +618,8 @@ class Fitter:
         started = time.perf_counter()
         if o.init is not None:  # a refit: the adapter's layers and parameters, no selection
             lisa_config = LisaConfig(layers=list(o.init.config.layers), rank=self.rank, align_hidden=self.align_hidden)
-            modules = {layer: self.for_training(LisaLayer(o.init.layer(layer))) for layer in lisa_config.layers}
+            init = o.init if self.rank == o.init.config.rank else widen_rank(o.init, c, self.rank, self.generator)
+            modules = {layer: self.for_training(LisaLayer(init.layer(layer))) for layer in lisa_config.layers}
             table = []
         else:
             # A few sequence prefixes suffice to match heads and score layers.
@@ -642,6 +648,8 @@ class Fitter:
                            "seconds": round(time.perf_counter() - started, 1)}
         if o.init is not None:  # what it went on from, so the whole chain stays on record
             lisa_config.fit.update(min_layer=None, ratio=None, select=None, init=dict(o.init.config.fit))
+            if self.rank != o.init.config.rank:
+                lisa_config.fit["init"]["rank"] = o.init.config.rank
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
                    "lisa_ppl": round(held_out["lisa_ppl"], 4),
                    "ppl_ratio": round(held_out["lisa_ppl"] / held_out["base_ppl"], 4),

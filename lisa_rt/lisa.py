@@ -198,6 +198,33 @@ def init_layer(model: ModelConfig, lisa: LisaConfig, matching: list[int],
     return params
 
 
+def widen_rank(adapter: Adapter, model: ModelConfig, rank: int, generator: torch.Generator) -> Adapter:
+    """The adapter with its low-rank delta widened to `rank`, a multiple f of its own, giving the
+    same logits: RoPE pair i of rank r turns at the frequency of pair f*i of rank f*r, so each old
+    dimension moves to the new one of its frequency, and q' grows by sqrt(f) to undo the smaller
+    1/sqrt(rank). The new dimensions start as init_layer's do (Wq' small random, Wk' zero), so
+    fitting can only add to what the adapter already does."""
+    old = adapter.config.rank
+    if rank < old or rank % old:
+        raise UserError(f"--rank {rank} with --init: must be a multiple of the adapter's rank {old}")
+    factor, half = rank // old, old // 2
+    moved = torch.tensor([i * factor if i < half else rank // 2 + (i - half) * factor for i in range(old)])
+    h, g, hidden = model.num_heads, model.num_kv_heads, model.hidden_size
+    config = LisaConfig(layers=list(adapter.config.layers), rank=rank, align_hidden=adapter.config.align_hidden,
+                        fit=dict(adapter.config.fit), quality=dict(adapter.config.quality))
+    tensors = dict(adapter.tensors)
+    for layer in config.layers:
+        q = torch.randn(h, rank, hidden, generator=generator) / math.sqrt(hidden)
+        q[:, moved] = adapter.tensors[tensor_name(layer, "q_proj")].view(h, old, hidden) * math.sqrt(factor)
+        k = torch.zeros(g, rank, hidden)
+        k[:, moved] = adapter.tensors[tensor_name(layer, "k_proj")].view(g, old, hidden)
+        tensors[tensor_name(layer, "q_proj")] = q.view(h * rank, hidden)
+        tensors[tensor_name(layer, "k_proj")] = k.view(g * rank, hidden)
+    widened = Adapter(config, tensors)
+    widened.validate(model)
+    return widened
+
+
 class LisaLayer(torch.nn.Module):
     """One LiSA layer's trainable parameters and its dense (batched, differentiable) logits."""
 

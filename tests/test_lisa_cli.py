@@ -64,6 +64,13 @@ def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
     assert fit["attn_weight"] == 0 and fit["init"]["attn_weight"] == 0.1
     assert fit["init"]["steps"] == 3  # the first fit's record, kept
     assert json.loads((base / "config.json").read_text())["lisa"] is None  # --out leaves the model alone
+    # --rank widens the adapter's delta (rank 8, the default for head dim 16) before it goes on
+    wide = tmp_path / "wide.safetensors"
+    rc, stdout, err = run("fit", base, "--data", data, "--init", adapter, "--rank", 16, "--out", wide,
+                          "--steps", 1, "--seq-len", 64, "--batch-size", 2)
+    assert rc == 0, err
+    config = load_adapter(wide, load_config(base)).config
+    assert config.rank == 16 and config.fit["init"]["rank"] == 8 and config.layers == [1, 2]
 
 
 def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path):
@@ -158,8 +165,10 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
-    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--ratio", "0.5", "--rank", "4"),
-     ["--init", "--ratio, --rank", "not allowed"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--ratio", "0.5", "--align-hidden", "4"),
+     ["--init", "--ratio, --align-hidden", "not allowed"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "12"), ["--rank 12", "multiple", "8"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "4"), ["--rank 4", "multiple", "8"]),
     (("fit", "{base}"), ["--data"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),

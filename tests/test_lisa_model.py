@@ -14,7 +14,7 @@ from lisa_rt.errors import UserError
 from lisa_rt.fit import DenseModel, FitOptions, Fitter, attention_kl, make_sequences
 from lisa_rt.kv_cache import BlockTable
 from lisa_rt.lisa import (ADAPTER_FILE, Adapter, AdapterError, LisaLayer, find_adapter, install_adapter,
-                          load_adapter, param_shapes, save_adapter, tensor_name)
+                          load_adapter, param_shapes, save_adapter, tensor_name, widen_rank)
 from lisa_rt.model import Model, build_batch, load_model_dir
 from tests.fixtures import CORPUS, tiny_model_dir
 
@@ -339,6 +339,28 @@ def test_refit_goes_on_from_an_adapter(tiny):
     # zero steps hand the adapter back as it was
     same = _fit(config, t, tokenizer, init=first.adapter, steps=0)
     assert all(torch.equal(same.adapter.tensors[k], v) for k, v in first.adapter.tensors.items())
+    # a larger rank starts where the adapter was and goes on from there
+    wide = _fit(config, t, tokenizer, init=first.adapter, rank=8, steps=0)
+    assert wide.adapter.config.rank == 8 and wide.adapter.config.fit["init"]["rank"] == 4
+    assert wide.quality["train_kl"] == pytest.approx(first.quality["train_kl"], rel=1e-4)
+    wider = _fit(config, t, tokenizer, init=first.adapter, rank=8, steps=30, lr=5e-3)
+    assert wider.quality["train_kl"] < refit.quality["train_kl"]
+    with pytest.raises(UserError, match="multiple of the adapter's rank 4"):
+        _fit(config, t, tokenizer, init=first.adapter, rank=6, steps=0)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_widening_the_rank_keeps_what_the_adapter_computes(tiny, factor):
+    """Each RoPE pair moves to the new pair of its frequency and q' absorbs the new 1/sqrt(rank):
+    the model's logits stay those of the narrower adapter, with or without chains."""
+    _, config, t = tiny
+    adapter = random_adapter(config, [1, 2], rank=4)
+    wide = widen_rank(adapter, config, 4 * factor, torch.Generator().manual_seed(1))
+    assert wide.config.rank == 4 * factor
+    want = reference.llama_forward(config, t, IDS, adapter=adapter)
+    got = reference.llama_forward(config, t, IDS, adapter=wide)
+    assert (got - want).abs().max() < 1e-4
+    assert (Model(config, t, "cpu", torch.float32, adapter=wide).logits(IDS) - want).abs().max() < 1e-3
 
 
 @pytest.mark.cuda
