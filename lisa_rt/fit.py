@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from . import reference
 from .config import LisaConfig, ModelConfig
 from .errors import UserError
-from .lisa import Adapter, LisaLayer, default_rank, head_divergence, init_layer, rotate, widen_rank
+from .lisa import (Adapter, LisaLayer, check_widened_rank, default_rank, head_divergence, init_layer, rotate,
+                   widen_rank)
 
 TEACHER_TOP_K = 64
 KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
@@ -112,9 +113,8 @@ class FitOptions:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.rank is not None and (self.rank < 2 or self.rank % 2):
             raise UserError(f"--rank must be even and >= 2, got {self.rank}")
-        if self.rank is not None and self.init is not None and self.rank % self.init.config.rank:
-            raise UserError(f"--rank {self.rank} with --init: must be a multiple of the adapter's rank "
-                            f"{self.init.config.rank}")
+        if self.rank is not None and self.init is not None:
+            check_widened_rank(self.init.config.rank, self.rank)
         if self.align_hidden is not None and self.align_hidden < 1:
             raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
 

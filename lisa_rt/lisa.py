@@ -198,6 +198,12 @@ def init_layer(model: ModelConfig, lisa: LisaConfig, matching: list[int],
     return params
 
 
+def check_widened_rank(old: int, rank: int) -> None:
+    """widen_rank's condition, checked before fitting loads anything: a multiple of the old rank."""
+    if rank % old:
+        raise UserError(f"--rank {rank} with --init: must be a multiple of the adapter's rank {old}")
+
+
 def widen_rank(adapter: Adapter, model: ModelConfig, rank: int, generator: torch.Generator) -> Adapter:
     """The adapter with its low-rank delta widened to `rank`, a multiple f of its own, giving the
     same logits: RoPE pair i of rank r turns at the frequency of pair f*i of rank f*r, so each old
@@ -205,8 +211,7 @@ def widen_rank(adapter: Adapter, model: ModelConfig, rank: int, generator: torch
     1/sqrt(rank). The new dimensions start as init_layer's do (Wq' small random, Wk' zero), so
     fitting can only add to what the adapter already does."""
     old = adapter.config.rank
-    if rank < old or rank % old:
-        raise UserError(f"--rank {rank} with --init: must be a multiple of the adapter's rank {old}")
+    check_widened_rank(old, rank)
     factor, half = rank // old, old // 2
     moved = torch.tensor([i * factor if i < half else rank // 2 + (i - half) * factor for i in range(old)])
     h, g, hidden = model.num_heads, model.num_kv_heads, model.hidden_size
