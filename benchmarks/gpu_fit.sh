@@ -11,7 +11,8 @@
 # `fit` checks the reassembled GGUF against its hash, times a 20-step probe fit, then runs as many
 # end-to-end steps as fit in FIT_SECONDS (default 420) and writes $OUT/adapter.safetensors and
 # $OUT/fit.log; measure the adapter here with `lisa-rt eval smollm2 --lisa FILE --text ...`.
-# Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), DEVICE (cuda), TF32 (1), DATA
+# Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), ATTN_WEIGHT (8, what refits of
+# this adapter did best with on the CPU; BENCHMARKS.md), DEVICE (cuda), TF32 (1), DATA
 # (the fitting texts, e.g. DATA="calibration.txt manuals.txt self32.jsonl" to leave the man pages
 # out). Each `fit` on the same warm machine reuses the stash: several fits can follow one stash.
 set -uo pipefail
@@ -68,6 +69,7 @@ fit() {
   local common
   common=(--data "${DATA_FILES[@]/#/$STASH/data/}" --init "$ADAPTER"
           --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}" --lr "${LR:-1e-3}" --seed "${SEED:-0}"
+          --attn-weight "${ATTN_WEIGHT:-8}"
           --device "${DEVICE:-cuda}" --force)
   # The probe converts the model (cached for the real fit) and gives the time of a step.
   lisa_rt fit "$STASH/$name" "${common[@]}" --steps 20 --max-sequences 256 --out "$STASH/probe.safetensors" \
