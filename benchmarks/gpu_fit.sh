@@ -14,7 +14,9 @@
 # Other settings: BATCH (8), LR (1e-3), SEED (0), SEQ_LEN (1024), ATTN_WEIGHT (8, what refits of
 # this adapter did best with on the CPU; BENCHMARKS.md), DEVICE (cuda), TF32 (1), DATA
 # (the fitting texts, e.g. DATA="calibration.txt manuals.txt self32.jsonl" to leave the man pages
-# out). Each `fit` on the same warm machine reuses the stash: several fits can follow one stash.
+# out), INIT (the adapter to go on from: the shipped one by default; `last` for the adapter the
+# previous `fit` on this warm machine wrote, to chain fits without copying each one home and back).
+# Each `fit` on the same warm machine reuses the stash: several fits can follow one stash.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PACK=.devrun/fit
@@ -65,9 +67,15 @@ fit() {
   cat "$STASH/half1" "$PACK/half2" > "$STASH/$name"
   (cd "$STASH" && sha256sum -c --quiet "$OLDPWD/$PACK/model.sha256") || { echo "error: the reassembled $name does not match its hash" >&2; return 2; }
   mkdir -p "$STASH/data" && tar -C "$STASH/data" -xJf "$PACK/data.tar.xz" || return 2
+  local init=${INIT:-$ADAPTER}
+  if [ "$init" = last ]; then
+    init=$STASH/last.safetensors
+    [ -f "$init" ] || { echo "error: INIT=last: no earlier fit on this warm machine" >&2; return 2; }
+  fi
+  [ -f "$init" ] || { echo "error: INIT: $init is missing" >&2; return 2; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   local common
-  common=(--data "${DATA_FILES[@]/#/$STASH/data/}" --init "$ADAPTER"
+  common=(--data "${DATA_FILES[@]/#/$STASH/data/}" --init "$init"
           --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}" --lr "${LR:-1e-3}" --seed "${SEED:-0}"
           --attn-weight "${ATTN_WEIGHT:-8}"
           --device "${DEVICE:-cuda}" --force)
@@ -88,6 +96,7 @@ fit() {
   lisa_rt fit "$STASH/$name" "${common[@]}" --steps "$steps" --max-sequences 8192 --out "$out/adapter.safetensors" \
     > "$out/fit.log" 2>&1
   local rc=$?
+  [ $rc = 0 ] && cp "$out/adapter.safetensors" "$STASH/last.safetensors"
   tr '\r' '\n' < "$out/fit.log" | grep -v "^fit: end-to-end" | tail -5
   echo "fit: exit $rc, $(( $(date +%s) - began )) s in all"
   return $rc
