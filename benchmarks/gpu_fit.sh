@@ -63,16 +63,16 @@ fit() {
   began=$(date +%s)
   mkdir -p "$out"
   [ -f "$STASH/half1" ] || { echo "error: $STASH/half1 is missing: run 'stash' first, on the same warm machine" >&2; return 2; }
-  name=$(awk '{print $2}' "$PACK/model.sha256")
-  cat "$STASH/half1" "$PACK/half2" > "$STASH/$name"
-  (cd "$STASH" && sha256sum -c --quiet "$OLDPWD/$PACK/model.sha256") || { echo "error: the reassembled $name does not match its hash" >&2; return 2; }
-  mkdir -p "$STASH/data" && tar -C "$STASH/data" -xJf "$PACK/data.tar.xz" || return 2
   local init=${INIT:-$ADAPTER}
   if [ "$init" = last ]; then
     init=$STASH/last.safetensors
     [ -f "$init" ] || { echo "error: INIT=last: no earlier fit on this warm machine" >&2; return 2; }
   fi
   [ -f "$init" ] || { echo "error: INIT: $init is missing" >&2; return 2; }
+  name=$(awk '{print $2}' "$PACK/model.sha256")
+  cat "$STASH/half1" "$PACK/half2" > "$STASH/$name"
+  (cd "$STASH" && sha256sum -c --quiet "$OLDPWD/$PACK/model.sha256") || { echo "error: the reassembled $name does not match its hash" >&2; return 2; }
+  mkdir -p "$STASH/data" && tar -C "$STASH/data" -xJf "$PACK/data.tar.xz" || return 2
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   local common
   common=(--data "${DATA_FILES[@]/#/$STASH/data/}" --init "$init"
