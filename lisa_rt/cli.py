@@ -130,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--ratio", type=_fraction, default=None,
                        help="make floor(RATIO x layers) layers LiSA, the most shareable first (0.6)")
-    which.add_argument("--layers", type=_layer_list, default=None, help="exactly these layers, e.g. 5,6,9")
+    which.add_argument("--layers", type=_layer_list, default=None,
+                       help="exactly these layers, e.g. 5,6,9 (with --init: move the adapter onto them; "
+                            "layers new to it start from head matching)")
     p.add_argument("--init", default=None, metavar="ADAPTER",
-                   help="go on fitting this adapter (its layers, rank and width; no selection; "
-                        "layer-wise only with --layerwise-steps; --rank, a multiple of its rank, widens "
-                        "its delta first)")
+                   help="go on fitting this adapter (its rank and width, and its layers unless --layers "
+                        "is given; no selection; layer-wise only for layers new to it, or for all with "
+                        "--layerwise-steps when none are; --rank, a multiple of its rank, widens its delta first)")
     p.add_argument("--select", choices=("fitted", "jsd"), default=None,
                    help="how --ratio ranks layers: 'fitted' fits each layer alone and ranks by its cost to "
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the head aligner's FFN (default: the number of heads)")
     p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")
     p.add_argument("--layerwise-steps", type=_non_negative_int, default=None,
-                   help="layer-wise steps per LiSA layer (150; 0 with --init)")
+                   help="layer-wise steps per LiSA layer (150; with --init, for the layers new to the "
+                        "adapter only, and 0 when there are none)")
     p.add_argument("--layerwise-loss", choices=("attention", "output"), default="attention",
                    help="what the layer-wise phase matches: the attention distribution (default) or "
                         "what the attention block adds to the residual stream")
@@ -510,11 +513,12 @@ def cmd_fit(args) -> int:
     config = load_config(model_dir)
     init = None
     if args.init is not None:
-        shaping = [flag for flag, value in (("--layers", args.layers), ("--ratio", args.ratio),
+        shaping = [flag for flag, value in (("--ratio", args.ratio),
                                             ("--align-hidden", args.align_hidden), ("--select", args.select),
                                             ("--min-layer", args.min_layer)) if value is not None]
         if shaping:
-            raise UserError(f"--init goes on from the adapter's own layers and width: "
+            raise UserError(f"--init goes on from the adapter's own width, and its layers unless --layers "
+                            f"names them: "
                             f"{', '.join(shaping)} not allowed with it")
         init = load_adapter(args.init, config)
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,

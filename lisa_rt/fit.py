@@ -27,9 +27,13 @@
    Full layers whose logits no LiSA layer reads run torch's fused attention (no n x n tensors).
 
 A refit (options.init = an adapter) skips 2-4: it goes on from that adapter's layers and
-parameters (layer-wise if layerwise_steps > 0, then end to end), e.g. with more steps, longer
-sequences or other data than the first fit had. With a rank that is a multiple of the adapter's,
-its delta is first widened to that rank without changing what it computes (lisa.widen_rank).
+parameters (end to end, and layer-wise first if layerwise_steps > 0), e.g. with more steps,
+longer sequences or other data than the first fit had. A refit given layers moves the adapter
+onto them: a layer it keeps goes on from its parameters, a layer it drops is gone, a layer new
+to it starts as step 3 says (head matching on the calibration text) and is the only one fitted
+layer-wise (layerwise_steps, by default 150 as in a first fit). With a rank that is a multiple
+of the adapter's, its delta is first widened to that rank without changing what it computes
+(lisa.widen_rank).
 
 Everything runs in float32 on one device and is deterministic for a seed (on the same machine
 and thread count).
@@ -57,6 +61,7 @@ SELECT_SEQUENCES = 16  # sequences whose teacher states drive head matching and 
 PROBE_SEQUENCES = 4  # sequences that score each fitted layer's cost to the model's output
 SELECT_TOKENS = 256  # the prefix of each sequence that head matching and selection look at
 LAYERWISE_SEQUENCES = 16  # whole training sequences the layer-wise phase fits on
+LAYERWISE_STEPS = 150  # the layer-wise phase's default steps for a layer with no fitted parameters
 ATTENTION_ROW_STRIDE = 8  # the end-to-end attention term looks at one query row in this many
 SELECTIONS = ("fitted", "jsd")
 LAYERWISE_LOSSES = ("attention", "output")
@@ -72,7 +77,8 @@ class FitOptions:
     rank: int | None = None              # default: max(8, head_dim / 8)
     align_hidden: int | None = None      # default: num_heads
     steps: int = 200                     # end-to-end steps
-    layerwise_steps: int | None = None   # per LiSA layer; default 150, or 0 for a refit (init)
+    layerwise_steps: int | None = None   # per layer fitted layer-wise; default 150, 0 for a refit
+                                         # that adds no layers
     layerwise_loss: str = "attention"    # see LAYERWISE_LOSSES and step 5 above
     layerwise_lr: float | None = None    # default: 5 x lr
     seq_len: int = 256
@@ -85,12 +91,9 @@ class FitOptions:
     matched_heads: bool = True           # False: A = identity (the same head index), for ablations
     train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
     train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
-    init: Adapter | None = None          # go on fitting this adapter (its layers, rank, width)
+    init: Adapter | None = None          # go on fitting this adapter (its width and rank; its layers
+                                         # unless layers are given)
     progress: bool = True
-
-    def __post_init__(self):
-        if self.layerwise_steps is None:
-            self.layerwise_steps = 0 if self.init is not None else 150
 
     def validate(self, config: ModelConfig) -> None:
         if self.layers is None and not 0 < self.ratio < 1:
@@ -98,7 +101,7 @@ class FitOptions:
         if not 1 <= self.min_layer < config.num_layers:
             raise UserError(f"--min-layer must be in 1..{config.num_layers - 1}, got {self.min_layer}")
         for name in ("steps", "layerwise_steps"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8 or self.seq_len > config.max_position_embeddings:
             raise UserError(f"--seq-len must be in 8..{config.max_position_embeddings}, got {self.seq_len}")
@@ -416,21 +419,21 @@ class Fitter:
             names += ["q_proj", "k_proj"]
         return [getattr(layer, name) for name in names]
 
-    def fit_layer(self, layer: int, module: LisaLayer, x: torch.Tensor, prev_logits, bar) -> float:
-        """The layer-wise fit of one LiSA layer towards the teacher layer on the normed inputs x
-        [N, n, hidden]; prev_logits(rows) gives what layer-1 hands on for those rows. The teacher's
-        logits (and output) are made per step from x: cheaper than holding N x h x n x n of them.
-        Returns the last loss."""
+    def fit_layer(self, layer: int, module: LisaLayer, x: torch.Tensor, prev_logits, steps: int, bar) -> float:
+        """The layer-wise fit (steps steps) of one LiSA layer towards the teacher layer on the
+        normed inputs x [N, n, hidden]; prev_logits(rows) gives what layer-1 hands on for those
+        rows. The teacher's logits (and output) are made per step from x: cheaper than holding
+        N x h x n x n of them. Returns the last loss."""
         o, c, dense = self.options, self.config, self.dense
         params = self.trainable(module)
         if not params:
             return 0.0
         cos_sin = dense.lisa_cos_sin(self.rank)
         optimizer = torch.optim.Adam(params, lr=o.layerwise_lr or o.lr * 5)
-        schedule = cosine_schedule(optimizer, o.layerwise_steps)
+        schedule = cosine_schedule(optimizer, steps)
         out_proj = dense.t[f"layers.{layer}.attn.o_proj.weight"]
         last = 0.0
-        for _ in range(o.layerwise_steps):
+        for _ in range(steps):
             pick = torch.randint(len(x), (o.batch_size,), generator=self.generator)
             rows = x[pick]
             with torch.no_grad():
@@ -468,13 +471,14 @@ class Fitter:
             teacher = torch.log_softmax(dense.forward(probe), dim=-1)
         rows = [row for row in table if row["layer"] >= o.min_layer]
         fitted = {}
-        bar = self._bar(o.layerwise_steps * len(rows), "fit: scoring layers")
+        steps = LAYERWISE_STEPS if o.layerwise_steps is None else o.layerwise_steps
+        bar = self._bar(steps * len(rows), "fit: scoring layers")
         for row in rows:
             layer = row["layer"]
             module = self.new_module(layer, matching)
             prev_x = dense.normed(layer - 1, states[layer - 1])
             self.fit_layer(layer, module, dense.normed(layer, states[layer]),
-                           lambda pick: dense.own_logits(layer - 1, prev_x[pick]), bar)
+                           lambda pick: dense.own_logits(layer - 1, prev_x[pick]), steps, bar)
             with torch.no_grad():
                 student = torch.log_softmax(dense.forward(probe, {layer: module}, self.rank), dim=-1)
                 row["fitted_kl"] = float(next_token_kl(teacher, student).mean())
@@ -495,19 +499,22 @@ class Fitter:
         ranked = sorted(eligible, key=lambda row: row[key])
         return sorted(row["layer"] for row in ranked[:count])
 
-    def fit_layerwise(self, modules: dict[int, LisaLayer]) -> list[float]:
-        """Each LiSA layer in order, on the teacher's hidden states of whole training sequences,
-        towards the teacher layer (options.layerwise_loss). A layer goes on from the parameters it
-        has (its selection fit on short prefixes, or a refit's adapter). A chained layer reads what
-        the fitted LiSA layer before it hands on. Returns each layer's last loss."""
+    def fit_layerwise(self, modules: dict[int, LisaLayer], steps: dict[int, int]) -> list[float]:
+        """Each LiSA layer in order with steps[layer] > 0, on the teacher's hidden states of whole
+        training sequences, towards the teacher layer (options.layerwise_loss). A layer goes on
+        from the parameters it has (its selection fit on short prefixes, or a refit's adapter). A
+        chained layer reads what the LiSA layer before it hands on. Returns each fitted layer's
+        last loss."""
         c, dense, o = self.config, self.dense, self.options
         layers = sorted(modules)
-        if o.layerwise_steps == 0 or not any(self.trainable(m) for m in modules.values()):
+        if not any(steps.values()) or not any(self.trainable(m) for m in modules.values()):
             return []
+        # Up to the last fitted layer: the layers after it neither change nor feed it.
+        layers = [layer for layer in layers if layer <= max(l for l in layers if steps[l])]
         inputs = self.normed_inputs(self.train[:LAYERWISE_SEQUENCES], set(layers) | {l - 1 for l in layers})
         cos_sin = dense.lisa_cos_sin(self.rank)
         losses = []
-        bar = self._bar(o.layerwise_steps * len(layers), "fit: layer-wise")
+        bar = self._bar(sum(steps[layer] for layer in layers), "fit: layer-wise")
         handed_on = None  # the logits the LiSA layer just fitted hands to the next one, if LiSA
         for layer in layers:
             x, prev_x = inputs[layer], inputs[layer - 1]
@@ -515,7 +522,8 @@ class Fitter:
                 prev_logits = handed_on.__getitem__
             else:
                 prev_logits = lambda pick: dense.own_logits(layer - 1, prev_x[pick])
-            losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, bar))
+            if steps[layer]:
+                losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, steps[layer], bar))
             handed_on = None
             if layer + 1 in modules:
                 with torch.no_grad():  # one sequence at a time: the scores' temporaries stay small
@@ -616,10 +624,15 @@ class Fitter:
         o, c = self.options, self.config
         torch.manual_seed(o.seed)
         started = time.perf_counter()
-        if o.init is not None:  # a refit: the adapter's layers and parameters, no selection
-            lisa_config = LisaConfig(layers=list(o.init.config.layers), rank=self.rank, align_hidden=self.align_hidden)
+        if o.init is not None:  # a refit: the adapter's parameters, no selection
+            layers = sorted(o.layers) if o.layers is not None else list(o.init.config.layers)
+            lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
+            lisa_config.validate(c)
             init = o.init if self.rank == o.init.config.rank else widen_rank(o.init, c, self.rank, self.generator)
-            modules = {layer: self.for_training(LisaLayer(init.layer(layer))) for layer in lisa_config.layers}
+            added = [layer for layer in layers if layer not in init.config.layers]
+            matching = self.select(self.teacher_states(self.train[:SELECT_SEQUENCES, :SELECT_TOKENS]))[1] if added else {}
+            modules = {layer: self.new_module(layer, matching) if layer in added
+                       else self.for_training(LisaLayer(init.layer(layer))) for layer in layers}
             table = []
         else:
             # A few sequence prefixes suffice to match heads and score layers.
@@ -630,8 +643,14 @@ class Fitter:
             lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
             lisa_config.validate(c)
             modules = {layer: fitted[layer] if layer in fitted else self.new_module(layer, matching) for layer in layers}
+            added = layers
             del fitted, states
-        layerwise = self.fit_layerwise(modules)
+        # The layer-wise phase is for layers without fitted parameters: a refit that adds layers
+        # fits those alone; one that adds none fits every layer, only if asked to.
+        phase = added or list(modules)
+        layerwise_steps = o.layerwise_steps if o.layerwise_steps is not None else LAYERWISE_STEPS if added else 0
+        steps = {layer: layerwise_steps if layer in phase else 0 for layer in modules}
+        layerwise = self.fit_layerwise(modules, steps)
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
         train = self.compare(self.train[:KL_SEQUENCES], modules)
@@ -639,15 +658,19 @@ class Fitter:
         for layer, module in modules.items():
             tensors.update(module.tensors(layer))
         lisa_config.fit = {"tokens": int(self.train.numel()), "sequences": len(self.train), "seq_len": o.seq_len,
-                           "steps": o.steps, "layerwise_steps": o.layerwise_steps,
-                           "layerwise_loss": o.layerwise_loss if o.layerwise_steps else None,
-                           "layerwise_lr": (o.layerwise_lr or o.lr * 5) if o.layerwise_steps else None,
+                           "steps": o.steps, "layerwise_steps": layerwise_steps,
+                           "layerwise_loss": o.layerwise_loss if layerwise_steps else None,
+                           "layerwise_lr": (o.layerwise_lr or o.lr * 5) if layerwise_steps else None,
                            "batch_size": o.batch_size, "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
                            "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
                            "select": None if o.layers is not None else o.select,
                            "seconds": round(time.perf_counter() - started, 1)}
         if o.init is not None:  # what it went on from, so the whole chain stays on record
             lisa_config.fit.update(min_layer=None, ratio=None, select=None, init=dict(o.init.config.fit))
+            if layers != o.init.config.layers:  # moved onto other layers: which ones, and which were fitted layer-wise
+                dropped = [layer for layer in o.init.config.layers if layer not in layers]
+                lisa_config.fit.update(added=added, dropped=dropped,
+                                       layerwise_layers=[layer for layer in layers if steps[layer]])
             if self.rank != o.init.config.rank:
                 lisa_config.fit["init"]["rank"] = o.init.config.rank
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),

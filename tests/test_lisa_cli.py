@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lisa_rt import cli
 from lisa_rt.checkpoint import load_config
@@ -71,6 +72,16 @@ def test_fit_init_goes_on_from_an_adapter(run, fitted, tmp_path):
     assert rc == 0, err
     config = load_adapter(wide, load_config(base)).config
     assert config.rank == 16 and config.fit["init"]["rank"] == 8 and config.layers == [1, 2]
+    # --layers moves it onto other layers: here it drops layer 1 and keeps layer 2 as it was
+    moved = tmp_path / "moved.safetensors"
+    rc, stdout, err = run("fit", base, "--data", data, "--init", adapter, "--layers", "2", "--out", moved,
+                          "--steps", 0, "--seq-len", 64, "--batch-size", 2)
+    assert rc == 0, err
+    assert "1 of 3 layers LiSA" in stdout.splitlines()[-1]
+    config = load_adapter(moved, load_config(base)).config
+    assert config.layers == [2] and config.fit["dropped"] == [1] and config.fit["added"] == []
+    before, after = load_adapter(adapter, load_config(base)), load_adapter(moved, load_config(base))
+    assert all(torch.equal(after.layer(2)[p], t) for p, t in before.layer(2).items())
 
 
 def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path):
@@ -167,6 +178,8 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--ratio", "0.5", "--align-hidden", "4"),
      ["--init", "--ratio, --align-hidden", "not allowed"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--layers", "0,2"), ["--layers", "layer 0"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--layers", "2,3"), ["--layers", "1..2"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "12"), ["--rank 12", "multiple", "8"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "4"), ["--rank 4", "multiple", "8"]),
     (("fit", "{base}"), ["--data"]),

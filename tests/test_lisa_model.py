@@ -349,6 +349,37 @@ def test_refit_goes_on_from_an_adapter(tiny):
         _fit(config, t, tokenizer, init=first.adapter, rank=6, steps=0)
 
 
+def test_refit_moves_an_adapter_onto_other_layers(tiny):
+    """A refit given layers keeps the parameters of the layers it keeps, drops the others and starts
+    a new layer from head matching; by default only the new layer is fitted layer-wise."""
+    directory, config, t = tiny
+    tokenizer = load_model_dir(directory).tokenizer
+    first = _fit(config, t, tokenizer, layers=[2], rank=4, steps=2, layerwise_steps=5, lr=5e-3)
+    kept = first.adapter.layer(2)
+    # layer 1 new at its step 0: what a fresh fit with the same seed starts layer 1 from
+    fresh = _fit(config, t, tokenizer, layers=[1], rank=4, steps=0, layerwise_steps=0).adapter.layer(1)
+    moved = _fit(config, t, tokenizer, init=first.adapter, layers=[1, 2], steps=0, layerwise_steps=0)
+    assert moved.adapter.config.layers == [1, 2] and moved.adapter.config.rank == 4
+    assert all(torch.equal(moved.adapter.layer(1)[p], fresh[p]) for p in fresh)
+    assert all(torch.equal(moved.adapter.layer(2)[p], kept[p]) for p in kept)
+    fit = moved.adapter.config.fit
+    assert fit["added"] == [1] and fit["dropped"] == [] and fit["layerwise_layers"] == []
+    # the new layer alone is fitted layer-wise (150 steps by default), which lowers what it costs
+    fitted = _fit(config, t, tokenizer, init=first.adapter, layers=[1, 2], steps=0, lr=5e-3)
+    assert len(fitted.losses["layerwise"]) == 1 and fitted.adapter.config.fit["layerwise_layers"] == [1]
+    assert fitted.adapter.config.fit["layerwise_steps"] == 150
+    shorter = _fit(config, t, tokenizer, init=first.adapter, layers=[1, 2], steps=0, layerwise_steps=7)
+    assert len(shorter.losses["layerwise"]) == 1 and shorter.adapter.config.fit["layerwise_steps"] == 7
+    assert all(torch.equal(fitted.adapter.layer(2)[p], kept[p]) for p in kept)
+    assert not torch.equal(fitted.adapter.layer(1)["align_w2"], fresh["align_w2"])
+    assert fitted.quality["train_kl"] < moved.quality["train_kl"]
+    # a dropped layer is gone and the kept one is as it was
+    swapped = _fit(config, t, tokenizer, init=moved.adapter, layers=[1], steps=0)
+    assert swapped.adapter.config.layers == [1] and swapped.adapter.config.fit["dropped"] == [2]
+    assert set(swapped.adapter.tensors) == {tensor_name(1, p) for p in fresh}
+    assert all(torch.equal(swapped.adapter.layer(1)[p], fresh[p]) for p in fresh)
+
+
 @pytest.mark.parametrize("factor", [2, 3])
 def test_widening_the_rank_keeps_what_the_adapter_computes(tiny, factor):
     """Each RoPE pair moves to the new pair of its frequency and q' absorbs the new 1/sqrt(rank):
