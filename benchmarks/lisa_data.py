@@ -8,10 +8,13 @@ the licence texts in /usr/share/common-licenses (GPL-3, LGPL-3, GFDL-1.3, Apache
 Artistic), English legal prose that fitting never sees; held_out_manual: the wget manual, the
 same cleaning, a second unseen text of another kind. man_pages: the start of the larger man pages
 of sections 1, 5, 7 and 8 (at most a few per project), rendered by groff as prose, without their
-licence, author and see-also sections, and without wget's.
+licence, author and see-also sections, and without wget's. validation: the README files in
+/usr/share/doc that are prose and hold no licence, a third unseen text (packaging notes, another
+kind again) to choose between fits and layers by, so that the two held-out texts stay a test.
 
-    python benchmarks/lisa_data.py OUT_DIR [--info-dir DIR] [--licences-dir DIR] [--man-dir DIR]
-    # writes OUT_DIR/calibration.txt, manuals.txt, man_pages.txt, held_out.txt, held_out_manual.txt
+    python benchmarks/lisa_data.py OUT_DIR [--info-dir DIR] [--licences-dir DIR] [--man-dir DIR] [--doc-dir DIR]
+    # writes OUT_DIR/calibration.txt, manuals.txt, man_pages.txt, held_out.txt, held_out_manual.txt,
+    # validation.txt
 """
 import argparse
 import gzip
@@ -81,6 +84,18 @@ LICENCE_TEXT = re.compile(r"General Public License|Free Documentation License|Pe
                           re.IGNORECASE)
 
 
+# Validation: READMEs in path order, the start of each, until about VALIDATION_CHARS (the size of
+# the held-out licences). A README that names a licence may quote one; one that is under
+# README_MIN_PROSE letters and spaces is mostly code, tables or lists.
+README = re.compile(r"README(\.(md|txt|markdown|rst))?(\.gz)?$")
+README_LICENCE = re.compile(r"General Public License|Permission is granted|Apache License|Mozilla Public"
+                            r"|Redistribution and use|THE SOFTWARE IS PROVIDED|WITHOUT ANY WARRANTY", re.IGNORECASE)
+README_MIN_CHARS = 1_500
+README_MIN_PROSE = 0.8
+README_CHARS = 5_000
+VALIDATION_CHARS = 100_000
+
+
 class DataError(Exception):
     """A missing source text, said in one line."""
 
@@ -131,8 +146,24 @@ def man_pages_text(man_dir: Path) -> str:
     return "\n\n".join(texts)
 
 
-def collect(info_dir: Path, licences: Path, man_dir: Path) -> dict[str, str]:
-    """The five texts by file name; nothing is written until all of them are read."""
+def validation_text(doc_dir: Path) -> str:
+    texts, total = [], 0
+    for path in sorted(p for p in doc_dir.rglob("README*") if README.match(p.name) and p.is_file()):
+        text = (_gunzip(path) if path.suffix == ".gz" else path.read_bytes()).decode("utf-8", errors="replace")
+        prose = sum(c.isalpha() or c == " " for c in text) / len(text) if text else 0.0
+        if README_LICENCE.search(text) or len(text) < README_MIN_CHARS or prose < README_MIN_PROSE:
+            continue
+        texts.append(text[:README_CHARS].strip())
+        total += len(texts[-1])
+        if total > VALIDATION_CHARS:
+            break
+    if not texts:
+        raise DataError(f"{doc_dir}: no README of prose (README, README.md, ... at least {README_MIN_CHARS} chars)")
+    return "\n\n".join(texts) + "\n"
+
+
+def collect(info_dir: Path, licences: Path, man_dir: Path, doc_dir: Path) -> dict[str, str]:
+    """The six texts by file name; nothing is written until all of them are read."""
     import pydoc_data.topics as topics
 
     missing = [name for name in LICENSES if not (licences / name).is_file()]
@@ -147,6 +178,7 @@ def collect(info_dir: Path, licences: Path, man_dir: Path) -> dict[str, str]:
         "man_pages.txt": man_pages_text(man_dir),
         "held_out.txt": "\n\n".join((licences / name).read_text(encoding="utf-8") for name in LICENSES),
         "held_out_manual.txt": manual_text(info_dir, HELD_OUT_MANUAL)[:HELD_OUT_MANUAL_CHARS],
+        "validation.txt": validation_text(doc_dir),
     }
 
 
@@ -157,9 +189,10 @@ def main() -> int:
     parser.add_argument("--licences-dir", type=Path, default=Path("/usr/share/common-licenses"))
     parser.add_argument("--man-dir", type=Path, default=Path("/usr/share/man"),
                         help="the man pages (SECTION/*.gz, rendered with groff)")
+    parser.add_argument("--doc-dir", type=Path, default=Path("/usr/share/doc"), help="the README files")
     args = parser.parse_args()
     try:
-        texts = collect(args.info_dir, args.licences_dir, args.man_dir)
+        texts = collect(args.info_dir, args.licences_dir, args.man_dir, args.doc_dir)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for file, text in texts.items():
             # Written beside and renamed: an interrupted run leaves no half-written text.

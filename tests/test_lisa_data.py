@@ -1,5 +1,6 @@
-"""benchmarks/lisa_data.py on made-up GNU manuals and licence files: what the fitting text keeps
-and drops, the held-out texts, and one error line (exit 2, nothing written) for missing sources."""
+"""benchmarks/lisa_data.py on made-up GNU manuals, licence files, man pages and READMEs: what the
+fitting text keeps and drops, the held-out and validation texts, and one error line (exit 2,
+nothing written) for missing sources."""
 import gzip
 import hashlib
 import shutil
@@ -33,14 +34,19 @@ def _man(path: Path, name: str, body: str, words: int = 600) -> None:
                 ".SH SEE ALSO\nbeta(1)\n")
 
 
-def _run(out: Path, info: Path, licences: Path, man: Path):
-    return run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man)
+def _run(out: Path, info: Path, licences: Path, man: Path, doc: Path):
+    return run_script(SCRIPT, out, "--info-dir", info, "--licences-dir", licences, "--man-dir", man, "--doc-dir", doc)
 
 
 needs_groff = pytest.mark.skipif(shutil.which("groff") is None, reason="groff renders the man pages")
 
 
-def _sources(tmp_path: Path) -> tuple[Path, Path, Path]:
+def _prose(name: str, chars: int) -> str:
+    sentence = f"The {name} package keeps its notes here for the people who maintain it. "
+    return (sentence * (chars // len(sentence) + 1))[:chars]
+
+
+def _sources(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     info = tmp_path / "info"
     info.mkdir()
     _info(info / "alpha.info.gz",
@@ -70,7 +76,17 @@ def _sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     for number in range(4):  # a family: its three largest pages are kept
         _man(man / "man1" / f"gcloud-part{number}.1.gz", f"gcloud-part{number}", f"Gcloud part {number}.",
              words=600 + 100 * number)
-    return info, licences, man
+    doc = tmp_path / "doc"
+    for package in ("alpha", "beta", "gamma", "delta", "zeta"):
+        (doc / package).mkdir(parents=True)
+    (doc / "alpha" / "README").write_text(_prose("alpha", 7_000), encoding="utf-8")  # cut to 5,000
+    with gzip.open(doc / "beta" / "README.md.gz", "wt", encoding="utf-8") as f:
+        f.write(_prose("beta", 2_000))
+    (doc / "gamma" / "README.txt").write_text(_prose("gamma", 3_000) + " WITHOUT ANY WARRANTY.", encoding="utf-8")
+    (doc / "delta" / "README").write_text(_prose("delta", 1_000), encoding="utf-8")  # too short
+    (doc / "zeta" / "README").write_text("x = {1: [2, 3]};\n" * 200, encoding="utf-8")  # code, not prose
+    (doc / "zeta" / "changelog").write_text(_prose("zeta", 3_000), encoding="utf-8")  # not a README
+    return info, licences, man, doc
 
 
 def _written(tmp_path: Path) -> Path:
@@ -97,7 +113,13 @@ def test_manuals_keep_prose_and_drop_navigation_licences_and_the_held_out_manual
     assert all(f"The {name} licence text." in held_out for name in LICENSES)
     assert len((out / "calibration.txt").read_text(encoding="utf-8")) > 100_000  # CPython's own topics
     assert sorted(p.name for p in out.iterdir()) == ["calibration.txt", "held_out.txt", "held_out_manual.txt",
-                                                     "man_pages.txt", "manuals.txt"]
+                                                     "man_pages.txt", "manuals.txt", "validation.txt"]
+
+
+@needs_groff
+def test_validation_is_the_prose_readmes_without_licences(tmp_path):
+    validation = (_written(tmp_path) / "validation.txt").read_text(encoding="utf-8")
+    assert validation == _prose("alpha", 5_000).strip() + "\n\n" + _prose("beta", 2_000).strip() + "\n"
 
 
 @needs_groff
@@ -112,36 +134,47 @@ def test_man_pages_are_rendered_as_prose_without_licences_lists_or_the_held_out_
 
 
 def test_no_groff_or_a_corrupt_page_is_one_error_line_and_nothing_written(tmp_path, monkeypatch):
-    info, licences, man = _sources(tmp_path)
+    info, licences, man, doc = _sources(tmp_path)
     out = tmp_path / "out"
     (man / "man7" / "omega.7.gz").write_bytes(b"not gzip at all " * 200)  # large enough to be read
-    result = _run(out, info, licences, man)
+    result = _run(out, info, licences, man, doc)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "omega.7.gz" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
     monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
     (man / "man7" / "omega.7.gz").unlink()
-    result = _run(out, info, licences, man)
+    result = _run(out, info, licences, man, doc)
     assert result.returncode == 2 and result.stderr.startswith("error: groff not found")
     assert result.stderr.count("\n") == 1 and not out.exists()
 
 
 def test_missing_sources_are_one_error_line_and_nothing_written(tmp_path):
-    info, licences, man = _sources(tmp_path)
+    info, licences, man, doc = _sources(tmp_path)
     (licences / "MPL-2.0").unlink()
     out = tmp_path / "out"
-    result = _run(out, info, licences, man)
+    result = _run(out, info, licences, man, doc)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "MPL-2.0" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
     (tmp_path / "second").mkdir()
-    info, licences, man = _sources(tmp_path / "second")
+    info, licences, man, doc = _sources(tmp_path / "second")
     (info / "wget.info.gz").unlink()
-    result = _run(out, info, licences, man)
+    result = _run(out, info, licences, man, doc)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "wget" in result.stderr
     assert not out.exists()
 
     (info / "wget.info.gz").write_bytes(b"not gzip at all")
-    result = _run(out, info, licences, man)
+    result = _run(out, info, licences, man, doc)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not out.exists()
+
+
+@needs_groff
+def test_no_readme_of_prose_is_one_error_line_and_nothing_written(tmp_path):
+    info, licences, man, doc = _sources(tmp_path)
+    out = tmp_path / "out"
+    for readme in [*doc.rglob("README*")]:
+        readme.unlink()
+    result = _run(out, info, licences, man, doc)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no README" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
