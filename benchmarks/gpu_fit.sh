@@ -15,7 +15,10 @@
 # this adapter did best with on the CPU; BENCHMARKS.md), DEVICE (cuda), TF32 (1), DATA
 # (the fitting texts, e.g. DATA="calibration.txt manuals.txt self32.jsonl" to leave the man pages
 # out), INIT (the adapter to go on from: the shipped one by default; `last` for the adapter the
-# previous `fit` on this warm machine wrote, to chain fits without copying each one home and back).
+# previous `fit` on this warm machine wrote, to chain fits without copying each one home and back),
+# LAYERS (e.g. LAYERS=4,5,6,7,11,...: move the adapter onto these layers first; the layers new to
+# it start from head matching and get LAYERWISE_STEPS (400) layer-wise steps with LAYERWISE_LOSS
+# (output) before the end-to-end fit; the probe skips them).
 # Each `fit` on the same warm machine reuses the stash: several fits can follow one stash.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -79,8 +82,15 @@ fit() {
           --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}" --lr "${LR:-1e-3}" --seed "${SEED:-0}"
           --attn-weight "${ATTN_WEIGHT:-8}"
           --device "${DEVICE:-cuda}" --force)
+  local layerwise=() probe_layerwise=()
+  if [ -n "${LAYERS:-}" ]; then
+    common+=(--layers "$LAYERS")
+    layerwise=(--layerwise-steps "${LAYERWISE_STEPS:-400}" --layerwise-loss "${LAYERWISE_LOSS:-output}")
+    probe_layerwise=(--layerwise-steps 0)
+  fi
   # The probe converts the model (cached for the real fit) and gives the time of a step.
-  lisa_rt fit "$STASH/$name" "${common[@]}" --steps 20 --max-sequences 256 --out "$STASH/probe.safetensors" \
+  lisa_rt fit "$STASH/$name" "${common[@]}" "${probe_layerwise[@]}" --steps 20 --max-sequences 256 \
+    --out "$STASH/probe.safetensors" \
     > "$out/probe.log" 2>&1 || { tail -20 "$out/probe.log"; return 1; }
   local per_step steps left
   # The end-to-end bar's rate at its last step (tqdm: "1.32step/s" or "2.74s/step"), a moving
@@ -93,7 +103,8 @@ fit() {
   steps=$(python3 -c "print(max(0, int(0.85 * ($left - 60) / $per_step)))")
   echo "probe: $per_step s per step; $left s left: $steps steps"
   [ "$steps" -gt 0 ] || { echo "error: no time left for the fit" >&2; return 1; }
-  lisa_rt fit "$STASH/$name" "${common[@]}" --steps "$steps" --max-sequences 8192 --out "$out/adapter.safetensors" \
+  lisa_rt fit "$STASH/$name" "${common[@]}" "${layerwise[@]}" --steps "$steps" --max-sequences 8192 \
+    --out "$out/adapter.safetensors" \
     > "$out/fit.log" 2>&1
   local rc=$?
   [ $rc = 0 ] && cp "$out/adapter.safetensors" "$STASH/last.safetensors"
