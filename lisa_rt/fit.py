@@ -499,22 +499,21 @@ class Fitter:
         ranked = sorted(eligible, key=lambda row: row[key])
         return sorted(row["layer"] for row in ranked[:count])
 
-    def fit_layerwise(self, modules: dict[int, LisaLayer], steps: dict[int, int]) -> list[float]:
-        """Each LiSA layer in order with steps[layer] > 0, on the teacher's hidden states of whole
+    def fit_layerwise(self, modules: dict[int, LisaLayer], fitted: list[int], steps: int) -> list[float]:
+        """Each layer of fitted in order, steps steps, on the teacher's hidden states of whole
         training sequences, towards the teacher layer (options.layerwise_loss). A layer goes on
         from the parameters it has (its selection fit on short prefixes, or a refit's adapter). A
         chained layer reads what the LiSA layer before it hands on. Returns each fitted layer's
         last loss."""
         c, dense, o = self.config, self.dense, self.options
-        layers = sorted(modules)
-        if not any(steps.values()) or not any(self.trainable(m) for m in modules.values()):
+        if steps == 0 or not fitted or not any(self.trainable(m) for m in modules.values()):
             return []
         # Up to the last fitted layer: the layers after it neither change nor feed it.
-        layers = [layer for layer in layers if layer <= max(l for l in layers if steps[l])]
+        layers = [layer for layer in sorted(modules) if layer <= max(fitted)]
         inputs = self.normed_inputs(self.train[:LAYERWISE_SEQUENCES], set(layers) | {l - 1 for l in layers})
         cos_sin = dense.lisa_cos_sin(self.rank)
         losses = []
-        bar = self._bar(sum(steps[layer] for layer in layers), "fit: layer-wise")
+        bar = self._bar(steps * len(fitted), "fit: layer-wise")
         handed_on = None  # the logits the LiSA layer just fitted hands to the next one, if LiSA
         for layer in layers:
             x, prev_x = inputs[layer], inputs[layer - 1]
@@ -522,8 +521,8 @@ class Fitter:
                 prev_logits = handed_on.__getitem__
             else:
                 prev_logits = lambda pick: dense.own_logits(layer - 1, prev_x[pick])
-            if steps[layer]:
-                losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, steps[layer], bar))
+            if layer in fitted:
+                losses.append(self.fit_layer(layer, modules[layer], x, prev_logits, steps, bar))
             handed_on = None
             if layer + 1 in modules:
                 with torch.no_grad():  # one sequence at a time: the scores' temporaries stay small
@@ -647,10 +646,9 @@ class Fitter:
             del fitted, states
         # The layer-wise phase is for layers without fitted parameters: a refit that adds layers
         # fits those alone; one that adds none fits every layer, only if asked to.
-        phase = added or list(modules)
+        layerwise_layers = added or sorted(modules)
         layerwise_steps = o.layerwise_steps if o.layerwise_steps is not None else LAYERWISE_STEPS if added else 0
-        steps = {layer: layerwise_steps if layer in phase else 0 for layer in modules}
-        layerwise = self.fit_layerwise(modules, steps)
+        layerwise = self.fit_layerwise(modules, layerwise_layers, layerwise_steps)
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
         train = self.compare(self.train[:KL_SEQUENCES], modules)
@@ -670,7 +668,7 @@ class Fitter:
             if layers != o.init.config.layers:  # moved onto other layers: which ones, and which were fitted layer-wise
                 dropped = [layer for layer in o.init.config.layers if layer not in layers]
                 lisa_config.fit.update(added=added, dropped=dropped,
-                                       layerwise_layers=[layer for layer in layers if steps[layer]])
+                                       layerwise_layers=layerwise_layers if layerwise_steps else [])
             if self.rank != o.init.config.rank:
                 lisa_config.fit["init"]["rank"] = o.init.config.rank
         quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
