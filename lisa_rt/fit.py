@@ -471,7 +471,7 @@ class Fitter:
             teacher = torch.log_softmax(dense.forward(probe), dim=-1)
         rows = [row for row in table if row["layer"] >= o.min_layer]
         fitted = {}
-        steps = LAYERWISE_STEPS if o.layerwise_steps is None else o.layerwise_steps
+        steps = self.layerwise_steps(new_layers=True)
         bar = self._bar(steps * len(rows), "fit: scoring layers")
         for row in rows:
             layer = row["layer"]
@@ -485,6 +485,17 @@ class Fitter:
             fitted[layer] = module
         bar.close()
         return fitted
+
+    def layerwise_steps(self, new_layers: bool) -> int:
+        """Layer-wise steps per layer: as asked, else LAYERWISE_STEPS for layers without fitted
+        parameters and none for a refit that adds no layer."""
+        if self.options.layerwise_steps is not None:
+            return self.options.layerwise_steps
+        return LAYERWISE_STEPS if new_layers else 0
+
+    def selection_states(self) -> list[torch.Tensor]:
+        """The teacher's states on a few sequence prefixes: enough to match heads and score layers."""
+        return self.teacher_states(self.train[:SELECT_SEQUENCES, :SELECT_TOKENS])
 
     def choose_layers(self, table: list[dict]) -> list[int]:
         o = self.options
@@ -629,13 +640,12 @@ class Fitter:
             lisa_config.validate(c)
             init = o.init if self.rank == o.init.config.rank else widen_rank(o.init, c, self.rank, self.generator)
             added = [layer for layer in layers if layer not in init.config.layers]
-            matching = self.select(self.teacher_states(self.train[:SELECT_SEQUENCES, :SELECT_TOKENS]))[1] if added else {}
+            matching = self.select(self.selection_states())[1] if added else {}
             modules = {layer: self.new_module(layer, matching) if layer in added
                        else self.for_training(LisaLayer(init.layer(layer))) for layer in layers}
             table = []
         else:
-            # A few sequence prefixes suffice to match heads and score layers.
-            states = self.teacher_states(self.train[:SELECT_SEQUENCES, :SELECT_TOKENS])
+            states = self.selection_states()
             table, matching = self.select(states)
             fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
             layers = self.choose_layers(table)
@@ -647,7 +657,7 @@ class Fitter:
         # The layer-wise phase is for layers without fitted parameters: a refit that adds layers
         # fits those alone; one that adds none fits every layer, only if asked to.
         layerwise_layers = added or sorted(modules)
-        layerwise_steps = o.layerwise_steps if o.layerwise_steps is not None else LAYERWISE_STEPS if added else 0
+        layerwise_steps = self.layerwise_steps(new_layers=bool(added))
         layerwise = self.fit_layerwise(modules, layerwise_layers, layerwise_steps)
         end_to_end = self.fit_end_to_end(modules)
         held_out = self.compare(self.held_out, modules)
