@@ -12,7 +12,7 @@ import lisa_rt
 from lisa_rt import SamplingParams, UserError, generate
 from lisa_rt.engine import Engine, Request, StopStringFilter
 from lisa_rt.kv_cache import KVCache
-from lisa_rt.sampling import Sampler
+from lisa_rt.sampling import Sampler, sample_batch
 from tests.fixtures import CORPUS, tiny_model_dir
 
 pytest.importorskip("transformers")
@@ -172,6 +172,98 @@ def test_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([2.0, 1.0, 1.9])
     for t in (1e-6, 1e-30, 1e-45):
         assert sampler(temperature=t)(logits, []) == 0
+
+
+def filtered_probs(logits, p):
+    """The distribution the sampler promises, straight from its definition in float64: repetition
+    penalty aside, temperature, the top_k most likely renormalised, top_p (a token goes once the
+    more likely ones hold top_p), min_p of the most likely, renormalised."""
+    probs = torch.softmax(logits.double() / p.temperature, -1)
+    order = probs.argsort(descending=True)
+    kept = torch.zeros_like(probs)
+    ranked = probs[order]
+    if 0 < p.top_k < len(ranked):
+        ranked[p.top_k:] = 0
+        ranked = ranked / ranked.sum()
+    if p.top_p < 1:
+        ranked[ranked.cumsum(0) - ranked >= p.top_p] = 0
+    ranked[ranked < p.min_p * ranked[0]] = 0
+    kept[order] = ranked
+    return kept / kept.sum()
+
+
+def stratified_tokens(logits, params, draws):
+    """The tokens of `draws` samplers of one distribution whose uniform numbers are spread evenly
+    over [0, 1): each token is then drawn as often as its probability says, to within one."""
+    samplers = []
+    for i in range(draws):
+        s = Sampler(params)
+        s.uniform = lambda u=(i + 0.5) / draws: u
+        samplers.append(s)
+    return sample_batch(samplers, logits.expand(draws, -1), lambda row: [])
+
+
+@pytest.mark.parametrize("vocab, spread, kw", [
+    (1000, 3.0, dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.8)),   # the CLI's defaults
+    (1000, 3.0, dict(top_k=0, top_p=1.0, min_p=0.0)),                       # the whole vocabulary
+    (1000, 3.0, dict(top_k=0, top_p=1.0, min_p=0.01, temperature=1.5)),
+    (1000, 3.0, dict(top_k=700, top_p=1.0, min_p=0.0)),
+    (300, 4.0, dict(top_k=0, top_p=0.9, min_p=0.0)),     # nucleus within the first candidates
+    (300, 3.0, dict(top_k=0, top_p=0.9, min_p=0.0)),     # ... past them, within the next
+    (300, 0.1, dict(top_k=0, top_p=0.95, min_p=0.0)),    # ... past those: the whole row
+    (300, 1.0, dict(top_k=0, top_p=0.9, min_p=0.2)),     # min_p cuts inside the nucleus
+])
+def test_draws_follow_the_filtered_distribution(vocab, spread, kw, monkeypatch):
+    from lisa_rt import sampling
+    # Fewer candidates than the runtime's, so that a small vocabulary reaches every tier.
+    monkeypatch.setattr(sampling, "CANDIDATES", 16)
+    monkeypatch.setattr(sampling, "MORE_CANDIDATES", 64)
+    params = SamplingParams(**{"temperature": 1.0, **kw})
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab + int(spread * 10))) * spread
+    want = filtered_probs(logits, params)
+    draws = 8000
+    counts = torch.bincount(torch.tensor(stratified_tokens(logits, params, draws)), minlength=vocab)
+    assert ((counts - want * draws).abs() <= 1.01).all(), (counts - want * draws).abs().max()
+    kept = int((want > 0).sum())
+    if params.top_p < 1 and not params.min_p:  # the cases reach the tier they say they do
+        assert (0 if kept < 16 else 1 if kept < 64 else 2) == {4.0: 0, 3.0: 1, 0.1: 2}[spread], kept
+
+
+def test_rows_draw_the_same_alone_and_in_a_mixed_batch():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 6000, generator=gen) * torch.tensor([[3.0], [0.1], [1.0], [3.0], [2.0], [0.1], [3.0]])
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=0, top_p=0.95, min_p=0.0, seed=1),
+              SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=2), SamplingParams(seed=3),
+              SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(top_k=0, top_p=0.9, seed=4),
+              SamplingParams(repetition_penalty=0.8, top_k=5, seed=5)]
+    history = [[1, 2, 3], [], [9], [], [int(logits[4].argmax()), 7], [], [0, 5, 5]]
+    batched = [sample_batch([Sampler(p) for p in params], logits, history.__getitem__) for _ in range(2)]
+    alone = [sample_batch([Sampler(p)], logits[row:row + 1], lambda _: history[row])[0]
+             for row, p in enumerate(params)]
+    assert batched[0] == batched[1] == alone
+    assert alone[0] == int(logits[0].argmax()) and alone[4] != int(logits[4].argmax())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_sampling_on_the_gpu_follows_the_same_distributions():
+    # The logits stay on the device; only the tokens come back.
+    gen = torch.Generator().manual_seed(5)
+    for kw in (dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.8), dict(top_k=0, top_p=1.0, min_p=0.0),
+               dict(top_k=0, top_p=0.9, min_p=0.0)):
+        params = SamplingParams(**kw)
+        logits = torch.randn(49152, generator=gen) * 2
+        want = filtered_probs(logits, params)
+        counts = torch.bincount(torch.tensor(stratified_tokens(logits.cuda(), params, 4000)), minlength=49152)
+        assert ((counts - want * 4000).abs() <= 1.01).all(), kw
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    logits = torch.zeros(2, 50)
+    logits[1, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="not finite"):
+        sample_batch([Sampler(SamplingParams(seed=0)), Sampler(SamplingParams(top_k=0, seed=0))], logits,
+                     lambda row: [])
 
 
 @pytest.mark.parametrize("kw, message", [
