@@ -185,6 +185,96 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
     for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
 }
 
+// Lane i of the result: the sum of v[i]'s eight lanes.
+LISA_AVX2 inline __m256 hsum8x8(const __m256 (&v)[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a: the four sums of v[0..3] over lanes 0-3, then over lanes 4-7; b likewise for v[4..7].
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// dst[0..n) = src[0..n) as float32; n a multiple of 8.
+template <typename T>
+LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
+  for (int64_t e = 0; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
+}
+
+// s[i * s_stride + r] = scale * q_i . K[r] for the g query heads q_i (g rows of d) that share
+// one KV head, over its `rows` key rows (`stride` floats apart from k); d a multiple of 8. Eight
+// keys at a time, so that a head's eight sums are reduced together.
+LISA_AVX2 inline void group_key_logits_avx2(float* s, int64_t s_stride, const float* q, int64_t g, const float* k,
+                                            int64_t rows, int64_t stride, int64_t d, float scale) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int64_t count = std::min<int64_t>(8, rows - r0);
+    const float* key[8];
+    for (int64_t r = 0; r < 8; ++r) key[r] = k + (r0 + std::min(r, count - 1)) * stride;  // past the rows: unused
+    for (int64_t i = 0; i < g; ++i) {
+      __m256 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < d; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i * d + c);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[r] + c), acc[r]);
+      }
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, _mm256_mul_ps(hsum8x8(acc), vscale));
+      std::copy(sums, sums + count, s + i * s_stride + r0);
+    }
+  }
+}
+
+// acc_i[0..d) += sum over `rows` slots (`stride` floats apart) of p_i[r] v_r for H heads i sharing
+// one KV head (acc_i at acc + i * acc_stride, p_i at p + i * p_stride): sixteen columns at a time,
+// each value row loaded once for all H; d a multiple of 8.
+template <int H>
+LISA_AVX2 inline void accumulate_heads_avx2(float* acc, int64_t acc_stride, const float* p, int64_t p_stride,
+                                            const float* v, int64_t rows, int64_t stride, int64_t d) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    __m256 a[H][2];
+    for (int i = 0; i < H; ++i) {
+      a[i][0] = _mm256_loadu_ps(acc + i * acc_stride + c);
+      a[i][1] = _mm256_loadu_ps(acc + i * acc_stride + c + 8);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 v0 = _mm256_loadu_ps(v + r * stride + c), v1 = _mm256_loadu_ps(v + r * stride + c + 8);
+      for (int i = 0; i < H; ++i) {
+        const __m256 w = _mm256_broadcast_ss(p + i * p_stride + r);
+        a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(w, v1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < H; ++i) {
+      _mm256_storeu_ps(acc + i * acc_stride + c, a[i][0]);
+      _mm256_storeu_ps(acc + i * acc_stride + c + 8, a[i][1]);
+    }
+  }
+  if (c < d) {
+    __m256 a[H];
+    for (int i = 0; i < H; ++i) a[i] = _mm256_loadu_ps(acc + i * acc_stride + c);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 v0 = _mm256_loadu_ps(v + r * stride + c);
+      for (int i = 0; i < H; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * p_stride + r), v0, a[i]);
+    }
+    for (int i = 0; i < H; ++i) _mm256_storeu_ps(acc + i * acc_stride + c, a[i]);
+  }
+}
+
+// accumulate_heads_avx2 for any number of heads g, four at a time.
+inline void group_accumulate_values_avx2(float* acc, int64_t acc_stride, const float* p, int64_t p_stride, int64_t g,
+                                         const float* v, int64_t rows, int64_t stride, int64_t d) {
+  for (int64_t i = 0; i < g; i += 4) {
+    float* a = acc + i * acc_stride;
+    const float* w = p + i * p_stride;
+    switch (std::min<int64_t>(4, g - i)) {
+      case 1: accumulate_heads_avx2<1>(a, acc_stride, w, p_stride, v, rows, stride, d); break;
+      case 2: accumulate_heads_avx2<2>(a, acc_stride, w, p_stride, v, rows, stride, d); break;
+      case 3: accumulate_heads_avx2<3>(a, acc_stride, w, p_stride, v, rows, stride, d); break;
+      default: accumulate_heads_avx2<4>(a, acc_stride, w, p_stride, v, rows, stride, d); break;
+    }
+  }
+}
+
 // Heads handled together per work item: the whole GQA group (keys and values read once) when
 // there are enough (sequence, KV head) items to keep every thread busy, else one head each.
 inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
@@ -195,8 +285,12 @@ inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
 // arithmetic is float32). A work item is one sequence's run of keys for every head at once, so
 // it streams whole cache rows (the KV heads of a slot are adjacent; reading one head's rows
 // alone drew a fifth of the memory bandwidth here), and runs are short enough that even batch 1
-// keeps every thread busy. Each item leaves, per head, its largest logit, the sum of
-// exp(logit - largest) and the unnormalised P V; a second pass merges the runs of each sequence.
+// keeps every thread busy. Each block of keys, then of values, is read in one sequential sweep
+// into a float32 staging buffer (widened once, whichever heads use it) and the heads work from
+// there, a KV head's group together: reading the cache per head or per KV head, rows a slot
+// apart, drew memory at a fraction of a sequential sweep's rate here (BENCHMARKS.md). Each item
+// leaves, per head, its largest logit, the sum of exp(logit - largest) and the unnormalised P V;
+// a second pass merges the runs of each sequence.
 //
 // The logits are q . K * scale, or (LiSA) given; logits.out, when set, receives them for the
 // next layer. out and q are [batch, heads, d] (q rows q_stride apart); keys, values: the pools.
@@ -225,7 +319,7 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
   std::vector<float> partial(items * heads * part);
   const int64_t row_stride = kv_heads * d;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(heads * chunk);
+    std::vector<float> s(heads * chunk), qf(heads * d), staged(bs * row_stride);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item_seq[item], j0 = item_start[item], n = std::min(chunk, lens[b] - j0);
       const PagedSeq seq = c.seq(b);
@@ -236,10 +330,12 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
         }
       } else {
         const T* qb = q + b * q_stride;
+        widen_avx2(qf.data(), qb, heads * d);
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t h = 0; h < heads; ++h)
-              s[h * chunk + j - j0 + r] = scale * dot8(qb + h * d, keys + offset + r * row_stride + h / group * d, d);
+          widen_avx2(staged.data(), keys + offset, rows * row_stride);
+          for (int64_t kv = 0; kv < kv_heads; ++kv)
+            group_key_logits_avx2(s.data() + kv * group * chunk + j - j0, chunk, qf.data() + kv * group * d, group,
+                                  staged.data() + kv * d, rows, row_stride, d, scale);
         });
       }
       if (logits.out != nullptr) {
@@ -255,9 +351,10 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
         std::fill(result + h * part, result + h * part + d, 0.0f);
       }
       seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
-        for (int64_t h = 0; h < heads; ++h)
-          accumulate_values_avx2(result + h * part, s.data() + h * chunk + j - j0, values + offset + h / group * d,
-                                 rows, row_stride, d);
+        widen_avx2(staged.data(), values + offset, rows * row_stride);
+        for (int64_t kv = 0; kv < kv_heads; ++kv)
+          group_accumulate_values_avx2(result + kv * group * part, part, s.data() + kv * group * chunk + j - j0, chunk,
+                                       group, staged.data() + kv * d, rows, row_stride, d);
       });
     }
   });
