@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from . import huge_pages
 from .config import LisaConfig, ModelConfig
 from .errors import UserError
 
@@ -61,11 +62,14 @@ class KVCache:
         self.num_blocks = num_blocks
         lisa_layers = set(lisa.layers) if lisa is not None else set()
 
-        def pool(width: int) -> torch.Tensor:
-            return torch.zeros(num_blocks, block_size, config.num_kv_heads, width, device=device, dtype=dtype)
-
-        self.key_pools = [pool(lisa.rank if i in lisa_layers else config.head_dim) for i in range(config.num_layers)]
-        self.value_pools = [pool(config.head_dim) for _ in range(config.num_layers)]
+        key_widths = [lisa.rank if i in lisa_layers else config.head_dim for i in range(config.num_layers)]
+        shapes = [(num_blocks, block_size, config.num_kv_heads, width)
+                  for width in key_widths + [config.head_dim] * config.num_layers]
+        # On the CPU in one huge-page arena where there is one (huge_pages.py).
+        pools = huge_pages.zeros_packed([(shape, dtype) for shape in shapes]) if torch.device(device).type == "cpu" else None
+        if pools is None:
+            pools = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.key_pools, self.value_pools = pools[: config.num_layers], pools[config.num_layers :]
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod

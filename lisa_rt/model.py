@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops, reference
+from . import huge_pages, ops, reference
 from .checkpoint import DTYPES, load_config, load_tensors
 from .config import ModelConfig
 from .errors import UserError
@@ -129,6 +129,8 @@ class Model:
                 gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
                 down_proj=w(p + "mlp.down_proj.weight"),
                 aligner=aligner))
+        if self.device.type == "cpu":
+            self._pack_weights()
         self.cos_sin_cache = reference.rope_cos_sin_cache(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
             config.rope_scaling).to(self.device)
@@ -143,6 +145,19 @@ class Model:
         self._buffers: dict[str, torch.Tensor] = {}
         self._scores_size = 0
         self._scores: list[torch.Tensor] = []
+
+    def _pack_weights(self) -> None:
+        """The weights a decode step streams, moved into one huge-page arena (huge_pages.py)."""
+        fields = ("attn_norm", "qkv_proj", "o_proj", "mlp_norm", "gate_up_proj", "down_proj")
+        tied = self.lm_head is self.embed
+        ends = [self.embed, self.norm] + ([] if tied else [self.lm_head])
+        packed = huge_pages.pack(ends + [getattr(layer, name) for layer in self.layers for name in fields])
+        self.embed, self.norm = packed[0], packed[1]
+        self.lm_head = self.embed if tied else packed[2]
+        rest = iter(packed[len(ends):])
+        for layer in self.layers:
+            for name in fields:
+                setattr(layer, name, next(rest))
 
     @property
     def max_context(self) -> int:
