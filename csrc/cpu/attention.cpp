@@ -82,6 +82,40 @@ void paged_decode_attention_cpu(at::Tensor& out, const at::Tensor& query, const 
   });
 }
 
+// A prefill chunk of at least kFusedMinChunk queries goes through torch's fused attention (on
+// the CPU a flash kernel, whose K/V tiles serve many queries at once as matrix products) over
+// its sequence's keys and values gathered out of the pool: at 2,048 tokens of SmolLM2 about
+// three times as fast as attend() one query at a time, which reads the whole context again for
+// every query (BENCHMARKS.md). Shorter chunks, and decode, stay with attend() and paged.h. (The
+// same gathering with plain matrix products did not beat paged.h's loops for the attention that
+// also hands its logits on, nor for LiSA's: they write or read [heads, L, n] float32 logits.)
+constexpr int64_t kFusedMinChunk = 16;
+
+// Sequence b's first n slots of a pool [blocks, block_size, kv_heads, width]: [kv_heads, n, width].
+at::Tensor gather_sequence(const at::Tensor& pool, const at::Tensor& block_tables, int64_t b, int64_t n) {
+  const int64_t blocks = (n + pool.size(1) - 1) / pool.size(1);
+  const at::Tensor table = block_tables[b].narrow(0, 0, blocks).to(at::kLong);
+  if (blocks > 0) {
+    const auto [lowest, highest] = at::aminmax(table);
+    TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < pool.size(0),
+                "paged attention: block id out of range in the block table of sequence ", b);
+  }
+  return pool.index_select(0, table).flatten(0, 1).narrow(0, 0, n).permute({1, 0, 2});
+}
+
+// out_rows [L, heads, d] = causal attention of the last L queries [L, heads, d] of sequence b
+// over its first n keys and values, through at::scaled_dot_product_attention.
+void fused_chunk(at::Tensor out_rows, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                 const at::Tensor& block_tables, int64_t b, int64_t n, double scale) {
+  const int64_t L = q.size(0);
+  std::optional<at::Tensor> mask;  // query i sees keys 0..n - L + i (L == n: is_causal says so)
+  if (L != n) mask = at::ones({L, n}, at::kBool).tril(n - L);
+  const at::Tensor o = at::scaled_dot_product_attention(
+      q.permute({1, 0, 2}).unsqueeze(0), gather_sequence(key_cache, block_tables, b, n).unsqueeze(0),
+      gather_sequence(value_cache, block_tables, b, n).unsqueeze(0), mask, 0.0, L == n, scale, /*enable_gqa=*/true);
+  out_rows.copy_(o.squeeze(0).permute({1, 0, 2}));
+}
+
 void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
                                  const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, double scale) {
@@ -92,21 +126,32 @@ void paged_prefill_attention_cpu(at::Tensor& out, const at::Tensor& query, const
   const int64_t batch = seq_lens.size(0), tokens = query.size(0), heads = query.size(1);
   const int64_t group = heads / c.pool.kv_heads;
   TORCH_CHECK(cu[0] == 0 && cu[batch] == tokens, "paged_prefill_attention: cu_query_lens must span the queries");
-  std::vector<int64_t> seq_of_token(tokens);
+  std::vector<int64_t> seq_of_token(tokens), one_by_one;  // the queries attend() serves
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t chunk = cu[b + 1] - cu[b];
     TORCH_CHECK(chunk >= 0 && chunk <= lens[b], "paged_prefill_attention: chunk longer than its sequence");
     check_length(lens[b], c);
     for (int64_t t = cu[b]; t < cu[b + 1]; ++t) seq_of_token[t] = b;
   }
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t chunk = cu[b + 1] - cu[b];
+    if (chunk >= kFusedMinChunk) {
+      fused_chunk(out.narrow(0, cu[b], chunk), query.narrow(0, cu[b], chunk), key_cache, value_cache, block_tables, b,
+                  lens[b], scale);
+    } else {
+      for (int64_t t = cu[b]; t < cu[b + 1]; ++t) one_by_one.push_back(t);
+    }
+  }
+  if (one_by_one.empty()) return;
   LISA_DISPATCH_FLOATS(query.scalar_type(), "paged_prefill_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t g = heads_per_item(tokens, c.pool.kv_heads, group), items = heads / g;
-    at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t count = static_cast<int64_t>(one_by_one.size());
+    const int64_t g = heads_per_item(count, c.pool.kv_heads, group), items = heads / g;
+    at::parallel_for(0, count * items, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / items, h = idx % items * g, b = seq_of_token[t];
+        const int64_t t = one_by_one[idx / items], h = idx % items * g, b = seq_of_token[t];
         // Query t sits at position lens[b] - (cu[b+1] - t) and sees keys up to itself.
         const int64_t n_keys = lens[b] - (cu[b + 1] - t) + 1;
         attend(o + (t * heads + h) * c.head_dim, q + t * query.stride(0) + h * c.head_dim, g, c, b, h / group,
