@@ -219,6 +219,8 @@ def test_default_model_runs_its_shipped_adapter(tmp_path):
     rc, out, err = run_sub("generate", "--chat", "-p", "What is the capital of France?", "-n", 24, "--temp", 0,
                            home=home, timeout=600)
     assert rc == 0 and "Paris" in out, err
-    rc, out, err = run_sub("generate", "--no-lisa", "--chat", "-p", "What is the capital of France?", "-n", 24,
-                           "--temp", 0, home=home, timeout=600)
+    # The base model in float32: its first token is a near-tie ("The" 25.33 against "L" 25.24 in
+    # float32), which bfloat16 rounding decides one way or the other as kernels change their sums.
+    rc, out, err = run_sub("generate", "--no-lisa", "--dtype", "float32", "--chat", "-p",
+                           "What is the capital of France?", "-n", 24, "--temp", 0, home=home, timeout=600)
     assert rc == 0 and "Paris" in out, err

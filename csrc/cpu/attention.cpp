@@ -110,9 +110,12 @@ void fused_chunk(at::Tensor out_rows, const at::Tensor& q, const at::Tensor& key
   const int64_t L = q.size(0);
   std::optional<at::Tensor> mask;  // query i sees keys 0..n - L + i (L == n: is_causal says so)
   if (L != n) mask = at::ones({L, n}, at::kBool).tril(n - L);
+  // In float32 whatever the cache dtype, as every CPU attention kernel here computes (its softmax
+  // and P V included); as fast as in bfloat16 on this project's CPU (40 against 42 ms at 2,048).
+  auto as_float = [](const at::Tensor& t) { return t.to(at::kFloat).unsqueeze(0); };
   const at::Tensor o = at::scaled_dot_product_attention(
-      q.permute({1, 0, 2}).unsqueeze(0), gather_sequence(key_cache, block_tables, b, n).unsqueeze(0),
-      gather_sequence(value_cache, block_tables, b, n).unsqueeze(0), mask, 0.0, L == n, scale, /*enable_gqa=*/true);
+      as_float(q.permute({1, 0, 2})), as_float(gather_sequence(key_cache, block_tables, b, n)),
+      as_float(gather_sequence(value_cache, block_tables, b, n)), mask, 0.0, L == n, scale, /*enable_gqa=*/true);
   out_rows.copy_(o.squeeze(0).permute({1, 0, 2}));
 }
 
