@@ -57,6 +57,26 @@ bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
   return true;
 }
 
+// s[hd * s_stride + j] += scale * q'_hd . k'_j for keys [j0, j1) of one query row (q: heads rows
+// of rank r, k' in its paged pool), eight keys at a time per KV head, each run of a block's k'
+// rows widened once. scratch: heads * r + block_size * kv_heads * r floats. r a multiple of 8.
+template <typename T>
+void add_delta_avx2(float* s, int64_t s_stride, const T* q, int64_t heads, int64_t group, const T* keys,
+                    const PagedSeq& seq, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch) {
+  float* qf = scratch;
+  float* staged = scratch + heads * r;
+  const int64_t slot = seq.kv_heads * r;  // a slot holds every KV head's k'
+  widen_avx2(qf, q, heads * r);
+  for (int64_t j = j0; j < j1;) {
+    const int64_t run = std::min(seq.block_size - j % seq.block_size, j1 - j);
+    widen_avx2(staged, keys + seq.row(j) * r, run * slot);
+    for (int64_t kv = 0; kv < seq.kv_heads; ++kv)
+      group_key_logits_avx2(s + kv * group * s_stride + j, s_stride, qf + kv * group * r, group, staged + kv * r,
+                            run, slot, r, scale, /*accumulate=*/true);
+    j += run;
+  }
+}
+
 void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::Tensor& query,
                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
                                 const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
@@ -138,9 +158,10 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
-    const bool vectorised = has_avx2();
+    const bool vectorised = has_avx2(), delta_avx2 = use_avx2<scalar_t>(rank);
+    const int64_t scratch_floats = std::max((heads + width) * 8, heads * rank + block_size * kv_heads * rank);
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch((heads + width) * 8);
+      std::vector<float> scratch(scratch_floats);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
         const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
@@ -157,6 +178,12 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
         for (; j < j1; ++j)
           align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         // Plus the low-rank delta q'_hd . k'_j.
+        if constexpr (kWidenable<scalar_t>) {
+          if (delta_avx2) {
+            add_delta_avx2(s_row, out_keys, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch.data());
+            continue;
+          }
+        }
         for (j = j0; j < j1; ++j) {
           const scalar_t* k = keys + seq.row(j) * rank;
           for (int64_t hd = 0; hd < heads; ++hd)

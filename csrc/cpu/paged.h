@@ -62,129 +62,6 @@ struct DecodeLogits {
   int64_t stride = 0;
 };
 
-// Logits of g query heads that share KV head kv_head (q: g rows of d), over keys j < n:
-// s[i * s_stride + j] = scale * q_i . K[j]. Each key row is read from memory once for all g.
-template <typename T>
-void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
-                int64_t kv_head, int64_t d, int64_t n, float scale) {
-  const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
-  const bool vectorised = use_avx2<T>(d);
-  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
-    const T* k = keys + offset;
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = 0; i < g; ++i) {
-        float logit;
-        if constexpr (kWidenable<T>) {
-          logit = vectorised ? dot8(q + i * d, k + r * stride, d) : dot(q + i * d, k + r * stride, d);
-        } else {
-          logit = dot(q + i * d, k + r * stride, d);
-        }
-        s[i * s_stride + j0 + r] = scale * logit;
-      }
-    }
-  });
-}
-
-LISA_AVX2 inline float max_avx2(const float* s, int64_t n) {
-  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-  float result = hmax(vmax);
-  for (; j < n; ++j) result = std::max(result, s[j]);
-  return result;
-}
-
-// In place: s[0..n) -> exp(s - shift); returns their sum.
-LISA_AVX2 inline float exp_shifted_avx2(float* s, int64_t n, float shift) {
-  const __m256 vshift = _mm256_set1_ps(shift);
-  __m256 vsum = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift));
-    _mm256_storeu_ps(s + j, e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  float total = hsum(vsum);
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    total += s[j];
-  }
-  return total;
-}
-
-// In place: s[0..n) -> exp(s - max s); returns 1 / their sum (0 when n == 0).
-inline float softmax_inplace(float* s, int64_t n) {
-  if (n == 0) return 0.0f;
-  if (has_avx2()) return 1.0f / exp_shifted_avx2(s, n, max_avx2(s, n));
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, s[j]);
-  float total = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - max_score);
-    total += s[j];
-  }
-  return 1.0f / total;
-}
-
-// acc[0..d) += sum over `rows` slots (`stride` apart) of p[r] v_r: four 8-float columns at a
-// time, so the FMA chains are independent; d a multiple of 8.
-template <typename T>
-LISA_AVX2 inline void accumulate_values_avx2(float* acc, const float* p, const T* v, int64_t rows, int64_t stride,
-                                             int64_t d) {
-  int64_t c = 0;
-  for (; c + 32 <= d; c += 32) {
-    __m256 a0 = _mm256_loadu_ps(acc + c), a1 = _mm256_loadu_ps(acc + c + 8);
-    __m256 a2 = _mm256_loadu_ps(acc + c + 16), a3 = _mm256_loadu_ps(acc + c + 24);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 w = _mm256_set1_ps(p[r]);
-      const T* vr = v + r * stride + c;
-      a0 = _mm256_fmadd_ps(w, load8(vr), a0);
-      a1 = _mm256_fmadd_ps(w, load8(vr + 8), a1);
-      a2 = _mm256_fmadd_ps(w, load8(vr + 16), a2);
-      a3 = _mm256_fmadd_ps(w, load8(vr + 24), a3);
-    }
-    _mm256_storeu_ps(acc + c, a0);
-    _mm256_storeu_ps(acc + c + 8, a1);
-    _mm256_storeu_ps(acc + c + 16, a2);
-    _mm256_storeu_ps(acc + c + 24, a3);
-  }
-  for (; c < d; c += 8) {
-    __m256 a = _mm256_loadu_ps(acc + c);
-    for (int64_t r = 0; r < rows; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), load8(v + r * stride + c), a);
-    _mm256_storeu_ps(acc + c, a);
-  }
-}
-
-// For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
-// (out: g rows of d). A block of values is read from memory once and serves all g heads from
-// L1. acc is g * d floats of scratch.
-template <typename T>
-void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g, const T* values,
-                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
-  std::fill(acc, acc + g * d, 0.0f);
-  const int64_t stride = seq.kv_heads * d;
-  const bool vectorised = use_avx2<T>(d);
-  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
-    const T* v = values + offset;
-    for (int64_t i = 0; i < g; ++i) {
-      const float* w = p + i * p_stride + j0;
-      float* a = acc + i * d;
-      if constexpr (kWidenable<T>) {
-        if (vectorised) {
-          accumulate_values_avx2(a, w, v, rows, stride, d);
-          continue;
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* vr = v + r * stride;
-        for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
-      }
-    }
-  });
-  for (int64_t i = 0; i < g; ++i)
-    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
-}
-
 // Lane i of the result: the sum of v[i]'s eight lanes.
 LISA_AVX2 inline __m256 hsum8x8(const __m256 (&v)[8]) {
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -199,11 +76,18 @@ LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
   for (int64_t e = 0; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
-// s[i * s_stride + r] = scale * q_i . K[r] for the g query heads q_i (g rows of d) that share
-// one KV head, over its `rows` key rows (`stride` floats apart from k); d a multiple of 8. Eight
-// keys at a time, so that a head's eight sums are reduced together.
+// `rows` rows of d elements, src_stride apart, into consecutive float32 rows of dst.
+template <typename T>
+inline void widen_rows_avx2(float* dst, const T* src, int64_t rows, int64_t src_stride, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) widen_avx2(dst + r * d, src + r * src_stride, d);
+}
+
+// s[i * s_stride + r] = scale * q_i . K[r] (+= with accumulate) for the g query heads q_i (g
+// rows of d) that share one KV head, over its `rows` key rows (`stride` floats apart from k); d a
+// multiple of 8. Eight keys at a time, so that a head's eight sums are reduced together.
 LISA_AVX2 inline void group_key_logits_avx2(float* s, int64_t s_stride, const float* q, int64_t g, const float* k,
-                                            int64_t rows, int64_t stride, int64_t d, float scale) {
+                                            int64_t rows, int64_t stride, int64_t d, float scale,
+                                            bool accumulate = false) {
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     const int64_t count = std::min<int64_t>(8, rows - r0);
@@ -218,7 +102,8 @@ LISA_AVX2 inline void group_key_logits_avx2(float* s, int64_t s_stride, const fl
       }
       alignas(32) float sums[8];
       _mm256_store_ps(sums, _mm256_mul_ps(hsum8x8(acc), vscale));
-      std::copy(sums, sums + count, s + i * s_stride + r0);
+      float* dst = s + i * s_stride + r0;
+      for (int64_t r = 0; r < count; ++r) dst[r] = accumulate ? dst[r] + sums[r] : sums[r];
     }
   }
 }
@@ -273,6 +158,115 @@ inline void group_accumulate_values_avx2(float* acc, int64_t acc_stride, const f
       default: accumulate_heads_avx2<4>(a, acc_stride, w, p_stride, v, rows, stride, d); break;
     }
   }
+}
+
+// Logits of g query heads that share KV head kv_head (q: g rows of d), over keys j < n:
+// s[i * s_stride + j] = scale * q_i . K[j]. Each key row is read from memory once for all g.
+template <typename T>
+void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
+                int64_t kv_head, int64_t d, int64_t n, float scale) {
+  const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
+  if constexpr (kWidenable<T>) {
+    if (use_avx2<T>(d)) {  // a block's key rows widened once (staged), eight keys at a time
+      std::vector<float> qf(g * d), staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
+      widen_avx2(qf.data(), q, g * d);
+      seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+        if constexpr (std::is_same_v<T, float>) {
+          group_key_logits_avx2(s + j0, s_stride, qf.data(), g, keys + offset, rows, stride, d, scale);
+        } else {
+          widen_rows_avx2(staged.data(), keys + offset, rows, stride, d);
+          group_key_logits_avx2(s + j0, s_stride, qf.data(), g, staged.data(), rows, d, d, scale);
+        }
+      });
+      return;
+    }
+  }
+  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+    const T* k = keys + offset;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < g; ++i) s[i * s_stride + j0 + r] = scale * dot(q + i * d, k + r * stride, d);
+  });
+}
+
+LISA_AVX2 inline float max_avx2(const float* s, int64_t n) {
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  float result = hmax(vmax);
+  for (; j < n; ++j) result = std::max(result, s[j]);
+  return result;
+}
+
+// In place: s[0..n) -> exp(s - shift); returns their sum.
+LISA_AVX2 inline float exp_shifted_avx2(float* s, int64_t n, float shift) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float total = hsum(vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    total += s[j];
+  }
+  return total;
+}
+
+// In place: s[0..n) -> exp(s - max s); returns 1 / their sum (0 when n == 0).
+inline float softmax_inplace(float* s, int64_t n) {
+  if (n == 0) return 0.0f;
+  if (has_avx2()) return 1.0f / exp_shifted_avx2(s, n, max_avx2(s, n));
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, s[j]);
+  float total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - max_score);
+    total += s[j];
+  }
+  return 1.0f / total;
+}
+
+// For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
+// (out: g rows of d). A block of values is read from memory once and serves all g heads from
+// L1. acc is g * d floats of scratch.
+template <typename T>
+void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g, const T* values,
+                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
+  std::fill(acc, acc + g * d, 0.0f);
+  const int64_t stride = seq.kv_heads * d;
+  bool done = false;
+  if constexpr (kWidenable<T>) {
+    if (use_avx2<T>(d)) {  // a block's value rows widened once (staged) for all g heads
+      std::vector<float> staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
+      seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+        if constexpr (std::is_same_v<T, float>) {
+          group_accumulate_values_avx2(acc, d, p + j0, p_stride, g, values + offset, rows, stride, d);
+        } else {
+          widen_rows_avx2(staged.data(), values + offset, rows, stride, d);
+          group_accumulate_values_avx2(acc, d, p + j0, p_stride, g, staged.data(), rows, d, d);
+        }
+      });
+      done = true;
+    }
+  }
+  if (!done) {
+    seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+      const T* v = values + offset;
+      for (int64_t i = 0; i < g; ++i) {
+        const float* w = p + i * p_stride + j0;
+        float* a = acc + i * d;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* vr = v + r * stride;
+          for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
+        }
+      }
+    });
+  }
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
 }
 
 // Heads handled together per work item: the whole GQA group (keys and values read once) when

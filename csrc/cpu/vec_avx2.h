@@ -80,17 +80,4 @@ LISA_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(result, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
 
-// a . b over n elements, n a multiple of 8.
-template <typename A, typename B>
-LISA_AVX2 inline float dot8(const A* a, const B* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), acc1);
-  }
-  if (i < n) acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
-  return hsum(_mm256_add_ps(acc0, acc1));
-}
-
 }  // namespace lisa_rt
