@@ -42,6 +42,33 @@ LISA_AVX2 inline __m256 load8<c10::Half>(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Eight float32 values stored as T, rounded to nearest even as c10's conversions round (a NaN
+// stays a NaN: bfloat16 0x7FC0, as c10 gives).
+template <typename T>
+LISA_AVX2 inline void store8(T* p, __m256 v);
+
+template <>
+LISA_AVX2 inline void store8<float>(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+
+template <>
+LISA_AVX2 inline void store8<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), nan);
+  // 32-bit lanes -> 16-bit: packus works per 128-bit half, so gather the two halves' results.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <>
+LISA_AVX2 inline void store8<c10::Half>(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
 // The element types load8 widens.
 template <typename T>
 constexpr bool kWidenable =
