@@ -14,8 +14,10 @@ try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lisa_rt.*)
 
     HAVE_KERNELS = True
-except ImportError:
+    KERNELS_ERROR: str | None = None
+except ImportError as exc:  # not built, or built and not loadable (KERNELS_ERROR says why)
     HAVE_KERNELS = False
+    KERNELS_ERROR = str(exc)
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "linear", "silu_and_mul", "cache_write",
             "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention",
