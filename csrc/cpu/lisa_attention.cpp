@@ -57,6 +57,31 @@ bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
   return true;
 }
 
+// Each sequence's first seq_lens[b] slots of a pool, widened (widen_sequence); none when `wanted`
+// is false (the AVX2 kernels do not serve this type and width, or a decode call).
+template <typename T>
+std::vector<std::vector<float>> widen_sequences(const T* pool, const PagedPool& c, const at::Tensor& seq_lens,
+                                                int64_t width, bool wanted) {
+  std::vector<std::vector<float>> widened;
+  if constexpr (kWidenable<T>) {
+    if (wanted) {
+      const int32_t* lens = seq_lens.data_ptr<int32_t>();
+      for (int64_t b = 0; b < seq_lens.size(0); ++b) widened.push_back(widen_sequence(pool, c.seq(b), lens[b], width));
+    }
+  }
+  return widened;
+}
+
+// add_delta_avx2 over a sequence's widened k' rows (widen_sequence).
+template <typename T>
+void add_widened_delta(float* s, int64_t s_stride, const T* q, int64_t heads, int64_t group, const float* keys,
+                       int64_t kv_heads, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch) {
+  widen_avx2(scratch, q, heads * r);
+  for (int64_t kv = 0; kv < kv_heads; ++kv)
+    group_key_logits_avx2(s + kv * group * s_stride + j0, s_stride, scratch + kv * group * r, group,
+                          keys + j0 * kv_heads * r + kv * r, j1 - j0, kv_heads * r, r, scale, /*accumulate=*/true);
+}
+
 // s[hd * s_stride + j] += scale * q'_hd . k'_j for keys [j0, j1) of one query row (q: heads rows
 // of rank r, k' in its paged pool), eight keys at a time per KV head, each run of a block's k'
 // rows widened once. scratch: heads * r + block_size * kv_heads * r floats. r a multiple of 8.
@@ -101,22 +126,35 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
         return;
       }
     }
+    const auto widened_keys = widen_sequences(keys, pool, seq_lens, d, use_avx2<scalar_t>(d));
+    const auto widened_values = widen_sequences(values, pool, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> p, inv(g), acc(g * d);
+      std::vector<float> p, inv(g), acc(g * d), qf(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / items, hd = idx % items * g, kv = hd / group, n = rows.n_keys[t];
-        const PagedSeq seq = pool.seq(rows.seq[t]);
+        const int64_t t = idx / items, hd = idx % items * g, kv = hd / group, n = rows.n_keys[t], b = rows.seq[t];
+        const PagedSeq seq = pool.seq(b);
         float* s_rows = s_all + (t * heads + hd) * max_keys;
-        key_logits(s_rows, max_keys, q_all + t * query.stride(0) + hd * d, g, keys, seq, kv, d, n,
-                   static_cast<float>(scale));
+        const scalar_t* q = q_all + t * query.stride(0) + hd * d;
+        if (widened_keys.empty()) {
+          key_logits(s_rows, max_keys, q, g, keys, seq, kv, d, n, static_cast<float>(scale));
+        } else {
+          key_logits_widened(s_rows, max_keys, q, g, widened_keys[b].data(), kv, kv_heads, d, n,
+                             static_cast<float>(scale), qf.data());
+        }
         // The logits stay in `scores` for the next layer; the softmax works on a copy.
         p.resize(g * n);
         for (int64_t i = 0; i < g; ++i) {
           std::copy(s_rows + i * max_keys, s_rows + i * max_keys + n, p.begin() + i * n);
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
-        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data());
+        scalar_t* o = o_all + (t * heads + hd) * d;
+        if (widened_values.empty()) {
+          weighted_values(o, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data());
+        } else {
+          weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), kv, kv_heads, d, n,
+                                  acc.data());
+        }
       }
     });
   });
@@ -159,6 +197,9 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     scalar_t* o_all = out.data_ptr<scalar_t>();
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
     const bool vectorised = has_avx2(), delta_avx2 = use_avx2<scalar_t>(rank);
+    // In prefill every query of a chunk reads the same k': widened once per sequence. (In decode
+    // each row is its own sequence, and the tiles below widen their keys in parallel.)
+    const auto widened_keys = widen_sequences(keys, pool, seq_lens, rank, delta_avx2 && !is_decode(rows, seq_lens));
     const int64_t scratch_floats = std::max((heads + width) * 8, heads * rank + block_size * kv_heads * rank);
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(scratch_floats);
@@ -179,6 +220,11 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
           align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         // Plus the low-rank delta q'_hd . k'_j.
         if constexpr (kWidenable<scalar_t>) {
+          if (!widened_keys.empty()) {
+            add_widened_delta(s_row, out_keys, q_row, heads, group, widened_keys[rows.seq[t]].data(), kv_heads, j0,
+                              j1, rank, delta, scratch.data());
+            continue;
+          }
           if (delta_avx2) {
             add_delta_avx2(s_row, out_keys, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch.data());
             continue;
@@ -199,20 +245,25 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
         return;
       }
     }
+    const auto widened_values = widen_sequences(values, pool, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t t = idx / items, hd = idx % items * g, n = rows.n_keys[t];
-        const PagedSeq seq = pool.seq(rows.seq[t]);
+        const int64_t t = idx / items, hd = idx % items * g, n = rows.n_keys[t], b = rows.seq[t];
         const float* s_rows = s_all + (t * heads + hd) * out_keys;
         p.resize(g * n);
         for (int64_t i = 0; i < g; ++i) {
           std::copy(s_rows + i * out_keys, s_rows + i * out_keys + n, p.begin() + i * n);
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
-        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, seq, hd / group, d, n,
-                        acc.data());
+        scalar_t* o = o_all + (t * heads + hd) * d;
+        if (widened_values.empty()) {
+          weighted_values(o, p.data(), n, inv.data(), g, values, pool.seq(b), hd / group, d, n, acc.data());
+        } else {
+          weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), hd / group, kv_heads, d,
+                                  n, acc.data());
+        }
       }
     });
   });

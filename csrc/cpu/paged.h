@@ -229,6 +229,13 @@ inline float softmax_inplace(float* s, int64_t n) {
   return 1.0f / total;
 }
 
+// out[i * d + c] = acc[i * d + c] * inv[i] for g rows of d, as T.
+template <typename T>
+void write_normalised(T* out, const float* acc, const float* inv, int64_t g, int64_t d) {
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
+}
+
 // For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
 // (out: g rows of d). A block of values is read from memory once and serves all g heads from
 // L1. acc is g * d floats of scratch.
@@ -265,8 +272,43 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
       }
     });
   }
-  for (int64_t i = 0; i < g; ++i)
-    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<T>(acc[i * d + c] * inv[i]);
+  write_normalised(out, acc, inv, g, d);
+}
+
+// A sequence's first n slots of a paged pool [blocks, block_size, kv_heads, width], widened to
+// float32 rows [n, kv_heads * width] once: in a prefill call every query of a chunk reads the
+// same keys and values, and walking the block table and widening them again per query cost a
+// tenth of LiSA's prefill attention. width * kv_heads a multiple of 8.
+template <typename T>
+std::vector<float> widen_sequence(const T* pool, const PagedSeq& seq, int64_t n, int64_t width) {
+  const int64_t slot = seq.kv_heads * width;
+  std::vector<float> rows(n * slot);
+  for (int64_t j = 0; j < n;) {
+    const int64_t run = std::min(seq.block_size - j % seq.block_size, n - j);
+    widen_avx2(rows.data() + j * slot, pool + seq.row(j) * width, run * slot);
+    j += run;
+  }
+  return rows;
+}
+
+// key_logits over a widened sequence (widen_sequence's rows; qf: g * d floats of scratch). For
+// the types widen_sequence serves (kWidenable); a no-op for others, which never have such rows.
+template <typename T>
+void key_logits_widened(float* s, int64_t s_stride, const T* q, int64_t g, const float* rows, int64_t kv_head,
+                        int64_t kv_heads, int64_t d, int64_t n, float scale, float* qf) {
+  if constexpr (kWidenable<T>) {
+    widen_avx2(qf, q, g * d);
+    group_key_logits_avx2(s, s_stride, qf, g, rows + kv_head * d, n, kv_heads * d, d, scale);
+  }
+}
+
+// weighted_values over a widened sequence (widen_sequence's rows), as key_logits_widened.
+template <typename T>
+void weighted_values_widened(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g,
+                             const float* rows, int64_t kv_head, int64_t kv_heads, int64_t d, int64_t n, float* acc) {
+  std::fill(acc, acc + g * d, 0.0f);
+  group_accumulate_values_avx2(acc, d, p, p_stride, g, rows + kv_head * d, n, kv_heads * d, d);
+  write_normalised(out, acc, inv, g, d);
 }
 
 // Heads handled together per work item: the whole GQA group (keys and values read once) when
