@@ -57,16 +57,19 @@ bool is_decode(const Rows& rows, const at::Tensor& seq_lens) {
   return true;
 }
 
-// Each sequence's first seq_lens[b] slots of a pool, widened (widen_sequence); none when `wanted`
-// is false (the AVX2 kernels do not serve this type and width, or a decode call).
+// The first seq_lens[b] slots of a pool widened (widen_sequence) for each sequence b whose chunk
+// has several queries to share them; empty for the others (a decoding sequence's one query reads
+// its blocks once anyway), and for all when `wanted` is false (the AVX2 kernels do not serve this
+// type and width).
 template <typename T>
-std::vector<std::vector<float>> widen_sequences(const T* pool, const PagedPool& c, const at::Tensor& seq_lens,
-                                                int64_t width, bool wanted) {
-  std::vector<std::vector<float>> widened;
+std::vector<std::vector<float>> widen_sequences(const T* pool, const PagedPool& c, const at::Tensor& cu_query_lens,
+                                                const at::Tensor& seq_lens, int64_t width, bool wanted) {
+  std::vector<std::vector<float>> widened(seq_lens.size(0));
   if constexpr (kWidenable<T>) {
-    if (wanted) {
-      const int32_t* lens = seq_lens.data_ptr<int32_t>();
-      for (int64_t b = 0; b < seq_lens.size(0); ++b) widened.push_back(widen_sequence(pool, c.seq(b), lens[b], width));
+    const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
+    for (int64_t b = 0; wanted && b < seq_lens.size(0); ++b) {
+      if (cu[b + 1] - cu[b] > 1) widened[b] = widen_sequence(pool, c.seq(b), lens[b], width);
     }
   }
   return widened;
@@ -126,8 +129,8 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
         return;
       }
     }
-    const auto widened_keys = widen_sequences(keys, pool, seq_lens, d, use_avx2<scalar_t>(d));
-    const auto widened_values = widen_sequences(values, pool, seq_lens, d, use_avx2<scalar_t>(d));
+    const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
+    const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> p, inv(g), acc(g * d), qf(g * d);
@@ -136,7 +139,7 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
         const PagedSeq seq = pool.seq(b);
         float* s_rows = s_all + (t * heads + hd) * max_keys;
         const scalar_t* q = q_all + t * query.stride(0) + hd * d;
-        if (widened_keys.empty()) {
+        if (widened_keys[b].empty()) {
           key_logits(s_rows, max_keys, q, g, keys, seq, kv, d, n, static_cast<float>(scale));
         } else {
           key_logits_widened(s_rows, max_keys, q, g, widened_keys[b].data(), kv, kv_heads, d, n,
@@ -149,7 +152,7 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
         scalar_t* o = o_all + (t * heads + hd) * d;
-        if (widened_values.empty()) {
+        if (widened_values[b].empty()) {
           weighted_values(o, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data());
         } else {
           weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), kv, kv_heads, d, n,
@@ -197,9 +200,9 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     scalar_t* o_all = out.data_ptr<scalar_t>();
     // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
     const bool vectorised = has_avx2(), delta_avx2 = use_avx2<scalar_t>(rank);
-    // In prefill every query of a chunk reads the same k': widened once per sequence. (In decode
-    // each row is its own sequence, and the tiles below widen their keys in parallel.)
-    const auto widened_keys = widen_sequences(keys, pool, seq_lens, rank, delta_avx2 && !is_decode(rows, seq_lens));
+    // Every query of a prefill chunk reads the same k': widened once per such sequence. (A
+    // decoding sequence's one query widens its keys tile by tile, in parallel, below.)
+    const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, rank, delta_avx2);
     const int64_t scratch_floats = std::max((heads + width) * 8, heads * rank + block_size * kv_heads * rank);
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(scratch_floats);
@@ -220,7 +223,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
           align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         // Plus the low-rank delta q'_hd . k'_j.
         if constexpr (kWidenable<scalar_t>) {
-          if (!widened_keys.empty()) {
+          if (!widened_keys[rows.seq[t]].empty()) {
             add_widened_delta(s_row, out_keys, q_row, heads, group, widened_keys[rows.seq[t]].data(), kv_heads, j0,
                               j1, rank, delta, scratch.data());
             continue;
@@ -245,7 +248,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
         return;
       }
     }
-    const auto widened_values = widen_sequences(values, pool, seq_lens, d, use_avx2<scalar_t>(d));
+    const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> p, inv(g), acc(g * d);
@@ -258,7 +261,7 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
         scalar_t* o = o_all + (t * heads + hd) * d;
-        if (widened_values.empty()) {
+        if (widened_values[b].empty()) {
           weighted_values(o, p.data(), n, inv.data(), g, values, pool.seq(b), hd / group, d, n, acc.data());
         } else {
           weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), hd / group, kv_heads, d,
