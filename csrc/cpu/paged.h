@@ -244,7 +244,6 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
                      const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
   std::fill(acc, acc + g * d, 0.0f);
   const int64_t stride = seq.kv_heads * d;
-  bool done = false;
   if constexpr (kWidenable<T>) {
     if (use_avx2<T>(d)) {  // a block's value rows widened once (staged) for all g heads
       std::vector<float> staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
@@ -256,22 +255,20 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
           group_accumulate_values_avx2(acc, d, p + j0, p_stride, g, staged.data(), rows, d, d);
         }
       });
-      done = true;
+      return write_normalised(out, acc, inv, g, d);
     }
   }
-  if (!done) {
-    seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
-      const T* v = values + offset;
-      for (int64_t i = 0; i < g; ++i) {
-        const float* w = p + i * p_stride + j0;
-        float* a = acc + i * d;
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* vr = v + r * stride;
-          for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
-        }
+  seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
+    const T* v = values + offset;
+    for (int64_t i = 0; i < g; ++i) {
+      const float* w = p + i * p_stride + j0;
+      float* a = acc + i * d;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* vr = v + r * stride;
+        for (int64_t c = 0; c < d; ++c) a[c] += w[r] * static_cast<float>(vr[c]);
       }
-    });
-  }
+    }
+  });
   write_normalised(out, acc, inv, g, d);
 }
 
