@@ -2,21 +2,25 @@
 # One lent-GPU session in one command: build _C for the card, run the CUDA tests, profile decode
 # steps, run the GPU checks (CPU-vs-GPU agreement, eager vs CUDA-graph decode), the LiSA-vs-full
 # attention kernel times, and the speed grid with and without LiSA next to HF transformers
-# (gpu_bench.py, which ends with the GPU-speed issue's targets, met or not). Every stage has a
+# (gpu_bench.py, which ends with the GPU-speed issue's targets, met or not), and what sampling
+# costs on the device (sampling.py; its on-device sampler had not run on a GPU when this stage
+# was added, 2026-11-28). Every stage has a
 # time limit so that one slow stage cannot eat the lease; build.log, run.log (every stage's
 # output) and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
-#   stages: diag tests profile check kernels bench ncu (default: all, in that order)
+#   stages: diag tests profile check kernels bench sampling ncu (default: all, in that order)
 # Measured on the lent H200 (2026-11-27): build 37-43 s, diag 11, tests 67-74 (8 workers),
-# profile 20, kernels 6, bench 64 (--steps 16), ncu 15; the default limits below keep a whole
+# profile 20, kernels 6, bench 64 (--steps 16), ncu 15 (sampling not yet run there; about 15 s
+# on this CPU machine); the default limits below, 595 s in all, keep a whole
 # run inside one device call (timeout_s 600). LIMIT_<STAGE>=seconds overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
 mkdir -p "$OUT"
-stages=${*:-diag tests profile check kernels bench ncu}
+stages=${*:-diag tests profile check kernels bench sampling ncu}
 limit() { echo "${LIMIT[$1]:-300}"; }
-declare -A LIMIT=([build]=120 [diag]=30 [tests]=120 [profile]=45 [check]=60 [kernels]=20 [bench]=130 [ncu]=40)
+declare -A LIMIT=([build]=120 [diag]=30 [tests]=120 [profile]=45 [check]=60 [kernels]=20 [bench]=130 [sampling]=30
+                  [ncu]=40)
 for s in "${!LIMIT[@]}"; do v="LIMIT_${s^^}"; [ -n "${!v:-}" ] && LIMIT[$s]=${!v}; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -73,6 +77,7 @@ stage profile python3 benchmarks/gpu_profile.py --json "$OUT/gpu_profile.json"
 stage check python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
 stage kernels python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json"
 stage bench python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-}
+stage sampling python3 benchmarks/sampling.py --random-weights --batches 1 64 --json "$OUT/sampling.json"
 # Hardware counters of one launch each of the split decode attention and the LiSA logits
 # kernel (LLaMA-2-7B shapes, batch 32, context 2048): where their time goes.
 ncu_kernels() {

@@ -1,6 +1,7 @@
 """What sampling costs: the sampler alone per decode step, and decode with it against greedy.
 
-    python benchmarks/sampling.py [--rows 1 8 64] [--tokens 64] [--batches 1 8] [--json out.json]
+    python benchmarks/sampling.py [--rows 1 8 64] [--tokens 64] [--batches 1 8] [--random-weights]
+        [--json out.json]
 
 1. `sample_batch` alone on random logits of SmolLM2's vocabulary (49,152), per step of `rows`
    sequences, for the settings users send: the CLI's defaults (temperature 0.8, top_k 40, top_p
@@ -9,7 +10,9 @@
    is one, else the CPU).
 2. `lisa_rt.generate` on SmolLM2-135M-Instruct (the device's default dtype, its shipped adapter),
    `tokens` new tokens per sequence after a short prompt, with the CLI's default sampling and
-   greedy, side by side; the ratio is what sampling leaves of greedy's rate.
+   greedy, side by side; the ratio is what sampling leaves of greedy's rate. --random-weights
+   decodes a SmolLM2-shaped model with random weights instead (no adapter): a lent GPU machine
+   has no model to load.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from benchmarks.common import greedy, machine_name, print_table, write_json  # n
 import torch  # noqa: E402
 
 import lisa_rt  # noqa: E402
+from lisa_rt.bench import SHAPES, random_model  # noqa: E402
 from lisa_rt.sampling import Sampler, SamplingParams, sample_batch  # noqa: E402
 
 SETTINGS = {
@@ -51,7 +55,7 @@ def sampler_ms(params: SamplingParams, rows: int, device: str, repeats: int) -> 
 
 
 def decode_rate(model, batch: int, tokens: int, params: SamplingParams) -> float:
-    prompts = [model.tokenizer.encode("The city")] * batch
+    prompts = [model.tokenizer.encode("The city") if model.tokenizer else [1, 2, 3]] * batch
     per_row = [params.replace(max_tokens=tokens, seed=row, ignore_eos=True) for row in range(batch)]
     lisa_rt.generate(model, prompts, [p.replace(max_tokens=4) for p in per_row])  # warm-up
     start = time.perf_counter()
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--random-weights", action="store_true", help="decode a random SmolLM2-shaped model")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,19 +81,24 @@ def main() -> None:
                   "ms/row": f"{r['ms_per_step'] / r['rows']:.3f}"} for r in alone],
                 ["settings", "rows", "ms/step", "ms/row"])
 
-    model = lisa_rt.load_model("smollm2", device=device, progress=False)
+    if args.random_weights:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = random_model(SHAPES["smollm2"], device, dtype)
+        what = "a random SmolLM2-shaped model"
+    else:
+        model = lisa_rt.load_model("smollm2", device=device, progress=False)
+        what = "SmolLM2-135M-Instruct with its adapter"
     decode = []
     for batch in args.batches:
         sampled = decode_rate(model, batch, args.tokens, SamplingParams())
         plain = decode_rate(model, batch, args.tokens, greedy(args.tokens))
         decode.append({"batch": batch, "sampled_tok_s": sampled, "greedy_tok_s": plain})
-    print(f"\ndecode, SmolLM2-135M-Instruct {str(model.dtype).split('.')[-1]} with its adapter, "
-          f"{args.tokens} tokens per sequence:")
+    print(f"\ndecode, {what}, {str(model.dtype).split('.')[-1]}, {args.tokens} tokens per sequence:")
     print_table([{"batch": r["batch"], "CLI-default sampling tok/s": f"{r['sampled_tok_s']:.1f}",
                   "greedy tok/s": f"{r['greedy_tok_s']:.1f}",
                   "sampled / greedy": f"{r['sampled_tok_s'] / r['greedy_tok_s']:.2f}"} for r in decode],
                 ["batch", "CLI-default sampling tok/s", "greedy tok/s", "sampled / greedy"])
-    write_json(args.json, {"machine": machine_name(), "device": device, "vocab": VOCAB,
+    write_json(args.json, {"machine": machine_name(), "device": device, "vocab": VOCAB, "model": what,
                            "sampler": alone, "decode": decode, "tokens": args.tokens})
 
 
