@@ -10,9 +10,9 @@
 #   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
 #   stages: diag tests profile check kernels bench sampling ncu (default: all, in that order)
 # Measured on the lent H200 (2026-11-27): build 37-43 s, diag 11, tests 67-74 (8 workers),
-# profile 20, kernels 6, bench 64 (--steps 16), ncu 15 (sampling not yet run there; about 15 s
-# on this CPU machine); the default limits below, 595 s in all, keep a whole
-# run inside one device call (timeout_s 600). LIMIT_<STAGE>=seconds overrides one.
+# profile 20, kernels 6, bench 64 (--steps 16), ncu 15 (sampling: not yet run there); the
+# default limits below, 595 s in all, keep a whole run inside one device call (timeout_s 600).
+# LIMIT_<STAGE>=seconds overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
