@@ -45,8 +45,11 @@ def huge_page_arena(nbytes: int) -> torch.Tensor | None:
     if nbytes <= 0 or not huge_pages_offered():
         return None
     # One huge page more than asked, so that the start can move up to a boundary.
-    mapping = mmap.mmap(-1, math.ceil(nbytes / HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
-                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, math.ceil(nbytes / HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
+                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space for it: torch's own allocation will say so if it matters
+        return None
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except OSError:

@@ -66,7 +66,9 @@ class KVCache:
         shapes = [(num_blocks, block_size, config.num_kv_heads, width)
                   for width in key_widths + [config.head_dim] * config.num_layers]
         # On the CPU in one huge-page arena where there is one (huge_pages.py).
-        pools = huge_pages.zeros_packed([(shape, dtype) for shape in shapes]) if torch.device(device).type == "cpu" else None
+        pools = None
+        if torch.device(device).type == "cpu":
+            pools = huge_pages.zeros_packed([(shape, dtype) for shape in shapes])
         if pools is None:
             pools = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.key_pools, self.value_pools = pools[: config.num_layers], pools[config.num_layers :]

@@ -64,6 +64,17 @@ def test_pack_leaves_tensors_alone_where_it_cannot_or_should_not(monkeypatch):
 
 
 @offered
+def test_no_address_space_for_an_arena_falls_back(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    assert huge_pages.huge_page_arena(1 << 20) is None
+    originals = tensors()
+    assert huge_pages.pack(originals) is originals
+
+
+@offered
 def test_zeros_packed_shapes_dtypes_and_zeros():
     specs = [((4, 16, 2, 8), torch.bfloat16), ((4, 16, 2, 4), torch.float32), ((1,), torch.float16)]
     pools = huge_pages.zeros_packed(specs)
