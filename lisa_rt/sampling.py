@@ -5,11 +5,11 @@ tokens do not depend on what else shares the batch. Temperature 0 is greedy deco
 
 A batch is sampled where its logits are (the GPU when serving on one) and only the chosen
 tokens come back to the host. The filters are applied to the few candidates they can keep, not
-to the whole vocabulary: a row's top_k most likely tokens, or, when top_p alone truncates, its
-CANDIDATES most likely (more only when the nucleus reaches past them). Each row's token is then
-found by inverse transform sampling: its uniform draw against the cumulative probabilities of
-what the filters kept. Sorting whole 49,152-token rows and a multinomial over them on the host
-cost about 2 ms per sequence and step on the CPU.
+to the whole vocabulary: a row's top_k most likely tokens (with those tied with the k-th), or,
+when top_p alone truncates, its CANDIDATES most likely (more only when the nucleus reaches past
+them). Each row's token is then found by inverse transform sampling: its uniform draw against
+the cumulative probabilities of what the filters kept. Sorting whole 49,152-token rows and a
+multinomial over them on the host cost about 2 ms per sequence and step on the CPU.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ from .errors import UserError
 
 # Temperatures below this sample as greedy: dividing logits by them overflows to inf (then NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
-# Candidates a top_p-only row is filtered within, then more if its nucleus is wider (see
-# _sample_candidates): topk over 49,152 logits costs 0.08 ms for 256 and 0.35 ms for 4,096 on
-# this project's CPU, where a whole-row sort costs 1.7 ms.
+# Candidates a top_p-only row is filtered within, then more if its nucleus is wider (RowDraws):
+# topk over 49,152 logits costs 0.08 ms for 256 and 0.35 ms for 4,096 on this project's CPU,
+# where a whole-row sort costs 1.7 ms. A top_k row takes TIE_MARGIN candidates past its k-th, for
+# the tokens tied with it (common in bfloat16 logits), and more only if they are all tied too.
 CANDIDATES = 256
 MORE_CANDIDATES = 4096
+TIE_MARGIN = 64
 
 
 @dataclass
@@ -107,7 +109,9 @@ def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
                  history: Callable[[int], list[int]]) -> list[int]:
     """One token per row of logits [rows, vocab] (on any device, never modified); history(row)
     gives that row's tokens so far (read for a repetition penalty only). One transfer to the host
-    per step, two when a top_p-only row's nucleus has to be checked against its candidates."""
+    per step; more only for the rare row whose kept tokens may reach past its candidates (a wide
+    nucleus, or more ties with the k-th token than TIE_MARGIN). A sampled row whose distribution
+    is not finite (NaN or infinite logits) raises RuntimeError; greedy rows take the argmax."""
     if all(s.is_plain_greedy for s in samplers):
         return logits.argmax(dim=-1).tolist()
     penalised = [row for row, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
@@ -116,14 +120,21 @@ def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
         penalise_repetition(x[row], history(row), samplers[row].params.repetition_penalty)
     sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
     if len(sampled) == len(samplers):
-        tokens, finite = sample_rows(x, samplers)
+        draws = RowDraws(x, samplers)
+        tokens, finite, open_rows = draws.first()
     else:
         tokens = x.argmax(dim=-1)
-        finite = torch.ones_like(tokens, dtype=torch.bool)
+        finite, open_rows = torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
         if sampled:
             index = torch.tensor(sampled, device=x.device)
-            tokens[index], finite[index] = sample_rows(x[index], [samplers[row] for row in sampled])
-    tokens, finite = torch.stack([tokens, finite.long()]).tolist()
+            draws = RowDraws(x[index], [samplers[row] for row in sampled])
+            tokens[index], finite[index], open_rows[index] = draws.first()
+    tokens, finite, open_rows = torch.stack([tokens, finite.long(), open_rows.long()]).tolist()
+    if any(open_rows):
+        rows = [row for row, is_open in enumerate(open_rows) if is_open]
+        local = rows if len(sampled) == len(samplers) else [sampled.index(row) for row in rows]
+        for row, (token, ok) in zip(rows, draws.refine(local)):
+            tokens[row], finite[row] = token, ok
     if not all(finite):
         raise RuntimeError("the model's logits are not finite (NaN or infinite): nothing to sample from")
     return tokens
@@ -139,66 +150,79 @@ def penalise_repetition(row_logits: torch.Tensor, history: list[int], penalty: f
     row_logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
 
 
-def sample_rows(x: torch.Tensor, samplers: list[Sampler]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [rows], its distribution was finite [rows]) sampled from float32 logits x [rows,
-    vocab], on x's device; each sampler draws one uniform number."""
-    vocab = x.shape[-1]
-    params = [s.params for s in samplers]
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # 0: no cut
-    # temperature, top_k, top_p (inf: off), min_p, the draw: one upload for the batch
-    settings = torch.tensor([[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, s.uniform()]
-                             for p, k, s in zip(params, top_k, samplers)], dtype=torch.float64).to(x.device)
-    scaled = x / settings[:, :1].float()
-    cut = [row for row, (p, k) in enumerate(zip(params, top_k)) if k or p.top_p < 1.0]
-    if len(cut) == len(params):
-        return _sample_candidates(scaled, settings, top_k)
-    tokens, finite = _sample_whole(scaled, settings)
-    if cut:
-        index = torch.tensor(cut, device=x.device)
-        tokens[index], finite[index] = _sample_candidates(scaled[index], settings[index], [top_k[r] for r in cut])
-    return tokens, finite
+class RowDraws:
+    """One step's sampled rows of float32 logits x [rows, vocab], on x's device; each sampler
+    draws its one uniform number here. Rows that neither top_k nor top_p cuts are drawn over the
+    whole vocabulary in its own order (min_p needs no sorting); the others within their most
+    likely tokens, most likely first: top_k plus TIE_MARGIN of them (tokens tied with the k-th
+    stay in, as transformers keeps them), or CANDIDATES for a top_p-only row. first() draws every
+    row and says which may keep tokens past their candidates; refine() redraws those over more
+    (MORE_CANDIDATES, then the whole row) with the same uniform numbers."""
 
+    def __init__(self, x: torch.Tensor, samplers: list[Sampler]):
+        self.vocab = x.shape[-1]
+        params = [s.params for s in samplers]
+        self.top_k = [p.top_k if 0 < p.top_k < self.vocab else 0 for p in params]  # 0: no cut
+        # temperature, top_k, top_p (inf: off), min_p, the draw: one upload for the batch
+        self.settings = torch.tensor(
+            [[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, s.uniform()]
+             for p, k, s in zip(params, self.top_k, samplers)], dtype=torch.float64).to(x.device)
+        self.scaled = x / self.settings[:, :1].float()
+        self.cut = [row for row, (p, k) in enumerate(zip(params, self.top_k)) if k or p.top_p < 1.0]
 
-def _sample_whole(scaled: torch.Tensor, settings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows that no top_k or top_p truncates: min_p and the draw over the whole vocabulary, in its
-    own order (the cumulative sum needs no sorting)."""
-    return _draw(scaled, scaled.logsumexp(dim=-1), settings, ordered=False)[:2]
+    def first(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token, finite, open) [rows], on the device."""
+        rows = len(self.top_k)
+        if len(self.cut) == rows:
+            return self._candidates(list(range(rows)), self._first_width(self.top_k))
+        tokens, finite = _draw(self.scaled, self.scaled.logsumexp(dim=-1), self.settings, ordered=False)[:2]
+        open_rows = torch.zeros_like(finite)
+        if self.cut:
+            index = torch.tensor(self.cut, device=self.scaled.device)
+            tokens[index], finite[index], open_rows[index] = self._candidates(
+                self.cut, self._first_width([self.top_k[row] for row in self.cut]))
+        return tokens, finite, open_rows
 
+    def refine(self, rows: list[int]) -> list[tuple[int, bool]]:
+        """(token, finite) of each of the given open rows (indices into this step's rows)."""
+        done: dict[int, tuple[int, bool]] = {}
+        for width in (MORE_CANDIDATES, self.vocab):
+            tokens, finite, open_rows = self._candidates(rows, min(width, self.vocab))
+            still = []
+            for row, token, ok, is_open in zip(rows, tokens.tolist(), finite.tolist(), open_rows.tolist()):
+                if is_open:
+                    still.append(row)
+                else:
+                    done[row] = (token, bool(ok))
+            if not still:
+                break
+            rows = still
+        return [done[row] for row in sorted(done)]
 
-def _sample_candidates(scaled: torch.Tensor, settings: torch.Tensor,
-                       top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows that top_k or top_p truncates, filtered within their most likely tokens, most likely
-    first: a row's top_k, or for a top_p-only row CANDIDATES of them, then MORE_CANDIDATES, then
-    the whole row, as long as its nucleus keeps the last candidate (it may reach past it)."""
-    vocab = scaled.shape[-1]
-    by_k = settings[:, 1] > 0
-    width = min(vocab, max(top_k + ([CANDIDATES] if not all(top_k) else [])))
-    values, indices = scaled.topk(width, dim=-1)
-    values = values.masked_fill(by_k[:, None] & (torch.arange(width, device=scaled.device) >= settings[:, 1:2]),
-                                -math.inf)
-    # top_p and min_p see probabilities renormalised over the top_k kept, or over the vocabulary.
-    log_norm = values.logsumexp(dim=-1)
-    if not all(top_k):
-        log_norm = torch.where(by_k, log_norm, scaled.logsumexp(dim=-1))
-    tokens, finite, last_kept = _draw_sorted(values, indices, log_norm, settings)
-    for wider in (MORE_CANDIDATES, vocab):
-        open_rows = (last_kept & ~by_k).nonzero()[:, 0] if width < vocab else []
-        if not len(open_rows):
-            break
-        width = min(wider, vocab)
-        values, indices = scaled[open_rows].topk(width, dim=-1)
-        last_kept = torch.zeros_like(last_kept)
-        tokens[open_rows], finite[open_rows], last_kept[open_rows] = _draw_sorted(
-            values, indices, log_norm[open_rows], settings[open_rows])
-    return tokens, finite
+    def _first_width(self, top_k: list[int]) -> int:
+        wanted = [k + TIE_MARGIN for k in top_k if k] + ([CANDIDATES] if not all(top_k) else [])
+        return min(self.vocab, max(wanted))
 
-
-def _draw_sorted(values: torch.Tensor, indices: torch.Tensor, log_norm: torch.Tensor,
-                 settings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_draw over candidates most likely first, values [rows, n] at vocabulary indices [rows, n]:
-    (token, finite, the last candidate was kept)."""
-    picks, finite, last_kept = _draw(values, log_norm, settings, ordered=True)
-    return indices.gather(1, picks[:, None])[:, 0], finite, last_kept
+    def _candidates(self, rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token, finite, open) of the given cut rows, filtered within their `width` most likely."""
+        whole = rows == list(range(len(self.top_k)))
+        index = None if whole else torch.tensor(rows, device=self.scaled.device)
+        scaled = self.scaled if whole else self.scaled[index]
+        settings = self.settings if whole else self.settings[index]
+        values, indices = scaled.topk(width, dim=-1)
+        by_k = settings[:, 1] > 0
+        # A top_k row keeps the tokens at least as likely as its k-th; the others keep all.
+        kth = values.gather(1, (settings[:, 1:2].long() - 1).clamp_(min=0))
+        values = values.masked_fill(by_k[:, None] & (values < kth), -math.inf)
+        # top_p and min_p see probabilities renormalised over what top_k keeps, or over the vocabulary.
+        log_norm = values.logsumexp(dim=-1)
+        if not all(self.top_k[row] for row in rows):
+            log_norm = torch.where(by_k, log_norm, scaled.logsumexp(dim=-1))
+        picks, finite, last_kept = _draw(values, log_norm, settings, ordered=True)
+        # Open: the last candidate was kept, so tokens past it may be too (for a top_k row, ties
+        # with its k-th past the candidates, which its renormalisation missed).
+        open_rows = last_kept & (width < self.vocab)
+        return indices.gather(1, picks[:, None])[:, 0], finite, open_rows
 
 
 def _draw(values: torch.Tensor, log_norm: torch.Tensor, settings: torch.Tensor,
@@ -217,5 +241,9 @@ def _draw(values: torch.Tensor, log_norm: torch.Tensor, settings: torch.Tensor,
     probs = probs.masked_fill(probs < settings[:, 3:4] * top, 0.0)
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    picks = torch.searchsorted(cdf, settings[:, 4:5] * total, right=True)[:, 0].clamp_(max=values.shape[-1] - 1)
+    # The first position whose cumulative probability passes u x total; the target is kept below
+    # the total, which u x total can round up to, so that a dropped token past the last kept one
+    # can never be picked.
+    target = torch.minimum(settings[:, 4:5] * total, torch.nextafter(total, torch.zeros_like(total)))
+    picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=values.shape[-1] - 1)
     return picks, (total[:, 0] > 0) & total[:, 0].isfinite(), probs[:, -1] > 0

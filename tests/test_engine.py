@@ -12,6 +12,7 @@ import lisa_rt
 from lisa_rt import SamplingParams, UserError, generate
 from lisa_rt.engine import Engine, Request, StopStringFilter
 from lisa_rt.kv_cache import KVCache
+from lisa_rt import sampling
 from lisa_rt.sampling import Sampler, sample_batch
 from tests.fixtures import CORPUS, tiny_model_dir
 
@@ -176,14 +177,15 @@ def test_tiny_temperature_is_greedy_not_nan():
 
 def filtered_probs(logits, p):
     """The distribution the sampler promises, straight from its definition in float64: repetition
-    penalty aside, temperature, the top_k most likely renormalised, top_p (a token goes once the
-    more likely ones hold top_p), min_p of the most likely, renormalised."""
+    penalty aside, temperature, the top_k most likely (and those tied with the k-th) renormalised,
+    top_p (a token goes once the more likely ones hold top_p), min_p of the most likely,
+    renormalised."""
     probs = torch.softmax(logits.double() / p.temperature, -1)
     order = probs.argsort(descending=True)
     kept = torch.zeros_like(probs)
     ranked = probs[order]
-    if 0 < p.top_k < len(ranked):
-        ranked[p.top_k:] = 0
+    if 0 < p.top_k < len(ranked):  # tokens tied with the k-th stay, as in transformers
+        ranked[ranked < ranked[p.top_k - 1]] = 0
         ranked = ranked / ranked.sum()
     if p.top_p < 1:
         ranked[ranked.cumsum(0) - ranked >= p.top_p] = 0
@@ -214,7 +216,6 @@ def stratified_tokens(logits, params, draws):
     (300, 1.0, dict(top_k=0, top_p=0.9, min_p=0.2)),     # min_p cuts inside the nucleus
 ])
 def test_draws_follow_the_filtered_distribution(vocab, spread, kw, monkeypatch):
-    from lisa_rt import sampling
     # Fewer candidates than the runtime's, so that a small vocabulary reaches every tier.
     monkeypatch.setattr(sampling, "CANDIDATES", 16)
     monkeypatch.setattr(sampling, "MORE_CANDIDATES", 64)
@@ -227,6 +228,29 @@ def test_draws_follow_the_filtered_distribution(vocab, spread, kw, monkeypatch):
     kept = int((want > 0).sum())
     if params.top_p < 1 and not params.min_p:  # the cases reach the tier they say they do
         assert (0 if kept < 16 else 1 if kept < 64 else 2) == {4.0: 0, 3.0: 1, 0.1: 2}[spread], kept
+
+
+@pytest.mark.parametrize("tied, top_k", [(10, 3), (300, 2), (4, 4)], ids=["past-the-margin", "all", "exactly-k"])
+def test_top_k_keeps_the_tokens_tied_with_the_kth(tied, top_k, monkeypatch):
+    monkeypatch.setattr(sampling, "TIE_MARGIN", 2)  # 10 tied tokens reach past 3 + 2 candidates
+    monkeypatch.setattr(sampling, "MORE_CANDIDATES", 64)
+    logits = torch.zeros(300)
+    logits[:tied] = 1.0
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0)
+    counts = torch.bincount(torch.tensor(stratified_tokens(logits, params, 3000)), minlength=300)
+    assert set(counts.nonzero()[:, 0].tolist()) == set(range(tied))
+    assert ((counts[:tied] - 3000 / tied).abs() <= 1.01).all()
+
+
+def test_common_settings_take_one_transfer(monkeypatch):
+    # The CLI's defaults and the server's on untied logits never need a second pass.
+    def refuse(self, rows):
+        raise AssertionError(f"rows {rows} needed a second pass")
+
+    monkeypatch.setattr(sampling, "RowDraws", type("Draws", (sampling.RowDraws,), {"refine": refuse}))
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(1)) * 3
+    for params in (SamplingParams(seed=1), SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1)):
+        sample_batch([Sampler(params) for _ in range(4)], logits, lambda row: [])
 
 
 def test_rows_draw_the_same_alone_and_in_a_mixed_batch():
