@@ -57,7 +57,11 @@ def huge_page_arena(nbytes: int) -> torch.Tensor | None:
         return None
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping open
     start = -whole.data_ptr() % HUGE_PAGE
-    return whole[start : start + nbytes]
+    arena = whole[start : start + nbytes]
+    # Written once, so that the memory is taken now, as torch.zeros takes it: an untouched mapping
+    # would only fail (the OOM killer) when a pool first fills up mid-serving.
+    arena.zero_()
+    return arena
 
 
 def _padded(nbytes: int) -> int:

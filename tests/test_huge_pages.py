@@ -56,11 +56,19 @@ def test_pack_leaves_tensors_alone_where_it_cannot_or_should_not(monkeypatch):
     meta = [torch.empty(3, device="meta")]
     assert huge_pages.pack(meta) is meta
     assert huge_pages.pack([]) == []
-    # Copies that would take more than half of the memory available are not made.
-    monkeypatch.setattr(huge_pages, "available_memory", lambda: 100)
-    assert huge_pages.pack(originals) is originals
     monkeypatch.setattr(huge_pages, "THP_SETTING", huge_pages.Path("/nonexistent/thp"))
     assert not huge_pages.huge_pages_offered()
+
+
+@offered
+def test_copies_that_would_take_half_the_available_memory_are_not_made(monkeypatch):
+    originals = tensors()
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: 100)
+    assert huge_pages.pack(originals) is originals
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: None)  # unknown: not made either
+    assert huge_pages.pack(originals) is originals
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: 1 << 40)
+    assert huge_pages.pack(originals) is not originals
 
 
 @offered

@@ -14,7 +14,8 @@ LISA_AVX2 void silu_and_mul_row_avx2(T* o, const T* gate, const T* up, int64_t w
   int64_t c = 0;
   for (; c + 8 <= width; c += 8) {
     const __m256 g = load8(gate + c);
-    // silu(g) = g / (1 + e^-g); e^-g capped at e^88, where the quotient is 0 in float anyway.
+    // silu(g) = g / (1 + e^-g), e^-g capped at e^88 (finite): a very negative g gives a tiny
+    // number where std::exp would give 0, and -inf gives -inf where it would give NaN.
     const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), cap));
     const __m256 r = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), load8(up + c));
     store8(o + c, r);

@@ -278,13 +278,14 @@ void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv,
 // tenth of LiSA's prefill attention. width * kv_heads a multiple of 8.
 template <typename T>
 std::vector<float> widen_sequence(const T* pool, const PagedSeq& seq, int64_t n, int64_t width) {
-  const int64_t slot = seq.kv_heads * width;
+  const int64_t slot = seq.kv_heads * width, blocks = (n + seq.block_size - 1) / seq.block_size;
   std::vector<float> rows(n * slot);
-  for (int64_t j = 0; j < n;) {
-    const int64_t run = std::min(seq.block_size - j % seq.block_size, n - j);
-    widen_avx2(rows.data() + j * slot, pool + seq.row(j) * width, run * slot);
-    j += run;
-  }
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {  // a long context on every thread
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t j = block * seq.block_size, run = std::min(seq.block_size, n - j);
+      widen_avx2(rows.data() + j * slot, pool + seq.row(j) * width, run * slot);
+    }
+  });
   return rows;
 }
 
