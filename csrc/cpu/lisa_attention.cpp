@@ -75,31 +75,29 @@ std::vector<std::vector<float>> widen_sequences(const T* pool, const PagedPool& 
   return widened;
 }
 
-// add_delta_avx2 over a sequence's widened k' rows (widen_sequence).
-template <typename T>
-void add_widened_delta(float* s, int64_t s_stride, const T* q, int64_t heads, int64_t group, const float* keys,
-                       int64_t kv_heads, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch) {
-  widen_avx2(scratch, q, heads * r);
-  for (int64_t kv = 0; kv < kv_heads; ++kv)
-    group_key_logits_avx2(s + kv * group * s_stride + j0, s_stride, scratch + kv * group * r, group,
-                          keys + j0 * kv_heads * r + kv * r, j1 - j0, kv_heads * r, r, scale, /*accumulate=*/true);
+// Sequence b's widened rows (widen_sequences), or null where it has none.
+const float* widened_rows(const std::vector<std::vector<float>>& widened, int64_t b) {
+  return widened[b].empty() ? nullptr : widened[b].data();
 }
 
 // s[hd * s_stride + j] += scale * q'_hd . k'_j for keys [j0, j1) of one query row (q: heads rows
-// of rank r, k' in its paged pool), eight keys at a time per KV head, each run of a block's k'
-// rows widened once. scratch: heads * r + block_size * kv_heads * r floats. r a multiple of 8.
+// of rank r), eight keys at a time per KV head: from the sequence's widened k' rows when given,
+// else from its paged pool, each run of a block's k' rows widened once. scratch: heads * r +
+// block_size * kv_heads * r floats. r a multiple of 8.
 template <typename T>
 void add_delta_avx2(float* s, int64_t s_stride, const T* q, int64_t heads, int64_t group, const T* keys,
-                    const PagedSeq& seq, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch) {
+                    const PagedSeq& seq, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch,
+                    const float* widened) {
   float* qf = scratch;
   float* staged = scratch + heads * r;
   const int64_t slot = seq.kv_heads * r;  // a slot holds every KV head's k'
   widen_avx2(qf, q, heads * r);
   for (int64_t j = j0; j < j1;) {
-    const int64_t run = std::min(seq.block_size - j % seq.block_size, j1 - j);
-    widen_avx2(staged, keys + seq.row(j) * r, run * slot);
+    const int64_t run = widened != nullptr ? j1 - j : std::min(seq.block_size - j % seq.block_size, j1 - j);
+    const float* rows = widened != nullptr ? widened + j * slot : staged;
+    if (widened == nullptr) widen_avx2(staged, keys + seq.row(j) * r, run * slot);
     for (int64_t kv = 0; kv < seq.kv_heads; ++kv)
-      group_key_logits_avx2(s + kv * group * s_stride + j, s_stride, qf + kv * group * r, group, staged + kv * r,
+      group_key_logits_avx2(s + kv * group * s_stride + j, s_stride, qf + kv * group * r, group, rows + kv * r,
                             run, slot, r, scale, /*accumulate=*/true);
     j += run;
   }
@@ -133,31 +131,21 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> p, inv(g), acc(g * d), qf(g * d);
+      std::vector<float> p, inv(g), acc(g * d);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / items, hd = idx % items * g, kv = hd / group, n = rows.n_keys[t], b = rows.seq[t];
         const PagedSeq seq = pool.seq(b);
         float* s_rows = s_all + (t * heads + hd) * max_keys;
-        const scalar_t* q = q_all + t * query.stride(0) + hd * d;
-        if (widened_keys[b].empty()) {
-          key_logits(s_rows, max_keys, q, g, keys, seq, kv, d, n, static_cast<float>(scale));
-        } else {
-          key_logits_widened(s_rows, max_keys, q, g, widened_keys[b].data(), kv, kv_heads, d, n,
-                             static_cast<float>(scale), qf.data());
-        }
+        key_logits(s_rows, max_keys, q_all + t * query.stride(0) + hd * d, g, keys, seq, kv, d, n,
+                   static_cast<float>(scale), widened_rows(widened_keys, b));
         // The logits stay in `scores` for the next layer; the softmax works on a copy.
         p.resize(g * n);
         for (int64_t i = 0; i < g; ++i) {
           std::copy(s_rows + i * max_keys, s_rows + i * max_keys + n, p.begin() + i * n);
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
-        scalar_t* o = o_all + (t * heads + hd) * d;
-        if (widened_values[b].empty()) {
-          weighted_values(o, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data());
-        } else {
-          weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), kv, kv_heads, d, n,
-                                  acc.data());
-        }
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, seq, kv, d, n, acc.data(),
+                        widened_rows(widened_values, b));
       }
     });
   });
@@ -223,13 +211,9 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
           align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
         // Plus the low-rank delta q'_hd . k'_j.
         if constexpr (kWidenable<scalar_t>) {
-          if (!widened_keys[rows.seq[t]].empty()) {
-            add_widened_delta(s_row, out_keys, q_row, heads, group, widened_keys[rows.seq[t]].data(), kv_heads, j0,
-                              j1, rank, delta, scratch.data());
-            continue;
-          }
           if (delta_avx2) {
-            add_delta_avx2(s_row, out_keys, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch.data());
+            add_delta_avx2(s_row, out_keys, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch.data(),
+                           widened_rows(widened_keys, rows.seq[t]));
             continue;
           }
         }
@@ -260,13 +244,8 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
           std::copy(s_rows + i * out_keys, s_rows + i * out_keys + n, p.begin() + i * n);
           inv[i] = softmax_inplace(p.data() + i * n, n);
         }
-        scalar_t* o = o_all + (t * heads + hd) * d;
-        if (widened_values[b].empty()) {
-          weighted_values(o, p.data(), n, inv.data(), g, values, pool.seq(b), hd / group, d, n, acc.data());
-        } else {
-          weighted_values_widened(o, p.data(), n, inv.data(), g, widened_values[b].data(), hd / group, kv_heads, d,
-                                  n, acc.data());
-        }
+        weighted_values(o_all + (t * heads + hd) * d, p.data(), n, inv.data(), g, values, pool.seq(b), hd / group,
+                        d, n, acc.data(), widened_rows(widened_values, b));
       }
     });
   });

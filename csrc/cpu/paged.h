@@ -162,14 +162,18 @@ inline void group_accumulate_values_avx2(float* acc, int64_t acc_stride, const f
 
 // Logits of g query heads that share KV head kv_head (q: g rows of d), over keys j < n:
 // s[i * s_stride + j] = scale * q_i . K[j]. Each key row is read from memory once for all g.
+// widened, when given, is the sequence's keys as widen_sequence made them (AVX2 types only).
 template <typename T>
 void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
-                int64_t kv_head, int64_t d, int64_t n, float scale) {
+                int64_t kv_head, int64_t d, int64_t n, float scale, const float* widened = nullptr) {
   const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
   if constexpr (kWidenable<T>) {
     if (use_avx2<T>(d)) {  // a block's key rows widened once (staged), eight keys at a time
-      std::vector<float> qf(g * d), staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
+      std::vector<float> qf(g * d), staged(std::is_same_v<T, float> || widened ? 0 : seq.block_size * d);
       widen_avx2(qf.data(), q, g * d);
+      if (widened != nullptr) {
+        return group_key_logits_avx2(s, s_stride, qf.data(), g, widened + kv_head * d, n, stride, d, scale);
+      }
       seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
         if constexpr (std::is_same_v<T, float>) {
           group_key_logits_avx2(s + j0, s_stride, qf.data(), g, keys + offset, rows, stride, d, scale);
@@ -238,13 +242,19 @@ void write_normalised(T* out, const float* acc, const float* inv, int64_t g, int
 
 // For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
 // (out: g rows of d). A block of values is read from memory once and serves all g heads from
-// L1. acc is g * d floats of scratch.
+// L1. acc is g * d floats of scratch. widened, when given, is the sequence's values as
+// widen_sequence made them (AVX2 types only).
 template <typename T>
 void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g, const T* values,
-                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
+                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc,
+                     const float* widened = nullptr) {
   std::fill(acc, acc + g * d, 0.0f);
   const int64_t stride = seq.kv_heads * d;
   if constexpr (kWidenable<T>) {
+    if (widened != nullptr) {
+      group_accumulate_values_avx2(acc, d, p, p_stride, g, widened + kv_head * d, n, stride, d);
+      return write_normalised(out, acc, inv, g, d);
+    }
     if (use_avx2<T>(d)) {  // a block's value rows widened once (staged) for all g heads
       std::vector<float> staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
       seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
@@ -287,26 +297,6 @@ std::vector<float> widen_sequence(const T* pool, const PagedSeq& seq, int64_t n,
     }
   });
   return rows;
-}
-
-// key_logits over a widened sequence (widen_sequence's rows; qf: g * d floats of scratch). For
-// the types widen_sequence serves (kWidenable); a no-op for others, which never have such rows.
-template <typename T>
-void key_logits_widened(float* s, int64_t s_stride, const T* q, int64_t g, const float* rows, int64_t kv_head,
-                        int64_t kv_heads, int64_t d, int64_t n, float scale, float* qf) {
-  if constexpr (kWidenable<T>) {
-    widen_avx2(qf, q, g * d);
-    group_key_logits_avx2(s, s_stride, qf, g, rows + kv_head * d, n, kv_heads * d, d, scale);
-  }
-}
-
-// weighted_values over a widened sequence (widen_sequence's rows), as key_logits_widened.
-template <typename T>
-void weighted_values_widened(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g,
-                             const float* rows, int64_t kv_head, int64_t kv_heads, int64_t d, int64_t n, float* acc) {
-  std::fill(acc, acc + g * d, 0.0f);
-  group_accumulate_values_avx2(acc, d, p, p_stride, g, rows + kv_head * d, n, kv_heads * d, d);
-  write_normalised(out, acc, inv, g, d);
 }
 
 // Heads handled together per work item: the whole GQA group (keys and values read once) when
