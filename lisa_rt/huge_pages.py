@@ -39,9 +39,9 @@ def huge_pages_offered() -> bool:
 
 
 def huge_page_arena(nbytes: int) -> torch.Tensor | None:
-    """A zeroed uint8 CPU tensor of nbytes starting on a huge-page boundary, in an anonymous
-    mapping advised for huge pages (freed with the last tensor that views it); None where huge
-    pages are not offered or the advice is refused."""
+    """A uint8 CPU tensor of nbytes starting on a huge-page boundary, in an anonymous mapping
+    advised for huge pages (zero until written, and taken from memory only then; freed with the
+    last tensor that views it); None where huge pages are not offered or the advice is refused."""
     if nbytes <= 0 or not huge_pages_offered():
         return None
     # One huge page more than asked, so that the start can move up to a boundary.
@@ -57,30 +57,34 @@ def huge_page_arena(nbytes: int) -> torch.Tensor | None:
         return None
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping open
     start = -whole.data_ptr() % HUGE_PAGE
-    arena = whole[start : start + nbytes]
-    # Written once, so that the memory is taken now, as torch.zeros takes it: an untouched mapping
-    # would only fail (the OOM killer) when a pool first fills up mid-serving.
-    arena.zero_()
-    return arena
+    return whole[start : start + nbytes]
 
 
-def _padded(nbytes: int) -> int:
-    return math.ceil(nbytes / ALIGNMENT) * ALIGNMENT
+def _packed_views(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """(arena, contiguous views of the given (shape, dtype)s one after another in it, each start
+    64-byte aligned); None where no arena can be had."""
+    nbytes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+    starts = [0]
+    for size in nbytes:
+        starts.append(starts[-1] + math.ceil(size / ALIGNMENT) * ALIGNMENT)
+    arena = huge_page_arena(starts[-1])
+    if arena is None:
+        return None
+    return arena, [arena[start : start + size].view(dtype).view(shape)
+                   for (shape, dtype), start, size in zip(specs, starts, nbytes)]
 
 
 def zeros_packed(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor] | None:
     """Zeroed contiguous tensors of the given (shape, dtype)s, one after another in one huge-page
     arena (each start 64-byte aligned); None where no arena can be had."""
-    sizes = [_padded(math.prod(shape) * torch.empty((), dtype=dtype).element_size()) for shape, dtype in specs]
-    arena = huge_page_arena(sum(sizes))
-    if arena is None:
+    packed = _packed_views(specs)
+    if packed is None:
         return None
-    out, offset = [], 0
-    for (shape, dtype), size in zip(specs, sizes):
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out.append(arena[offset : offset + nbytes].view(dtype).view(shape))
-        offset += size
-    return out
+    arena, views = packed
+    # Written once, so that the memory is taken now, as torch.zeros takes it: an untouched mapping
+    # would only fail (the OOM killer) when a pool first fills up mid-serving.
+    arena.zero_()
+    return views
 
 
 def available_memory() -> int | None:
@@ -103,9 +107,10 @@ def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     available = available_memory()
     if available is None or sum(t.numel() * t.element_size() for t in tensors) > available // 2:
         return tensors
-    packed = zeros_packed([(tuple(t.shape), t.dtype) for t in tensors])
+    packed = _packed_views([(tuple(t.shape), t.dtype) for t in tensors])
     if packed is None:
         return tensors
-    for dst, src in zip(packed, tensors):
+    views = packed[1]
+    for dst, src in zip(views, tensors):  # (the copies take the memory)
         dst.copy_(src)
-    return packed
+    return views
