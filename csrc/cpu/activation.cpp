@@ -7,7 +7,16 @@
 namespace lisa_rt {
 namespace {
 
-// One row: o[c] = silu(gate[c]) * up[c], eight at a time with AVX2 (exp8), then the tail.
+// One row: o[c] = silu(gate[c]) * up[c].
+template <typename T>
+void silu_and_mul_row(T* o, const T* gate, const T* up, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) {
+    const float g = static_cast<float>(gate[c]);
+    o[c] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[c]));
+  }
+}
+
+// The same, eight at a time with AVX2 (exp8), then the tail.
 template <typename T>
 LISA_AVX2 void silu_and_mul_row_avx2(T* o, const T* gate, const T* up, int64_t width) {
   const __m256 one = _mm256_set1_ps(1.0f), cap = _mm256_set1_ps(88.0f);
@@ -20,18 +29,7 @@ LISA_AVX2 void silu_and_mul_row_avx2(T* o, const T* gate, const T* up, int64_t w
     const __m256 r = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), load8(up + c));
     store8(o + c, r);
   }
-  for (; c < width; ++c) {
-    const float g = static_cast<float>(gate[c]);
-    o[c] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[c]));
-  }
-}
-
-template <typename T>
-void silu_and_mul_row(T* o, const T* gate, const T* up, int64_t width) {
-  for (int64_t c = 0; c < width; ++c) {
-    const float g = static_cast<float>(gate[c]);
-    o[c] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[c]));
-  }
+  silu_and_mul_row(o + c, gate + c, up + c, width - c);
 }
 
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input) {
