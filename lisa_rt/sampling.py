@@ -184,8 +184,8 @@ class RowDraws:
         return tokens, finite, open_rows
 
     def refine(self, rows: list[int]) -> list[tuple[int, bool]]:
-        """(token, finite) of each of the given open rows (indices into this step's rows)."""
-        done: dict[int, tuple[int, bool]] = {}
+        """(token, finite) of each of the given open rows (indices into this step's rows), in order."""
+        asked, done = rows, {}
         for width in (MORE_CANDIDATES, self.vocab):
             tokens, finite, open_rows = self._candidates(rows, min(width, self.vocab))
             still = []
@@ -197,7 +197,7 @@ class RowDraws:
             if not still:
                 break
             rows = still
-        return [done[row] for row in sorted(done)]
+        return [done[row] for row in asked]
 
     def _first_width(self, top_k: list[int]) -> int:
         wanted = [k + TIE_MARGIN for k in top_k if k] + ([CANDIDATES] if not all(top_k) else [])
