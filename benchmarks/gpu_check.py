@@ -2,8 +2,8 @@
 
 1. CPU-vs-GPU agreement: a SmolLM2-shaped model with random weights, float32 on both devices:
    max |logit difference| over a prompt, and the same 32 greedy tokens.
-2. What CUDA graphs buy: bf16 decode through the engine, eager and with CUDA-graph decode side
-   by side, SmolLM2-shaped and LLaMA-2-7B-shaped random models (the full speed grid, LiSA and
+2. What CUDA graphs and overlapped steps buy: bf16 decode through the engine, eager, with
+   CUDA-graph decode, and with CUDA-graph decode whose steps overlap the host's work, side by side, SmolLM2-shaped and LLaMA-2-7B-shaped random models (the full speed grid, LiSA and
    HF transformers are benchmarks/gpu_bench.py).
 
     python benchmarks/gpu_check.py [--json out.json] [--skip-7b]
@@ -48,22 +48,23 @@ def weights_of(model) -> list[torch.Tensor]:
 
 
 def decode_speed(name: str, shape: dict, batches: list[int], context: int, tokens: int) -> list[dict]:
-    """Decode tok/s at each batch size, eager and with CUDA graphs, on one engine per mode."""
+    """Decode tok/s at each batch size, eager, with CUDA graphs, and with CUDA graphs and
+    overlapped steps, on one engine per mode."""
     model = random_model(shape, "cuda", torch.bfloat16)
     weight_bytes = streamed_weight_bytes(model)
     rows = []
     for batch in batches:
         prompts = [torch.randint(0, shape["vocab_size"], (context,)).tolist() for _ in range(batch)]
-        for graphs in (False, True):
+        for graphs, overlap in ((False, False), (True, False), (True, True)):
             cache = model.new_cache([context + tokens + 1] * batch)
-            engine = Engine(model, cache, max_num_seqs=batch, cuda_graphs=graphs)
+            engine = Engine(model, cache, max_num_seqs=batch, cuda_graphs=graphs, overlap=overlap)
             run_to_completion(engine, prompts, greedy(4))  # warm-up (and graph capture)
             results = run_to_completion(engine, prompts, greedy(tokens))
             decode_s = results[0].timings["decode_s"]
             steps = results[0].timings["decode_steps"]
             step_ms = decode_s / steps * 1e3
             rows.append({"model": name, "batch": batch, "context": context,
-                         "mode": "cuda graph" if graphs else "eager",
+                         "mode": ("cuda graph" if graphs else "eager") + (" + overlap" if overlap else ""),
                          "decode tok/s": round(batch * steps / decode_s, 1),
                          "step ms": round(step_ms, 3),
                          "weight GB/s": round(weight_bytes / (step_ms / 1e3) / 1e9, 1)})

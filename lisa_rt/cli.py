@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=32, help="timed decode steps per point (32)")
     p.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps before them (3)")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly on CUDA, without CUDA graphs")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read each decode step's tokens back before launching the next (CUDA overlaps them)")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights, adapter and cache (0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -596,7 +598,8 @@ def cmd_bench(args) -> int:
         config = load_config(path)
     options = bench.BenchOptions(
         batches=args.batch, contexts=args.ctx, steps=args.steps, warmup=args.warmup,
-        max_batch_contexts=args.max_batch_ctx, cuda_graphs=not args.no_graphs, seed=args.seed,
+        max_batch_contexts=args.max_batch_ctx, cuda_graphs=not args.no_graphs, overlap=not args.no_overlap,
+        seed=args.seed,
         kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
     options.validate(config)  # before the weights load (Bench.run checks again, for library callers)
     if args.shape:

@@ -81,8 +81,9 @@ class CudaGraphDecoder:
         return graph, logits, workspace
 
     @torch.inference_mode()
-    def run(self, chunks: list[tuple[list[int], int, BlockTable]]) -> torch.Tensor:
-        """Float32 logits [len(chunks), vocab] for chunks of one token each (see build_batch)."""
+    def run(self, chunks: list[tuple[list[int], int, BlockTable]], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [len(chunks), vocab] for chunks of one token each (see build_batch);
+        input_ids (on the device), when given, replace the chunks' token ids."""
         count = len(chunks)
         size = self.padded_size(count)
         if size not in self.graphs:
@@ -92,13 +93,17 @@ class CudaGraphDecoder:
         block = self.cache.block_size
         pad = size - count
         fields = [
-            (self.input_ids, [tokens[0] for tokens, _, _ in chunks] + [0] * pad),
             (self.positions, [start for _, start, _ in chunks] + [0] * pad),
             # Padding rows write no cache slot and attend to no key.
             (self.slot_mapping, [table.blocks[start // block] * block + start % block
                                  for _, start, table in chunks] + [-1] * pad),
             (self.seq_lens, [start + 1 for _, start, _ in chunks] + [0] * pad),
         ]
+        if input_ids is None:
+            fields.append((self.input_ids, [tokens[0] for tokens, _, _ in chunks] + [0] * pad))
+        else:
+            # Padding rows keep whatever ids they had: any valid id will do for them.
+            self.input_ids[0][:count].copy_(input_ids)
         for (device_buf, host_buf), values in fields:
             host_buf[:size] = torch.tensor(values, dtype=host_buf.dtype)
             device_buf[:size].copy_(host_buf[:size], non_blocking=True)

@@ -18,6 +18,16 @@ rejected by `Engine.check` (UserError: the KV budget is too small). A prompt tha
 prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
 next token has no room (its context cannot grow any more). Nothing deadlocks, nothing is dropped.
 
+Overlap (on by default on CUDA). A decode step launches the GPU's work and returns, while its
+greedy tokens are still on the device; the next step launches the following decode step with
+those tokens as its input, gathered on the device, and only then reads them back and streams
+them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus runs
+while the GPU computes, instead of between its steps. A sequence that ended on the tokens read
+back has had one more step computed for it, which is dropped. The pipeline holds only while
+every running sequence decodes greedily and the next step needs nothing the host must decide
+from those tokens: a sampled or penalised row, a request to admit, a cancel, or a full cache
+(preemption) make the step read its tokens first and schedule as usual.
+
 Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
 thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
 Deltas are delivered from the stepping thread through each request's `on_delta`.
@@ -206,11 +216,33 @@ class Request:
                      "decode_tok_per_s": decode_tokens / max(end - first, 1e-9)})
 
 
+class InFlight:
+    """A decode step whose greedy tokens are still on the device, copied back asynchronously."""
+
+    def __init__(self, requests: list[Request], tokens: torch.Tensor):
+        self.requests = requests  # one per row of tokens
+        self.tokens = tokens      # [rows] int64, on the model's device
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.copied: torch.cuda.Event | None = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host, self.copied = tokens, None
+
+    def read(self) -> list[int]:
+        """The tokens on the host; waits for the step to finish."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
 class Engine:
     """Continuous batching over one model and one KV cache (see the module docstring)."""
 
     def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True,
+                 overlap: bool | None = None):
         if max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
@@ -222,6 +254,10 @@ class Engine:
                               if cuda_graphs and model.device.type == "cuda" else None)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        # A CPU computes the step in the calling thread: there is nothing to overlap with.
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self._inflight: InFlight | None = None
+        self.overlapped_steps = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the newest is last
         self.preemptions = 0
@@ -261,7 +297,7 @@ class Engine:
             self._cond.notify_all()
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._cancels or self.waiting or self.running)
+        return bool(self._inbox or self._cancels or self.waiting or self.running or self._inflight)
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Blocks until there is work (True) or the engine is closed (False)."""
@@ -282,7 +318,7 @@ class Engine:
         return {"running": len(self.running), "waiting": waiting,
                 "free_blocks": self.cache.allocator.num_free, "total_blocks": self.cache.num_blocks,
                 "preemptions": self.preemptions, "completed": self.completed,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, "steps": self.steps, "overlapped_steps": self.overlapped_steps}
 
     # -- the stepping thread -----------------------------------------------------------------
 
@@ -301,7 +337,8 @@ class Engine:
         self.running.append(request)
 
     def abort_all(self) -> None:
-        """Cancels every request left (after close)."""
+        """Cancels every request left (after close); a step in flight is dropped."""
+        self._inflight = None
         self._drain()
         for req in list(self.running) + list(self.waiting):
             self._end(req, "cancelled")
@@ -312,32 +349,104 @@ class Engine:
     def step(self) -> None:
         """One scheduler step: admit, one forward pass, sample, stream, retire.
 
+        With a step in flight (overlap), this launches the next decode step first when nothing
+        stands in the way, then reads the one in flight and streams its tokens.
+
         An exception here is a bug: the requests of this step (all requests, if it happened
         outside the forward pass) fail with it, and the engine stays usable.
         """
+        self._drain()
+        if self._inflight is not None:
+            try:
+                following = self._continue(self._inflight)
+            except Exception as exc:
+                self.fail([req for req in self._inflight.requests if not req.finished], exc)
+                self._inflight = None
+                return
+            self.settle()
+            self._inflight = following
+            if following is not None:
+                return
         batch: list[Request] = []
         try:
-            self._drain()
             chunks = self._schedule(batch)
             if not chunks:
                 return
-            self.steps += 1
-            if self.graph_decoder is not None and all(len(tokens) == 1 for tokens, _, _ in chunks):
-                logits = self.graph_decoder.run(chunks)
-            else:
-                logits = self.model.forward(build_batch(chunks, self.model.device), self.cache)
+            logits = self._forward(chunks)
             # A chunk that reaches the end of its sequence's tokens yields the next token.
             ready = [row for row, req in enumerate(batch) if req.computed == req.length]
             if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
                 logits = logits[ready]
+            elif self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
+                    all(req.sampler.is_plain_greedy for req in batch):
+                self._inflight = InFlight(batch, logits.argmax(dim=-1))
+                return
             tokens = sample_batch([batch[row].sampler for row in ready], logits,
                                   lambda i: batch[ready[i]].prompt + batch[ready[i]].output)
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
+        self._accept([batch[row] for row in ready], tokens)
+
+    def settle(self) -> None:
+        """Reads back the step in flight, if any, and streams its tokens; launches nothing."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        try:
+            tokens = inflight.read()
+        except Exception as exc:
+            self.fail([req for req in inflight.requests if not req.finished], exc)
+            return
+        self._accept(inflight.requests, tokens)
+
+    def _forward(self, chunks: list[tuple[list[int], int, BlockTable]],
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the chunks' last tokens; input_ids (on the device) replace the chunks' ids."""
+        self.steps += 1
+        if self.graph_decoder is not None and all(len(tokens) == 1 for tokens, _, _ in chunks):
+            return self.graph_decoder.run(chunks, input_ids)
+        batch = build_batch(chunks, self.model.device)
+        if input_ids is not None:
+            batch.input_ids = input_ids
+        return self.model.forward(batch, self.cache)
+
+    def _continue(self, inflight: InFlight) -> InFlight | None:
+        """Launches the decode step after the one in flight, its input tokens read on the device,
+        or returns None when the host must see those tokens first (see the module docstring)."""
+        running = set(self.running)
+        rows = [row for row, req in enumerate(inflight.requests) if req in running]
+        if not rows or len(rows) != len(self.running) or self._can_admit():
+            return None
+        live = [inflight.requests[row] for row in rows]
+        # Each live request's pending token goes in at position `computed`: room for one more.
+        cache = self.cache
+        need = sum(cache.blocks_for(req.computed + 1) - len(req.table.blocks) for req in live)
+        if need > cache.allocator.num_free:
+            return None  # a preemption: decided once the tokens are known
+        for req in live:
+            req.table.ensure(req.computed + 1)
+        input_ids = inflight.tokens
+        if len(rows) < len(inflight.requests):  # some ended on the previous tokens
+            input_ids = input_ids[torch.tensor(rows).to(input_ids.device, non_blocking=True)]
+        # The chunks' token ids are placeholders: the ids are input_ids.
+        logits = self._forward([([0], req.computed, req.table) for req in live], input_ids)
+        for req in live:
+            req.computed += 1
+        self.overlapped_steps += 1
+        return InFlight(live, logits.argmax(dim=-1))
+
+    def _can_admit(self) -> bool:
+        """Whether the next scheduled step would admit the first waiting request."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and \
+            self.cache.blocks_for(self.waiting[0].length) <= self.cache.allocator.num_free
+
+    def _accept(self, requests: list[Request], tokens: list[int]) -> None:
+        """Records each request's sampled token, streams its text and retires it if it ended."""
         now = time.perf_counter()
-        for row, token in zip(ready, tokens):
-            req = batch[row]
+        for req, token in zip(requests, tokens):
+            if req.finished:  # cancelled or ended while its token was in flight: dropped
+                continue
             try:
                 if req.t_first is None:
                     req.t_first = now
@@ -524,7 +633,8 @@ def run_to_completion(engine: Engine, prompts: list[list[int]],
 
 
 def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             on_text: Callable[[int, str], None] | None = None, cuda_graphs: bool = True) -> list[Completion]:
+             on_text: Callable[[int, str], None] | None = None, cuda_graphs: bool = True,
+             overlap: bool | None = None) -> list[Completion]:
     """Generates for every prompt (token ids) with an engine of its own, in the calling thread.
 
     The cache is sized for every request at full length, so nothing is ever preempted.
@@ -534,5 +644,5 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
     params = _per_prompt(params, len(prompts))
     budgets = [check_prompt(model, list(p), sp) for p, sp in zip(prompts, params)]
     cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
-    engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs)
+    engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs, overlap=overlap)
     return run_to_completion(engine, prompts, params, on_text)

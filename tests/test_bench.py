@@ -155,12 +155,14 @@ def test_bench_on_cuda_without_a_gpu(run, tiny):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
-def test_bench_on_cuda(run, tiny, tmp_path, graphs):
+@pytest.mark.parametrize("graphs,overlap", [(True, True), (True, False), (False, True)],
+                         ids=["graphs", "graphs-in-turn", "eager"])
+def test_bench_on_cuda(run, tiny, tmp_path, graphs, overlap):
     out = tmp_path / "bench.json"
     rc, _, err = run("bench", tiny, "--device", "cuda", "--lisa-ratio", 0.67, "--batch", "1,3", "--ctx", "8,40",
-                     "--kv-budget-gb", BUDGET_GB / 2, "--json", out, *FAST, *([] if graphs else ["--no-graphs"]))
+                     "--kv-budget-gb", BUDGET_GB / 2, "--json", out, *FAST, *([] if graphs else ["--no-graphs"]),
+                     *([] if overlap else ["--no-overlap"]))
     assert rc == 0, err
     result = json.loads(out.read_text())  # bf16: half the bytes, the same blocks as above
-    assert result["cuda_graphs"] is graphs and {r["variant"]: r["batch"] for r in result["max_batch"]} == {
+    assert result["cuda_graphs"] is graphs and result["overlap"] is overlap and {r["variant"]: r["batch"] for r in result["max_batch"]} == {
         "base": 2, "lisa": 3}

@@ -1,4 +1,5 @@
-"""CUDA-graph decode gives the same tokens as eager decode (needs a CUDA GPU)."""
+"""CUDA-graph decode gives the same tokens as eager decode, and overlapped decode steps the same
+as steps taken in turn (needs a CUDA GPU)."""
 import pytest
 import torch
 
@@ -45,6 +46,23 @@ def test_graph_decode_matches_eager(dtype, count, lisa_layers):
     eager = generate(model, prompts(count), params, cuda_graphs=False)
     graphed = generate(model, prompts(count), params, cuda_graphs=True)
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+@pytest.mark.parametrize("lisa_layers", [None, [1, 2]], ids=["base", "lisa"])
+def test_overlapped_decode_matches_steps_in_turn(lisa_layers, cuda_graphs):
+    model = random_model(torch.float32, lisa_layers)
+    # Different lengths: sequences leave the batch while the next step is already in flight.
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (40, 7, 23, 1, 31)]
+    batch = prompts(5)
+    cache = model.new_cache([len(p) + sp.max_tokens for p, sp in zip(batch, params)])
+    engine = Engine(model, cache, max_num_seqs=5, cuda_graphs=cuda_graphs)
+    assert engine.overlap  # the default on CUDA
+    overlapped = run_to_completion(engine, batch, params)
+    assert engine.stats()["overlapped_steps"] > 20
+    in_turn = generate(model, batch, params, cuda_graphs=cuda_graphs, overlap=False)
+    assert [c.token_ids for c in overlapped] == [c.token_ids for c in in_turn]
+    assert cache.allocator.num_free == cache.num_blocks
 
 
 def test_graphs_are_reused_and_seeded_sampling_matches():

@@ -1,7 +1,8 @@
 """The engine's pieces on their own: StopStringFilter, Sampler, SamplingParams, generate()
 on a tiny random model (per-request params and seeds in one batch, finish reasons, context cap),
 and the Engine's scheduler stepped by hand (chunked prefill mixed with decode, preemption of the
-newest sequence, max_num_seqs, cancellation, a request that fills the whole cache).
+newest sequence, max_num_seqs, cancellation, a request that fills the whole cache), and the
+overlapped decode steps (forced on here; on by default on CUDA) against steps taken in turn.
 """
 import math
 
@@ -10,7 +11,7 @@ import torch
 
 import lisa_rt
 from lisa_rt import SamplingParams, UserError, generate
-from lisa_rt.engine import Engine, Request, StopStringFilter
+from lisa_rt.engine import Engine, Request, StopStringFilter, run_to_completion
 from lisa_rt.kv_cache import KVCache
 from lisa_rt import sampling
 from lisa_rt.sampling import Sampler, sample_batch
@@ -528,6 +529,118 @@ def test_generate_reraises_an_error_from_inside_a_step(model, prompts, monkeypat
     monkeypatch.setattr(model, "forward", broken)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         generate(model, prompts[:2], SamplingParams(max_tokens=3))
+
+
+# -- Overlap: the next decode step launched before the last one's tokens are read back ---------
+
+def test_overlapped_steps_stream_a_step_later_and_settle_reads_the_last(model, prompts):
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 16, overlap=True)
+    deltas = []
+    req = new_request(model, prompts[1], greedy, deltas)
+    engine.add(req)
+    engine.step()                      # the prefill is read at once: its token is known
+    assert len(req.output) == 1 and req.computed == 16
+    engine.step()                      # a decode step: launched, its token still in flight
+    assert len(req.output) == 1 and req.computed == 17 and engine.has_work()
+    engine.step()                      # the next one launched from it, then the first read
+    assert len(req.output) == 2 and req.computed == 18
+    assert engine.stats()["overlapped_steps"] == 1
+    engine.settle()                    # the last one read; nothing launched
+    assert len(req.output) == 3 and req.computed == 18
+    engine.settle()                    # nothing in flight: nothing happens
+    run_all(engine)
+    assert req.completion.token_ids == generate(model, [prompts[1]], greedy, overlap=False)[0].token_ids
+    assert "".join(d.text for d in deltas) == req.completion.text
+    assert engine.cache.allocator.num_free == 16
+
+
+def test_overlap_gives_the_same_completions_as_steps_in_turn(model, prompts, monkeypatch):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    stop_text = generate(model, [prompts[2]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].text
+    stop = stop_text[len(stop_text) // 2: len(stop_text) // 2 + 3]
+    eos = generate(model, [prompts[3]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids[4]
+    monkeypatch.setattr(model.tokenizer, "eos_token_ids", list(model.tokenizer.eos_token_ids) + [eos])
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 1, 30, 20, 14)]
+    params[2] = params[2].replace(stop=[stop])        # ends on a stop string
+    params[3] = params[3].replace(ignore_eos=False)   # ends on an EOS token
+    batch = prompts + [ids[100:131]]
+
+    def run(overlap):
+        pieces = {i: [] for i in range(len(batch))}
+        engine = new_engine(model, 64, overlap=overlap)
+        out = run_to_completion(engine, batch, params, on_text=lambda i, d: pieces[i].append(d))
+        assert engine.cache.allocator.num_free == 64
+        assert ["".join(pieces[i]) for i in range(len(batch))] == [c.text for c in out]
+        return out, engine.stats()
+
+    overlapped, stats = run(True)
+    in_turn, plain = run(False)
+    assert [(c.token_ids, c.text, c.finish_reason) for c in overlapped] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in in_turn]
+    assert [c.finish_reason for c in in_turn] == ["length", "length", "stop", "stop", "length"]
+    assert stats["overlapped_steps"] > 10 and plain["overlapped_steps"] == 0
+    # A sequence that ended on the tokens read back had one more step computed for it: a few
+    # more steps than in turn, never a token more.
+    assert plain["steps"] <= stats["steps"] <= plain["steps"] + len(batch)
+
+
+def test_overlap_yields_to_arrivals_cancels_preemption_and_sampling(model):
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=3, ignore_eos=True)
+    engine = new_engine(model, 5, overlap=True)  # 80 tokens: the decoders must preempt one another
+    a, b = new_request(model, ids[:16], greedy), new_request(model, ids[20:34], greedy)
+    engine.add(a)
+    engine.add(b)
+    for _ in range(4):
+        engine.step()
+    assert engine.stats()["overlapped_steps"] > 0
+    late = new_request(model, ids[40:50], greedy)   # arrives while steps are in flight
+    engine.add(late)
+    for _ in range(3):
+        engine.step()
+    assert late.output                              # admitted: its prefill ran and was read
+    doomed = new_request(model, ids[60:64], greedy)
+    engine.add(doomed)
+    for _ in range(3):
+        engine.step()
+    engine.cancel(doomed)
+    lucky = new_request(model, ids[70:75], sampled)  # a sampled row: its steps are read in turn
+    engine.add(lucky)
+    run_all(engine)
+    assert doomed.completion.finish_reason == "cancelled"
+    assert engine.stats()["preemptions"] > 0
+    for req, prompt, params in ((a, ids[:16], greedy), (b, ids[20:34], greedy), (late, ids[40:50], greedy),
+                                (lucky, ids[70:75], sampled)):
+        assert req.completion.token_ids == generate(model, [prompt], params)[0].token_ids
+    alone = generate(model, [ids[60:64]], greedy)[0].token_ids
+    assert doomed.completion.token_ids == alone[: len(doomed.completion.token_ids)]
+    assert engine.cache.allocator.num_free == 5
+
+
+def test_a_failure_in_an_overlapped_step_fails_its_requests_and_the_engine_goes_on(model, prompts, monkeypatch):
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = new_engine(model, 16, overlap=True)
+    errors = []
+    req = Request(model, prompts[1], greedy, 12, on_error=errors.append)
+    engine.add(req)
+    engine.step()
+    engine.step()                      # a decode step in flight
+    real = model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(model, "forward", broken)
+    engine.step()                      # launching the next one fails
+    assert req.finish_reason == "error" and str(errors[0]) == "kernel exploded"
+    assert not engine.has_work() and engine.cache.allocator.num_free == 16
+    monkeypatch.setattr(model, "forward", real)
+    again = new_request(model, prompts[1], greedy)
+    engine.add(again)
+    run_all(engine)
+    assert again.completion.token_ids == generate(model, [prompts[1]], greedy)[0].token_ids
 
 
 # -- BlockTableRows: the graph decoder's incremental block tables -----------------------------
