@@ -23,10 +23,11 @@
 // Nothing here allocates: plan() sizes the scratch, and the torch binding takes it from
 // torch's caching allocator, which a CUDA graph capture also serves.
 //
-// Measured on an H200 (BENCHMARKS.md): at batch 32 and context 2048 the kernel moves about
-// 1.8 TB/s, 40% of the card's bandwidth; it is bound by latency (each step waits for its own
-// loads) and by the per-key shuffles, not by bytes, which is why LiSA's smaller cache does
-// not yet make its layers faster.
+// Measured on an H200 (BENCHMARKS.md, 2026-11-27): at batch 32 and context 2048 the kernel
+// moved about 1.8 TB/s, 40% of the card's bandwidth, bound by latency, not bytes, which is why
+// LiSA's smaller cache did not make its layers faster. Each step then read its block-table
+// entries, then its rows, then (LiSA) its given logits, one round trip after another; the
+// entries are now read a step ahead and the rest issued together (not yet run on a GPU).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -98,8 +99,14 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[8],
   m = top;
 }
 
+// Blocks per SM the register budget is held to (ptxas for sm_90: 110-128 registers a thread
+// with 1-4 heads, 150-160 for 2-4 heads with given logits, which spill at 4 blocks; 240-246
+// for 8 heads).
+template <int kHeads, bool kLogitsIn>
+constexpr int kMinBlocks = kHeads >= 8 ? 2 : kLogitsIn && kHeads >= 2 ? 3 : 4;
+
 template <typename T, int kLanes, int kHeads, bool kLogitsIn>
-__global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<kHeads, kLogitsIn>)) split_kernel(const SplitArgs args) {
   constexpr int kGroupsPerWarp = 32 / kLanes;       // keys a warp covers at once
   constexpr int kGroups = kWarps * kGroupsPerWarp;  // lane groups in the block
   constexpr int kUnroll = kHeads >= 4 ? 2 : 4;      // keys per group per step: loads in flight
@@ -150,54 +157,90 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
   }
 
   const int32_t* table = cache.block_tables + static_cast<int64_t>(seq) * cache.max_blocks;
-  const T* keys = static_cast<const T*>(cache.keys);
-  const T* values = static_cast<const T*>(cache.values);
-  // Every lane runs the same number of steps (the shuffles below need the whole warp).
-  for (int step = key_begin; step < key_end; step += kGroups * kUnroll) {
-    const int key0 = step + group_id * kUnroll;
-    // The group's keys are consecutive: one 32-bit division per step finds their blocks.
-    int table_index = key0 / block_size, in_block = key0 - table_index * block_size;
-    Vec<T, 8> k_row[kUnroll], v_row[kUnroll];
-    bool valid[kUnroll];
+  const T* keys = static_cast<const T*>(args.cache.keys);
+  const T* values = static_cast<const T*>(args.cache.values);
+  // A step's loads depend on its block-table entries. Read in turn, the entries and then the
+  // rows cost two memory round trips per step; here a step's entries are read one step ahead,
+  // while the step before computes, so a step waits on one round trip: its key, value (and
+  // given logit) loads, all issued together.
+  constexpr int kStride = kGroups * kUnroll;  // keys the block covers per step
+  struct Lookup {                             // where the group's keys of one step live
+    int key0;
+    int32_t block[kUnroll];                   // the table entries; -1 past the split
+    int in_block[kUnroll];
+  };
+  struct Rows {                               // the group's loads of one step
+    Vec<T, 8> k[kUnroll], v[kUnroll];
+    float given[kUnroll][kHeads];
+  };
+  // The group's keys are consecutive: one 32-bit division per step finds their blocks.
+  auto look_up = [&](int step) {
+    Lookup x;
+    x.key0 = step + group_id * kUnroll;
+    int table_index = x.key0 / block_size, in_block = x.key0 - table_index * block_size;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = key0 + u < key_end;
-      int64_t slot = -1;  // keys in an invalid block read as zeros
-      if (valid[u]) {
-        const int64_t block = table[table_index];
-        if (block >= 0 && block < cache.num_blocks) slot = block * block_size + in_block;
-      }
+      x.block[u] = x.key0 + u < key_end ? table[table_index] : -1;
+      x.in_block[u] = in_block;
       if (++in_block == block_size) {
         in_block = 0;
         ++table_index;
       }
-      const int64_t row_index = slot * cache.kv_heads + kv_head;
-      k_row[u] = load_part8(keys + (slot >= 0 ? row_index * key_dim + dim0 : 0), slot >= 0 ? key_count : 0,
-                            args.keys_vectorised);
-      v_row[u] = load_row8(values + (slot >= 0 ? row_index * head_dim + dim0 : 0), slot >= 0 && values_ok,
-                           args.values_vectorised);
     }
+    return x;
+  };
+  auto fetch = [&](const Lookup& x) {
+    Rows r;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      int64_t slot = -1;  // keys past the split, and keys in an invalid block, read as zeros
+      if (x.block[u] >= 0 && x.block[u] < cache.num_blocks) {
+        slot = static_cast<int64_t>(x.block[u]) * block_size + x.in_block[u];
+      }
+      const int64_t row_index = slot * cache.kv_heads + kv_head;
+      r.k[u] = load_part8(keys + (slot >= 0 ? row_index * key_dim + dim0 : 0), slot >= 0 ? key_count : 0,
+                          args.keys_vectorised);
+      r.v[u] = load_row8(values + (slot >= 0 ? row_index * head_dim + dim0 : 0), slot >= 0 && values_ok,
+                         args.values_vectorised);
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        r.given[u][h] = 0.0f;
+        if constexpr (kLogitsIn) {
+          // (logits_out may be logits_in: these keys' logits are written a step later, by this group)
+          if (x.key0 + u < key_end && h < heads_here) {
+            r.given[u][h] = args.logits_in[(row + h) * args.logits_in_keys + x.key0 + u];
+          }
+        }
+      }
+    }
+    return r;
+  };
+
+  // Every lane runs the same number of steps (the shuffles below need the whole warp).
+  Lookup here = look_up(key_begin);
+  for (int step = key_begin; step < key_end; step += kStride) {
+    const int key0 = here.key0;
+    Lookup ahead;
+    if (step + kStride < key_end) ahead = look_up(step + kStride);  // the same for the whole block
+    const Rows rows = fetch(here);
     // Logits of the step's keys in the log2 domain; -inf for keys past the split.
     float s[kUnroll][kHeads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int key = key0 + u;
+      const bool valid = key < key_end;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
-        float given = 0.0f;
-        if constexpr (kLogitsIn) {
-          if (valid[u] && h < heads_here) given = args.logits_in[(row + h) * args.logits_in_keys + key];
-        }
         float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot += q[h][e] * to_float(k_row[u].data[e]);
+        for (int e = 0; e < 8; ++e) dot += q[h][e] * to_float(rows.k[u].data[e]);
 #pragma unroll
         for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFullMask, dot, offset);
-        const float logit = given + dot * args.scale;
-        if (args.logits_out != nullptr && valid[u] && sub == 0 && h < heads_here) {
+        const float logit = rows.given[u][h] + dot * args.scale;
+        if (args.logits_out != nullptr && valid && sub == 0 && h < heads_here) {
           args.logits_out[(row + h) * args.logits_out_keys + key] = logit;
         }
-        s[u][h] = valid[u] && h < heads_here ? logit * kLog2e : -INFINITY;
+        s[u][h] = valid && h < heads_here ? logit * kLog2e : -INFINITY;
       }
     }
 #pragma unroll
@@ -215,12 +258,12 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitArgs args) {
         const float p = exp2f(s[u][h] - top);
         l[h] += p;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[h][e] += p * to_float(v_row[u].data[e]);
+        for (int e = 0; e < 8; ++e) acc[h][e] += p * to_float(rows.v[u].data[e]);
       }
       m[h] = top;
     }
+    here = ahead;
   }
-
   // Merge the warp's lane groups (lanes with the same dims), then the warps.
 #pragma unroll
   for (int offset = kLanes; offset < 32; offset *= 2) {
