@@ -18,15 +18,18 @@ rejected by `Engine.check` (UserError: the KV budget is too small). A prompt tha
 prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
 next token has no room (its context cannot grow any more). Nothing deadlocks, nothing is dropped.
 
-Overlap (on by default on CUDA). A decode step launches the GPU's work and returns, while its
-greedy tokens are still on the device; the next step launches the following decode step with
-those tokens as its input, gathered on the device, and only then reads them back and streams
-them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus runs
-while the GPU computes, instead of between its steps. A sequence that ended on the tokens read
-back has had one more step computed for it, which is dropped. The pipeline holds only while
-every running sequence decodes greedily and the next step needs nothing the host must decide
-from those tokens: a sampled or penalised row, a request to admit, a cancel, or a full cache
-(preemption) make the step read its tokens first and schedule as usual.
+Overlap (on by default on CUDA). A decode step launches the GPU's work, tokens drawn there
+included (sampling.StepSample), and returns; the next step launches the following decode step
+with those tokens as its input, gathered on the device, and only then reads them back and
+streams them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus
+runs while the GPU computes, instead of between its steps. A sequence that ended on the tokens
+read back has had one more step computed for it, which is dropped. The pipeline holds while the
+next step needs nothing the host must decide from those tokens: a row with a repetition penalty
+(its draw reads every token before it), a request to admit, or a full cache (preemption) make
+the step read its tokens first and schedule as usual. A sampled row whose kept tokens may reach
+past its candidates is redrawn on the host (rarely); if its token changes, the following step's
+row for it, launched with the first draw, is dropped and the sequence steps back one token, its
+uniform number given back: a seed draws the same tokens with and without overlap.
 
 Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
 thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
@@ -47,7 +50,7 @@ from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
 from .kv_cache import BlockTable, KVCache
 from .model import Model, build_batch
-from .sampling import Sampler, SamplingParams, sample_batch
+from .sampling import Sampler, SamplingParams, StepSample, sample_batch
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -217,24 +220,36 @@ class Request:
 
 
 class InFlight:
-    """A decode step whose greedy tokens are still on the device, copied back asynchronously."""
+    """A decode step whose tokens are still on the device, copied back asynchronously."""
 
-    def __init__(self, requests: list[Request], tokens: torch.Tensor):
-        self.requests = requests  # one per row of tokens
-        self.tokens = tokens      # [rows] int64, on the model's device
-        if tokens.device.type == "cuda":
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
+    def __init__(self, requests: list[Request], sample: StepSample):
+        self.requests = requests  # one per row
+        self.sample = sample
+        # Requests whose token here is dropped when read: the step was launched with a wrong
+        # input token for them (see Engine.step).
+        self.rewind: set[Request] = set()
+        if sample.tokens.device.type == "cuda":
+            self.host = torch.empty(sample.packed.shape, dtype=sample.packed.dtype, pin_memory=True)
+            self.host.copy_(sample.packed, non_blocking=True)
             self.copied: torch.cuda.Event | None = torch.cuda.Event()
             self.copied.record()
         else:
-            self.host, self.copied = tokens, None
+            self.host, self.copied = sample.packed, None
 
-    def read(self) -> list[int]:
-        """The tokens on the host; waits for the step to finish."""
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[rows] int64 on the device: the input of the step after this one."""
+        return self.sample.tokens
+
+    def read(self) -> tuple[list[int], list[int]]:
+        """The tokens on the host, and the rows whose token differs from `tokens` (redrawn over
+        more candidates); waits for the step to finish."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host.tolist()
+        packed = self.host.tolist()
+        first = packed if self.sample.plain else list(packed[0])
+        tokens = self.sample.resolve(packed)
+        return tokens, [row for row, (a, b) in enumerate(zip(first, tokens)) if a != b]
 
 
 class Engine:
@@ -363,9 +378,12 @@ class Engine:
                 self.fail([req for req in self._inflight.requests if not req.finished], exc)
                 self._inflight = None
                 return
-            self.settle()
+            redrawn = self.settle()
             self._inflight = following
             if following is not None:
+                # A redrawn token went in as the wrong input: that row of the following step is
+                # dropped and the sequence steps back (its cache slot is written again).
+                following.rewind.update(req for req in redrawn if req in following.requests)
                 return
         batch: list[Request] = []
         try:
@@ -378,8 +396,8 @@ class Engine:
             if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
                 logits = logits[ready]
             elif self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
-                    all(req.sampler.is_plain_greedy for req in batch):
-                self._inflight = InFlight(batch, logits.argmax(dim=-1))
+                    not any(req.sampler.reads_history for req in batch):
+                self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
             tokens = sample_batch([batch[row].sampler for row in ready], logits,
                                   lambda i: batch[ready[i]].prompt + batch[ready[i]].output)
@@ -388,17 +406,26 @@ class Engine:
             return
         self._accept([batch[row] for row in ready], tokens)
 
-    def settle(self) -> None:
-        """Reads back the step in flight, if any, and streams its tokens; launches nothing."""
+    def settle(self) -> list[Request]:
+        """Reads back the step in flight, if any, and streams its tokens; launches nothing.
+        Returns the requests whose token was redrawn on the host (see InFlight.read)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
-            return
+            return []
         try:
-            tokens = inflight.read()
+            tokens, redrawn = inflight.read()
         except Exception as exc:
             self.fail([req for req in inflight.requests if not req.finished], exc)
-            return
-        self._accept(inflight.requests, tokens)
+            return []
+        if inflight.rewind:
+            for req, u in zip(inflight.requests, inflight.sample.uniforms()):
+                if req in inflight.rewind and not req.finished:
+                    req.computed -= 1
+                    if u is not None:
+                        req.sampler.give_back(u)
+        self._accept([req for req in inflight.requests if req not in inflight.rewind],
+                     [token for req, token in zip(inflight.requests, tokens) if req not in inflight.rewind])
+        return [inflight.requests[row] for row in redrawn]
 
     def _forward(self, chunks: list[tuple[list[int], int, BlockTable]],
                  input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,7 +443,7 @@ class Engine:
         or returns None when the host must see those tokens first (see the module docstring)."""
         running = set(self.running)
         rows = [row for row, req in enumerate(inflight.requests) if req in running]
-        if not rows or len(rows) != len(self.running) or self._can_admit():
+        if not rows or len(rows) != len(self.running) or inflight.rewind or self._can_admit():
             return None
         live = [inflight.requests[row] for row in rows]
         # Each live request's pending token goes in at position `computed`: room for one more.
@@ -434,7 +461,7 @@ class Engine:
         for req in live:
             req.computed += 1
         self.overlapped_steps += 1
-        return InFlight(live, logits.argmax(dim=-1))
+        return InFlight(live, StepSample([req.sampler for req in live], logits, _no_history))
 
     def _can_admit(self) -> bool:
         """Whether the next scheduled step would admit the first waiting request."""
@@ -574,6 +601,10 @@ class Engine:
     def _emit(self, req: Request, delta: StreamDelta) -> None:
         if req.on_delta is not None:
             req.on_delta(delta)
+
+
+def _no_history(row: int) -> list[int]:
+    raise AssertionError("an overlapped step has no row with a repetition penalty")
 
 
 def check_prompt(model: Model, prompt: list[int], params: SamplingParams,

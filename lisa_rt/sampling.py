@@ -89,6 +89,7 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self._given_back: list[float] = []
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """The next token from logits [vocab] (any device, never modified); history: the prompt
@@ -97,7 +98,18 @@ class Sampler:
 
     def uniform(self) -> float:
         """The sequence's next draw in [0, 1): one per sampled token."""
+        if self._given_back:
+            return self._given_back.pop()
         return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+
+    def give_back(self, u: float) -> None:
+        """Returns the last draw, whose token was dropped: the token drawn again gets it again."""
+        self._given_back.append(u)
+
+    @property
+    def reads_history(self) -> bool:
+        """A repetition penalty: the row's draw depends on every token before it."""
+        return self.params.repetition_penalty != 1.0
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -112,32 +124,63 @@ def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
     per step; more only for the rare row whose kept tokens may reach past its candidates (a wide
     nucleus, or more ties with the k-th token than TIE_MARGIN). A sampled row whose distribution
     is not finite (NaN or infinite logits) raises RuntimeError; greedy rows take the argmax."""
-    if all(s.is_plain_greedy for s in samplers):
-        return logits.argmax(dim=-1).tolist()
-    penalised = [row for row, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
-    x = logits.to(torch.float32, copy=bool(penalised))
-    for row in penalised:
-        penalise_repetition(x[row], history(row), samplers[row].params.repetition_penalty)
-    sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
-    if len(sampled) == len(samplers):
-        draws = RowDraws(x, samplers)
-        tokens, finite, open_rows = draws.first()
-    else:
-        tokens = x.argmax(dim=-1)
-        finite, open_rows = torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
-        if sampled:
-            index = torch.tensor(sampled, device=x.device)
-            draws = RowDraws(x[index], [samplers[row] for row in sampled])
-            tokens[index], finite[index], open_rows[index] = draws.first()
-    tokens, finite, open_rows = torch.stack([tokens, finite.long(), open_rows.long()]).tolist()
-    if any(open_rows):
-        rows = [row for row, is_open in enumerate(open_rows) if is_open]
-        local = rows if len(sampled) == len(samplers) else [sampled.index(row) for row in rows]
-        for row, (token, ok) in zip(rows, draws.refine(local)):
-            tokens[row], finite[row] = token, ok
-    if not all(finite):
-        raise RuntimeError("the model's logits are not finite (NaN or infinite): nothing to sample from")
-    return tokens
+    step = StepSample(samplers, logits, history)
+    return step.resolve(step.packed.tolist())
+
+
+class StepSample:
+    """One step's draws, made where the logits are: `tokens` [rows] on the device, and what
+    `resolve` needs back on the host in one transfer (`packed`). Only a row that may keep tokens
+    past its candidates can change in resolve (it is redrawn over more of them, with the same
+    uniform number); a plain greedy batch never changes."""
+
+    def __init__(self, samplers: list[Sampler], logits: torch.Tensor, history: Callable[[int], list[int]]):
+        self.samplers = samplers
+        self.plain = all(s.is_plain_greedy for s in samplers)
+        if self.plain:
+            self.tokens = logits.argmax(dim=-1)
+            self.packed = self.tokens
+            return
+        penalised = [row for row, s in enumerate(samplers) if s.reads_history]
+        x = logits.to(torch.float32, copy=bool(penalised))
+        for row in penalised:
+            penalise_repetition(x[row], history(row), samplers[row].params.repetition_penalty)
+        self.sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
+        if len(self.sampled) == len(samplers):
+            self.draws = RowDraws(x, samplers)
+            tokens, finite, open_rows = self.draws.first()
+        else:
+            tokens = x.argmax(dim=-1)
+            finite, open_rows = torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
+            if self.sampled:
+                index = torch.tensor(self.sampled, device=x.device)
+                self.draws = RowDraws(x[index], [samplers[row] for row in self.sampled])
+                tokens[index], finite[index], open_rows[index] = self.draws.first()
+        self.tokens = tokens
+        self.packed = torch.stack([tokens, finite.long(), open_rows.long()])
+
+    def resolve(self, packed: list) -> list[int]:
+        """The tokens, from `packed` read back to the host (`.tolist()`)."""
+        if self.plain:
+            return packed
+        tokens, finite, open_rows = packed
+        if any(open_rows):
+            rows = [row for row, is_open in enumerate(open_rows) if is_open]
+            local = rows if len(self.sampled) == len(self.samplers) else [self.sampled.index(row) for row in rows]
+            for row, (token, ok) in zip(rows, self.draws.refine(local)):
+                tokens[row], finite[row] = token, ok
+        if not all(finite):
+            raise RuntimeError("the model's logits are not finite (NaN or infinite): nothing to sample from")
+        return tokens
+
+    def uniforms(self) -> list[float | None]:
+        """Each row's uniform number (None for a greedy row): a row whose token is dropped
+        gives it back to its sampler (Sampler.give_back)."""
+        drawn: list[float | None] = [None] * len(self.samplers)
+        if not self.plain and self.sampled:
+            for row, u in zip(self.sampled, self.draws.uniforms):
+                drawn[row] = u
+        return drawn
 
 
 def penalise_repetition(row_logits: torch.Tensor, history: list[int], penalty: float) -> None:
@@ -163,10 +206,11 @@ class RowDraws:
         self.vocab = x.shape[-1]
         params = [s.params for s in samplers]
         self.top_k = [p.top_k if 0 < p.top_k < self.vocab else 0 for p in params]  # 0: no cut
+        self.uniforms = [s.uniform() for s in samplers]
         # temperature, top_k, top_p (inf: off), min_p, the draw: one upload for the batch
         self.settings = torch.tensor(
-            [[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, s.uniform()]
-             for p, k, s in zip(params, self.top_k, samplers)], dtype=torch.float64).to(x.device)
+            [[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, u]
+             for p, k, u in zip(params, self.top_k, self.uniforms)], dtype=torch.float64).to(x.device)
         self.scaled = x / self.settings[:, :1].float()
         self.cut = [row for row, (p, k) in enumerate(zip(params, self.top_k)) if k or p.top_p < 1.0]
 

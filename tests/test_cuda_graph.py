@@ -52,8 +52,11 @@ def test_graph_decode_matches_eager(dtype, count, lisa_layers):
 @pytest.mark.parametrize("lisa_layers", [None, [1, 2]], ids=["base", "lisa"])
 def test_overlapped_decode_matches_steps_in_turn(lisa_layers, cuda_graphs):
     model = random_model(torch.float32, lisa_layers)
-    # Different lengths: sequences leave the batch while the next step is already in flight.
+    # Different lengths: sequences leave the batch while the next step is already in flight;
+    # greedy and seeded sampled rows side by side.
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (40, 7, 23, 1, 31)]
+    params[2] = params[2].replace(temperature=0.9, top_k=0, top_p=0.9, min_p=0.0, seed=4)
+    params[4] = params[4].replace(temperature=1.1, seed=5)
     batch = prompts(5)
     cache = model.new_cache([len(p) + sp.max_tokens for p, sp in zip(batch, params)])
     engine = Engine(model, cache, max_num_seqs=5, cuda_graphs=cuda_graphs)

@@ -585,6 +585,35 @@ def test_overlap_gives_the_same_completions_as_steps_in_turn(model, prompts, mon
     assert plain["steps"] <= stats["steps"] <= plain["steps"] + len(batch)
 
 
+def test_overlapped_sampling_draws_what_steps_in_turn_draw_redrawn_rows_included(model, prompts, monkeypatch):
+    # Two candidates: top_p rows often keep tokens past them and are redrawn on the host, after
+    # the following step was launched with their first draw.
+    monkeypatch.setattr(sampling, "CANDIDATES", 2)
+    params = [SamplingParams(max_tokens=n, temperature=t, top_k=0, top_p=p, min_p=0.0, seed=seed, ignore_eos=True)
+              for n, t, p, seed in ((25, 1.2, 0.9, 1), (18, 0.8, 0.95, 2), (30, 1.0, 1.0, 3), (22, 0.7, 0.5, 4))]
+    params[1] = params[1].replace(top_k=5)
+
+    def run(overlap):
+        engine = new_engine(model, 64, overlap=overlap)
+        redrawn, settle = [], engine.settle
+
+        def spy():  # the requests whose token each read-back redrew
+            got = settle()
+            redrawn.extend(got)
+            return got
+
+        engine.settle = spy
+        out = run_to_completion(engine, prompts, params)
+        assert engine.cache.allocator.num_free == 64
+        return out, engine.stats(), redrawn
+
+    overlapped, stats, redrawn = run(True)
+    in_turn, _, _ = run(False)
+    assert [c.token_ids for c in overlapped] == [c.token_ids for c in in_turn]
+    assert [c.text for c in overlapped] == [c.text for c in in_turn]
+    assert stats["overlapped_steps"] > 10 and redrawn  # rows were redrawn and stepped back
+
+
 def test_overlap_yields_to_arrivals_cancels_preemption_and_sampling(model):
     ids = model.tokenizer.encode(CORPUS[:2000])
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -606,13 +635,15 @@ def test_overlap_yields_to_arrivals_cancels_preemption_and_sampling(model):
     for _ in range(3):
         engine.step()
     engine.cancel(doomed)
-    lucky = new_request(model, ids[70:75], sampled)  # a sampled row: its steps are read in turn
+    lucky = new_request(model, ids[70:75], sampled)    # a sampled row overlaps too
+    picky = new_request(model, ids[80:90], greedy.replace(repetition_penalty=1.3))  # steps read in turn
     engine.add(lucky)
+    engine.add(picky)
     run_all(engine)
     assert doomed.completion.finish_reason == "cancelled"
     assert engine.stats()["preemptions"] > 0
     for req, prompt, params in ((a, ids[:16], greedy), (b, ids[20:34], greedy), (late, ids[40:50], greedy),
-                                (lucky, ids[70:75], sampled)):
+                                (lucky, ids[70:75], sampled), (picky, ids[80:90], picky.params)):
         assert req.completion.token_ids == generate(model, [prompt], params)[0].token_ids
     alone = generate(model, [ids[60:64]], greedy)[0].token_ids
     assert doomed.completion.token_ids == alone[: len(doomed.completion.token_ids)]
