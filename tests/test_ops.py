@@ -58,10 +58,13 @@ def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
 
 
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33),
-                                        (2, 75, 40), (2, 96, 40), (5, 160, 33), (4, 0, 7), (20, 64, 64)])
+                                        (2, 75, 40), (2, 96, 40), (5, 160, 33), (4, 0, 7), (20, 64, 64),
+                                        (6, 1000, 17), (1, 2048, 130), (8, 1024, 41), (9, 576, 64)])
 def test_linear(device, dtype, rows, k, n):
     """Decode-sized inputs (the streaming CPU kernels: float32 with k % 8 == 0 or not, bfloat16
-    with k % 32 == 0 or not; several L2 tiles, row groups of 4 and 3) and larger ones (at::mm)."""
+    with k % 32 == 0 or not; several L2 tiles, row groups of 4 and 3; the CUDA GEMV: 1-8 rows,
+    a partial last vector chunk, the longest rows it takes and one past them) and larger ones
+    (at::mm, cuBLAS)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
     out = poison(torch.empty(rows, n, device=device, dtype=dtype))
@@ -70,6 +73,21 @@ def test_linear(device, dtype, rows, k, n):
     # Sums of k products in a different order: float32 rounding grows with sqrt(k).
     atol = 1e-4 if dtype == torch.float32 else TOL[dtype][0]
     torch.testing.assert_close(out.float().cpu(), want.float(), atol=atol, rtol=TOL[dtype][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_linear_rows_do_not_depend_on_their_batch(dtype):
+    """The CUDA GEMV sums each output in a fixed order: a row's result, bit for bit, is the same
+    alone and in a batch of up to 8 (the padded batches of CUDA-graph decode)."""
+    x = torch.randn(8, 576, device="cuda", dtype=dtype)
+    w = torch.randn(960, 576, device="cuda", dtype=dtype) / 24
+    alone = torch.stack([ops.linear(torch.empty(1, 960, device="cuda", dtype=dtype), x[r:r + 1], w)[0]
+                         for r in range(8)])
+    for rows in (2, 3, 4, 8):
+        batched = ops.linear(torch.empty(rows, 960, device="cuda", dtype=dtype), x[:rows], w)
+        assert torch.equal(batched, alone[:rows])
 
 
 @pytest.mark.parametrize("rows,width", [(1, 64), (5, 1536), (3, 1001)])

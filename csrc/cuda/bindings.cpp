@@ -67,10 +67,22 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::T
                "rotary_embedding");
 }
 
-// cuBLAS through ATen is already the right tool for these products on the GPU.
+// A decode step's few rows times a small weight take gemv.cu's kernel (cuBLAS waits on
+// latency there); every other product goes to cuBLAS through ATen.
 void linear_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   check_linear_args(out, input, weight);
   const c10::cuda::CUDAGuard guard(input.device());
+  const auto type = input.scalar_type();
+  if (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) {
+    const kernels::DType dtype = dtype_of(input, "linear");
+    const int64_t rows = input.size(0), n = weight.size(0), k = input.size(1);
+    if (kernels::gemv_fits(rows, n, k, input.data_ptr(), weight.data_ptr(), dtype)) {
+      check_launch(kernels::gemv(out.data_ptr(), input.data_ptr(), weight.data_ptr(), rows, n, k, dtype,
+                                 current_stream()),
+                   "linear");
+      return;
+    }
+  }
   at::mm_out(out, input, weight.t());
 }
 

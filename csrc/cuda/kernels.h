@@ -24,6 +24,15 @@ cudaError_t rms_norm(void* out, const void* input, const void* weight, int64_t r
 cudaError_t fused_add_rms_norm(void* input, void* residual, const void* weight, int64_t rows,
                                int64_t hidden, float eps, DType dtype, cudaStream_t stream);
 
+// out [rows, n] = input [rows, k] @ weight [n, k]^T, all contiguous, for a decode step's few
+// rows and a small weight (gemv.cu): where gemv_fits is true (at most 8 rows, k a multiple of
+// a 16-byte vector's elements and at most 256 of them, a weight of at most kGemvMaxWeightBytes,
+// input and weight 16-byte aligned); larger products are cuBLAS's.
+constexpr int64_t kGemvMaxWeightBytes = int64_t{16} << 20;
+bool gemv_fits(int64_t rows, int64_t n, int64_t k, const void* input, const void* weight, DType dtype);
+cudaError_t gemv(void* out, const void* input, const void* weight, int64_t rows, int64_t n, int64_t k, DType dtype,
+                 cudaStream_t stream);
+
 // out [rows, width] = silu(input[:, :width]) * input[:, width:], both contiguous.
 cudaError_t silu_and_mul(void* out, const void* input, int64_t rows, int64_t width, DType dtype,
                          cudaStream_t stream);
