@@ -57,45 +57,44 @@ inline void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& inp
   check_same(out, input, "silu_and_mul");
 }
 
-inline void check_rotary_args(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
-                              const at::Tensor& cos_sin_cache) {
-  check_packed_heads(query, "rotary_embedding: query");
-  check_packed_heads(key, "rotary_embedding: key");
-  check_same(query, key, "rotary_embedding");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.size(0) == query.size(0) && key.size(0) == query.size(0),
-              "rotary_embedding: positions must be int64 [tokens]");
-  const int64_t dim = query.size(2);
-  TORCH_CHECK(key.size(2) == dim && dim % 2 == 0, "rotary_embedding: head dims differ or are odd");
+
+// Arguments of rotary_cache_write: query [T, H, d] and key [T, G, d] (heads packed, row
+// strides free) rotated by cos_sin_cache [max_positions, d]; key and value [T, G, dv] into
+// caches [num_blocks, block_size, G, d | dv] at slot_mapping [T].
+inline void check_rotary_cache_write_args(const at::Tensor& positions, const at::Tensor& query,
+                                          const at::Tensor& key, const at::Tensor& value,
+                                          const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                          const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache) {
+  check_packed_heads(query, "rotary_cache_write: query");
+  check_packed_heads(key, "rotary_cache_write: key");
+  check_packed_heads(value, "rotary_cache_write: value");
+  check_same(query, key, "rotary_cache_write query/key");
+  check_same(key, value, "rotary_cache_write key/value");
+  check_same(key, key_cache, "rotary_cache_write key cache");
+  check_same(value, value_cache, "rotary_cache_write value cache");
+  const int64_t tokens = query.size(0), dim = query.size(2);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == tokens,
+              "rotary_cache_write: positions must be int64 [tokens]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == tokens,
+              "rotary_cache_write: slot_mapping must be int64 [tokens]");
+  TORCH_CHECK(key.size(0) == tokens && value.size(0) == tokens && value.size(1) == key.size(1),
+              "rotary_cache_write: query, key and value tokens or key/value heads differ");
+  TORCH_CHECK(key.size(2) == dim && dim % 2 == 0, "rotary_cache_write: query and key head dims differ or are odd");
   TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() &&
                   cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == dim,
-              "rotary_embedding: cos_sin_cache must be float32 [max_positions, head_dim]");
-  check_device(positions, query, "rotary_embedding: positions");
-  check_device(cos_sin_cache, query, "rotary_embedding: cos_sin_cache");
-}
-
-inline void check_cache_write_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                                   const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_packed_heads(key, "cache_write: key");
-  check_packed_heads(value, "cache_write: value");
-  check_same(key, value, "cache_write key/value");
-  check_same(key, key_cache, "cache_write key");
-  check_same(value, value_cache, "cache_write value");
+              "rotary_cache_write: cos_sin_cache must be float32 [max_positions, head_dim]");
   // Keys and values may differ in width (a LiSA layer caches low-rank keys beside full values),
   // but not in blocks, block size or heads.
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.dim() == 4 &&
                   value_cache.is_contiguous() && value_cache.size(0) == key_cache.size(0) &&
                   value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2),
-              "cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, dim] with the same "
-              "blocks and heads");
-  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3) &&
-                  value.size(0) == key.size(0) && value.size(1) == value_cache.size(2) &&
-                  value.size(2) == value_cache.size(3),
-              "cache_write: key/value tokens, heads or width differ from the cache");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == key.size(0),
-              "cache_write: slot_mapping must be int64 [tokens]");
-  check_device(slot_mapping, key, "cache_write: slot_mapping");
+              "rotary_cache_write: caches must be contiguous [num_blocks, block_size, kv_heads, dim] with the "
+              "same blocks and heads");
+  TORCH_CHECK(key.size(1) == key_cache.size(2) && dim == key_cache.size(3) && value.size(2) == value_cache.size(3),
+              "rotary_cache_write: key/value heads or width differ from the cache");
+  check_device(positions, query, "rotary_cache_write: positions");
+  check_device(slot_mapping, query, "rotary_cache_write: slot_mapping");
+  check_device(cos_sin_cache, query, "rotary_cache_write: cos_sin_cache");
 }
 
 inline void check_attention_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,

@@ -19,16 +19,15 @@ TORCH_LIBRARY(lisa_rt, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   // residual += input; input = rms_norm(residual) * weight
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
-  // HF half-rotation RoPE in place on query [T, H, D] and key [T, G, D]; cos_sin_cache
-  // [max_pos, D] float32 holds cos in its first half and sin in its second.
-  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  // HF half-rotation RoPE in place on query [T, H, D] and key [T, G, D] at positions [T]
+  // (cos_sin_cache [max_pos, D] float32 holds cos in its first half and sin in its second), then
+  // the rotated key and value [T, G, Dv] into caches [num_blocks, block_size, G, D | Dv] at
+  // slot_mapping [T] (slot = block * block_size + offset; negative slots are skipped).
+  m.def("rotary_cache_write(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor(c!) key_cache, Tensor(d!) value_cache, Tensor slot_mapping, Tensor cos_sin_cache) -> ()");
   // out [rows, N] = input [rows, K] @ weight[N, K]^T; streams the weights once for few rows.
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
   // out [N, I] = silu(input[:, :I]) * input[:, I:]
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
-  // key/value [T, G, D] into caches [num_blocks, block_size, G, D] at slot_mapping [T]
-  // (slot = block * block_size + offset; negative slots are skipped).
-  m.def("cache_write(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
   // One query per sequence, query/out [B, H, D]; block_tables int32 [B, max_blocks];
   // seq_lens int32 [B] counts every cached token including the current one.
   m.def("paged_decode_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, float scale) -> ()");

@@ -244,8 +244,7 @@ class Model:
         attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
         kc, vc = cache.key_pools[i], cache.value_pools[i]
         ops.linear(qkv, ws["hidden"], layer.qkv_proj)
-        ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
-        ops.cache_write(k, v, kc, vc, batch.slot_mapping)
+        ops.rotary_cache_write(batch.positions, q, k, v, kc, vc, batch.slot_mapping, self.cos_sin_cache)
         if scores_out is not None:
             ops.paged_attention_scores(attn, scores_out, q, kc, vc, batch.block_tables, batch.cu_query_lens,
                                        batch.seq_lens, self.scale)
@@ -266,8 +265,8 @@ class Model:
         v = lisa_qkv[:, h_r + g_r :].view(tokens, c.num_kv_heads, c.head_dim)
         attn = ws["attn"].view(tokens, c.num_heads, c.head_dim)
         ops.linear(lisa_qkv, ws["hidden"], layer.qkv_proj)
-        ops.rotary_embedding(batch.positions, q_lr, k_lr, self.lisa_cos_sin_cache)
-        ops.cache_write(k_lr, v, cache.key_pools[i], cache.value_pools[i], batch.slot_mapping)
+        ops.rotary_cache_write(batch.positions, q_lr, k_lr, v, cache.key_pools[i], cache.value_pools[i],
+                               batch.slot_mapping, self.lisa_cos_sin_cache)
         ops.lisa_attention(attn, scores_out, scores_prev, q_lr, cache.key_pools[i], cache.value_pools[i],
                            batch.block_tables, batch.cu_query_lens, batch.seq_lens, *layer.aligner,
                            self.lisa_scale)

@@ -19,7 +19,7 @@ except ImportError as exc:  # not built, or built and not loadable (KERNELS_ERRO
     HAVE_KERNELS = False
     KERNELS_ERROR = str(exc)
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "linear", "silu_and_mul", "cache_write",
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_cache_write", "linear", "silu_and_mul",
             "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention",
             "causal_head_align", "causal_head_align_backward")
 
@@ -51,13 +51,18 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         x.copy_(normed)
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> None:
+def rotary_cache_write(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       cos_sin_cache: torch.Tensor) -> None:
+    """RoPE in place on query and key at positions, then the rotated key and value into the
+    caches at slot_mapping (negative slots skipped)."""
     if HAVE_KERNELS:
-        _ops.rotary_embedding(positions, query, key, cos_sin_cache)
+        _ops.rotary_cache_write(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache)
     else:
-        query.copy_(reference.rotary_embedding(positions, query, cos_sin_cache))
-        key.copy_(reference.rotary_embedding(positions, key, cos_sin_cache))
+        results = reference.rotary_cache_write(positions, query, key, value, key_cache, value_cache,
+                                               slot_mapping, cos_sin_cache)
+        for dst, src in zip((query, key, key_cache, value_cache), results):
+            dst.copy_(src)
 
 
 def linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -75,16 +80,6 @@ def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     else:
         out.copy_(reference.silu_and_mul(x))
     return out
-
-
-def cache_write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    if HAVE_KERNELS:
-        _ops.cache_write(key, value, key_cache, value_cache, slot_mapping)
-    else:
-        new_k, new_v = reference.cache_write(key, value, key_cache, value_cache, slot_mapping)
-        key_cache.copy_(new_k)
-        value_cache.copy_(new_v)
 
 
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,

@@ -88,6 +88,16 @@ def cache_write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     return key_cache, value_cache
 
 
+def rotary_cache_write(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rotated query and key, and the caches with the rotated key and the value written at
+    slot_mapping: the op rotary_cache_write's results, as new tensors."""
+    query = rotary_embedding(positions, query, cos_sin_cache)
+    key = rotary_embedding(positions, key, cos_sin_cache)
+    return (query, key, *cache_write(key, value, key_cache, value_cache, slot_mapping))
+
+
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of one sequence from a paged cache: [length, kv_heads, dim]."""
     block_size = cache.shape[1]

@@ -38,23 +38,72 @@ def test_fused_add_rms_norm(device, dtype, rows, hidden):
     close(x, want_out, dtype)
 
 
-@pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 4, 4, 64), (13, 9, 3, 64), (5, 8, 2, 128)])
+def make_cache(num_blocks, block_size, kv_heads, dim, device, dtype):
+    shape = (num_blocks, block_size, kv_heads, dim)
+    return (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 4, 4, 64), (13, 9, 3, 64), (37, 8, 2, 128)])
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
-def test_rotary_embedding(device, dtype, tokens, heads, kv_heads, dim, scaling):
+def test_rotary_cache_write(device, dtype, tokens, heads, kv_heads, dim, scaling):
     cache = reference.rope_cos_sin_cache(dim, 512, 10000.0, scaling).to(device)
     positions = torch.randint(0, 512, (tokens,), device=device)
-    # q and k are row-strided slices of one fused projection, as the decoder passes them.
+    # q, k and v are row-strided slices of one fused projection, as the decoder passes them.
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
     q = qkv[:, : heads * dim].view(tokens, heads, dim)
     k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
-    want_q = reference.rotary_embedding(positions.cpu(), q.cpu(), cache.cpu())
-    want_k = reference.rotary_embedding(positions.cpu(), k.cpu(), cache.cpu())
-    untouched = qkv[:, (heads + kv_heads) * dim :].clone()
-    ops.rotary_embedding(positions, q, k, cache)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    key_cache, value_cache = make_cache(8, 16, kv_heads, dim, device, dtype)
+    slots = torch.randperm(8 * 16, device=device)[:tokens]
+    slots[tokens // 2] = -1  # a padding token is rotated but not cached
+    want_q, want_k, want_kc, want_vc = reference.rotary_cache_write(
+        positions.cpu(), q.cpu(), k.cpu(), v.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu(), cache.cpu())
+    untouched = v.clone()
+    ops.rotary_cache_write(positions, q, k, v, key_cache, value_cache, slots, cache)
     close(q, want_q, dtype)
     close(k, want_k, dtype)
-    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], untouched)
+    assert torch.equal(v, untouched)
+    close(key_cache, want_kc, dtype)
+    assert torch.equal(value_cache.cpu(), want_vc)
+    # The cache holds exactly the keys the op rotated in place.
+    written = slots >= 0
+    flat = key_cache.view(-1, kv_heads, dim)
+    assert torch.equal(flat[slots[written]], k[written])
+
+
+@pytest.mark.parametrize("rank,value_dim", [(8, 64), (6, 128), (16, 2)])
+def test_rotary_cache_write_key_and_value_widths_differ(device, dtype, rank, value_dim):
+    """A LiSA layer rotates rank-r queries and keys and caches them beside full values."""
+    tokens, heads, kv_heads, block_size = 21, 6, 3, 16
+    cache = reference.rope_cos_sin_cache(rank, 256, 10000.0).to(device)
+    positions = torch.randint(0, 256, (tokens,), device=device)
+    q = torch.randn(tokens, heads, rank, device=device, dtype=dtype)
+    k = torch.randn(tokens, kv_heads, rank, device=device, dtype=dtype)
+    v = torch.randn(tokens, kv_heads, value_dim, device=device, dtype=dtype)
+    key_cache = torch.zeros(4, block_size, kv_heads, rank, device=device, dtype=dtype)
+    value_cache = torch.zeros(4, block_size, kv_heads, value_dim, device=device, dtype=dtype)
+    slots = torch.randperm(4 * block_size, device=device)[:tokens]
+    want_q, want_k, want_kc, want_vc = reference.rotary_cache_write(
+        positions.cpu(), q.cpu(), k.cpu(), v.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu(), cache.cpu())
+    ops.rotary_cache_write(positions, q, k, v, key_cache, value_cache, slots, cache)
+    close(q, want_q, dtype)
+    close(k, want_k, dtype)
+    close(key_cache, want_kc, dtype)
+    assert torch.equal(value_cache.cpu(), want_vc)
+
+
+def test_rotary_cache_write_rejects_a_bad_position_or_slot_before_writing():
+    cache = reference.rope_cos_sin_cache(8, 32, 10000.0)
+    q, k, v = torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)
+    key_cache, value_cache = make_cache(2, 16, 1, 8, "cpu", torch.float32)
+    before = [t.clone() for t in (q, k, key_cache, value_cache)]
+    for positions, slots, message in (([0, 1, 32], [0, 1, 2], "position 32 out of range"),
+                                      ([0, 1, 2], [0, 32, 2], "slot 32 beyond the cache")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.rotary_cache_write(torch.tensor(positions), q, k, v, key_cache, value_cache, torch.tensor(slots),
+                                   cache)
+        assert all(torch.equal(t, b) for t, b in zip((q, k, key_cache, value_cache), before))
 
 
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33),
@@ -96,38 +145,6 @@ def test_silu_and_mul(device, dtype, rows, width):
     out = poison(torch.empty(rows, width, device=device, dtype=dtype))
     ops.silu_and_mul(out, x)
     close(out, reference.silu_and_mul(x.cpu()), dtype)
-
-
-def make_cache(num_blocks, block_size, kv_heads, dim, device, dtype):
-    shape = (num_blocks, block_size, kv_heads, dim)
-    return (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
-
-
-def test_cache_write(device, dtype):
-    tokens, kv_heads, dim, block_size = 37, 3, 64, 16
-    key_cache, value_cache = make_cache(8, block_size, kv_heads, dim, device, dtype)
-    kv = torch.randn(tokens, 2 * kv_heads * dim, device=device, dtype=dtype)
-    key = kv[:, : kv_heads * dim].view(tokens, kv_heads, dim)
-    value = kv[:, kv_heads * dim :].view(tokens, kv_heads, dim)
-    slots = torch.randperm(8 * block_size, device=device)[:tokens]
-    slots[3] = -1  # a padding token is skipped
-    want_k, want_v = reference.cache_write(key.cpu(), value.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu())
-    ops.cache_write(key, value, key_cache, value_cache, slots)
-    assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
-
-
-@pytest.mark.parametrize("key_dim,value_dim", [(8, 64), (6, 128), (16, 2)])
-def test_cache_write_key_and_value_widths_differ(device, dtype, key_dim, value_dim):
-    """A LiSA layer caches rank-r keys beside full values in one call."""
-    tokens, kv_heads, block_size = 21, 3, 16
-    key_cache = torch.zeros(4, block_size, kv_heads, key_dim, device=device, dtype=dtype)
-    value_cache = torch.zeros(4, block_size, kv_heads, value_dim, device=device, dtype=dtype)
-    key = torch.randn(tokens, kv_heads, key_dim, device=device, dtype=dtype)
-    value = torch.randn(tokens, kv_heads, value_dim, device=device, dtype=dtype)
-    slots = torch.randperm(4 * block_size, device=device)[:tokens]
-    want_k, want_v = reference.cache_write(key.cpu(), value.cpu(), key_cache.cpu(), value_cache.cpu(), slots.cpu())
-    ops.cache_write(key, value, key_cache, value_cache, slots)
-    assert torch.equal(key_cache.cpu(), want_k) and torch.equal(value_cache.cpu(), want_v)
 
 
 # dim 12: the CPU's portable path; dim 72: the AVX2 path's 8-wide tail after 32-wide steps;
@@ -214,12 +231,11 @@ def opcheck_cases(device):
     return {
         "rms_norm": (torch.empty_like(x), x, torch.ones(32, device=device), 1e-5),
         "fused_add_rms_norm": (x.clone(), torch.randn_like(x), torch.ones(32, device=device), 1e-5),
-        "rotary_embedding": (torch.tensor([0, 5], device=device), q.clone(),
-                             torch.randn(2, kv_heads, dim, device=device), cache),
+        "rotary_cache_write": (torch.tensor([0, 5], device=device), q.clone(),
+                               torch.randn(2, kv_heads, dim, device=device), torch.randn(2, kv_heads, dim, device=device),
+                               key_cache.clone(), value_cache.clone(), torch.tensor([3, 40], device=device), cache),
         "linear": (torch.empty(3, 24, device=device), x, torch.randn(24, 32, device=device)),
         "silu_and_mul": (torch.empty(3, 16, device=device), x),
-        "cache_write": (torch.randn(2, kv_heads, dim, device=device), torch.randn(2, kv_heads, dim, device=device),
-                        key_cache.clone(), value_cache.clone(), torch.tensor([3, 40], device=device)),
         "paged_decode_attention": (torch.empty_like(q), q, key_cache, value_cache, tables, lens, 0.125),
         "paged_prefill_attention": (torch.empty(5, heads, dim, device=device), torch.randn(5, heads, dim, device=device),
                                     key_cache, value_cache, tables,

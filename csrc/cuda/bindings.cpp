@@ -53,20 +53,6 @@ void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::
                "fused_add_rms_norm");
 }
 
-void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
-                           const at::Tensor& cos_sin_cache) {
-  check_rotary_args(positions, query, key, cos_sin_cache);
-  const int64_t dim = query.size(2);
-  const kernels::DType dtype = dtype_of(query, "rotary_embedding");
-  const c10::cuda::CUDAGuard guard(query.device());
-  // Positions outside the cache cannot be rejected without a sync; the kernel skips them.
-  check_launch(kernels::rotary_embedding(positions.data_ptr<int64_t>(), positions.stride(0), query.data_ptr(),
-                                         query.stride(0), query.size(1), key.data_ptr(), key.stride(0),
-                                         key.size(1), query.size(0), dim, cos_sin_cache.data_ptr<float>(),
-                                         cos_sin_cache.size(0), dtype, current_stream()),
-               "rotary_embedding");
-}
-
 // A decode step's few rows times a small weight take gemv.cu's kernel (cuBLAS waits on
 // latency there); every other product goes to cuBLAS through ATen.
 void linear_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
@@ -96,17 +82,20 @@ void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input) {
                "silu_and_mul");
 }
 
-void cache_write_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                      at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_cache_write_args(key, value, key_cache, value_cache, slot_mapping);
-  const kernels::DType dtype = dtype_of(key, "cache_write");
-  const c10::cuda::CUDAGuard guard(key.device());
-  // Slots beyond the cache cannot be rejected without a sync; the kernel skips them.
-  check_launch(kernels::cache_write(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
-                                    key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(),
-                                    slot_mapping.stride(0), key.size(0), key.size(1) * key.size(2),
-                                    value.size(1) * value.size(2), key_cache.size(0) * key_cache.size(1), dtype, current_stream()),
-               "cache_write");
+void rotary_cache_write_cuda(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                             const at::Tensor& cos_sin_cache) {
+  check_rotary_cache_write_args(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache);
+  const kernels::DType dtype = dtype_of(query, "rotary_cache_write");
+  const c10::cuda::CUDAGuard guard(query.device());
+  // Positions and slots out of range cannot be rejected without a sync; the kernel skips them.
+  check_launch(kernels::rotary_cache_write(
+                   positions.data_ptr<int64_t>(), positions.stride(0), query.data_ptr(), query.stride(0),
+                   query.size(1), key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), key.size(1),
+                   key.size(2), value.size(2), key_cache.data_ptr(), value_cache.data_ptr(),
+                   slot_mapping.data_ptr<int64_t>(), slot_mapping.stride(0), key_cache.size(0) * key_cache.size(1),
+                   query.size(0), cos_sin_cache.data_ptr<float>(), cos_sin_cache.size(0), dtype, current_stream()),
+               "rotary_cache_write");
 }
 
 kernels::PagedKVCache paged_cache(const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -156,10 +145,9 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& query, cons
 TORCH_LIBRARY_IMPL(lisa_rt, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_cuda);
-  m.impl("rotary_embedding", &rotary_embedding_cuda);
   m.impl("linear", &linear_cuda);
   m.impl("silu_and_mul", &silu_and_mul_cuda);
-  m.impl("cache_write", &cache_write_cuda);
+  m.impl("rotary_cache_write", &rotary_cache_write_cuda);
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);
 }

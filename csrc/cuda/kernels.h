@@ -37,22 +37,18 @@ cudaError_t gemv(void* out, const void* input, const void* weight, int64_t rows,
 cudaError_t silu_and_mul(void* out, const void* input, int64_t rows, int64_t width, DType dtype,
                          cudaStream_t stream);
 
-// HF half-rotation RoPE in place on query [tokens, query_heads, head_dim] and key
-// [tokens, key_heads, head_dim] (heads packed, row strides free). Tokens whose position lies
-// outside [0, max_positions) are left untouched: the device cannot raise.
-cudaError_t rotary_embedding(const int64_t* positions, int64_t positions_stride, void* query,
-                             int64_t query_row_stride, int64_t query_heads, void* key,
-                             int64_t key_row_stride, int64_t key_heads, int64_t tokens,
-                             int64_t head_dim, const float* cos_sin_cache, int64_t max_positions,
-                             DType dtype, cudaStream_t stream);
-
-// Copies row t of key (key_row_elements packed elements) and of value (value_row_elements) to
-// slot slot_mapping[t] of the caches; negative slots (padding) and slots >= num_slots are skipped.
-cudaError_t cache_write(const void* key, int64_t key_row_stride, const void* value,
-                        int64_t value_row_stride, void* key_cache, void* value_cache,
-                        const int64_t* slot_mapping, int64_t slot_mapping_stride, int64_t tokens,
-                        int64_t key_row_elements, int64_t value_row_elements, int64_t num_slots, DType dtype,
-                        cudaStream_t stream);
+// HF half-rotation RoPE in place on query [tokens, query_heads, dim] and key
+// [tokens, kv_heads, dim] (heads packed, row strides free), then the rotated key and value
+// [tokens, kv_heads, value_dim] into slot slot_mapping[t] of key_cache [.., kv_heads, dim] and
+// value_cache [.., kv_heads, value_dim]. The device cannot raise: a token whose position lies
+// outside [0, max_positions) is left unrotated, and one whose slot is negative (padding) or
+// >= num_slots caches nothing.
+cudaError_t rotary_cache_write(const int64_t* positions, int64_t positions_stride, void* query,
+                               int64_t query_row_stride, int64_t query_heads, void* key, int64_t key_row_stride,
+                               const void* value, int64_t value_row_stride, int64_t kv_heads, int64_t dim,
+                               int64_t value_dim, void* key_cache, void* value_cache, const int64_t* slot_mapping,
+                               int64_t slot_mapping_stride, int64_t num_slots, int64_t tokens,
+                               const float* cos_sin_cache, int64_t max_positions, DType dtype, cudaStream_t stream);
 
 // A paged KV cache: keys/values [num_blocks, block_size, kv_heads, head_dim] contiguous,
 // block_tables int32 [batch, max_blocks] contiguous.
