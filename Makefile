@@ -4,10 +4,11 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 PROMPT      ?= What is the capital of France?
+CUDA_HOME   ?= /usr/local/cuda
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.lisa-rt-installed
 
-.PHONY: run test setup setup-test cuda-check clean
+.PHONY: run test setup setup-test cuda-check cuda-bindings-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,17 @@ cuda-check:
 	  nvcc -c -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 \
 	       -gencode arch=compute_90,code=sm_90 $$f -o /tmp/lisa_rt_$$(basename $$f).o || exit 1; \
 	done
+
+# The torch-facing CUDA bindings compiled for syntax against the installed torch's headers
+# and the CUDA toolkit's: a CPU build of torch lacks one header that CUDA builds generate, and
+# an empty one stands in. Binding errors then show up here, not first on a lent GPU.
+cuda-bindings-check: setup
+	@mkdir -p build/stub/c10/cuda/impl && touch build/stub/c10/cuda/impl/cuda_cmake_macros.h
+	@echo "g++ -fsyntax-only csrc/cuda/bindings.cpp"
+	@g++ -std=c++17 -fsyntax-only -w -Icsrc -Ibuild/stub -I$(CUDA_HOME)/include \
+	  $$($(BIN)/python -c "import sysconfig, torch.utils.cpp_extension as c; \
+	     print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
+	  csrc/cuda/bindings.cpp
 
 clean:
 	rm -rf build *.egg-info lisa_rt/_C*.so
