@@ -109,7 +109,7 @@ class CudaGraphDecoder:
             device_buf[:size].copy_(host_buf[:size], non_blocking=True)
         self.table_rows.update([table for _, _, table in chunks])
         self.block_tables[0][:size].copy_(self.block_tables[1][:size], non_blocking=True)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.model.device))  # the copies' stream
         graph, logits, _ = self.graphs[size]
         graph.replay()
         return logits[:count]

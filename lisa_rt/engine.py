@@ -18,7 +18,7 @@ rejected by `Engine.check` (UserError: the KV budget is too small). A prompt tha
 prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
 next token has no room (its context cannot grow any more). Nothing deadlocks, nothing is dropped.
 
-Overlap (on by default on CUDA). A decode step launches the GPU's work, tokens drawn there
+Overlap (on by default on CUDA; LISA_RT_OVERLAP=0 or overlap=False turns it off). A decode step launches the GPU's work, tokens drawn there
 included (sampling.StepSample), and returns; the next step launches the following decode step
 with those tokens as its input, gathered on the device, and only then reads them back and
 streams them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus
@@ -38,6 +38,7 @@ Deltas are delivered from the stepping thread through each request's `on_delta`.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -50,7 +51,7 @@ from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
 from .kv_cache import BlockTable, KVCache
 from .model import Model, build_batch
-from .sampling import Sampler, SamplingParams, StepSample, sample_batch
+from .sampling import Sampler, SamplingParams, StepSample, sample_batch, upload
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -129,7 +130,9 @@ class Request:
     """One sequence through the engine: its tokens, sampler, detokeniser and cache blocks.
 
     tokens = prompt + output; `computed` of them have their keys and values in the cache. A
-    decoding sequence has computed == len(tokens) - 1 (the last sampled token goes in next).
+    decoding sequence has computed == len(tokens) - 1 (the last sampled token goes in next),
+    or computed == len(tokens) while a step that drew its next token is in flight (overlap:
+    that token went in on the device and is not yet in `output`).
     """
 
     def __init__(self, model: Model, prompt: list[int], params: SamplingParams, max_new: int,
@@ -228,11 +231,12 @@ class InFlight:
         # Requests whose token here is dropped when read: the step was launched with a wrong
         # input token for them (see Engine.step).
         self.rewind: set[Request] = set()
-        if sample.tokens.device.type == "cuda":
+        device = sample.tokens.device
+        if device.type == "cuda":
             self.host = torch.empty(sample.packed.shape, dtype=sample.packed.dtype, pin_memory=True)
             self.host.copy_(sample.packed, non_blocking=True)
             self.copied: torch.cuda.Event | None = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(device))  # the copy's stream, on its device
         else:
             self.host, self.copied = sample.packed, None
 
@@ -243,13 +247,15 @@ class InFlight:
 
     def read(self) -> tuple[list[int], list[int]]:
         """The tokens on the host, and the rows whose token differs from `tokens` (redrawn over
-        more candidates); waits for the step to finish."""
+        more candidates); waits for the step to finish. Rows nobody takes (their sequence ended
+        or steps back) are not redrawn, and their logits may be anything."""
         if self.copied is not None:
             self.copied.synchronize()
         packed = self.host.tolist()
         first = packed if self.sample.plain else list(packed[0])
-        tokens = self.sample.resolve(packed)
-        return tokens, [row for row, (a, b) in enumerate(zip(first, tokens)) if a != b]
+        dropped = frozenset(row for row, req in enumerate(self.requests) if req.finished or req in self.rewind)
+        tokens = self.sample.resolve(packed, dropped)
+        return tokens, [row for row, (a, b) in enumerate(zip(first, tokens)) if a != b and row not in dropped]
 
 
 class Engine:
@@ -269,10 +275,10 @@ class Engine:
                               if cuda_graphs and model.device.type == "cuda" else None)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        # A CPU computes the step in the calling thread: there is nothing to overlap with.
-        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self.overlap = overlap_by_default(model.device) if overlap is None else overlap
         self._inflight: InFlight | None = None
         self.overlapped_steps = 0
+        self.rewinds = 0  # rows of overlapped steps dropped because their input was redrawn
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the newest is last
         self.preemptions = 0
@@ -333,7 +339,8 @@ class Engine:
         return {"running": len(self.running), "waiting": waiting,
                 "free_blocks": self.cache.allocator.num_free, "total_blocks": self.cache.num_blocks,
                 "preemptions": self.preemptions, "completed": self.completed,
-                "cancelled": self.cancelled, "steps": self.steps, "overlapped_steps": self.overlapped_steps}
+                "cancelled": self.cancelled, "steps": self.steps, "overlapped_steps": self.overlapped_steps,
+                "rewinds": self.rewinds}
 
     # -- the stepping thread -----------------------------------------------------------------
 
@@ -420,6 +427,7 @@ class Engine:
         if inflight.rewind:
             for req, u in zip(inflight.requests, inflight.sample.uniforms()):
                 if req in inflight.rewind and not req.finished:
+                    self.rewinds += 1
                     req.computed -= 1
                     if u is not None:
                         req.sampler.give_back(u)
@@ -455,7 +463,7 @@ class Engine:
             req.table.ensure(req.computed + 1)
         input_ids = inflight.tokens
         if len(rows) < len(inflight.requests):  # some ended on the previous tokens
-            input_ids = input_ids[torch.tensor(rows).to(input_ids.device, non_blocking=True)]
+            input_ids = input_ids[upload(rows, torch.long, input_ids.device)]
         # The chunks' token ids are placeholders: the ids are input_ids.
         logits = self._forward([([0], req.computed, req.table) for req in live], input_ids)
         for req in live:
@@ -464,8 +472,10 @@ class Engine:
         return InFlight(live, StepSample([req.sampler for req in live], logits, _no_history))
 
     def _can_admit(self) -> bool:
-        """Whether the next scheduled step would admit the first waiting request."""
-        return bool(self.waiting) and len(self.running) < self.max_num_seqs and \
+        """Whether the next scheduled step would admit the first waiting request (decode tokens
+        leave it budget, a sequence slot and the blocks for its prompt are free)."""
+        running = len(self.running)
+        return bool(self.waiting) and running < min(self.max_num_seqs, self.max_batch_tokens) and \
             self.cache.blocks_for(self.waiting[0].length) <= self.cache.allocator.num_free
 
     def _accept(self, requests: list[Request], tokens: list[int]) -> None:
@@ -601,6 +611,12 @@ class Engine:
     def _emit(self, req: Request, delta: StreamDelta) -> None:
         if req.on_delta is not None:
             req.on_delta(delta)
+
+
+def overlap_by_default(device: torch.device) -> bool:
+    """Overlapped steps on CUDA, unless LISA_RT_OVERLAP=0; a CPU computes a step in the calling
+    thread, so there is nothing to overlap with."""
+    return device.type == "cuda" and os.environ.get("LISA_RT_OVERLAP") != "0"
 
 
 def _no_history(row: int) -> list[int]:

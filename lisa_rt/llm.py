@@ -159,7 +159,8 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = "smollm2", device=None, dtype=None,
                  kv_cache_gb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None,
+                 overlap: bool | None = None):
         from . import load_model
 
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -174,7 +175,7 @@ class LLM:
         budget = kv_cache_bytes(self.model, kv_cache_gb, max_num_seqs)
         cache = self.model.cache_for_budget(budget)
         self._engine = Engine(self.model, cache, max_num_seqs=max_num_seqs,
-                              max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs)
+                              max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs, overlap=overlap)
         # The thread holds the engine, not self: an LLM dropped without close() is collected
         # and its finalizer stops the thread.
         self._thread = threading.Thread(target=_run_engine, args=(self._engine,),

@@ -153,17 +153,20 @@ class StepSample:
             tokens = x.argmax(dim=-1)
             finite, open_rows = torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
             if self.sampled:
-                index = torch.tensor(self.sampled, device=x.device)
+                index = upload(self.sampled, torch.long, x.device)
                 self.draws = RowDraws(x[index], [samplers[row] for row in self.sampled])
                 tokens[index], finite[index], open_rows[index] = self.draws.first()
         self.tokens = tokens
         self.packed = torch.stack([tokens, finite.long(), open_rows.long()])
 
-    def resolve(self, packed: list) -> list[int]:
-        """The tokens, from `packed` read back to the host (`.tolist()`)."""
+    def resolve(self, packed: list, dropped: frozenset[int] = frozenset()) -> list[int]:
+        """The tokens, from `packed` read back to the host (`.tolist()`); rows in `dropped`
+        (whose tokens nobody will take) are neither redrawn nor checked."""
         if self.plain:
             return packed
         tokens, finite, open_rows = packed
+        for row in dropped:
+            open_rows[row], finite[row] = 0, 1
         if any(open_rows):
             rows = [row for row, is_open in enumerate(open_rows) if is_open]
             local = rows if len(self.sampled) == len(self.samplers) else [self.sampled.index(row) for row in rows]
@@ -183,12 +186,22 @@ class StepSample:
         return drawn
 
 
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """values as a tensor on device without waiting for the device: from pinned memory on CUDA,
+    where a copy from ordinary memory waits for all the stream's work queued before it (an
+    overlapped engine step launches the next step before it samples)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def penalise_repetition(row_logits: torch.Tensor, history: list[int], penalty: float) -> None:
     """As transformers does, in place: a seen token's logit is divided by the penalty when
     positive and multiplied by it when not."""
     if not history:
         return
-    seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=row_logits.device)
+    seen = upload(sorted(set(history)), torch.long, row_logits.device)
     picked = row_logits[seen]
     row_logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
 
@@ -208,9 +221,8 @@ class RowDraws:
         self.top_k = [p.top_k if 0 < p.top_k < self.vocab else 0 for p in params]  # 0: no cut
         self.uniforms = [s.uniform() for s in samplers]
         # temperature, top_k, top_p (inf: off), min_p, the draw: one upload for the batch
-        self.settings = torch.tensor(
-            [[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, u]
-             for p, k, u in zip(params, self.top_k, self.uniforms)], dtype=torch.float64).to(x.device)
+        self.settings = upload([[p.temperature, k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p, u]
+                                for p, k, u in zip(params, self.top_k, self.uniforms)], torch.float64, x.device)
         self.scaled = x / self.settings[:, :1].float()
         self.cut = [row for row, (p, k) in enumerate(zip(params, self.top_k)) if k or p.top_p < 1.0]
 
@@ -222,7 +234,7 @@ class RowDraws:
         tokens, finite = _draw(self.scaled, self.scaled.logsumexp(dim=-1), self.settings, ordered=False)[:2]
         open_rows = torch.zeros_like(finite)
         if self.cut:
-            index = torch.tensor(self.cut, device=self.scaled.device)
+            index = upload(self.cut, torch.long, self.scaled.device)
             tokens[index], finite[index], open_rows[index] = self._candidates(
                 self.cut, self._first_width([self.top_k[row] for row in self.cut]))
         return tokens, finite, open_rows
@@ -250,7 +262,7 @@ class RowDraws:
     def _candidates(self, rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token, finite, open) of the given cut rows, filtered within their `width` most likely."""
         whole = rows == list(range(len(self.top_k)))
-        index = None if whole else torch.tensor(rows, device=self.scaled.device)
+        index = None if whole else upload(rows, torch.long, self.scaled.device)
         scaled = self.scaled if whole else self.scaled[index]
         settings = self.settings if whole else self.settings[index]
         values, indices = scaled.topk(width, dim=-1)

@@ -101,7 +101,7 @@ def test_bench_grid_budget_and_json(run, tiny, tmp_path):
     assert grid["base", 3, 40]["skipped"] == "exceeds the KV budget"
     for key in [("base", 1, 8), ("base", 3, 8), ("base", 1, 40), ("lisa", 3, 40)]:
         row = grid[key]
-        assert row["tok_per_s"] > 0 and row["step_ms_p50"] > 0 and 0 < row["bandwidth_utilisation"]
+        assert row["tok_per_s"] > 0 and row["step_ms_mean"] > 0 and row["call_ms_p50"] > 0 and 0 < row["bandwidth_utilisation"]
         assert row["kv_bytes_read"] == key[1] * key[2] * (768 if key[0] == "base" else 640)
     assert {(r["batch"], r["context"]) for r in result["lisa_vs_base"]} == {(1, 8), (3, 8), (1, 40)}
     at_max = {r["variant"]: r["batch"] for r in result["max_batch"]}

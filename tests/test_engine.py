@@ -589,29 +589,34 @@ def test_overlapped_sampling_draws_what_steps_in_turn_draw_redrawn_rows_included
     # Two candidates: top_p rows often keep tokens past them and are redrawn on the host, after
     # the following step was launched with their first draw.
     monkeypatch.setattr(sampling, "CANDIDATES", 2)
+    # A greedy row first: only some rows are sampled, and they are not the first ones.
     params = [SamplingParams(max_tokens=n, temperature=t, top_k=0, top_p=p, min_p=0.0, seed=seed, ignore_eos=True)
-              for n, t, p, seed in ((25, 1.2, 0.9, 1), (18, 0.8, 0.95, 2), (30, 1.0, 1.0, 3), (22, 0.7, 0.5, 4))]
-    params[1] = params[1].replace(top_k=5)
+              for n, t, p, seed in ((20, 0.0, 1.0, None), (25, 1.2, 0.9, 1), (18, 0.8, 0.95, 2), (30, 1.0, 1.0, 3),
+                                    (22, 0.7, 0.5, 4))]
+    params[2] = params[2].replace(top_k=5)
+    ids = model.tokenizer.encode(CORPUS[:2000])
+    batch = [ids[200:211]] + prompts
 
     def run(overlap):
         engine = new_engine(model, 64, overlap=overlap)
-        redrawn, settle = [], engine.settle
-
-        def spy():  # the requests whose token each read-back redrew
-            got = settle()
-            redrawn.extend(got)
-            return got
-
-        engine.settle = spy
-        out = run_to_completion(engine, prompts, params)
+        out = run_to_completion(engine, batch, params)
         assert engine.cache.allocator.num_free == 64
-        return out, engine.stats(), redrawn
+        return out, engine.stats()
 
-    overlapped, stats, redrawn = run(True)
-    in_turn, _, _ = run(False)
+    overlapped, stats = run(True)
+    in_turn, _ = run(False)
     assert [c.token_ids for c in overlapped] == [c.token_ids for c in in_turn]
     assert [c.text for c in overlapped] == [c.text for c in in_turn]
-    assert stats["overlapped_steps"] > 10 and redrawn  # rows were redrawn and stepped back
+    assert stats["overlapped_steps"] > 10 and stats["rewinds"] > 0  # rows stepped back
+
+
+def test_overlap_is_on_by_default_on_cuda_only_and_lisa_rt_overlap_0_turns_it_off(monkeypatch):
+    from lisa_rt.engine import overlap_by_default
+
+    monkeypatch.delenv("LISA_RT_OVERLAP", raising=False)
+    assert overlap_by_default(torch.device("cuda")) and not overlap_by_default(torch.device("cpu"))
+    monkeypatch.setenv("LISA_RT_OVERLAP", "0")
+    assert not overlap_by_default(torch.device("cuda"))
 
 
 def test_overlap_yields_to_arrivals_cancels_preemption_and_sampling(model):
