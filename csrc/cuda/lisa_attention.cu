@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) lisa_attention_kernel(const LisaArgs
   }
 }
 
-// ---- decode: the aligned logits of every head, one key per thread ----
+// ---- decode: the aligned logits of every head, four threads per key ----
 
 struct LogitsArgs {
   float* logits;  // [tokens, heads, logits_keys]
@@ -319,10 +319,16 @@ struct LogitsArgs {
 };
 
 constexpr int kLogitsThreads = 128;
+// Threads per key: each owns a quarter of the aligner's hidden units and of the output heads.
+// With one thread per key, a decode step at batch 1 and context 512 gave the kernel 512
+// threads, each doing the whole 3 x 32 x 32 multiply-adds in turn (21.6 us a LiSA layer on an
+// H200 for LLaMA-2-7B's 32 heads, more than the layer's attention).
+constexpr int kKeyParts = 4;
+constexpr int kLogitsKeys = kLogitsThreads / kKeyParts;  // keys a block takes at once
 
 // Shared floats of the logits kernel: A^T, W1^T and W2^T padded to kMaxHeads x kMaxHeads with
-// zeros (so every loop has a compile-time bound and reads four weights per 16-byte broadcast
-// load), b1 and b2.
+// zeros (so every loop has a compile-time bound and reads four weights per 16-byte load), b1
+// and b2.
 int logits_shared_floats(int max_heads) { return 3 * max_heads * max_heads + 2 * max_heads; }
 
 // The variant for `heads` heads and an aligner `width` wide: 0 when none holds them.
@@ -332,8 +338,8 @@ int logits_max_heads(int64_t heads, int64_t width) {
 }
 
 // A compiler barrier: the loads after it stay after it. The weights are the same for every
-// key, and without it the compiler hoists all 3 K^2 of them out of the key loop into
-// registers, which spill (32 heads: 17 KiB of stack).
+// key, and without it the compiler hoists them out of the key loop into registers, which
+// spill.
 __device__ __forceinline__ void keep_loads_here() { asm volatile("" ::: "memory"); }
 
 // acc[i] += w[i] * x for i < K (a multiple of 4), w read four at a time.
@@ -350,12 +356,14 @@ __device__ __forceinline__ void add_scaled(float (&acc)[K], const float4* w, flo
 }
 
 // The aligned logits (A a + W2 silu(W1 a + b1) + b2)[hd] with a = scores_prev[t, :, j], for
-// the keys j visible to token t (the low-rank delta is added by the split kernel). Grid (tokens, key blocks); a
-// thread owns one key and keeps its a, hidden layer and S in registers, the weights are read
-// from shared memory by all threads at once (broadcast).
+// the keys j visible to token t (the low-rank delta is added by the split kernel). Grid
+// (tokens, key blocks). Part p (of kKeyParts threads of one key, adjacent lanes) computes the
+// hidden units and the output heads [p K/4, (p+1) K/4): its hidden units' share of W2 h for
+// every head, summed over the four parts by two shuffle rounds that each halve what a part
+// keeps (a reduce-scatter), then A a for its heads. The weights are read from shared memory.
 template <int kMaxHeads>
 __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(const LogitsArgs args) {
-  constexpr int K = kMaxHeads, K4 = kMaxHeads / 4;
+  constexpr int K = kMaxHeads, K4 = kMaxHeads / 4, Q = kMaxHeads / kKeyParts;  // Q: units per part
   extern __shared__ float4 shared4[];
   float* shared = reinterpret_cast<float*>(shared4);
   const int heads = args.heads, width = args.aligner.width, t = blockIdx.x;
@@ -375,6 +383,7 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
     b2_s[i] = i < heads ? args.aligner.b2[i] : 0.0f;
   }
   __syncthreads();
+  const int part = threadIdx.x % kKeyParts, first = part * Q;  // this part's units and heads
   const float4* at4 = reinterpret_cast<const float4*>(at_s);
   const float4* w1t4 = reinterpret_cast<const float4*>(w1t_s);
   const float4* w2t4 = reinterpret_cast<const float4*>(w2t_s);
@@ -383,26 +392,51 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
   const int n_keys = decode::visible_keys(args.token_keys, t, &seq);
   const float* prev = args.scores_prev + static_cast<int64_t>(t) * heads * args.prev_keys;
   float* logits = args.logits + static_cast<int64_t>(t) * heads * args.logits_keys;
-  for (int key = blockIdx.y * kLogitsThreads + threadIdx.x; key < n_keys; key += gridDim.y * kLogitsThreads) {
+  // The loop is the same for the whole block (the shuffles need every lane of a warp).
+  for (int base = blockIdx.y * kLogitsKeys; base < n_keys; base += gridDim.y * kLogitsKeys) {
     keep_loads_here();
-    float a[K], hidden[K], s[K];
+    const int key = base + threadIdx.x / kKeyParts;
+    const bool valid = key < n_keys;
+    float a[K], hidden[Q], own[Q];
+#pragma unroll
+    for (int c = 0; c < K; ++c) a[c] = valid && c < heads ? prev[c * args.prev_keys + key] : 0.0f;
+#pragma unroll
+    for (int i = 0; i < Q; ++i) {
+      hidden[i] = b1_s[first + i];
+      own[i] = b2_s[first + i];
+    }
+    // This part's hidden units, W1 a + b1, and its heads' A a + b2, one column at a time
+    // (a is not needed after these: fewer registers live below).
 #pragma unroll
     for (int c = 0; c < K; ++c) {
-      a[c] = c < heads ? prev[c * args.prev_keys + key] : 0.0f;
-      hidden[c] = b1_s[c];
-      s[c] = b2_s[c];
+      add_scaled(hidden, w1t4 + c * K4 + first / 4, a[c]);
+      add_scaled(own, at4 + c * K4 + first / 4, a[c]);
     }
-    // hidden = W1 a + b1, then s = A a + b2, one column of W1 (of A) at a time.
+    // The hidden units' share of W2 silu(hidden) for every head (padded units: silu(0) = 0).
+    float s[K];
 #pragma unroll
-    for (int c = 0; c < K; ++c) add_scaled(hidden, w1t4 + c * K4, a[c]);
+    for (int c = 0; c < K; ++c) s[c] = 0.0f;
 #pragma unroll
-    for (int c = 0; c < K; ++c) add_scaled(s, at4 + c * K4, a[c]);
-    // s += W2 silu(hidden); padded rows of W1 and b1 are zero and silu(0) = 0.
+    for (int i = 0; i < Q; ++i) add_scaled(s, w2t4 + (first + i) * K4, silu(hidden[i]));
+    // Reduce-scatter over the four parts: keep the half of the heads that holds this part's
+    // quarter and add the partner's copy of it, then the same within that half.
+    constexpr int H = K / 2;
+    const bool upper = part & 2;
+    float half[H];
 #pragma unroll
-    for (int m = 0; m < K; ++m) add_scaled(s, w2t4 + m * K4, silu(hidden[m]));
+    for (int i = 0; i < H; ++i) {
+      const float give = upper ? s[i] : s[H + i];
+      half[i] = (upper ? s[H + i] : s[i]) + __shfl_xor_sync(kFullMask, give, 2);
+    }
+    const bool upper_quarter = part & 1;
 #pragma unroll
-    for (int h = 0; h < K; ++h) {
-      if (h < heads) logits[h * args.logits_keys + key] = s[h];
+    for (int i = 0; i < Q; ++i) {
+      const float give = upper_quarter ? half[i] : half[Q + i];
+      own[i] += (upper_quarter ? half[Q + i] : half[i]) + __shfl_xor_sync(kFullMask, give, 1);
+    }
+#pragma unroll
+    for (int i = 0; i < Q; ++i) {
+      if (valid && first + i < heads) logits[(first + i) * args.logits_keys + key] = own[i];
     }
   }
 }
@@ -424,7 +458,7 @@ cudaError_t launch_lisa_logits(const LogitsArgs& args, int64_t num_tokens, cudaS
   const size_t bytes = static_cast<size_t>(logits_shared_floats(max_heads)) * sizeof(float);
   // Enough key blocks to cover the longest context, or to give every SM a few blocks.
   const int64_t wanted = (4 * static_cast<int64_t>(decode::sm_count()) + num_tokens - 1) / num_tokens;
-  const int64_t needed = (args.token_keys.key_limit + kLogitsThreads - 1) / kLogitsThreads;
+  const int64_t needed = (args.token_keys.key_limit + kLogitsKeys - 1) / kLogitsKeys;
   const dim3 grid(static_cast<unsigned>(num_tokens),
                   static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, needed))));
   if (max_heads == 16) {
