@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kHeads, kLogitsIn>)) spl
       for (int h = 0; h < kHeads; ++h) {
         r.given[u][h] = 0.0f;
         if constexpr (kLogitsIn) {
-          // (logits_out may be logits_in: these keys' logits are written a step later, by this group)
+          // (logits_out may be logits_in: each of these logits is read and then written by this
+          // group alone, in program order, later in this step)
           if (x.key0 + u < key_end && h < heads_here) {
             r.given[u][h] = args.logits_in[(row + h) * args.logits_in_keys + x.key0 + u];
           }
@@ -217,10 +218,11 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kHeads, kLogitsIn>)) spl
   };
 
   // Every lane runs the same number of steps (the shuffles below need the whole warp).
-  Lookup here = look_up(key_begin);
+  Lookup here{};
+  if (key_begin < key_end) here = look_up(key_begin);
   for (int step = key_begin; step < key_end; step += kStride) {
     const int key0 = here.key0;
-    Lookup ahead;
+    Lookup ahead{};
     if (step + kStride < key_end) ahead = look_up(step + kStride);  // the same for the whole block
     const Rows rows = fetch(here);
     // Logits of the step's keys in the log2 domain; -inf for keys past the split.

@@ -15,7 +15,7 @@
 namespace lisa_rt::kernels {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;  // weight rows per block: every block reads all the input rows
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxRows = 8;    // input rows (a decode batch) this path takes
 constexpr int kMaxChunks = 8;  // 16-byte vectors per lane along K
@@ -38,9 +38,21 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(T* __restrict__ out, con
     const int v = c * 32 + lane;
     if (w_row < n && v < vectors) w[c] = reinterpret_cast<const V*>(weight + static_cast<int64_t>(w_row) * k)[v];
   }
+  // The input rows into shared memory, every load issued before the first store.
+  constexpr int kStaged = kMaxRows * 32 * kMaxChunks / kThreads;  // vectors per thread, at most
   const V* in = reinterpret_cast<const V*>(input);
   V* xs = reinterpret_cast<V*>(x);
-  for (int i = threadIdx.x; i < rows * vectors; i += kThreads) xs[i] = in[i];
+  V staged[kStaged];
+#pragma unroll
+  for (int j = 0; j < kStaged; ++j) {
+    const int i = j * kThreads + threadIdx.x;
+    if (i < rows * vectors) staged[j] = in[i];
+  }
+#pragma unroll
+  for (int j = 0; j < kStaged; ++j) {
+    const int i = j * kThreads + threadIdx.x;
+    if (i < rows * vectors) xs[i] = staged[j];
+  }
   __syncthreads();
   if (w_row >= n) return;
 

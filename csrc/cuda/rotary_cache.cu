@@ -33,7 +33,7 @@ struct RotaryCacheArgs {
 };
 
 template <typename T, int kValueVec>
-__global__ void rotary_cache_write_kernel(const RotaryCacheArgs a) {
+__global__ void __launch_bounds__(1024) rotary_cache_write_kernel(const RotaryCacheArgs a) {
   const int64_t t = blockIdx.x;
   const int64_t position = a.positions[t * a.positions_stride];
   const int64_t slot = a.slot_mapping[t * a.slot_mapping_stride];
