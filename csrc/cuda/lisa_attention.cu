@@ -358,12 +358,14 @@ __device__ __forceinline__ void add_scaled(float (&acc)[K], const float4* w, flo
 // The aligned logits (A a + W2 silu(W1 a + b1) + b2)[hd] with a = scores_prev[t, :, j], for
 // the keys j visible to token t (the low-rank delta is added by the split kernel). Grid
 // (tokens, key blocks). Part p (of kKeyParts threads of one key, adjacent lanes) computes the
-// hidden units and the output heads [p K/4, (p+1) K/4): its hidden units' share of W2 h for
-// every head, summed over the four parts by two shuffle rounds that each halve what a part
-// keeps (a reduce-scatter), then A a for its heads. The weights are read from shared memory.
+// hidden units and the output heads [p K/4, (p+1) K/4): A a + b2 for its heads and its hidden
+// units, then their share of W2 h for every head, summed over the four parts by two shuffle
+// rounds that each halve what a part keeps (a reduce-scatter). The weights are read from
+// shared memory.
 template <int kMaxHeads>
 __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(const LogitsArgs args) {
   constexpr int K = kMaxHeads, K4 = kMaxHeads / 4, Q = kMaxHeads / kKeyParts;  // Q: units per part
+  static_assert(kKeyParts == 4 && Q % 4 == 0, "a part's units and heads are whole 16-byte pieces");
   extern __shared__ float4 shared4[];
   float* shared = reinterpret_cast<float*>(shared4);
   const int heads = args.heads, width = args.aligner.width, t = blockIdx.x;
@@ -376,7 +378,10 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
     const int r = i / K, c = i % K;  // row r, column c of the transposed matrices
     at_s[i] = r < heads && c < heads ? args.aligner.a[c * heads + r] : 0.0f;
     w1t_s[i] = r < heads && c < width ? args.aligner.w1[c * heads + r] : 0.0f;
-    w2t_s[i] = r < width && c < heads ? args.aligner.w2[c * width + r] : 0.0f;
+    // The four parts read four rows of W2^T at once, at the same column: the rows of part p
+    // have their 16-byte pieces permuted by p (piece j stored at j ^ p), so the four reads fall
+    // in different banks.
+    w2t_s[r * K + 4 * ((c / 4) ^ (r / Q)) + c % 4] = r < width && c < heads ? args.aligner.w2[c * width + r] : 0.0f;
   }
   for (int i = threadIdx.x; i < K; i += kLogitsThreads) {
     b1_s[i] = i < width ? args.aligner.b1[i] : 0.0f;
@@ -417,7 +422,18 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
 #pragma unroll
     for (int c = 0; c < K; ++c) s[c] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < Q; ++i) add_scaled(s, w2t4 + (first + i) * K4, silu(hidden[i]));
+    for (int i = 0; i < Q; ++i) {
+      const float4* row = w2t4 + (first + i) * K4;
+      const float x = silu(hidden[i]);
+#pragma unroll
+      for (int j = 0; j < K4; ++j) {
+        const float4 v = row[j ^ part];  // (the permuted pieces, see above)
+        s[4 * j] += v.x * x;
+        s[4 * j + 1] += v.y * x;
+        s[4 * j + 2] += v.z * x;
+        s[4 * j + 3] += v.w * x;
+      }
+    }
     // Reduce-scatter over the four parts: keep the half of the heads that holds this part's
     // quarter and add the partner's copy of it, then the same within that half.
     constexpr int H = K / 2;
