@@ -7,8 +7,8 @@ exp(mean negative log-likelihood) over every prediction, accumulated in float64 
 log-softmax.
 
 One KV cache sized for one window is allocated up front and reused: each window takes its blocks
-from it and gives them back. A window is prefilled in chunks (Model.prefill_logits); at most
-ctx x vocab logits exist at a time.
+from it and gives them back. A window is prefilled in chunks (Model.prefill_chunks), each
+chunk's logits scored as they come: at most one chunk's exist at a time.
 """
 from __future__ import annotations
 
@@ -48,14 +48,20 @@ def _window_nll(model, token_ids: Sequence[int], ctx: int, progress: bool):
     table = BlockTable(cache)
     for start, end in tqdm(windows(len(token_ids), ctx), desc="eval", unit="window", disable=not progress):
         window = token_ids[start:end]
+        targets = torch.tensor(window[1:], device=model.device)
         table.ensure(len(window))
+        nll, scored = [], 0
         try:
-            logits = model.prefill_logits(window, cache, table)[:-1]  # the last token predicts nothing here
+            # Each chunk's logits are scored as they come (the window's last token predicts nothing).
+            for logits in model.prefill_chunks(window, cache, table):
+                rows = min(len(logits), len(targets) - scored)
+                chunk_targets = targets[scored : scored + rows, None]
+                nll.append(-torch.log_softmax(logits[:rows], dim=-1).gather(1, chunk_targets)[:, 0].double())
+                scored += rows
+                del logits
         finally:
             table.release()
-        targets = torch.tensor(window[1:], device=model.device)
-        yield -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].double()
-        del logits
+        yield torch.cat(nll)
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ low-rank delta q'.k'. The layer before hands its logits over in a float32 buffer
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,13 +283,17 @@ class Model:
         return self.prefill_logits(list(token_ids), cache, table)
 
     def prefill_logits(self, token_ids: list[int], cache: KVCache, table: BlockTable) -> torch.Tensor:
-        """Float32 logits [len, vocab] of every token, prefilled from position 0 in chunks of
-        PREFILL_CHUNK tokens (which bounds the logits LiSA layers hand on to chunk x context)."""
-        out = []
+        """Float32 logits [len, vocab] of every token, prefilled from position 0 (prefill_chunks)."""
+        out = list(self.prefill_chunks(token_ids, cache, table))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def prefill_chunks(self, token_ids: list[int], cache: KVCache, table: BlockTable) -> Iterator[torch.Tensor]:
+        """Float32 logits of every token, prefilled from position 0 in chunks of PREFILL_CHUNK
+        tokens (which bounds the logits LiSA layers hand on to chunk x context), one chunk's
+        [chunk, vocab] at a time: a caller that scores them as they come never holds them all."""
         for start in range(0, len(token_ids), PREFILL_CHUNK):
             chunk = token_ids[start : start + PREFILL_CHUNK]
-            out.append(self.forward(build_batch([(chunk, start, table)], self.device, all_logits=True), cache))
-        return torch.cat(out) if len(out) > 1 else out[0]
+            yield self.forward(build_batch([(chunk, start, table)], self.device, all_logits=True), cache)
 
     def check_context(self, num_tokens: int) -> None:
         if num_tokens > self.max_context:
