@@ -18,10 +18,10 @@ rejected by `Engine.check` (UserError: the KV budget is too small). A prompt tha
 prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
 next token has no room (its context cannot grow any more). Nothing deadlocks, nothing is dropped.
 
-Overlap (on by default on CUDA; LISA_RT_OVERLAP=0 or overlap=False turns it off). A decode step launches the GPU's work, tokens drawn there
-included (sampling.StepSample), and returns; the next step launches the following decode step
-with those tokens as its input, gathered on the device, and only then reads them back and
-streams them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus
+Overlap (on by default on CUDA; LISA_RT_OVERLAP=0 or overlap=False turns it off). A decode step
+launches the GPU's work, tokens drawn there included (sampling.StepSample), and returns; the
+next step launches the following decode step with those tokens as its input, gathered on the
+device, and only then reads them back and streams them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus
 runs while the GPU computes, instead of between its steps. A sequence that ended on the tokens
 read back has had one more step computed for it, which is dropped. The pipeline holds while the
 next step needs nothing the host must decide from those tokens: a row with a repetition penalty
@@ -377,7 +377,11 @@ class Engine:
         An exception here is a bug: the requests of this step (all requests, if it happened
         outside the forward pass) fail with it, and the engine stays usable.
         """
-        self._drain()
+        try:
+            self._drain()
+        except Exception as exc:
+            self.fail(list(self.running) + list(self.waiting), exc)
+            return
         if self._inflight is not None:
             try:
                 following = self._continue(self._inflight)
