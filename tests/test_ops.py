@@ -111,7 +111,7 @@ def test_rotary_cache_write_rejects_a_bad_position_or_slot_before_writing():
                                         (6, 1000, 17), (1, 2048, 130), (8, 1024, 41), (9, 576, 64)])
 def test_linear(device, dtype, rows, k, n):
     """Decode-sized inputs (the streaming CPU kernels: float32 with k % 8 == 0 or not, bfloat16
-    with k % 32 == 0 or not; several L2 tiles, row groups of 4 and 3; the CUDA GEMV: 1-8 rows,
+    with k % 32 == 0 or not; several L2 tiles, row groups of 3, 2 and 1; the CUDA GEMV: 1-8 rows,
     a partial last vector chunk, the longest rows it takes and one past them) and larger ones
     (at::mm, cuBLAS)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)

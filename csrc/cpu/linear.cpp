@@ -3,7 +3,7 @@
 // Decode multiplies a handful of rows (one per sequence in the batch) by every weight matrix, so
 // it is bound by how fast the weights stream from memory. The threads stream disjoint ranges of
 // weight rows, each range row after row (one sequential stream, which the hardware prefetchers
-// keep ahead of), in tiles small enough to stay in L2 so that inputs past the fourth re-read a
+// keep ahead of), in tiles small enough to stay in L2 so that inputs past the third re-read a
 // tile from L2, not memory. float32 runs AVX2/FMA (a portable loop serves other CPUs); bfloat16
 // runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums) where the CPU
 // has them. Above 8 rows at::mm is faster in real decode; it also serves float16, and bfloat16
@@ -38,8 +38,7 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
 // float32: k a multiple of 8 (the caller checks).
 template <int M>
 LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int64_t k, int64_t n) {
-  // U stays 4 whatever M, so a row's sums come out the same alone or in a batch (at M = 4 that
-  // is one ymm register more than AVX2 has: a spill, cheaper than batch-dependent results).
+  // U stays 4 whatever M, so a row's sums come out the same alone or in a batch.
   constexpr int U = 4;
   __m256 acc[M][U];
   for (int i = 0; i < M; ++i)
@@ -98,21 +97,23 @@ void gemv_span(const T* x, const T* w, T* y, int64_t n_begin, int64_t n_end, int
   for (int64_t r = n_begin; r < n_end; ++r) gemv_row<M>(x, w, y, r, k, n);
 }
 
+// Input rows go three at a time: four at a time spilled the float32 sums (16 of AVX2's 16 ymm
+// registers) and, on this project's CPU, decoded a batch of 8 19% (float32) and 8% (bfloat16)
+// slower (BENCHMARKS.md).
 template <typename T>
 void gemv_rows(const T* x, int64_t m, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
-  for (int64_t i = 0; i < m; i += 4) {
+  for (int64_t i = 0; i < m; i += 3) {
     const T* xi = x + i * k;
     T* yi = y + i * n;
-    switch (std::min<int64_t>(4, m - i)) {
+    switch (std::min<int64_t>(3, m - i)) {
       case 1: gemv_span<1>(xi, w, yi, n_begin, n_end, k, n); break;
       case 2: gemv_span<2>(xi, w, yi, n_begin, n_end, k, n); break;
-      case 3: gemv_span<3>(xi, w, yi, n_begin, n_end, k, n); break;
-      default: gemv_span<4>(xi, w, yi, n_begin, n_end, k, n); break;
+      default: gemv_span<3>(xi, w, yi, n_begin, n_end, k, n); break;
     }
   }
 }
 
-// The product over weight rows [n_begin, n_end) in L2-sized tiles: up to four input rows share
+// The product over weight rows [n_begin, n_end) in L2-sized tiles: up to three input rows share
 // each pass over a tile; more rows re-read the tile from L2.
 template <typename T>
 void gemv_tiled(const T* x, int64_t m, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
