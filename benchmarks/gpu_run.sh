@@ -13,6 +13,11 @@
 # profile 20, kernels 6, bench 64 (--steps 16), ncu 15 (sampling: not yet run there); the
 # default limits below, 595 s in all, keep a whole run inside one device call (timeout_s 600).
 # LIMIT_<STAGE>=seconds overrides one.
+# Not yet run on a GPU (2026-11-28, twentieth session; BENCHMARKS.md "GPU: written on the CPU
+# machine" lists each change with the figure it should move): overlapped decode steps (check's
+# "cuda graph + overlap" rows, bench), the decode attention's table look-ahead (kernels, ncu),
+# the four-threads-a-key LiSA logits kernel, rotary_cache_write and the small-batch GEMV
+# (profile); their CUDA tests run in the tests stage.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lisa-rt-gpu}
