@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import expected_shapes
 from .config import LisaConfig, ModelConfig
-from .engine import Engine, Request
+from .engine import Engine, Request, overlap_by_default
 from .errors import UserError
 from .kv_cache import KVCache
 from .lisa import Adapter, default_rank, param_shapes, tensor_name
@@ -222,7 +222,7 @@ class BenchOptions:
     max_batch_contexts: list[int] | None = None   # default: the largest of `contexts`
     kv_budget_bytes: int | None = None            # default: see default_kv_budget
     cuda_graphs: bool = True
-    overlap: bool = True                          # the engine's overlapped decode steps (CUDA)
+    overlap: bool = True                          # the engine's overlapped steps where it has them (CUDA)
     seed: int = 0
 
     def validate(self, config: ModelConfig) -> None:
@@ -272,7 +272,7 @@ class Bench:
         largest = max([b for c in opts.contexts for b in opts.batches if b <= fitting(c)]
                       + list(max_batches.values()) + [1])
         engine = Engine(model, cache, max_num_seqs=largest, cuda_graphs=opts.cuda_graphs,
-                        overlap=opts.overlap and model.device.type == "cuda")
+                        overlap=None if opts.overlap else False)  # None: the engine's default
         grid, at_max = [], []
         for context in opts.contexts:
             for batch in opts.batches:
@@ -332,7 +332,7 @@ class Bench:
                 "device": str(self.device), "config": config.to_dict(), "kv_budget_bytes": budget,
                 "copy_gb_per_s": round(copy_gbps, 1), "kv_bytes_per_token": base_kv, "lisa": lisa_info,
                 "steps": opts.steps, "warmup": opts.warmup, "cuda_graphs": opts.cuda_graphs,
-                "overlap": opts.overlap and self.device.type == "cuda",
+                "overlap": opts.overlap and overlap_by_default(self.device),
                 "grid": grid, "lisa_vs_base": ratios(grid, ("batch", "context")),
                 "max_batch": at_max, "max_batch_lisa_vs_base": ratios(at_max, ("context",))}
 
