@@ -4,7 +4,11 @@
 // decode step allocates nothing and can be captured in a CUDA graph. Per-device kernels are
 // registered with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cpp.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
 
 extern "C" {
 // Importing lisa_rt._C loads this library, which runs the registrations below.
@@ -14,7 +18,25 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+namespace {
+
+// How many threads one parallel region of the CPU kernels runs on. at::parallel_for is a
+// header template: in a library compiled without OpenMP it runs on the calling thread alone,
+// whatever torch.get_num_threads() says (lisa-rt's kernels did, unnoticed, until 2026-11-28).
+int64_t kernel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64 * static_cast<int64_t>(at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+  });
+  return __builtin_popcountll(seen.load());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(lisa_rt, m) {
+  // Threads the CPU kernels' parallel regions run on (a build check: torch.get_num_threads()
+  // unless the library was compiled without OpenMP).
+  m.def("kernel_threads() -> int", &kernel_threads);
   // out[n, :] = input[n, :] / rms(input[n, :]) * weight
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   // residual += input; input = rms_norm(residual) * weight

@@ -32,6 +32,12 @@ if HAVE_KERNELS:
         torch.library.register_fake(f"lisa_rt::{_name}")(lambda *args, **kwargs: None)
 
 
+def kernel_threads() -> int:
+    """Threads the compiled CPU kernels' parallel regions run on: torch.get_num_threads(), unless
+    _C was built without OpenMP (then 1, as the reference path's own loops are)."""
+    return int(_ops.kernel_threads()) if HAVE_KERNELS else 1
+
+
 def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if HAVE_KERNELS:
         _ops.rms_norm(out, x, weight, eps)
