@@ -76,6 +76,22 @@ LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
   for (int64_t e = 0; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
+// widen_avx2 that also asks for `next` (n elements, the block to be widened after this one)
+// into the cache, a line for each line widened: blocks of a paged cache come in block-table
+// order, which the hardware prefetchers cannot guess, and a burst of a whole block's prefetches
+// at once overran the core's outstanding misses.
+template <typename T>
+LISA_AVX2 inline void widen_avx2_ahead(float* dst, const T* src, int64_t n, const T* next) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  int64_t e = 0;
+  for (; e + kLine <= n; e += kLine) {
+    if (next != nullptr) __builtin_prefetch(next + e, 0, 3);
+    for (int64_t i = 0; i < kLine; i += 8) _mm256_storeu_ps(dst + e + i, load8(src + e + i));
+  }
+  if (next != nullptr && e < n) __builtin_prefetch(next + e, 0, 3);
+  for (; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
+}
+
 // `rows` rows of d elements, src_stride apart, into consecutive float32 rows of dst.
 template <typename T>
 inline void widen_rows_avx2(float* dst, const T* src, int64_t rows, int64_t src_stride, int64_t d) {
@@ -342,6 +358,11 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
   const int64_t items = first_item[batch], part = d + 2;  // per head: P V, largest logit, sum
   std::vector<float> partial(items * heads * part);
   const int64_t row_stride = kv_heads * d;
+  // The block after the one at key j in a run ending at `end`, or null (its rows at most as
+  // many as this block's: widen_avx2_ahead asks for no more than it widens).
+  auto next_block = [&](const T* pool, const PagedSeq& seq, int64_t j, int64_t end) -> const T* {
+    return j + 2 * bs <= end ? pool + seq.row(j + bs) * d : nullptr;
+  };
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(heads * chunk), qf(heads * d), staged(bs * row_stride);
     for (int64_t item = begin; item < end; ++item) {
@@ -356,7 +377,7 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
         const T* qb = q + b * q_stride;
         widen_avx2(qf.data(), qb, heads * d);
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
-          widen_avx2(staged.data(), keys + offset, rows * row_stride);
+          widen_avx2_ahead(staged.data(), keys + offset, rows * row_stride, next_block(keys, seq, j, j0 + n));
           for (int64_t kv = 0; kv < kv_heads; ++kv)
             group_key_logits_avx2(s.data() + kv * group * chunk + j - j0, chunk, qf.data() + kv * group * d, group,
                                   staged.data() + kv * d, rows, row_stride, d, scale);
@@ -375,7 +396,7 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
         std::fill(result + h * part, result + h * part + d, 0.0f);
       }
       seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
-        widen_avx2(staged.data(), values + offset, rows * row_stride);
+        widen_avx2_ahead(staged.data(), values + offset, rows * row_stride, next_block(values, seq, j, j0 + n));
         for (int64_t kv = 0; kv < kv_heads; ++kv)
           group_accumulate_values_avx2(result + kv * group * part, part, s.data() + kv * group * chunk + j - j0, chunk,
                                        group, staged.data() + kv * d, rows, row_stride, d);
