@@ -77,18 +77,18 @@ LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
 }
 
 // widen_avx2 that also asks for `next` (n elements, the block to be widened after this one)
-// into the cache, a line for each line widened: blocks of a paged cache come in block-table
-// order, which the hardware prefetchers cannot guess, and a burst of a whole block's prefetches
-// at once overran the core's outstanding misses.
+// into L2, a line for each line widened: blocks of a paged cache come in block-table order,
+// which the hardware prefetchers cannot guess. (A burst of a whole block's prefetches at once
+// was no faster; prefetches into L1 took a third of what these take off: BENCHMARKS.md.)
 template <typename T>
 LISA_AVX2 inline void widen_avx2_ahead(float* dst, const T* src, int64_t n, const T* next) {
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   int64_t e = 0;
   for (; e + kLine <= n; e += kLine) {
-    if (next != nullptr) __builtin_prefetch(next + e, 0, 3);
+    if (next != nullptr) __builtin_prefetch(next + e, 0, 2);
     for (int64_t i = 0; i < kLine; i += 8) _mm256_storeu_ps(dst + e + i, load8(src + e + i));
   }
-  if (next != nullptr && e < n) __builtin_prefetch(next + e, 0, 3);
+  if (next != nullptr && e < n) __builtin_prefetch(next + e, 0, 2);
   for (; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
