@@ -95,7 +95,10 @@ void add_delta_avx2(float* s, int64_t s_stride, const T* q, int64_t heads, int64
   for (int64_t j = j0; j < j1;) {
     const int64_t run = widened != nullptr ? j1 - j : std::min(seq.block_size - j % seq.block_size, j1 - j);
     const float* rows = widened != nullptr ? widened + j * slot : staged;
-    if (widened == nullptr) widen_avx2(staged, keys + seq.row(j) * r, run * slot);
+    if (widened == nullptr) {
+      const T* next = j + run < j1 ? keys + seq.row(j + run) * r : nullptr;  // fetched meanwhile
+      widen_avx2_ahead(staged, keys + seq.row(j) * r, run * slot, next);
+    }
     for (int64_t kv = 0; kv < seq.kv_heads; ++kv)
       group_key_logits_avx2(s + kv * group * s_stride + j, s_stride, qf + kv * group * r, group, rows + kv * r,
                             run, slot, r, scale, /*accumulate=*/true);
