@@ -17,13 +17,6 @@ namespace {
 constexpr int64_t kMaxGemvRows = 8;         // input rows handled by the streaming kernels
 constexpr int64_t kTileBytes = 128 * 1024;  // weights per tile: stays in L2 while every row uses it
 
-bool has_avx512_bf16() {
-  // (GCC's avx512bf16 target implies AVX512BW: check all three.)
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
-
 void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t n_begin, int64_t n_end, int64_t k,
                    int64_t n) {
   for (int64_t r = n_begin; r < n_end; ++r) {
@@ -63,7 +56,7 @@ LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int
 
 // bfloat16: 32 products an instruction (vdpbf16ps) into float32 sums; k a multiple of 32.
 template <int M>
-__attribute__((target("avx512f,avx512bf16,avx2,fma,f16c"))) void gemv_row(const c10::BFloat16* x,
+LISA_AVX512_BF16 void gemv_row(const c10::BFloat16* x,
                                                                           const c10::BFloat16* w, c10::BFloat16* y,
                                                                           int64_t r, int64_t k, int64_t n) {
   constexpr int U = 4;
@@ -85,9 +78,11 @@ __attribute__((target("avx512f,avx512bf16,avx2,fma,f16c"))) void gemv_row(const 
   }
   for (int i = 0; i < M; ++i) {
     const __m512 v = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
-    // (GCC 12's _mm512_reduce_add_ps warns of an uninitialised value.)
-    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    y[i * n + r] = c10::BFloat16(hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high)));
+    // Halves through memory: GCC 12's intrinsics that take them apart in registers (reduce_add,
+    // extract, cast) warn of an uninitialised value.
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, v);
+    y[i * n + r] = c10::BFloat16(hsum(_mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8))));
   }
 }
 

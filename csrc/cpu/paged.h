@@ -208,6 +208,75 @@ void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys
   });
 }
 
+// The lanes of a and b that lo picks plus those hi picks (indices 16-31 are b's).
+LISA_AVX512_BF16 inline __m512 sum_pairs(__m512 a, __m512 b, __m512i lo, __m512i hi) {
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+}
+
+// Lane r of the result: the sum of v[r]'s sixteen lanes. Four rounds each halve the lanes
+// that hold a vector's partial sums and pair the vectors up, so that after the last the
+// vectors' sums sit in order.
+LISA_AVX512_BF16 inline __m512 hsum16x16(const __m512 (&v)[16]) {
+  // Round 1 keeps lanes 0-7 + 8-15 of each of a pair; round 2 groups of 4, 3 of 2, 4 of 1.
+  const __m512i lo1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i hi1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i lo2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i hi2 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i lo3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i hi3 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  const __m512i lo4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i hi4 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) w[i] = sum_pairs(v[2 * i], v[2 * i + 1], lo1, hi1);
+  for (int i = 0; i < 4; ++i) x[i] = sum_pairs(w[2 * i], w[2 * i + 1], lo2, hi2);
+  for (int i = 0; i < 2; ++i) y[i] = sum_pairs(x[2 * i], x[2 * i + 1], lo3, hi3);
+  return sum_pairs(y[0], y[1], lo4, hi4);
+}
+
+// group_key_logits_avx2 for bfloat16 queries and keys on AVX512-BF16 CPUs, straight from the
+// cache rows (no widening): q_i . k_r by vdpbf16ps, 32 products an instruction into float32
+// sums (the products are exact; only the order of the sums differs from the float32 path).
+// Sixteen keys at a time, their sums reduced together; d a multiple of 32.
+LISA_AVX512_BF16 inline void group_key_logits_bf16(float* s, int64_t s_stride, const c10::BFloat16* q, int64_t g,
+                                                   const c10::BFloat16* k, int64_t rows, int64_t stride, int64_t d,
+                                                   float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t count = std::min<int64_t>(16, rows - r0);
+    const c10::BFloat16* key[16];
+    for (int64_t r = 0; r < 16; ++r) key[r] = k + (r0 + std::min(r, count - 1)) * stride;  // past the rows: unused
+    for (int64_t i = 0; i < g; ++i) {
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i * d + c);
+        for (int r = 0; r < 16; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(key[r] + c));
+      }
+      _mm512_mask_storeu_ps(s + i * s_stride + r0, static_cast<__mmask16>((1u << count) - 1),
+                            _mm512_mul_ps(hsum16x16(acc), vscale));
+    }
+  }
+}
+
+// Whether decode's key logits of type T and head size d run group_key_logits_bf16.
+template <typename T>
+bool use_bf16_dot(int64_t d) {
+  return std::is_same_v<T, c10::BFloat16> && d % 32 == 0 && has_avx512_bf16();
+}
+
+// group_key_logits_bf16 where T is bfloat16 (use_bf16_dot says when); never called for others.
+template <typename T>
+void key_logits_bf16(float* s, int64_t s_stride, const T* q, int64_t g, const T* k, int64_t rows, int64_t stride,
+                     int64_t d, float scale) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) group_key_logits_bf16(s, s_stride, q, g, k, rows, stride, d, scale);
+}
+
+// Asks for `bytes` bytes from p into L2 ahead of use.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at, 0, 2);
+}
+
 LISA_AVX2 inline float max_avx2(const float* s, int64_t n) {
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
@@ -328,9 +397,12 @@ inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
 // keeps every thread busy. Each block of keys, then of values, is read in one sequential sweep
 // into a float32 staging buffer (widened once, whichever heads use it) and the heads work from
 // there, a KV head's group together: reading the cache per head or per KV head, rows a slot
-// apart, drew memory at a fraction of a sequential sweep's rate here (BENCHMARKS.md). Each item
-// leaves, per head, its largest logit, the sum of exp(logit - largest) and the unnormalised P V;
-// a second pass merges the runs of each sequence.
+// apart, drew memory at a fraction of a sequential sweep's rate here (BENCHMARKS.md). Where the
+// CPU has AVX512-BF16, bfloat16 keys skip the staging: their logits are bfloat16 dot products
+// straight from the cache rows. While a block is read, the next block of the run is prefetched
+// (block-table order defeats the hardware prefetchers). Each item leaves, per head, its largest
+// logit, the sum of exp(logit - largest) and the unnormalised P V; a second pass merges the runs
+// of each sequence.
 //
 // The logits are q . K * scale, or (LiSA) given; logits.out, when set, receives them for the
 // next layer. out and q are [batch, heads, d] (q rows q_stride apart); keys, values: the pools.
@@ -363,6 +435,7 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
   auto next_block = [&](const T* pool, const PagedSeq& seq, int64_t j, int64_t end) -> const T* {
     return j + 2 * bs <= end ? pool + seq.row(j + bs) * d : nullptr;
   };
+  const bool bf16_dot = q != nullptr && use_bf16_dot<T>(d);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(heads * chunk), qf(heads * d), staged(bs * row_stride);
     for (int64_t item = begin; item < end; ++item) {
@@ -373,9 +446,19 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
           const float* given = logits.given + (b * heads + h) * logits.stride + j0;
           std::copy(given, given + n, s.data() + h * chunk);
         }
-      } else {
+      } else if (bf16_dot) {  // bfloat16 dot products straight from the cache rows
         const T* qb = q + b * q_stride;
-        widen_avx2(qf.data(), qb, heads * d);
+        seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
+          const T* next = next_block(keys, seq, j, j0 + n);
+          const int64_t part = rows * row_stride / kv_heads;  // of the next block, a part per KV head
+          for (int64_t kv = 0; kv < kv_heads; ++kv) {
+            if (next != nullptr) prefetch_l2(next + kv * part, part * sizeof(T));
+            key_logits_bf16(s.data() + kv * group * chunk + j - j0, chunk, qb + kv * group * d, group,
+                            keys + offset + kv * d, rows, row_stride, d, scale);
+          }
+        });
+      } else {
+        widen_avx2(qf.data(), q + b * q_stride, heads * d);
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
           widen_avx2_ahead(staged.data(), keys + offset, rows * row_stride, next_block(keys, seq, j, j0 + n));
           for (int64_t kv = 0; kv < kv_heads; ++kv)

@@ -14,6 +14,17 @@
 
 namespace lisa_rt {
 
+// AVX-512 with bfloat16 dot products (vdpbf16ps: 32 products an instruction into float32 sums),
+// for the bfloat16 kernels of CPUs that have it (has_avx512_bf16()).
+#define LISA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
+
+inline bool has_avx512_bf16() {
+  // (GCC's avx512bf16 target implies AVX512BW: check all three.)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
 // AVX2 and FMA, and F16C for the float16 loads (every AVX2 CPU has it).
 inline bool has_avx2() {
   static const bool yes =
