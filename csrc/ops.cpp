@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 extern "C" {
 // Importing lisa_rt._C loads this library, which runs the registrations below.
@@ -24,11 +25,12 @@ namespace {
 // header template: in a library compiled without OpenMP it runs on the calling thread alone,
 // whatever torch.get_num_threads() says (lisa-rt's kernels did, unnoticed, until 2026-11-28).
 int64_t kernel_threads() {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, 64 * static_cast<int64_t>(at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
-  });
-  return __builtin_popcountll(seen.load());
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::atomic<bool>> seen(threads);  // by thread number: each thread marks its own
+  at::parallel_for(0, 64 * threads, 1, [&](int64_t, int64_t) { seen[at::get_thread_num() % threads] = true; });
+  int64_t count = 0;
+  for (const auto& mark : seen) count += mark.load();
+  return count;
 }
 
 }  // namespace
