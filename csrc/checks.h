@@ -57,7 +57,6 @@ inline void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& inp
   check_same(out, input, "silu_and_mul");
 }
 
-
 // Arguments of rotary_cache_write: query [T, H, d] and key [T, G, d] (heads packed, row
 // strides free) rotated by cos_sin_cache [max_positions, d]; key and value [T, G, dv] into
 // caches [num_blocks, block_size, G, d | dv] at slot_mapping [T].

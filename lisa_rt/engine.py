@@ -21,8 +21,9 @@ next token has no room (its context cannot grow any more). Nothing deadlocks, no
 Overlap (on by default on CUDA; LISA_RT_OVERLAP=0 or overlap=False turns it off). A decode step
 launches the GPU's work, tokens drawn there included (sampling.StepSample), and returns; the
 next step launches the following decode step with those tokens as its input, gathered on the
-device, and only then reads them back and streams them. The host's work of a step (scheduling, input copies, detokenising, streaming) thus
-runs while the GPU computes, instead of between its steps. A sequence that ended on the tokens
+device, and only then reads them back and streams them. The host's work of a step (scheduling,
+input copies, detokenising, streaming) thus runs while the GPU computes, instead of between its
+steps. A sequence that ended on the tokens
 read back has had one more step computed for it, which is dropped. The pipeline holds while the
 next step needs nothing the host must decide from those tokens: a row with a repetition penalty
 (its draw reads every token before it), a request to admit, or a full cache (preemption) make

@@ -19,13 +19,13 @@ void silu_and_mul_row(T* o, const T* gate, const T* up, int64_t width) {
 // The same, eight at a time with AVX2 (exp8), then the tail.
 template <typename T>
 LISA_AVX2 void silu_and_mul_row_avx2(T* o, const T* gate, const T* up, int64_t width) {
-  const __m256 one = _mm256_set1_ps(1.0f), cap = _mm256_set1_ps(88.0f);
+  const __m256 one = _mm256_set1_ps(1.0f);
   int64_t c = 0;
   for (; c + 8 <= width; c += 8) {
     const __m256 g = load8(gate + c);
     // silu(g) = g / (1 + e^-g), e^-g capped at e^88 (finite): a very negative g gives a tiny
     // number where std::exp would give 0, and -inf gives -inf where it would give NaN.
-    const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), cap));
+    const __m256 e = exp_neg_capped8(g);
     const __m256 r = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), load8(up + c));
     store8(o + c, r);
   }

@@ -19,7 +19,7 @@ namespace lisa_rt {
 // silu(x) = x / (1 + e^-x) and its derivative sig * (1 + x * (1 - sig)), sig = 1 / (1 + e^-x).
 // e^-x is capped at e^88, where both are 0 in float anyway.
 LISA_AVX2 inline __m256 sigmoid8(__m256 x) {
-  const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(88.0f)));
+  const __m256 e = exp_neg_capped8(x);
   return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 

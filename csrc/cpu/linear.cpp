@@ -56,9 +56,8 @@ LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int
 
 // bfloat16: 32 products an instruction (vdpbf16ps) into float32 sums; k a multiple of 32.
 template <int M>
-LISA_AVX512_BF16 void gemv_row(const c10::BFloat16* x,
-                                                                          const c10::BFloat16* w, c10::BFloat16* y,
-                                                                          int64_t r, int64_t k, int64_t n) {
+LISA_AVX512_BF16 void gemv_row(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* y, int64_t r, int64_t k,
+                               int64_t n) {
   constexpr int U = 4;
   __m512 acc[M][U];
   for (int i = 0; i < M; ++i)

@@ -76,6 +76,9 @@ LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
   for (int64_t e = 0; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
+// Asks for the cache line at p to be brought into L2 (locality 2: prefetcht1), for a read.
+inline void prefetch_line_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
 // widen_avx2 that also asks for `next` (n elements, the block to be widened after this one)
 // into L2, a line for each line widened: blocks of a paged cache come in block-table order,
 // which the hardware prefetchers cannot guess. (A burst of a whole block's prefetches at once
@@ -85,10 +88,10 @@ LISA_AVX2 inline void widen_avx2_ahead(float* dst, const T* src, int64_t n, cons
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   int64_t e = 0;
   for (; e + kLine <= n; e += kLine) {
-    if (next != nullptr) __builtin_prefetch(next + e, 0, 2);
+    if (next != nullptr) prefetch_line_l2(next + e);
     for (int64_t i = 0; i < kLine; i += 8) _mm256_storeu_ps(dst + e + i, load8(src + e + i));
   }
-  if (next != nullptr && e < n) __builtin_prefetch(next + e, 0, 2);
+  if (next != nullptr && e < n) prefetch_line_l2(next + e);
   for (; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
@@ -274,7 +277,7 @@ void key_logits_bf16(float* s, int64_t s_stride, const T* q, int64_t g, const T*
 // Asks for `bytes` bytes from p into L2 ahead of use.
 inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at, 0, 2);
+  for (int64_t at = 0; at < bytes; at += 64) prefetch_line_l2(c + at);
 }
 
 LISA_AVX2 inline float max_avx2(const float* s, int64_t n) {
@@ -450,9 +453,9 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
         const T* qb = q + b * q_stride;
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
           const T* next = next_block(keys, seq, j, j0 + n);
-          const int64_t part = rows * row_stride / kv_heads;  // of the next block, a part per KV head
+          const int64_t share = rows * d;  // of the next block's elements, one KV head's worth
           for (int64_t kv = 0; kv < kv_heads; ++kv) {
-            if (next != nullptr) prefetch_l2(next + kv * part, part * sizeof(T));
+            if (next != nullptr) prefetch_l2(next + kv * share, share * sizeof(T));
             key_logits_bf16(s.data() + kv * group * chunk + j - j0, chunk, qb + kv * group * d, group,
                             keys + offset + kv * d, rows, row_stride, d, scale);
           }

@@ -118,4 +118,10 @@ LISA_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(result, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
 
+// e^-x with -x capped at 88 (e^88 is still finite in float32), for sigmoid and SiLU: a very
+// negative x, -inf included, gives a large finite e^-x where the plain one would be inf.
+LISA_AVX2 inline __m256 exp_neg_capped8(__m256 x) {
+  return exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(88.0f)));
+}
+
 }  // namespace lisa_rt
