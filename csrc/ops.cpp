@@ -9,7 +9,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "cpu/vec_avx2.h"
 
 extern "C" {
 // Importing lisa_rt._C loads this library, which runs the registrations below.
@@ -33,12 +36,20 @@ int64_t kernel_threads() {
   return count;
 }
 
+// Which instruction-set path the CPU kernels take here: "avx512-bf16" (AVX2, and bfloat16 dot
+// products by AVX512-BF16), "avx2" or "portable" (ATEN_CPU_CAPABILITY can lower it).
+std::string kernel_isa() {
+  if (lisa_rt::has_avx512_bf16()) return "avx512-bf16";
+  return lisa_rt::has_avx2() ? "avx2" : "portable";
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lisa_rt, m) {
   // Threads the CPU kernels' parallel regions run on (a build check: torch.get_num_threads()
   // unless the library was compiled without OpenMP).
   m.def("kernel_threads() -> int", &kernel_threads);
+  m.def("kernel_isa() -> str", &kernel_isa);
   // out[n, :] = input[n, :] / rms(input[n, :]) * weight
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   // residual += input; input = rms_norm(residual) * weight

@@ -29,7 +29,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     """Loads a model by alias, lisa-rt directory, GGUF file or HF directory (converted once).
 
     device: "cpu", "cuda" or None (CUDA when available); dtype: "float32", "bfloat16",
-    "float16" or None (bfloat16 on CUDA and on CPUs with AVX512-BF16, else float32). lisa: None
+    "float16" or None (bfloat16 on CUDA and on CPUs with AVX2, else float32). lisa: None
     runs the model's own LiSA adapter when it has one, False the base model, a path that adapter
     file.
     """

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import ops
 from .checkpoint import expected_shapes
 from .config import LisaConfig, ModelConfig
 from .engine import Engine, Request, overlap_by_default
@@ -369,7 +370,8 @@ def machine_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads ({platform.machine()}, {os.cpu_count()} CPUs)"
+    return (f"{cpu}, {torch.get_num_threads()} threads, {ops.kernel_isa()} kernels "
+            f"({platform.machine()}, {os.cpu_count()} CPUs)")
 
 
 def _progress(row: dict, what: str = "") -> str:

@@ -47,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a lisa-rt dir, a .gguf file, an HF LLaMA dir, or an alias (default: smollm2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA and on CPUs with AVX512-BF16, else float32")
+                   help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lisa_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA and on CPUs with AVX512-BF16, else float32")
+                   help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
 
     p = sub.add_parser("bench", help="decode speed through the engine, with and without LiSA")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2, unless --shape)")
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA and on CPUs with AVX512-BF16, else float32")
+                   help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs lisa-rt[serve])")
     _add_model_args(p)

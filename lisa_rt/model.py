@@ -300,18 +300,20 @@ class Model:
             raise UserError(f"{num_tokens} tokens exceed the model's context of {self.max_context}")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 dot products (AVX512-BF16), which lisa-rt's decode GEMV and
-    torch's bfloat16 GEMMs use; elsewhere bfloat16 arithmetic is emulated and slow."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe is not None and probe())
+def cpu_runs_bf16_fast() -> bool:
+    """Whether lisa-rt's CPU kernels run bfloat16 at speed here: with AVX2 (ATen's capability
+    AVX2 or AVX512; ATEN_CPU_CAPABILITY lowers it) they widen bfloat16 weights and caches as they
+    load them, or take AVX512-BF16 dot products where the CPU has them, and they route bfloat16
+    GEMMs through float32 where it has not. Elsewhere (no AVX2, or no compiled kernels) bfloat16
+    arithmetic is emulated and slow."""
+    return ops.HAVE_KERNELS and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA and on CPUs with native bfloat16, float32 on other CPUs. On the CPU
-    machine of BENCHMARKS.md bfloat16 decodes 1.3-2x faster than float32 (half the bytes to
+    """bfloat16 on CUDA and on CPUs where it runs fast, float32 on other CPUs. On the CPU
+    machines of BENCHMARKS.md bfloat16 decodes 1.3-2x faster than float32 (half the bytes to
     stream) at the same perplexity; float32 stays one `--dtype` away."""
-    if device.type == "cuda" or cpu_has_native_bf16():
+    if device.type == "cuda" or cpu_runs_bf16_fast():
         return torch.bfloat16
     return torch.float32
 

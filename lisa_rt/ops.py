@@ -38,6 +38,13 @@ def kernel_threads() -> int:
     return int(_ops.kernel_threads()) if HAVE_KERNELS else 1
 
 
+def kernel_isa() -> str:
+    """The instruction-set path of the compiled CPU kernels on this CPU: "avx512-bf16", "avx2" or
+    "portable" (ATEN_CPU_CAPABILITY=avx2 or =default lowers it, as it lowers torch's own), or
+    "reference" without _C."""
+    return str(_ops.kernel_isa()) if HAVE_KERNELS else "reference"
+
+
 def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if HAVE_KERNELS:
         _ops.rms_norm(out, x, weight, eps)

@@ -6,8 +6,9 @@
 // keep ahead of), in tiles small enough to stay in L2 so that inputs past the third re-read a
 // tile from L2, not memory. float32 runs AVX2/FMA (a portable loop serves other CPUs); bfloat16
 // runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums) where the CPU
-// has them. Above 8 rows at::mm is faster in real decode; it also serves float16, and bfloat16
-// on CPUs without AVX512-BF16.
+// has them, else AVX2/FMA on weights widened as they load (half float32's bytes to stream).
+// Above 8 rows at::mm is faster in real decode; it also serves float16. bfloat16 GEMMs on CPUs
+// without AVX512-BF16 go through float32 (torch's bfloat16 GEMM emulates there, 4-6x slower).
 #include "common.h"
 #include "vec_avx2.h"
 
@@ -25,32 +26,33 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
   }
 }
 
-// One weight row against M input rows: y[i * n + r] = x_i . w_r, U sums per input row so the
-// FMAs are independent. (Reading four rows side by side instead, as this kernel once did,
-// streamed the LM head from memory at less than half the rate here: BENCHMARKS.md.)
-// float32: k a multiple of 8 (the caller checks).
-template <int M>
-LISA_AVX2 void gemv_row(const float* x, const float* w, float* y, int64_t r, int64_t k, int64_t n) {
+// One weight row against M float32 input rows: y[i * n + r] = x_i . w_r, U sums per input row
+// so the FMAs are independent. (Reading four rows side by side instead, as this kernel once did,
+// streamed the LM head from memory at less than half the rate here: BENCHMARKS.md.) Weights W
+// are float32, or bfloat16 widened as they load on CPUs without AVX512-BF16 (the caller widens
+// the inputs once); k a multiple of 8 (the caller checks).
+template <int M, typename W>
+LISA_AVX2 void gemv_row(const float* x, const W* w, W* y, int64_t r, int64_t k, int64_t n) {
   // U stays 4 whatever M, so a row's sums come out the same alone or in a batch.
   constexpr int U = 4;
   __m256 acc[M][U];
   for (int i = 0; i < M; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
-  const float* row = w + r * k;
+  const W* row = w + r * k;
   int64_t c = 0;
   for (; c + 8 * U <= k; c += 8 * U) {
     for (int u = 0; u < U; ++u) {
-      const __m256 wv = _mm256_loadu_ps(row + c + 8 * u);
+      const __m256 wv = load8(row + c + 8 * u);
       for (int i = 0; i < M; ++i) acc[i][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c + 8 * u), acc[i][u]);
     }
   }
   for (; c < k; c += 8) {
-    const __m256 wv = _mm256_loadu_ps(row + c);
+    const __m256 wv = load8(row + c);
     for (int i = 0; i < M; ++i) acc[i][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[i][0]);
   }
   for (int i = 0; i < M; ++i) {
     for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
-    y[i * n + r] = hsum(acc[i][0]);
+    y[i * n + r] = static_cast<W>(hsum(acc[i][0]));
   }
 }
 
@@ -86,19 +88,19 @@ LISA_AVX512_BF16 void gemv_row(const c10::BFloat16* x, const c10::BFloat16* w, c
 }
 
 // Rows [n_begin, n_end) of the product for M inputs.
-template <int M, typename T>
-void gemv_span(const T* x, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
+template <int M, typename X, typename W>
+void gemv_span(const X* x, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
   for (int64_t r = n_begin; r < n_end; ++r) gemv_row<M>(x, w, y, r, k, n);
 }
 
 // Input rows go three at a time: four at a time spilled the float32 sums (16 of AVX2's 16 ymm
 // registers) and, on this project's CPU, decoded a batch of 8 19% (float32) and 8% (bfloat16)
 // slower (BENCHMARKS.md).
-template <typename T>
-void gemv_rows(const T* x, int64_t m, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
+template <typename X, typename W>
+void gemv_rows(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
   for (int64_t i = 0; i < m; i += 3) {
-    const T* xi = x + i * k;
-    T* yi = y + i * n;
+    const X* xi = x + i * k;
+    W* yi = y + i * n;
     switch (std::min<int64_t>(3, m - i)) {
       case 1: gemv_span<1>(xi, w, yi, n_begin, n_end, k, n); break;
       case 2: gemv_span<2>(xi, w, yi, n_begin, n_end, k, n); break;
@@ -109,25 +111,42 @@ void gemv_rows(const T* x, int64_t m, const T* w, T* y, int64_t n_begin, int64_t
 
 // The product over weight rows [n_begin, n_end) in L2-sized tiles: up to three input rows share
 // each pass over a tile; more rows re-read the tile from L2.
-template <typename T>
-void gemv_tiled(const T* x, int64_t m, const T* w, T* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
-  const int64_t tile = std::max<int64_t>(8, kTileBytes / (k * static_cast<int64_t>(sizeof(T))));
+template <typename X, typename W>
+void gemv_tiled(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / (k * static_cast<int64_t>(sizeof(W))));
   for (int64_t r = n_begin; r < n_end; r += tile) gemv_rows(x, m, w, y, r, std::min(r + tile, n_end), k, n);
 }
 
-template <typename T>
+// input holds X, weight and out W.
+template <typename X, typename W>
 void linear_streamed(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, bool simd) {
   const int64_t m = input.size(0), k = input.size(1), n = weight.size(0);
-  const T* x = input.data_ptr<T>();
-  const T* w = weight.data_ptr<T>();
-  T* y = out.data_ptr<T>();
+  const X* x = input.data_ptr<X>();
+  const W* w = weight.data_ptr<W>();
+  W* y = out.data_ptr<W>();
   // Blocks of rows big enough that each thread streams long contiguous stretches of weights.
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<W, float>) {
       if (!simd) return gemv_portable(x, m, w, y, begin, end, k, n);
     }
     gemv_tiled(x, m, w, y, begin, end, k, n);
   });
+}
+
+// bfloat16 out = input @ weight^T computed in float32, weight rows converted a block at a time
+// (a few MB of float32 at once, not a copy of the whole matrix).
+void mm_bf16_via_float(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  constexpr int64_t kBlockBytes = 8 << 20;
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const at::Tensor x = input.to(at::kFloat);
+  const at::Tensor y = at::empty({input.size(0), n}, x.options());
+  const int64_t block = std::max<int64_t>(64, kBlockBytes / (4 * k));
+  for (int64_t r = 0; r < n; r += block) {
+    const int64_t rows = std::min(block, n - r);
+    at::Tensor y_block = y.narrow(1, r, rows);
+    at::mm_out(y_block, x, weight.narrow(0, r, rows).to(at::kFloat).t());
+  }
+  out.copy_(y);
 }
 
 void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
@@ -138,9 +157,14 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
     return;
   }
   if (m <= kMaxGemvRows && input.scalar_type() == at::kFloat)
-    return linear_streamed<float>(out, input, weight, has_avx2() && k % 8 == 0);
-  if (m <= kMaxGemvRows && input.scalar_type() == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)
-    return linear_streamed<c10::BFloat16>(out, input, weight, true);
+    return linear_streamed<float, float>(out, input, weight, has_avx2() && k % 8 == 0);
+  if (input.scalar_type() == at::kBFloat16) {
+    if (m <= kMaxGemvRows && has_avx512_bf16() && k % 32 == 0)
+      return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
+    if (m <= kMaxGemvRows && has_avx2() && k % 8 == 0)  // the inputs widened once, the weights as they stream
+      return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
+    if (!has_avx512_bf16()) return mm_bf16_via_float(out, input, weight);
+  }
   at::mm_out(out, input, weight.t());
 }
 

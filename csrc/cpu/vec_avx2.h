@@ -3,11 +3,13 @@
 // Arithmetic is float32; bfloat16 and float16 elements are widened as they are loaded.
 #pragma once
 
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #define LISA_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -18,17 +20,25 @@ namespace lisa_rt {
 // for the bfloat16 kernels of CPUs that have it (has_avx512_bf16()).
 #define LISA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
 
+// The kernels use what the CPU has, within the level ATen chose: ATEN_CPU_CAPABILITY=avx2 or
+// =default holds lisa-rt's kernels back as it holds torch's (and lets the tests run the AVX2
+// and portable paths on any x86 CPU).
+inline bool aten_allows(const char* level) {
+  static const std::string chosen = at::get_cpu_capability();
+  return chosen == "AVX512" || chosen == level;
+}
+
 inline bool has_avx512_bf16() {
   // (GCC's avx512bf16 target implies AVX512BW: check all three.)
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
+                          __builtin_cpu_supports("avx512bf16") && aten_allows("AVX512");
   return yes;
 }
 
 // AVX2 and FMA, and F16C for the float16 loads (every AVX2 CPU has it).
 inline bool has_avx2() {
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && aten_allows("AVX2");
   return yes;
 }
 
