@@ -133,20 +133,17 @@ void linear_streamed(at::Tensor& out, const at::Tensor& input, const at::Tensor&
   });
 }
 
-// bfloat16 out = input @ weight^T computed in float32, weight rows converted a block at a time
-// (a few MB of float32 at once, not a copy of the whole matrix).
+// bfloat16 out = input @ weight^T computed in float32, a block of weight rows (about 8 MB as
+// float32) at a time: neither the weight nor the product is ever whole in float32.
 void mm_bf16_via_float(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   constexpr int64_t kBlockBytes = 8 << 20;
   const int64_t n = weight.size(0), k = weight.size(1);
   const at::Tensor x = input.to(at::kFloat);
-  const at::Tensor y = at::empty({input.size(0), n}, x.options());
   const int64_t block = std::max<int64_t>(64, kBlockBytes / (4 * k));
   for (int64_t r = 0; r < n; r += block) {
     const int64_t rows = std::min(block, n - r);
-    at::Tensor y_block = y.narrow(1, r, rows);
-    at::mm_out(y_block, x, weight.narrow(0, r, rows).to(at::kFloat).t());
+    out.narrow(1, r, rows).copy_(at::mm(x, weight.narrow(0, r, rows).to(at::kFloat).t()));
   }
-  out.copy_(y);
 }
 
 void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
