@@ -1,10 +1,10 @@
-"""A built lisa_rt._C must load: one that fails to (an undefined symbol, say) would otherwise
-only turn every kernel test into a skip and every op into its slow reference."""
-from pathlib import Path
-
+"""The built lisa_rt._C: it must load (one that fails to, an undefined symbol say, would
+otherwise only turn every kernel test into a skip and every op into its slow reference), its
+kernels must run on every thread, and on every instruction-set path they can take."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
