@@ -6,9 +6,9 @@
 // keep ahead of), in tiles small enough to stay in L2 so that inputs past the third re-read a
 // tile from L2, not memory. float32 runs AVX2/FMA (a portable loop serves other CPUs); bfloat16
 // runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums) where the CPU
-// has them, else AVX2/FMA on weights widened as they load (half float32's bytes to stream).
-// Above 8 rows at::mm is faster in real decode; it also serves float16. bfloat16 GEMMs on CPUs
-// without AVX512-BF16 go through float32 (torch's bfloat16 GEMM emulates there, 4-6x slower).
+// has them, else (and for float16) AVX2/FMA on weights widened as they load (half float32's
+// bytes to stream). Above 8 rows at::mm is faster in real decode. float16 GEMMs, and bfloat16
+// ones on CPUs without AVX512-BF16, go through float32 (torch emulates them there, 4-6x slower).
 #include "common.h"
 #include "vec_avx2.h"
 
@@ -29,8 +29,8 @@ void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t 
 // One weight row against M float32 input rows: y[i * n + r] = x_i . w_r, U sums per input row
 // so the FMAs are independent. (Reading four rows side by side instead, as this kernel once did,
 // streamed the LM head from memory at less than half the rate here: BENCHMARKS.md.) Weights W
-// are float32, or bfloat16 widened as they load on CPUs without AVX512-BF16 (the caller widens
-// the inputs once); k a multiple of 8 (the caller checks).
+// are float32, or float16 or bfloat16 (without AVX512-BF16) widened as they load (the caller
+// widens the inputs once); k a multiple of 8 (the caller checks).
 template <int M, typename W>
 LISA_AVX2 void gemv_row(const float* x, const W* w, W* y, int64_t r, int64_t k, int64_t n) {
   // U stays 4 whatever M, so a row's sums come out the same alone or in a batch.
@@ -133,9 +133,9 @@ void linear_streamed(at::Tensor& out, const at::Tensor& input, const at::Tensor&
   });
 }
 
-// bfloat16 out = input @ weight^T computed in float32, a block of weight rows (about 8 MB as
-// float32) at a time: neither the weight nor the product is ever whole in float32.
-void mm_bf16_via_float(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+// out = input @ weight^T (bfloat16 or float16) computed in float32, a block of weight rows
+// (about 8 MB as float32) at a time: neither the weight nor the product is ever whole in float32.
+void mm_via_float(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   constexpr int64_t kBlockBytes = 8 << 20;
   const int64_t n = weight.size(0), k = weight.size(1);
   const at::Tensor x = input.to(at::kFloat);
@@ -153,15 +153,16 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
     out.zero_();
     return;
   }
-  if (m <= kMaxGemvRows && input.scalar_type() == at::kFloat)
+  const at::ScalarType dtype = input.scalar_type();
+  if (m <= kMaxGemvRows && dtype == at::kFloat)
     return linear_streamed<float, float>(out, input, weight, has_avx2() && k % 8 == 0);
-  if (input.scalar_type() == at::kBFloat16) {
-    if (m <= kMaxGemvRows && has_avx512_bf16() && k % 32 == 0)
-      return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
-    if (m <= kMaxGemvRows && has_avx2() && k % 8 == 0)  // the inputs widened once, the weights as they stream
-      return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
-    if (!has_avx512_bf16()) return mm_bf16_via_float(out, input, weight);
+  if (m <= kMaxGemvRows && dtype == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)
+    return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
+  if (m <= kMaxGemvRows && has_avx2() && k % 8 == 0) {  // the inputs widened once, the weights as they stream
+    if (dtype == at::kBFloat16) return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
+    if (dtype == at::kHalf) return linear_streamed<float, c10::Half>(out, input.to(at::kFloat), weight, true);
   }
+  if (dtype == at::kHalf || (dtype == at::kBFloat16 && !has_avx512_bf16())) return mm_via_float(out, input, weight);
   at::mm_out(out, input, weight.t());
 }
 
