@@ -109,13 +109,14 @@ def test_rotary_cache_write_rejects_a_bad_position_or_slot_before_writing():
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (3, 64, 1000), (7, 576, 1000), (8, 1536, 50), (5, 72, 33),
                                         (2, 75, 40), (2, 96, 40), (5, 160, 33), (4, 0, 7), (20, 64, 64),
                                         (6, 1000, 17), (1, 2048, 130), (8, 1024, 41), (9, 576, 64),
-                                        (12, 64, 40000)])
+                                        (70, 64, 40000)])
 def test_linear(device, dtype, rows, k, n):
     """Decode-sized inputs (the streaming CPU kernels: float32 with k % 8 == 0 or not, bfloat16
-    with k % 32 == 0 or not and, without AVX512-BF16, k % 8; several L2 tiles, row groups of 3, 2
-    and 1; the CUDA GEMV: 1-8 rows, a partial last vector chunk, the longest rows it takes and one
-    past them) and larger ones (at::mm, cuBLAS; without AVX512-BF16, bfloat16 through float32 a
-    block of weight rows at a time, two blocks in the last case)."""
+    with k % 32 == 0 or not, and float16 and bfloat16 without AVX512-BF16 up to 64 rows with k %
+    8 == 0 or not; several L2 tiles, row groups of 3, 2 and 1; the CUDA GEMV: 1-8 rows, a partial
+    last vector chunk, the longest rows it takes and one past them) and larger ones (at::mm,
+    cuBLAS; float16, and bfloat16 without AVX512-BF16, through float32 a block of weight rows at a
+    time, two blocks in the last case)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
     out = poison(torch.empty(rows, n, device=device, dtype=dtype))

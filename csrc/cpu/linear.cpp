@@ -7,8 +7,9 @@
 // tile from L2, not memory. float32 runs AVX2/FMA (a portable loop serves other CPUs); bfloat16
 // runs AVX512-BF16 dot products (vdpbf16ps: 32 pairs an instruction, float32 sums) where the CPU
 // has them, else (and for float16) AVX2/FMA on weights widened as they load (half float32's
-// bytes to stream). Above 8 rows at::mm is faster in real decode. float16 GEMMs, and bfloat16
-// ones on CPUs without AVX512-BF16, go through float32 (torch emulates them there, 4-6x slower).
+// bytes to stream), up to 64 rows. Above 8 rows at::mm is faster in real decode for float32 and
+// AVX512-BF16. Larger float16 products, and bfloat16 ones on CPUs without AVX512-BF16, go
+// through float32 (torch emulates them there, 4-6x slower).
 #include "common.h"
 #include "vec_avx2.h"
 
@@ -16,6 +17,10 @@ namespace lisa_rt {
 namespace {
 
 constexpr int64_t kMaxGemvRows = 8;         // input rows handled by the streaming kernels
+// ... and by the one that widens 16-bit weights as they load, up to 64 rows: on a Zen 3 it beat
+// converting the weights to float32 for at::mm at every count up to 64 (a decode step's GEMMs
+// at 22 rows: 74 ms against 220, and float32's at::mm 106; BENCHMARKS.md).
+constexpr int64_t kMaxWidenedGemvRows = 64;
 constexpr int64_t kTileBytes = 128 * 1024;  // weights per tile: stays in L2 while every row uses it
 
 void gemv_portable(const float* x, int64_t m, const float* w, float* y, int64_t n_begin, int64_t n_end, int64_t k,
@@ -158,7 +163,7 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
     return linear_streamed<float, float>(out, input, weight, has_avx2() && k % 8 == 0);
   if (m <= kMaxGemvRows && dtype == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)
     return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
-  if (m <= kMaxGemvRows && has_avx2() && k % 8 == 0) {  // the inputs widened once, the weights as they stream
+  if (m <= kMaxWidenedGemvRows && has_avx2() && k % 8 == 0) {  // inputs widened once, weights as they stream
     if (dtype == at::kBFloat16) return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
     if (dtype == at::kHalf) return linear_streamed<float, c10::Half>(out, input.to(at::kFloat), weight, true);
   }
