@@ -164,7 +164,8 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   if (m <= kMaxGemvRows && dtype == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)
     return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
   if (m <= kMaxWidenedGemvRows && has_avx2() && k % 8 == 0) {  // inputs widened once, weights as they stream
-    if (dtype == at::kBFloat16) return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
+    if (dtype == at::kBFloat16 && !has_avx512_bf16())
+      return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
     if (dtype == at::kHalf) return linear_streamed<float, c10::Half>(out, input.to(at::kFloat), weight, true);
   }
   if (dtype == at::kHalf || (dtype == at::kBFloat16 && !has_avx512_bf16())) return mm_via_float(out, input, weight);
