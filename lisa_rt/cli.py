@@ -180,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    p.add_argument("--verbose", action="store_true", help="print speeds on stderr")
+    p.add_argument("--verbose", action="store_true", help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
 
     p = sub.add_parser("chat", help="interactive chat (/exit or Ctrl-D to leave)")
     _add_model_args(p)
     _add_lisa_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--verbose", action="store_true", help="print speeds on stderr")
+    p.add_argument("--verbose", action="store_true", help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
 
     p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
@@ -289,6 +289,19 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _how_it_runs(model) -> str:
+    """One line for --verbose: device, dtype, the CPU kernels' path and threads, LiSA or not."""
+    from . import ops
+    import torch
+
+    where = model.device.type
+    if where == "cpu":
+        where += f" ({ops.kernel_isa()} kernels, {torch.get_num_threads()} threads)"
+    lisa = (f"LiSA on {len(model.lisa.layers)} of {model.config.num_layers} layers" if model.lisa is not None
+            else "no LiSA")
+    return f"running on {where}, {str(model.dtype).removeprefix('torch.')}, {lisa}"
+
+
 def _speeds(completion) -> str:
     t = completion.timings
     return (f"prompt {completion.prompt_tokens} tok in {t['prefill_s']:.3f} s "
@@ -304,6 +317,8 @@ def cmd_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise UserError("--system needs --chat")
     model = _load(args)
+    if args.verbose:
+        print(_how_it_runs(model), file=sys.stderr)
     tok = model.tokenizer
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
@@ -329,6 +344,8 @@ def cmd_chat(args) -> int:
 
     params = _sampling_params(args)
     model = _load(args)
+    if args.verbose:
+        print(_how_it_runs(model), file=sys.stderr)
     tok = model.tokenizer
     if not tok.has_chat_template:
         raise UserError(f"{model.path}: this model has no chat template")

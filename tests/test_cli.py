@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from lisa_rt import cli
+from lisa_rt import cli, ops
+from lisa_rt.model import default_dtype
 from tests.fixtures import CORPUS, tiny_model_dir
 
 pytest.importorskip("transformers")
@@ -280,11 +282,14 @@ def test_seed_reproducible_and_different_seeds_differ(run, tiny):
     assert len({sample(7), sample(8), sample(9)}) == 3
 
 
-def test_verbose_prints_speeds_on_stderr_only(run, tiny):
+def test_verbose_prints_how_it_runs_and_speeds_on_stderr_only(run, tiny):
     _, quiet, _ = run(*greedy(tiny, "-p", PROMPT))
     rc, out, err = run(*greedy(tiny, "-p", PROMPT, "--verbose"))
     assert rc == 0 and out == quiet
     assert "tok/s" in err and "decode" in err
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the default device
+    where = "cuda" if device.type == "cuda" else f"cpu ({ops.kernel_isa()} kernels, {torch.get_num_threads()} threads)"
+    assert f"running on {where}, {str(default_dtype(device)).removeprefix('torch.')}, no LiSA" in err
     rc, out, err = run(*greedy(tiny, "-p", PROMPT, "--verbose", "--json"))
     assert rc == 0 and json.loads(out)["text"] + "\n" == quiet and "tok/s" in err
 
