@@ -42,12 +42,21 @@ _port = _number(int, lambda v: 0 <= v <= 65535, "in [0, 65535]", "a port number"
 _positive_float = _number(float, lambda v: 0 < v < math.inf, "> 0 and finite", "a number")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None,
-                   help="a lisa-rt dir, a .gguf file, an HF LLaMA dir, or an alias (default: smollm2)")
+def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="a lisa-rt dir, a .gguf file, an HF LLaMA dir, or an alias (default: smollm2)")
+    _add_device_args(p)
+
+
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -180,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    p.add_argument("--verbose", action="store_true", help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
+    _add_verbose_arg(p)
 
     p = sub.add_parser("chat", help="interactive chat (/exit or Ctrl-D to leave)")
     _add_model_args(p)
     _add_lisa_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--verbose", action="store_true", help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
+    _add_verbose_arg(p)
 
     p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
@@ -198,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the first N tokens of the file (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_lisa_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
+    _add_device_args(p)
 
     p = sub.add_parser("bench", help="decode speed through the engine, with and without LiSA")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2, unless --shape)")
@@ -227,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read each decode step's tokens back before launching the next (CUDA overlaps them)")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights, adapter and cache (0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA and on CPUs with AVX2, else float32")
+    _add_device_args(p)
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs lisa-rt[serve])")
     _add_model_args(p)

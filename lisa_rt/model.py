@@ -301,12 +301,12 @@ class Model:
 
 
 def cpu_runs_bf16_fast() -> bool:
-    """Whether lisa-rt's CPU kernels run bfloat16 at speed here: with AVX2 (ATen's capability
-    AVX2 or AVX512; ATEN_CPU_CAPABILITY lowers it) they widen bfloat16 weights and caches as they
-    load them, or take AVX512-BF16 dot products where the CPU has them, and they route bfloat16
-    GEMMs through float32 where it has not. Elsewhere (no AVX2, or no compiled kernels) bfloat16
-    arithmetic is emulated and slow."""
-    return ops.HAVE_KERNELS and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    """Whether lisa-rt's CPU kernels run bfloat16 at speed here: on their AVX2 paths
+    (ops.kernel_isa(); ATEN_CPU_CAPABILITY lowers it) they widen bfloat16 weights and caches as
+    they load them, or take AVX512-BF16 dot products where the CPU has them, and they route
+    bfloat16 GEMMs through float32 where it has not. Elsewhere (the portable loops, or no compiled
+    kernels) bfloat16 arithmetic is emulated and slow."""
+    return ops.kernel_isa() in ("avx2", "avx512-bf16")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -144,14 +144,13 @@ def test_smollm2_batch_and_chat(smollm2):
     assert "Paris" in tok.decode(batched[-1])
 
 
-@pytest.mark.parametrize("capability,kernels,want", [("AVX512", True, torch.bfloat16), ("AVX2", True, torch.bfloat16),
-                                                      ("DEFAULT", True, torch.float32), ("AVX2", False, torch.float32)])
-def test_default_dtype_is_bfloat16_where_the_cpu_kernels_run_it_fast(monkeypatch, capability, kernels, want):
+@pytest.mark.parametrize("isa,want", [("avx512-bf16", torch.bfloat16), ("avx2", torch.bfloat16),
+                                      ("portable", torch.float32), ("reference", torch.float32)])
+def test_default_dtype_is_bfloat16_where_the_cpu_kernels_run_it_fast(monkeypatch, isa, want):
     from lisa_rt import ops
     from lisa_rt.model import parse_dtype
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(ops, "HAVE_KERNELS", kernels)
+    monkeypatch.setattr(ops, "kernel_isa", lambda: isa)
     cpu = torch.device("cpu")
     assert parse_dtype(None, cpu) == want
     assert parse_dtype("float32", cpu) == torch.float32 and parse_dtype(None, torch.device("cuda")) == torch.bfloat16

@@ -163,12 +163,13 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
     return linear_streamed<float, float>(out, input, weight, has_avx2() && k % 8 == 0);
   if (m <= kMaxGemvRows && dtype == at::kBFloat16 && has_avx512_bf16() && k % 32 == 0)
     return linear_streamed<c10::BFloat16, c10::BFloat16>(out, input, weight, true);
-  if (m <= kMaxWidenedGemvRows && has_avx2() && k % 8 == 0) {  // inputs widened once, weights as they stream
-    if (dtype == at::kBFloat16 && !has_avx512_bf16())
-      return linear_streamed<float, c10::BFloat16>(out, input.to(at::kFloat), weight, true);
-    if (dtype == at::kHalf) return linear_streamed<float, c10::Half>(out, input.to(at::kFloat), weight, true);
+  // 16-bit weights without dot products of their own: widened as they stream, or through float32.
+  if (dtype == at::kHalf || (dtype == at::kBFloat16 && !has_avx512_bf16())) {
+    if (m > kMaxWidenedGemvRows || !has_avx2() || k % 8 != 0) return mm_via_float(out, input, weight);
+    const at::Tensor x = input.to(at::kFloat);  // the few input rows, widened once
+    if (dtype == at::kHalf) return linear_streamed<float, c10::Half>(out, x, weight, true);
+    return linear_streamed<float, c10::BFloat16>(out, x, weight, true);
   }
-  if (dtype == at::kHalf || (dtype == at::kBFloat16 && !has_avx512_bf16())) return mm_via_float(out, input, weight);
   at::mm_out(out, input, weight.t());
 }
 
