@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kHeads, kLogitsIn>)) spl
       for (int h = 0; h < kHeads; ++h) {
         r.given[u][h] = 0.0f;
         if constexpr (kLogitsIn) {
-          // (logits_out may be logits_in: each of these logits is read and then written by this
-          // group alone, in program order, later in this step)
+          // (logits_out may be logits_in: each of these logits is read by this group alone and
+          // written by its first lane later in this step, after the __syncwarp below)
           if (x.key0 + u < key_end && h < heads_here) {
             r.given[u][h] = args.logits_in[(row + h) * args.logits_in_keys + x.key0 + u];
           }
@@ -225,6 +225,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kHeads, kLogitsIn>)) spl
     Lookup ahead{};
     if (step + kStride < key_end) ahead = look_up(step + kStride);  // the same for the whole block
     const Rows rows = fetch(here);
+    // Every lane of a group has read the given logits; where logits_out is logits_in, one lane
+    // overwrites them below. Program order alone does not order other lanes' reads before that
+    // write (a shuffle is not a memory barrier); this barrier does.
+    if constexpr (kLogitsIn) __syncwarp();
     // Logits of the step's keys in the log2 domain; -inf for keys past the split.
     float s[kUnroll][kHeads];
 #pragma unroll
