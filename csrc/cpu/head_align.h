@@ -25,28 +25,80 @@ LISA_AVX2 inline __m256 sigmoid8(__m256 x) {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(std::min(-x, 88.0f))); }
 
-// Keys j..j+7 of one row: s[hd * s_stride + j + lane] from a = prev_row[k * prev_stride + j + lane].
-// scratch holds (heads + width) x 8 floats.
-LISA_AVX2 inline void align_keys8(float* s, int64_t s_stride, const float* prev_row,
-                                                           int64_t prev_stride, int64_t j, int64_t heads,
-                                                           int64_t width, const float* A, const float* W1,
-                                                           const float* b1, const float* W2, const float* b2,
-                                                           float* scratch) {
-  float* a = scratch;
-  float* hidden = scratch + heads * 8;
-  for (int64_t hd = 0; hd < heads; ++hd) _mm256_storeu_ps(a + hd * 8, _mm256_loadu_ps(prev_row + hd * prev_stride + j));
-  for (int64_t i = 0; i < width; ++i) {
-    __m256 x = _mm256_set1_ps(b1[i]);
-    for (int64_t hd = 0; hd < heads; ++hd) x = _mm256_fmadd_ps(_mm256_set1_ps(W1[i * heads + hd]), _mm256_loadu_ps(a + hd * 8), x);
-    _mm256_storeu_ps(hidden + i * 8, _mm256_mul_ps(x, sigmoid8(x)));
+// acc[b] += sum_k M[b * ld + k] * in[k * in_stride + lane], k < count: B outputs at once, each
+// its own chain of FMAs (in order of k), so the chains overlap where one output's would wait on
+// the FMA before it.
+template <int B>
+LISA_AVX2 inline void mix8(__m256 (&acc)[B], const float* M, int64_t ld, const float* in, int64_t in_stride,
+                           int64_t count) {
+  for (int64_t k = 0; k < count; ++k) {
+    const __m256 v = _mm256_loadu_ps(in + k * in_stride);
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(M[b * ld + k]), v, acc[b]);
   }
-  for (int64_t hd = 0; hd < heads; ++hd) {
-    __m256 acc = _mm256_set1_ps(b2[hd]);
-    for (int64_t k = 0; k < heads; ++k) acc = _mm256_fmadd_ps(_mm256_set1_ps(A[hd * heads + k]), _mm256_loadu_ps(a + k * 8), acc);
-    for (int64_t i = 0; i < width; ++i)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(W2[hd * width + i]), _mm256_loadu_ps(hidden + i * 8), acc);
-    _mm256_storeu_ps(s + hd * s_stride + j, acc);
+}
+
+// Hidden units [i0, i0 + B) of keys j..j+7: silu(W1 a + b1) into hidden (8 floats a unit).
+template <int B>
+struct AlignHidden8 {
+  LISA_AVX2 static void run(int64_t i0, float* hidden, const float* a, int64_t a_stride, int64_t heads,
+                            const float* W1, const float* b1) {
+    __m256 z[B];
+    for (int b = 0; b < B; ++b) z[b] = _mm256_set1_ps(b1[i0 + b]);
+    mix8<B>(z, W1 + i0 * heads, heads, a, a_stride, heads);
+    for (int b = 0; b < B; ++b) _mm256_storeu_ps(hidden + (i0 + b) * 8, _mm256_mul_ps(z[b], sigmoid8(z[b])));
   }
+};
+
+// Output heads [h0, h0 + B) of keys j..j+7 (s points at key j): A a + W2 hidden + b2, summed
+// in that order.
+template <int B>
+struct AlignOut8 {
+  LISA_AVX2 static void run(int64_t h0, float* s, int64_t s_stride, const float* a, int64_t a_stride,
+                            int64_t heads, int64_t width, const float* A, const float* W2, const float* b2,
+                            const float* hidden) {
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_set1_ps(b2[h0 + b]);
+    mix8<B>(acc, A + h0 * heads, heads, a, a_stride, heads);
+    mix8<B>(acc, W2 + h0 * width, width, hidden, 8, width);
+    for (int b = 0; b < B; ++b) _mm256_storeu_ps(s + (h0 + b) * s_stride, acc[b]);
+  }
+};
+
+// Step<B>::run(start, args...) over [0, n) in near-equal blocks of at most 12 (32 -> 11 + 11 +
+// 10): each output its own chain of FMAs, enough chains to keep both FMA units busy (an FMA
+// waits four cycles on the one before it in its chain), few enough for AVX2's 16 registers.
+template <template <int> class Step, typename... Args>
+LISA_AVX2 inline void in_blocks(int64_t n, Args... args) {
+  constexpr int64_t kMost = 12;
+  for (int64_t start = 0; start < n;) {
+    const int64_t left = n - start, blocks = (left + kMost - 1) / kMost, size = (left + blocks - 1) / blocks;
+    switch (size) {
+      case 1: Step<1>::run(start, args...); break;
+      case 2: Step<2>::run(start, args...); break;
+      case 3: Step<3>::run(start, args...); break;
+      case 4: Step<4>::run(start, args...); break;
+      case 5: Step<5>::run(start, args...); break;
+      case 6: Step<6>::run(start, args...); break;
+      case 7: Step<7>::run(start, args...); break;
+      case 8: Step<8>::run(start, args...); break;
+      case 9: Step<9>::run(start, args...); break;
+      case 10: Step<10>::run(start, args...); break;
+      case 11: Step<11>::run(start, args...); break;
+      default: Step<12>::run(start, args...); break;
+    }
+    start += size;
+  }
+}
+
+// Keys j..j+7 of one row: s[hd * s_stride + j + lane] from a = prev_row[k * prev_stride + j + lane]
+// (s must not overlap prev_row). scratch holds width x 8 floats.
+LISA_AVX2 inline void align_keys8(float* s, int64_t s_stride, const float* prev_row, int64_t prev_stride, int64_t j,
+                                  int64_t heads, int64_t width, const float* A, const float* W1, const float* b1,
+                                  const float* W2, const float* b2, float* scratch) {
+  const float* a = prev_row + j;
+  float* hidden = scratch;
+  in_blocks<AlignHidden8>(width, hidden, a, prev_stride, heads, W1, b1);
+  in_blocks<AlignOut8>(heads, s + j, s_stride, a, prev_stride, heads, width, A, W2, b2, hidden);
 }
 
 // Key j alone, as align_keys8. scratch holds heads + width floats.
