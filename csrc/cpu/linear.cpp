@@ -92,34 +92,59 @@ LISA_AVX512_BF16 void gemv_row(const c10::BFloat16* x, const c10::BFloat16* w, c
   }
 }
 
+// The next tile's weights asked for into L2 while the passes over the current one compute,
+// `per` cache lines after each weight row, so that its first pass does not wait on memory.
+struct TilePrefetch {
+  const char* at;
+  const char* end;
+  int64_t per;
+  void step() {
+    for (int64_t i = 0; i < per && at < end; ++i, at += 64) prefetch_line_l2(at);
+  }
+};
+
 // Rows [n_begin, n_end) of the product for M inputs.
 template <int M, typename X, typename W>
-void gemv_span(const X* x, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
-  for (int64_t r = n_begin; r < n_end; ++r) gemv_row<M>(x, w, y, r, k, n);
+void gemv_span(const X* x, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n,
+               TilePrefetch& ahead) {
+  for (int64_t r = n_begin; r < n_end; ++r) {
+    gemv_row<M>(x, w, y, r, k, n);
+    ahead.step();
+  }
 }
 
 // Input rows go three at a time: four at a time spilled the float32 sums (16 of AVX2's 16 ymm
 // registers) and, on this project's CPU, decoded a batch of 8 19% (float32) and 8% (bfloat16)
 // slower (BENCHMARKS.md).
 template <typename X, typename W>
-void gemv_rows(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
+void gemv_rows(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n,
+               TilePrefetch& ahead) {
   for (int64_t i = 0; i < m; i += 3) {
     const X* xi = x + i * k;
     W* yi = y + i * n;
     switch (std::min<int64_t>(3, m - i)) {
-      case 1: gemv_span<1>(xi, w, yi, n_begin, n_end, k, n); break;
-      case 2: gemv_span<2>(xi, w, yi, n_begin, n_end, k, n); break;
-      default: gemv_span<3>(xi, w, yi, n_begin, n_end, k, n); break;
+      case 1: gemv_span<1>(xi, w, yi, n_begin, n_end, k, n, ahead); break;
+      case 2: gemv_span<2>(xi, w, yi, n_begin, n_end, k, n, ahead); break;
+      default: gemv_span<3>(xi, w, yi, n_begin, n_end, k, n, ahead); break;
     }
   }
 }
 
 // The product over weight rows [n_begin, n_end) in L2-sized tiles: up to three input rows share
-// each pass over a tile; more rows re-read the tile from L2.
+// each pass over a tile; more rows re-read the tile from L2, and while they do, the next tile
+// streams in (a single pass, up to three rows, is the plain stream the hardware prefetchers keep
+// ahead of; asking for more there did not help).
 template <typename X, typename W>
 void gemv_tiled(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
   const int64_t tile = std::max<int64_t>(8, kTileBytes / (k * static_cast<int64_t>(sizeof(W))));
-  for (int64_t r = n_begin; r < n_end; r += tile) gemv_rows(x, m, w, y, r, std::min(r + tile, n_end), k, n);
+  const int64_t passes = (m + 2) / 3, row_bytes = k * static_cast<int64_t>(sizeof(W));
+  for (int64_t r = n_begin; r < n_end; r += tile) {
+    const int64_t rows = std::min(tile, n_end - r), next_rows = passes > 1 ? std::min(tile, n_end - r - rows) : 0;
+    const char* next = reinterpret_cast<const char*>(w + (r + rows) * k);
+    const int64_t lines = (next_rows * row_bytes + 63) / 64;
+    TilePrefetch ahead{next, next + lines * 64, (lines + passes * rows - 1) / (passes * rows)};
+    gemv_rows(x, m, w, y, r, r + rows, k, n, ahead);
+  }
 }
 
 // input holds X, weight and out W.

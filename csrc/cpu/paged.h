@@ -76,9 +76,6 @@ LISA_AVX2 inline void widen_avx2(float* dst, const T* src, int64_t n) {
   for (int64_t e = 0; e < n; e += 8) _mm256_storeu_ps(dst + e, load8(src + e));
 }
 
-// Asks for the cache line at p to be brought into L2 (locality 2: prefetcht1), for a read.
-inline void prefetch_line_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
-
 // widen_avx2 that also asks for `next` (n elements, the block to be widened after this one)
 // into L2, a line for each line widened: blocks of a paged cache come in block-table order,
 // which the hardware prefetchers cannot guess. (A burst of a whole block's prefetches at once
