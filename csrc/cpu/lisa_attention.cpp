@@ -3,13 +3,14 @@
 // paged_prefill_attention: query row t of sequence b sits at position
 // p = seq_lens[b] - (cu[b+1] - t) and sees keys 0..p. All arithmetic is float32.
 //
-// lisa_attention runs in two passes:
-//   1. logits, parallel over (query row, tile of keys): the aligner mixes heads, so for each
-//      (t, j) the whole h-vector a = scores_prev[t, :, j] is mapped at once,
-//      S[:, j] = A a + W2 silu(W1 a + b1) + b2, then the low-rank delta is added per head;
-//      S goes to scores_out when given (else to a float32 scratch tensor: the CPU may allocate);
+// LiSA's logits: the aligner mixes heads, so for each (t, j) the whole h-vector
+// a = scores_prev[t, :, j] is mapped at once, S[:, j] = A a + W2 silu(W1 a + b1) + b2, then the
+// low-rank delta is added per head. In decode (one query per sequence, at its end) one work item
+// per run of a sequence's keys computes them and then the run's softmax and P V
+// (decode_split_avx2), so that the run's logits never leave the item. Otherwise two passes:
+//   1. logits, parallel over (query row, tile of keys), into scores_out when given (else a
+//      float32 scratch tensor: the CPU may allocate);
 //   2. softmax over j <= p and P V, parallel over (query row, head).
-// Splitting the keys in pass 1 keeps every core busy in decode, where there are few rows.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -80,10 +81,10 @@ const float* widened_rows(const std::vector<std::vector<float>>& widened, int64_
   return widened[b].empty() ? nullptr : widened[b].data();
 }
 
-// s[hd * s_stride + j] += scale * q'_hd . k'_j for keys [j0, j1) of one query row (q: heads rows
-// of rank r), eight keys at a time per KV head: from the sequence's widened k' rows when given,
-// else from its paged pool, each run of a block's k' rows widened once. scratch: heads * r +
-// block_size * kv_heads * r floats. r a multiple of 8.
+// s[hd * s_stride + j - j0] += scale * q'_hd . k'_j for keys [j0, j1) of one query row (q: heads
+// rows of rank r), eight keys at a time per KV head: from the sequence's widened k' rows when
+// given, else from its paged pool, each run of a block's k' rows widened once (the next one
+// fetched meanwhile). scratch: heads * r + block_size * kv_heads * r floats. r a multiple of 8.
 template <typename T>
 void add_delta_avx2(float* s, int64_t s_stride, const T* q, int64_t heads, int64_t group, const T* keys,
                     const PagedSeq& seq, int64_t j0, int64_t j1, int64_t r, float scale, float* scratch,
@@ -100,7 +101,7 @@ void add_delta_avx2(float* s, int64_t s_stride, const T* q, int64_t heads, int64
       widen_avx2_ahead(staged, keys + seq.row(j) * r, run * slot, next);
     }
     for (int64_t kv = 0; kv < seq.kv_heads; ++kv)
-      group_key_logits_avx2(s + kv * group * s_stride + j, s_stride, qf + kv * group * r, group, rows + kv * r,
+      group_key_logits_avx2(s + kv * group * s_stride + (j - j0), s_stride, qf + kv * group * r, group, rows + kv * r,
                             run, slot, r, scale, /*accumulate=*/true);
     j += run;
   }
@@ -166,75 +167,86 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
   const int64_t block_size = value_cache.size(1), num_blocks = value_cache.size(0);
   const int64_t kv_heads = value_cache.size(2), d = value_cache.size(3), group = heads / kv_heads;
   const int64_t width = align_w1.size(0), prev_keys = scores_prev.size(2), max_blocks = block_tables.size(1);
-  // Logits go to scores_out, or to a scratch buffer of the same layout.
-  at::Tensor logits =
-      scores_out.has_value() ? *scores_out : at::empty({tokens, heads, prev_keys}, scores_prev.options());
-  const int64_t out_keys = logits.size(2);
+  const int64_t out_keys = scores_out.has_value() ? scores_out->size(2) : prev_keys;
   const Rows rows = chunk_rows(cu_query_lens, seq_lens, block_tables, block_size, tokens,
                                std::min(prev_keys, out_keys), "lisa_attention");
   const PagedPool pool{block_tables.data_ptr<int32_t>(), max_blocks, block_size, num_blocks, kv_heads};
   const float* prev = scores_prev.data_ptr<float>();
-  float* s_all = logits.data_ptr<float>();
   const float* A = align_a.data_ptr<float>();
   const float* W1 = align_w1.data_ptr<float>();
   const float* b1 = align_b1.data_ptr<float>();
   const float* W2 = align_w2.data_ptr<float>();
   const float* b2 = align_b2.data_ptr<float>();
   const float delta = static_cast<float>(delta_scale);
-  int64_t most_keys = 0;
-  for (const int64_t n : rows.n_keys) most_keys = std::max(most_keys, n);
-  const int64_t key_tiles = (most_keys + kKeyTile - 1) / kKeyTile;
+  const bool vectorised = has_avx2(), decode = is_decode(rows, seq_lens);
+  const int64_t scratch_floats = std::max((heads + width) * 8, heads * rank + block_size * kv_heads * rank);
   LISA_DISPATCH_FLOATS(query_lr.scalar_type(), "lisa_attention", [&] {
     const scalar_t* q_all = query_lr.data_ptr<scalar_t>();
     const scalar_t* keys = key_lr_cache.data_ptr<scalar_t>();
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
-    // Pass 1: S[t, :, j] for j <= p, tiles of keys of every row.
-    const bool vectorised = has_avx2(), delta_avx2 = use_avx2<scalar_t>(rank);
-    // Every query of a prefill chunk reads the same k': widened once per such sequence. (A
-    // decoding sequence's one query widens its keys tile by tile, in parallel, below.)
+    const bool delta_avx2 = use_avx2<scalar_t>(rank);
+    // S[t, :, j] for keys [j0, j1) of query row t (a multiple of 8 apart from the row's last key)
+    // into s[h * s_stride + j - j0]: the aligned logits, eight keys at a time where AVX2 serves,
+    // then the low-rank delta q'_hd . k'_j.
+    auto row_logits = [&](int64_t t, int64_t j0, int64_t j1, float* s, int64_t s_stride, float* scratch,
+                          const float* widened_keys) {
+      const PagedSeq seq = pool.seq(rows.seq[t]);
+      const scalar_t* q_row = q_all + t * query_lr.stride(0);
+      const float* prev_row = prev + t * heads * prev_keys + j0;
+      const int64_t n = j1 - j0;
+      int64_t j = 0;
+      if (vectorised) {
+        for (; j + 8 <= n; j += 8) align_keys8(s, s_stride, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch);
+      }
+      for (; j < n; ++j) align_key(s, s_stride, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch);
+      if constexpr (kWidenable<scalar_t>) {
+        if (delta_avx2) {
+          return add_delta_avx2(s, s_stride, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch, widened_keys);
+        }
+      }
+      for (j = j0; j < j1; ++j) {
+        const scalar_t* k = keys + seq.row(j) * rank;
+        for (int64_t hd = 0; hd < heads; ++hd)
+          s[hd * s_stride + j - j0] += delta * dot(q_row + hd * rank, k + hd / group * rank, rank);
+      }
+    };
+    // Decode: one work item per run of a sequence's keys computes the run's logits, then its
+    // softmax and P V, reading the previous layer's logits, the low-rank keys and the values of
+    // the run together (and the logits go to scores_out only when a LiSA layer follows).
+    if constexpr (kWidenable<scalar_t>) {
+      if (use_avx2<scalar_t>(d) && decode) {
+        const FillLogits fill = [&](int64_t b, int64_t j0, int64_t n, float* s, int64_t s_stride) {
+          std::vector<float> scratch(scratch_floats);
+          row_logits(b, j0, j0 + n, s, s_stride, scratch.data(), nullptr);
+        };
+        float* handed_on = scores_out.has_value() ? scores_out->data_ptr<float>() : nullptr;
+        decode_split_avx2<scalar_t>(o_all, nullptr, 0, nullptr, values, pool, seq_lens.data_ptr<int32_t>(), tokens,
+                                    heads, d, 0.0f, DecodeLogits{&fill, handed_on, out_keys});
+        return;
+      }
+    }
+    // Otherwise two passes. Pass 1: the logits of every row, tiles of keys (in parallel), into
+    // scores_out or a scratch buffer of the same layout. Every query of a prefill chunk reads the
+    // same k': widened once per such sequence.
+    at::Tensor logits =
+        scores_out.has_value() ? *scores_out : at::empty({tokens, heads, prev_keys}, scores_prev.options());
+    float* s_all = logits.data_ptr<float>();
     const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, rank, delta_avx2);
-    const int64_t scratch_floats = std::max((heads + width) * 8, heads * rank + block_size * kv_heads * rank);
+    int64_t most_keys = 0;
+    for (const int64_t n : rows.n_keys) most_keys = std::max(most_keys, n);
+    const int64_t key_tiles = (most_keys + kKeyTile - 1) / kKeyTile;
     at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(scratch_floats);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
         const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
-        const PagedSeq seq = pool.seq(rows.seq[t]);
-        const scalar_t* q_row = q_all + t * query_lr.stride(0);
-        float* s_row = s_all + t * heads * out_keys;
-        const float* prev_row = prev + t * heads * prev_keys;
-        // The aligned logits: eight keys at a time where AVX2 serves, then one at a time.
-        int64_t j = j0;
-        if (vectorised) {
-          for (; j + 8 <= j1; j += 8)
-            align_keys8(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
-        }
-        for (; j < j1; ++j)
-          align_key(s_row, out_keys, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch.data());
-        // Plus the low-rank delta q'_hd . k'_j.
-        if constexpr (kWidenable<scalar_t>) {
-          if (delta_avx2) {
-            add_delta_avx2(s_row, out_keys, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch.data(),
-                           widened_rows(widened_keys, rows.seq[t]));
-            continue;
-          }
-        }
-        for (j = j0; j < j1; ++j) {
-          const scalar_t* k = keys + seq.row(j) * rank;
-          for (int64_t hd = 0; hd < heads; ++hd)
-            s_row[hd * out_keys + j] += delta * dot(q_row + hd * rank, k + hd / group * rank, rank);
-        }
+        if (j0 < j1)
+          row_logits(t, j0, j1, s_all + t * heads * out_keys + j0, out_keys, scratch.data(),
+                     widened_rows(widened_keys, rows.seq[t]));
       }
     });
     // Pass 2: softmax and P V per (row, head).
-    if constexpr (kWidenable<scalar_t>) {
-      if (use_avx2<scalar_t>(d) && is_decode(rows, seq_lens)) {
-        decode_split_avx2<scalar_t>(o_all, nullptr, 0, nullptr, values, pool, seq_lens.data_ptr<int32_t>(), tokens,
-                                    heads, d, 0.0f, DecodeLogits{s_all, nullptr, out_keys});
-        return;
-      }
-    }
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const int64_t g = heads_per_item(tokens, kv_heads, group), items = heads / g;
     at::parallel_for(0, tokens * items, 1, [&](int64_t begin, int64_t end) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -55,10 +56,14 @@ struct PagedPool {
   PagedSeq seq(int64_t b) const { return PagedSeq{block_tables + b * max_blocks, block_size, num_blocks, kv_heads}; }
 };
 
-// Where decode_split_avx2's logits come from and go: [batch, heads, stride] float32 buffers.
+// Fills the logits of keys [j0, j0 + n) of sequence b: head h's at s[h * s_stride + j - j0].
+using FillLogits = std::function<void(int64_t b, int64_t j0, int64_t n, float* s, int64_t s_stride)>;
+
+// Where decode_split_avx2's logits come from (q . K * scale unless `fill` is set: LiSA's are
+// computed otherwise) and go (out: [batch, heads, stride] float32, for a LiSA layer next).
 struct DecodeLogits {
-  const float* given = nullptr;  // LiSA: the aligned logits, already computed
-  float* out = nullptr;          // a layer whose logits a LiSA layer reads next
+  const FillLogits* fill = nullptr;
+  float* out = nullptr;
   int64_t stride = 0;
 };
 
@@ -404,7 +409,9 @@ inline int64_t heads_per_item(int64_t rows, int64_t kv_heads, int64_t group) {
 // logit, the sum of exp(logit - largest) and the unnormalised P V; a second pass merges the runs
 // of each sequence.
 //
-// The logits are q . K * scale, or (LiSA) given; logits.out, when set, receives them for the
+// The logits are q . K * scale, or (LiSA) what logits.fill computes for each run, from the
+// run's rows of the previous layer's logits and its low-rank keys, so that a run reads those
+// beside its values in one item; logits.out, when set, receives them for the
 // next layer. out and q are [batch, heads, d] (q rows q_stride apart); keys, values: the pools.
 template <typename T>
 void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, const T* values, const PagedPool& c,
@@ -441,11 +448,8 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item_seq[item], j0 = item_start[item], n = std::min(chunk, lens[b] - j0);
       const PagedSeq seq = c.seq(b);
-      if (logits.given != nullptr) {
-        for (int64_t h = 0; h < heads; ++h) {
-          const float* given = logits.given + (b * heads + h) * logits.stride + j0;
-          std::copy(given, given + n, s.data() + h * chunk);
-        }
+      if (logits.fill != nullptr) {
+        (*logits.fill)(b, j0, n, s.data(), chunk);
       } else if (bf16_dot) {  // bfloat16 dot products straight from the cache rows
         const T* qb = q + b * q_stride;
         seq.for_each_block(j0, j0 + n, 0, d, [&](int64_t offset, int64_t j, int64_t rows) {
