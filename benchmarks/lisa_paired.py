@@ -15,6 +15,8 @@ bench` gives each variant most of the memory in turn).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import sys
 import time
@@ -146,8 +148,8 @@ def main() -> int:
     batches = parse_sizes(args.batches, "--batches", allow_max=True)
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    if args.kv_budget_gb <= 0:
-        raise UserError("--kv-budget-gb must be positive")
+    if not math.isfinite(args.kv_budget_gb) or args.kv_budget_gb <= 0:
+        raise UserError(f"--kv-budget-gb must be a positive number, got {args.kv_budget_gb}")
     path = resolve_model(args.model)
     config = load_config(path)
     longest = max(contexts) + args.warmup + args.steps + 1
@@ -160,6 +162,9 @@ def main() -> int:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     budget = int(args.kv_budget_gb * 2**30)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and 2 * budget > memory:
+        raise UserError(f"two caches of {args.kv_budget_gb:g} GiB do not fit this machine's {memory / 2**30:.0f} GiB")
     def fitting(context: int) -> int:
         return sequences_fitting(config, dtype, None, budget, context + args.warmup + args.steps + 1)
 

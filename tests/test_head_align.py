@@ -146,6 +146,8 @@ def test_bad_arguments_raise_clearly():
         ops.causal_head_align(out, scores.transpose(2, 3), *params)
     with pytest.raises(RuntimeError, match="out"):
         ops.causal_head_align(torch.empty(1, 4, 6, 7), scores, *params)
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        ops.causal_head_align(scores, scores, *params)
     grads = [torch.empty_like(t) for t in (scores, *params)]
     with pytest.raises(RuntimeError, match="grad_b1"):
         ops.causal_head_align_backward(grads[:3] + [torch.empty(4)] + grads[4:], scores, scores, *params[:4])

@@ -41,6 +41,8 @@ def test_lisa_paired_bad_input_is_one_error_line(tmp_path):
                            (("--lisa", adapter, "--contexts", "0"), "--contexts"),
                            (("--lisa", adapter, "--steps", 0), "--steps"),
                            (("--lisa", adapter, "--kv-budget-gb", 0), "--kv-budget-gb"),
+                           (("--lisa", adapter, "--kv-budget-gb", "nan"), "--kv-budget-gb"),
+                           (("--lisa", adapter, "--kv-budget-gb", 1e6), "do not fit this machine"),
                            (("--lisa", adapter, "--contexts", 100_000), "exceeds the model's context"),
                            (("--lisa", adapter, "--contexts", 500, "--kv-budget-gb", BUDGET_GB), "holds 0 sequence(s) at context 500"),
                            (("--lisa", adapter, "--batches", 5, "--steps", 2, "--warmup", 1, "--kv-budget-gb", BUDGET_GB),

@@ -127,6 +127,13 @@ def test_linear(device, dtype, rows, k, n):
     torch.testing.assert_close(out.float().cpu(), want.float(), atol=atol, rtol=TOL[dtype][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_of_no_rows_on_the_cpu(dtype):
+    """No input rows: an empty product, nothing else (the streaming kernels plan passes by rows)."""
+    out = torch.empty(0, 70, dtype=dtype)
+    assert ops.linear(out, torch.empty(0, 64, dtype=dtype), torch.randn(70, 64).to(dtype)).shape == (0, 70)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

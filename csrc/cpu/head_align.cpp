@@ -51,6 +51,8 @@ void causal_head_align_cpu(at::Tensor& out, const at::Tensor& scores, const at::
   check_align_args(op, scores, align_a, align_w1, align_b1, align_w2);
   check_like(op, "out", out, scores);
   check_like(op, "align_b2", align_b2, at::empty({scores.size(1)}));
+  // align_keys8 writes some heads of a key before it has read them all.
+  TORCH_CHECK(at::get_overlap_status(out, scores) == at::MemOverlapStatus::No, op, ": out must not overlap scores");
   const int64_t batch = scores.size(0), heads = scores.size(1), n = scores.size(2), width = align_w1.size(0);
   const int64_t plane = n * n;
   const float* prev = scores.data_ptr<float>();

@@ -140,9 +140,14 @@ void gemv_tiled(const X* x, int64_t m, const W* w, W* y, int64_t n_begin, int64_
   const int64_t passes = (m + 2) / 3, row_bytes = k * static_cast<int64_t>(sizeof(W));
   for (int64_t r = n_begin; r < n_end; r += tile) {
     const int64_t rows = std::min(tile, n_end - r), next_rows = passes > 1 ? std::min(tile, n_end - r - rows) : 0;
-    const char* next = reinterpret_cast<const char*>(w + (r + rows) * k);
-    const int64_t lines = (next_rows * row_bytes + 63) / 64;
-    TilePrefetch ahead{next, next + lines * 64, (lines + passes * rows - 1) / (passes * rows)};
+    TilePrefetch ahead{nullptr, nullptr, 0};
+    if (next_rows > 0) {
+      const char* next = reinterpret_cast<const char*>(w + (r + rows) * k);
+      const char* first_line = next - reinterpret_cast<uintptr_t>(next) % 64;
+      const char* end = next + next_rows * row_bytes;
+      const int64_t lines = (end - first_line + 63) / 64;
+      ahead = TilePrefetch{first_line, end, (lines + passes * rows - 1) / (passes * rows)};
+    }
     gemv_rows(x, m, w, y, r, r + rows, k, n, ahead);
   }
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -424,7 +425,10 @@ void decode_split_avx2(T* out, const T* q, int64_t q_stride, const T* keys, cons
   // About four runs per thread over the batch, whole blocks, at least 64 keys.
   const int64_t runs_per_seq = std::max<int64_t>(1, (4 * at::get_num_threads() + batch - 1) / batch);
   int64_t chunk = std::max<int64_t>(64, (longest + runs_per_seq - 1) / runs_per_seq);
-  chunk = (chunk + bs - 1) / bs * bs;
+  // Whole blocks, and runs that start at multiples of 8 keys: LiSA's aligner then maps the
+  // same eight-key groups as in a prefill.
+  const int64_t unit = std::lcm<int64_t>(bs, 8);
+  chunk = (chunk + unit - 1) / unit * unit;
   std::vector<int64_t> item_seq, item_start, first_item(batch + 1, 0);
   for (int64_t b = 0; b < batch; ++b) {
     first_item[b] = static_cast<int64_t>(item_seq.size());
