@@ -44,10 +44,12 @@ def test_lisa_paired_bad_input_is_one_error_line(tmp_path):
                            (("--lisa", adapter, "--kv-budget-gb", "nan"), "--kv-budget-gb"),
                            (("--lisa", adapter, "--kv-budget-gb", 1e6), "do not fit this machine"),
                            (("--lisa", adapter, "--contexts", 100_000), "exceeds the model's context"),
-                           (("--lisa", adapter, "--contexts", 500, "--kv-budget-gb", BUDGET_GB), "holds 0 sequence(s) at context 500"),
-                           (("--lisa", adapter, "--batches", 5, "--steps", 2, "--warmup", 1, "--kv-budget-gb", BUDGET_GB),
-                            "holds 4 sequence(s) at context 20"),
+                           (("--lisa", adapter, "--contexts", 500, "--kv-budget-gb", BUDGET_GB),
+                            "holds 0 sequence(s) at context 500"),
+                           (("--lisa", adapter, "--batches", 5, "--steps", 2, "--warmup", 1,
+                             "--kv-budget-gb", BUDGET_GB), "holds 4 sequence(s) at context 20"),
                            (("--lisa", tmp_path / "none.safetensors"), "none.safetensors")):
         result = run_script(SCRIPT, "--model", model, "--dtype", "float32", "--contexts", 20, *args)
-        assert result.returncode == 2 and result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+        assert fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

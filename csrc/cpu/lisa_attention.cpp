@@ -186,9 +186,9 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     const scalar_t* values = value_cache.data_ptr<scalar_t>();
     scalar_t* o_all = out.data_ptr<scalar_t>();
     const bool delta_avx2 = use_avx2<scalar_t>(rank);
-    // S[t, :, j] for keys [j0, j1) of query row t (a multiple of 8 apart from the row's last key)
-    // into s[h * s_stride + j - j0]: the aligned logits, eight keys at a time where AVX2 serves,
-    // then the low-rank delta q'_hd . k'_j.
+    // S[t, :, j] for keys [j0, j1) of query row t into s[h * s_stride + j - j0]: the aligned
+    // logits, eight keys at a time where AVX2 serves (j0 a multiple of 8, so that the groups of
+    // eight are the same in decode and prefill), then the low-rank delta q'_hd . k'_j.
     auto row_logits = [&](int64_t t, int64_t j0, int64_t j1, float* s, int64_t s_stride, float* scratch,
                           const float* widened_keys) {
       const PagedSeq seq = pool.seq(rows.seq[t]);
@@ -197,12 +197,14 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
       const int64_t n = j1 - j0;
       int64_t j = 0;
       if (vectorised) {
-        for (; j + 8 <= n; j += 8) align_keys8(s, s_stride, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch);
+        for (; j + 8 <= n; j += 8)
+          align_keys8(s, s_stride, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch);
       }
       for (; j < n; ++j) align_key(s, s_stride, prev_row, prev_keys, j, heads, width, A, W1, b1, W2, b2, scratch);
       if constexpr (kWidenable<scalar_t>) {
         if (delta_avx2) {
-          return add_delta_avx2(s, s_stride, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch, widened_keys);
+          return add_delta_avx2(s, s_stride, q_row, heads, group, keys, seq, j0, j1, rank, delta, scratch,
+                                widened_keys);
         }
       }
       for (j = j0; j < j1; ++j) {
