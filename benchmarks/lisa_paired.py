@@ -29,13 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine_name, print_table, write_json  # noqa: E402
 from lisa_rt import bench  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
-from lisa_rt.engine import Engine, Request  # noqa: E402
+from lisa_rt.engine import Engine  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.kv_cache import DEFAULT_BLOCK_SIZE, KVCache  # noqa: E402
 from lisa_rt.lisa import find_adapter, load_adapter  # noqa: E402
 from lisa_rt.model import Model, parse_device, parse_dtype  # noqa: E402
 from lisa_rt.registry import resolve_model  # noqa: E402
-from lisa_rt.sampling import SamplingParams  # noqa: E402
 from lisa_rt.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -80,11 +79,7 @@ class Variant:
         bench.fill_cache_randomly(cache, seed)
         self.engine = Engine(self.model, cache, max_num_seqs=batch, overlap=False)
         self.batch = batch
-        gen = torch.Generator().manual_seed(seed)
-        params = SamplingParams(max_tokens=tokens - context, temperature=0, ignore_eos=True)
-        for _ in range(batch):
-            prompt = torch.randint(0, self.model.config.vocab_size, (context,), generator=gen).tolist()
-            self.engine.add_prefilled(Request(self.model, prompt, params, params.max_tokens))
+        bench.add_prefilled_batch(self.engine, batch, context, tokens - context, seed)
 
     def step_seconds(self) -> float:
         begin = time.perf_counter()

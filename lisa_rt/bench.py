@@ -179,6 +179,17 @@ class Measurement:
         return self.batch * 1e3 / self.mean_ms
 
 
+def add_prefilled_batch(engine: Engine, batch: int, context: int, max_tokens: int, seed: int = 0) -> None:
+    """`batch` greedy sequences of `context` random tokens, taken as already in the cache (its
+    contents are whatever it holds), each with room for `max_tokens` more."""
+    model = engine.model
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for _ in range(batch):
+        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=gen).tolist()
+        engine.add_prefilled(Request(model, prompt, params, params.max_tokens))
+
+
 def measure_decode(engine: Engine, batch: int, context: int, steps: int, warmup: int,
                    variant: str, seed: int = 0) -> Measurement:
     """Decode `steps` timed steps of `batch` sequences that start at `context` tokens.
@@ -187,11 +198,7 @@ def measure_decode(engine: Engine, batch: int, context: int, steps: int, warmup:
     while the GPU still computes, so only the whole run, up to the last step's tokens on the
     host, is timed as one; each call's own time is kept as well."""
     model = engine.model
-    gen = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=warmup + steps + 1, temperature=0, ignore_eos=True)
-    for _ in range(batch):
-        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=gen).tolist()
-        engine.add_prefilled(Request(model, prompt, params, params.max_tokens))
+    add_prefilled_batch(engine, batch, context, warmup + steps + 1, seed)
     try:
         for _ in range(warmup):  # the first one captures this batch size's CUDA graph
             engine.step()
