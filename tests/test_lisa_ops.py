@@ -96,8 +96,11 @@ def test_paged_attention_scores(device, dtype, heads, kv_heads, dim, chunks):
     out = poison(torch.empty(batch.tokens, heads, dim, device=device, dtype=dtype))
     scores = poison(torch.empty(batch.tokens, heads, batch.max_keys, device=device))
     scale = 1 / math.sqrt(dim)
+    inputs = (query, key_cache, value_cache)
+    before = [t.clone() for t in inputs]
     ops.paged_attention_scores(out, scores, query, key_cache, value_cache, batch.tables, batch.cu, batch.seq_lens,
                                scale)
+    assert all(torch.equal(t, b) for t, b in zip(inputs, before))  # e.g. a float32 query scaled in place
     want_out, want_scores = reference.attention_scores(query.cpu(), key_cache.cpu(), value_cache.cpu(),
                                                        batch.tables.cpu(), batch.cu.cpu(), batch.seq_lens.cpu(),
                                                        scale, batch.max_keys)

@@ -184,18 +184,14 @@ inline void group_accumulate_values_avx2(float* acc, int64_t acc_stride, const f
 
 // Logits of g query heads that share KV head kv_head (q: g rows of d), over keys j < n:
 // s[i * s_stride + j] = scale * q_i . K[j]. Each key row is read from memory once for all g.
-// widened, when given, is the sequence's keys as widen_sequence made them (AVX2 types only).
 template <typename T>
 void key_logits(float* s, int64_t s_stride, const T* q, int64_t g, const T* keys, const PagedSeq& seq,
-                int64_t kv_head, int64_t d, int64_t n, float scale, const float* widened = nullptr) {
+                int64_t kv_head, int64_t d, int64_t n, float scale) {
   const int64_t stride = seq.kv_heads * d;  // from one slot to the next within a block
   if constexpr (kWidenable<T>) {
     if (use_avx2<T>(d)) {  // a block's key rows widened once (staged), eight keys at a time
-      std::vector<float> qf(g * d), staged(std::is_same_v<T, float> || widened ? 0 : seq.block_size * d);
+      std::vector<float> qf(g * d), staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
       widen_avx2(qf.data(), q, g * d);
-      if (widened != nullptr) {
-        return group_key_logits_avx2(s, s_stride, qf.data(), g, widened + kv_head * d, n, stride, d, scale);
-      }
       seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
         if constexpr (std::is_same_v<T, float>) {
           group_key_logits_avx2(s + j0, s_stride, qf.data(), g, keys + offset, rows, stride, d, scale);
@@ -333,19 +329,13 @@ void write_normalised(T* out, const float* acc, const float* inv, int64_t g, int
 
 // For g heads sharing KV head kv_head: out_i = inv[i] * sum_{j<n} p[i * p_stride + j] V[j]
 // (out: g rows of d). A block of values is read from memory once and serves all g heads from
-// L1. acc is g * d floats of scratch. widened, when given, is the sequence's values as
-// widen_sequence made them (AVX2 types only).
+// L1. acc is g * d floats of scratch.
 template <typename T>
 void weighted_values(T* out, const float* p, int64_t p_stride, const float* inv, int64_t g, const T* values,
-                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc,
-                     const float* widened = nullptr) {
+                     const PagedSeq& seq, int64_t kv_head, int64_t d, int64_t n, float* acc) {
   std::fill(acc, acc + g * d, 0.0f);
   const int64_t stride = seq.kv_heads * d;
   if constexpr (kWidenable<T>) {
-    if (widened != nullptr) {
-      group_accumulate_values_avx2(acc, d, p, p_stride, g, widened + kv_head * d, n, stride, d);
-      return write_normalised(out, acc, inv, g, d);
-    }
     if (use_avx2<T>(d)) {  // a block's value rows widened once (staged) for all g heads
       std::vector<float> staged(std::is_same_v<T, float> ? 0 : seq.block_size * d);
       seq.for_each_block(0, n, kv_head, d, [&](int64_t offset, int64_t j0, int64_t rows) {
@@ -388,6 +378,46 @@ std::vector<float> widen_sequence(const T* pool, const PagedSeq& seq, int64_t n,
     }
   });
   return rows;
+}
+
+// A tile of a prefill chunk's query rows: consecutive positions of one sequence, row r seeing
+// n_keys[r] keys of its widened rows (widen_sequence). The tile's rows share every block of
+// kTileKeys keys while it sits in L1, where row by row each row streamed the sequence's keys
+// and values again from beyond L2 (a KV head's values at 2,048 keys fill a Zen 3's L2). Each
+// logit and each P V sum is computed as the per-row kernels compute it, in the same order.
+constexpr int64_t kTileRows = 8, kTileKeys = 64;
+
+// For tile row r and head i of the g sharing the KV head whose widened keys start at k (rows
+// k_stride apart): s[r * s_row + i * s_stride + j] = scale * q[(r * g + i) * d ..] . K[j] for
+// first <= j < n_keys[r].
+LISA_AVX2 inline void tile_key_logits(float* s, int64_t s_row, int64_t s_stride, const float* q, int64_t g,
+                                      const float* k, int64_t k_stride, int64_t d, int64_t first,
+                                      const int64_t* n_keys, int64_t rows, float scale) {
+  const int64_t most = *std::max_element(n_keys, n_keys + rows);
+  for (int64_t j0 = first; j0 < most; j0 += kTileKeys) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t count = std::min(kTileKeys, n_keys[r] - j0);
+      if (count > 0)
+        group_key_logits_avx2(s + r * s_row + j0, s_stride, q + r * g * d, g, k + j0 * k_stride, count, k_stride, d,
+                              scale);
+    }
+  }
+}
+
+// acc[(r * g + i) * d ..] += sum over j < n_keys[r] of p[r * p_row + i * p_stride + j] V[j] for the
+// tile's rows r and the g heads sharing the KV head whose widened values start at v.
+LISA_AVX2 inline void tile_accumulate_values(float* acc, const float* p, int64_t p_row, int64_t p_stride, int64_t g,
+                                             const float* v, int64_t v_stride, int64_t d, const int64_t* n_keys,
+                                             int64_t rows) {
+  const int64_t most = *std::max_element(n_keys, n_keys + rows);
+  for (int64_t j0 = 0; j0 < most; j0 += kTileKeys) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t count = std::min(kTileKeys, n_keys[r] - j0);
+      if (count > 0)
+        group_accumulate_values_avx2(acc + r * g * d, d, p + r * p_row + j0, p_stride, g, v + j0 * v_stride, count,
+                                     v_stride, d);
+    }
+  }
 }
 
 // Heads handled together per work item: the whole GQA group (keys and values read once) when
