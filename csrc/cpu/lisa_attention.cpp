@@ -10,8 +10,9 @@
 // (decode_split_avx2), so that the run's logits never leave the item. Otherwise two passes:
 //   1. logits, parallel over (query row, tile of keys), into scores_out when given (else a
 //      float32 scratch tensor: the CPU may allocate);
-//   2. softmax over j <= p and P V, parallel over tiles of query rows (paged.h, kTileRows) of a
-//      KV head's group of heads, or over single rows where a chunk has one.
+//   2. softmax over j <= p and P V, parallel over tiles of query rows (paged.h, kTileRows) where
+//      a chunk's keys and values were widened (several rows, AVX2 types and widths), else over
+//      single rows.
 // The full attention that emits its logits decodes the same way (q . K for logits); in a
 // prefill chunk the logits of the keys before the chunk, which all its rows see, are matrix
 // products (shared_key_logits), and the rows' own causal band of keys is done tile by tile.
@@ -86,24 +87,32 @@ const float* widened_rows(const std::vector<std::vector<float>>& widened, int64_
 }
 
 // A work item of a prefill pass: query rows [t0, t1) of sequence b for the heads [hd0, hd0 + g),
-// which share one KV head. Several rows (a tile of kTileRows) where the sequence's keys and
-// values are widened; a row at a time through the paged pool otherwise.
+// which share one KV head. Several rows (a tile of kTileRows) where the pass works from the
+// sequence's widened rows; a row at a time through the paged pool otherwise.
 struct WorkItem {
   int64_t b, t0, t1, hd0, g;
 };
 
 // The items over a packed-chunk call's rows; tiled(b): whether sequence b's rows come in tiles.
+// An item takes a KV head's whole group of heads (each key and value row read once for all)
+// when there are enough such items to keep every thread busy, else one head.
 template <typename Tiled>
-std::vector<WorkItem> work_items(const at::Tensor& cu_query_lens, int64_t tokens, int64_t heads, int64_t kv_heads,
-                                 Tiled&& tiled) {
+std::vector<WorkItem> work_items(const at::Tensor& cu_query_lens, int64_t heads, int64_t kv_heads, Tiled&& tiled) {
   const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
-  const int64_t group = heads / kv_heads, g = heads_per_item(tokens, kv_heads, group);
+  const int64_t batch = cu_query_lens.size(0) - 1, group = heads / kv_heads;
+  int64_t row_items = 0;  // tiles and single rows
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t step = tiled(b) ? kTileRows : 1;
+    row_items += (cu[b + 1] - cu[b] + step - 1) / step;
+  }
+  const int64_t g = heads_per_item(row_items, kv_heads, group);
   std::vector<WorkItem> items;
-  for (int64_t b = 0; b + 1 < cu_query_lens.size(0); ++b) {
-    const int64_t step = tiled(b) ? kTileRows : 1, per_item = tiled(b) ? group : g;
-    for (int64_t t0 = cu[b]; t0 < cu[b + 1]; t0 += step)
-      for (int64_t hd = 0; hd < heads; hd += per_item)
-        items.push_back({b, t0, std::min<int64_t>(t0 + step, cu[b + 1]), hd, per_item});
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t step = tiled(b) ? kTileRows : 1;
+    for (int64_t t0 = cu[b]; t0 < cu[b + 1]; t0 += step) {
+      const int64_t t1 = std::min<int64_t>(t0 + step, cu[b + 1]);
+      for (int64_t hd = 0; hd < heads; hd += g) items.push_back({b, t0, t1, hd, g});
+    }
   }
   return items;
 }
@@ -142,7 +151,7 @@ void tile_attend(T* out, int64_t out_row, const float* s, int64_t s_row, int64_t
     write_normalised(out + r * out_row, scratch.acc.data() + r * g * d, scratch.inv.data() + r * g, g, d);
 }
 
-// tile_attend for one row over the paged pool: heads [hd, hd + g) of sequence seq's KV head kv.
+// tile_attend for one row (s: its first head's logits) over the paged pool: g heads of seq's KV head kv.
 template <typename T>
 void row_attend(T* out, const float* s, int64_t s_stride, int64_t g, const T* values, const PagedSeq& seq, int64_t kv,
                 int64_t d, int64_t n, Scratch& scratch) {
@@ -229,8 +238,10 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
     }
     const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
-    const auto items = work_items(cu_query_lens, tokens, heads, kv_heads,
-                                  [&](int64_t b) { return !widened_keys[b].empty(); });
+    // Tiles where both were widened (the same condition made both, or neither).
+    const auto items = work_items(cu_query_lens, heads, kv_heads, [&](int64_t b) {
+      return !widened_keys[b].empty() && !widened_values[b].empty();
+    });
     const int64_t count = static_cast<int64_t>(items.size());
     // Keys before a chunk's first query are seen by every row of it: their logits as matrix
     // products; the rows' own band of keys (causal) then comes with the tiles.
@@ -246,8 +257,9 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
         const int64_t kv = it.hd0 / group, rows_in = it.t1 - it.t0;
         float* s = s_all + (it.t0 * heads + it.hd0) * max_keys;
         const float* wk = widened_rows(widened_keys, it.b);
+        const float* wv = widened_rows(widened_values, it.b);
         if constexpr (kWidenable<scalar_t>) {
-          if (wk != nullptr) {  // a tile of rows: the logits, then softmax and P V, key block by key block
+          if (wk != nullptr && wv != nullptr) {  // a tile of rows: logits, softmax and P V, a key block at a time
             scratch.qf.resize(rows_in * it.g * d);
             for (int64_t r = 0; r < rows_in; ++r)
               widen_avx2(scratch.qf.data() + r * it.g * d, q_all + (it.t0 + r) * query.stride(0) + it.hd0 * d,
@@ -256,7 +268,7 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
             tile_key_logits(s, heads * max_keys, max_keys, scratch.qf.data(), it.g, wk + kv * d, kv_heads * d, d,
                             band_start[it.b], n_keys, rows_in, static_cast<float>(scale));
             tile_attend(o_all + (it.t0 * heads + it.hd0) * d, heads * d, s, heads * max_keys, max_keys, it.g,
-                        widened_rows(widened_values, it.b) + kv * d, kv_heads * d, d, n_keys, rows_in, scratch);
+                        wv + kv * d, kv_heads * d, d, n_keys, rows_in, scratch);
             continue;
           }
         }
@@ -367,8 +379,8 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     });
     // Pass 2: softmax and P V, tiles of rows where the values are widened.
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
-    const auto items = work_items(cu_query_lens, tokens, heads, kv_heads,
-                                  [&](int64_t b) { return !widened_values[b].empty(); });
+    const auto items =
+        work_items(cu_query_lens, heads, kv_heads, [&](int64_t b) { return !widened_values[b].empty(); });
     const int64_t count = static_cast<int64_t>(items.size());
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
