@@ -19,6 +19,24 @@ from .model import Batch, Model
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
+def capture_sizes(max_batch: int) -> list[int]:
+    """The batch sizes captured for up to max_batch sequences: CAPTURE_SIZES below it, every
+    power of two past them below it, and max_batch itself. The CUDA decode attention divides its
+    work by the batch's next power of two, so a batch and the captured size it pads up to (never
+    past that power) divide it alike and give the same logits bit for bit."""
+    sizes = [s for s in CAPTURE_SIZES if s < max_batch]
+    power = 2 * CAPTURE_SIZES[-1]
+    while power < max_batch:
+        sizes.append(power)
+        power *= 2
+    return sizes + [max_batch]
+
+
+def padded_size(sizes: list[int], batch: int) -> int | None:
+    """The smallest of sizes that holds batch, or None."""
+    return next((s for s in sizes if s >= batch), None)
+
+
 class CudaGraphDecoder:
     """Runs pure-decode batches of one model and cache through captured CUDA graphs."""
 
@@ -27,7 +45,7 @@ class CudaGraphDecoder:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self.model = model
         self.cache = cache
-        self.sizes = [s for s in CAPTURE_SIZES if s < max_batch] + [max_batch]
+        self.sizes = capture_sizes(max_batch)
         size = self.sizes[-1]
         width = math.ceil(model.max_context / cache.block_size)
         dev = model.device
@@ -56,7 +74,7 @@ class CudaGraphDecoder:
         model.workspace(size, self.max_keys)
 
     def padded_size(self, batch: int) -> int | None:
-        return next((s for s in self.sizes if s >= batch), None)
+        return padded_size(self.sizes, batch)
 
     def _batch(self, size: int) -> Batch:
         return Batch(input_ids=self.input_ids[0][:size], positions=self.positions[0][:size],

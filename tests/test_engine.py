@@ -713,3 +713,21 @@ def test_block_table_rows_follow_growth_reorder_and_readmission():
     # A shorter batch leaves later rows alone; they come back right.
     check(tables[:2])
     check(tables)
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 64, 100, 256, 300, 600, 1030])
+def test_a_batch_pads_to_a_size_within_its_power_of_two(max_batch):
+    """CUDA-graph decode pads a batch up to a captured size, and the CUDA decode attention divides
+    its work by the batch's next power of two: the two must agree for every batch, or graph and
+    eager decode round differently (their greedy tokens could part)."""
+    from lisa_rt.cuda_graph import capture_sizes, padded_size
+
+    def power_at_or_above(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    sizes = capture_sizes(max_batch)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_batch
+    for batch in range(1, max_batch + 1):
+        size = padded_size(sizes, batch)
+        assert batch <= size and power_at_or_above(size) == power_at_or_above(batch), (batch, size)
+    assert padded_size(sizes, max_batch + 1) is None

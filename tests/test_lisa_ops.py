@@ -277,6 +277,32 @@ def test_decode_equals_last_rows_of_prefill(device):
     torch.testing.assert_close(s2_dec[m], s2[last][m], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_lisa_decode_rows_do_not_depend_on_their_batch():
+    """As the decode attention's test in test_ops.py: a LiSA decode batch of 3 and the same rows
+    padded to 4 (a row of no keys, as CUDA-graph padding) give the same outputs and handed-on
+    logits bit for bit, at LLaMA-2-7B's heads and contexts long enough to be split."""
+    heads, dim, rank, width, block_size, lengths = 32, 128, 16, 32, 16, [700, 1500, 333]
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
+    max_keys = max(lengths) + 8
+    key_lr = torch.randn(num_blocks, block_size, heads, rank, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(num_blocks, block_size, heads, dim, device="cuda", dtype=torch.bfloat16)
+    tables = random_block_tables(lengths + [0], block_size, num_blocks, "cuda")
+    scores_prev = torch.randn(4, heads, max_keys, device="cuda") * 3
+    query_lr = torch.randn(4, heads, rank, device="cuda", dtype=torch.bfloat16)
+    weights = aligner(heads, width, "cuda")
+    results = []
+    for rows in (3, 4):
+        out = torch.zeros(rows, heads, dim, device="cuda", dtype=torch.bfloat16)
+        scores_out = torch.zeros(rows, heads, max_keys, device="cuda")
+        ops.lisa_attention(out, scores_out, scores_prev[:rows].contiguous(), query_lr[:rows].contiguous(), key_lr,
+                           values, tables[:rows].contiguous(), torch.arange(rows + 1, dtype=torch.int32, device="cuda"),
+                           torch.tensor((lengths + [0])[:rows], dtype=torch.int32, device="cuda"), *weights, 0.25)
+        results.append((out[:3], scores_out[:3]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def lisa_case(device, tokens_per_seq=(3, 2), lengths=(20, 9), heads=4, kv_heads=2, dim=64, rank=8, width=5):
     batch = Batch(list(zip(tokens_per_seq, lengths)), device)
     return dict(

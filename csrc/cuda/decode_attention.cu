@@ -391,7 +391,13 @@ Plan plan(int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_
   if (num_tokens <= 0 || kv_heads <= 0 || num_heads <= 0) return p;
   const int64_t group = num_heads / kv_heads;
   p.head_chunks = ceil_div(group, heads_per_block(group));
-  const int64_t units = num_tokens * kv_heads * p.head_chunks;
+  // Tokens counted as the power of two at or above: a CUDA graph pads its batch up to a captured
+  // size (lisa_rt/cuda_graph.py keeps every power of two among them), so the eager step of a
+  // batch and the graph step it is padded to split each token's keys alike and give the same
+  // logits bit for bit; split by the exact count, their rounding differed past a few hundred keys.
+  int64_t bucket = 1;
+  while (bucket < num_tokens) bucket *= 2;
+  const int64_t units = bucket * kv_heads * p.head_chunks;
   // About four blocks per SM in all; never splits shorter than kMinSplitKeys.
   const int64_t wanted = ceil_div(4 * static_cast<int64_t>(sm_count()), units);
   const int64_t longest = ceil_div(std::max<int64_t>(max_keys, 1), kMinSplitKeys);
