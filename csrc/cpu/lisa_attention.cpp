@@ -7,15 +7,14 @@
 // a = scores_prev[t, :, j] is mapped at once, S[:, j] = A a + W2 silu(W1 a + b1) + b2, then the
 // low-rank delta is added per head. In decode (one query per sequence, at its end) one work item
 // per run of a sequence's keys computes them and then the run's softmax and P V
-// (decode_split_avx2), so that the run's logits never leave the item. Otherwise two passes:
-//   1. logits, parallel over (query row, tile of keys), into scores_out when given (else a
-//      float32 scratch tensor: the CPU may allocate);
-//   2. softmax over j <= p and P V, parallel over tiles of query rows (paged.h, kTileRows) where
-//      a chunk's keys and values were widened (several rows, AVX2 types and widths), else over
-//      single rows.
-// The full attention that emits its logits decodes the same way (q . K for logits); in a
+// (decode_split_avx2), so that the run's logits never leave the item. Otherwise a work item is
+// a tile of query rows (paged.h, kTileRows; several where a chunk's keys and values were
+// widened, AVX2 types and widths, else one): its logits for every head, into scores_out when
+// given (else a buffer of the thread's own), then softmax over j <= p and P V for each KV head.
+// The full attention that emits its logits decodes the same way (q . K for logits). In a
 // prefill chunk the logits of the keys before the chunk, which all its rows see, are matrix
-// products (shared_key_logits), and the rows' own causal band of keys is done tile by tile.
+// products (shared_key_logits); a work item is a tile for one KV head's group of heads (or one
+// head), its causal band of keys done a key block at a time, then softmax and P V.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -25,8 +24,6 @@
 
 namespace lisa_rt {
 namespace {
-
-constexpr int64_t kKeyTile = 64;
 
 // Per-row facts of a packed-chunk call: sequence and number of visible keys (p + 1).
 struct Rows {
@@ -86,34 +83,38 @@ const float* widened_rows(const std::vector<std::vector<float>>& widened, int64_
   return widened[b].empty() ? nullptr : widened[b].data();
 }
 
-// A work item of a prefill pass: query rows [t0, t1) of sequence b for the heads [hd0, hd0 + g),
-// which share one KV head. Several rows (a tile of kTileRows) where the pass works from the
-// sequence's widened rows; a row at a time through the paged pool otherwise.
-struct WorkItem {
-  int64_t b, t0, t1, hd0, g;
+// Query rows [t0, t1) of sequence b: several (up to kTileRows) where a pass works from the
+// sequence's widened rows, one where it goes through the paged pool.
+struct RowTile {
+  int64_t b, t0, t1;
 };
 
-// The items over a packed-chunk call's rows; tiled(b): whether sequence b's rows come in tiles.
-// An item takes a KV head's whole group of heads (each key and value row read once for all)
-// when there are enough such items to keep every thread busy, else one head.
+// The tiles of a packed-chunk call's rows; tiled(b): whether sequence b's rows come several at a time.
 template <typename Tiled>
-std::vector<WorkItem> work_items(const at::Tensor& cu_query_lens, int64_t heads, int64_t kv_heads, Tiled&& tiled) {
+std::vector<RowTile> row_tiles(const at::Tensor& cu_query_lens, Tiled&& tiled) {
   const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
-  const int64_t batch = cu_query_lens.size(0) - 1, group = heads / kv_heads;
-  int64_t row_items = 0;  // tiles and single rows
-  for (int64_t b = 0; b < batch; ++b) {
+  std::vector<RowTile> tiles;
+  for (int64_t b = 0; b + 1 < cu_query_lens.size(0); ++b) {
     const int64_t step = tiled(b) ? kTileRows : 1;
-    row_items += (cu[b + 1] - cu[b] + step - 1) / step;
+    for (int64_t t0 = cu[b]; t0 < cu[b + 1]; t0 += step)
+      tiles.push_back({b, t0, std::min<int64_t>(t0 + step, cu[b + 1])});
   }
-  const int64_t g = heads_per_item(row_items, kv_heads, group);
+  return tiles;
+}
+
+// A work item: a tile's rows for the heads [hd0, hd0 + g), which share one KV head.
+struct WorkItem {
+  RowTile rows;
+  int64_t hd0, g;
+};
+
+// Every tile for each KV head's whole group of heads (each key and value row read once for all)
+// when that makes enough items to keep every thread busy, else for each head alone.
+std::vector<WorkItem> work_items(const std::vector<RowTile>& tiles, int64_t heads, int64_t kv_heads) {
+  const int64_t g = heads_per_item(static_cast<int64_t>(tiles.size()), kv_heads, heads / kv_heads);
   std::vector<WorkItem> items;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t step = tiled(b) ? kTileRows : 1;
-    for (int64_t t0 = cu[b]; t0 < cu[b + 1]; t0 += step) {
-      const int64_t t1 = std::min<int64_t>(t0 + step, cu[b + 1]);
-      for (int64_t hd = 0; hd < heads; hd += g) items.push_back({b, t0, t1, hd, g});
-    }
-  }
+  for (const RowTile& tile : tiles)
+    for (int64_t hd = 0; hd < heads; hd += g) items.push_back({tile, hd, g});
   return items;
 }
 
@@ -239,9 +240,9 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
     const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
     // Tiles where both were widened (the same condition made both, or neither).
-    const auto items = work_items(cu_query_lens, heads, kv_heads, [&](int64_t b) {
+    const auto items = work_items(row_tiles(cu_query_lens, [&](int64_t b) {
       return !widened_keys[b].empty() && !widened_values[b].empty();
-    });
+    }), heads, kv_heads);
     const int64_t count = static_cast<int64_t>(items.size());
     // Keys before a chunk's first query are seen by every row of it: their logits as matrix
     // products; the rows' own band of keys (causal) then comes with the tiles.
@@ -253,31 +254,31 @@ void paged_attention_scores_cpu(at::Tensor& out, at::Tensor& scores, const at::T
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t k = begin; k < end; ++k) {
-        const WorkItem& it = items[from_both_ends(k, count)];
-        const int64_t kv = it.hd0 / group, rows_in = it.t1 - it.t0;
-        float* s = s_all + (it.t0 * heads + it.hd0) * max_keys;
+        const WorkItem& item = items[from_both_ends(k, count)];
+        const RowTile& it = item.rows;
+        const int64_t kv = item.hd0 / group, rows_in = it.t1 - it.t0, hd0 = item.hd0, g = item.g;
+        float* s = s_all + (it.t0 * heads + hd0) * max_keys;
         const float* wk = widened_rows(widened_keys, it.b);
         const float* wv = widened_rows(widened_values, it.b);
         if constexpr (kWidenable<scalar_t>) {
           if (wk != nullptr && wv != nullptr) {  // a tile of rows: logits, softmax and P V, a key block at a time
-            scratch.qf.resize(rows_in * it.g * d);
+            scratch.qf.resize(rows_in * g * d);
             for (int64_t r = 0; r < rows_in; ++r)
-              widen_avx2(scratch.qf.data() + r * it.g * d, q_all + (it.t0 + r) * query.stride(0) + it.hd0 * d,
-                         it.g * d);
+              widen_avx2(scratch.qf.data() + r * g * d, q_all + (it.t0 + r) * query.stride(0) + hd0 * d, g * d);
             const int64_t* n_keys = rows.n_keys.data() + it.t0;
-            tile_key_logits(s, heads * max_keys, max_keys, scratch.qf.data(), it.g, wk + kv * d, kv_heads * d, d,
+            tile_key_logits(s, heads * max_keys, max_keys, scratch.qf.data(), g, wk + kv * d, kv_heads * d, d,
                             band_start[it.b], n_keys, rows_in, static_cast<float>(scale));
-            tile_attend(o_all + (it.t0 * heads + it.hd0) * d, heads * d, s, heads * max_keys, max_keys, it.g,
+            tile_attend(o_all + (it.t0 * heads + hd0) * d, heads * d, s, heads * max_keys, max_keys, g,
                         wv + kv * d, kv_heads * d, d, n_keys, rows_in, scratch);
             continue;
           }
         }
         const PagedSeq seq = pool.seq(it.b);
         const int64_t n = rows.n_keys[it.t0];
-        key_logits(s, max_keys, q_all + it.t0 * query.stride(0) + it.hd0 * d, it.g, keys, seq, kv, d, n,
+        key_logits(s, max_keys, q_all + it.t0 * query.stride(0) + hd0 * d, g, keys, seq, kv, d, n,
                    static_cast<float>(scale));
         // The logits stay in `scores` for the next layer; the softmax works on a copy.
-        row_attend(o_all + (it.t0 * heads + it.hd0) * d, s, max_keys, it.g, values, seq, kv, d, n, scratch);
+        row_attend(o_all + (it.t0 * heads + hd0) * d, s, max_keys, g, values, seq, kv, d, n, scratch);
       }
     });
   });
@@ -356,44 +357,44 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
         return;
       }
     }
-    // Otherwise two passes. Pass 1: the logits of every row, tiles of keys (in parallel), into
-    // scores_out or a scratch buffer of the same layout. Every query of a prefill chunk reads the
-    // same k': widened once per such sequence.
-    at::Tensor logits =
-        scores_out.has_value() ? *scores_out : at::empty({tokens, heads, prev_keys}, scores_prev.options());
-    float* s_all = logits.data_ptr<float>();
+    // Otherwise tiles of query rows (several where the chunk's k' and V are widened, once per
+    // sequence, as every row reads them), each in one work item: the tile's logits for every head
+    // (the aligner mixes them), into scores_out when given, else into the thread's own buffer,
+    // then each KV head's softmax and P V while those logits are still in cache.
     const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, rank, delta_avx2);
-    int64_t most_keys = 0;
-    for (const int64_t n : rows.n_keys) most_keys = std::max(most_keys, n);
-    const int64_t key_tiles = (most_keys + kKeyTile - 1) / kKeyTile;
-    at::parallel_for(0, tokens * key_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_floats);
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t idx = from_both_ends(k, tokens * key_tiles);
-        const int64_t t = idx / key_tiles, j0 = (idx % key_tiles) * kKeyTile;
-        const int64_t j1 = std::min(j0 + kKeyTile, rows.n_keys[t]);
-        if (j0 < j1)
-          row_logits(t, j0, j1, s_all + t * heads * out_keys + j0, out_keys, scratch.data(),
-                     widened_rows(widened_keys, rows.seq[t]));
-      }
-    });
-    // Pass 2: softmax and P V, tiles of rows where the values are widened.
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
-    const auto items =
-        work_items(cu_query_lens, heads, kv_heads, [&](int64_t b) { return !widened_values[b].empty(); });
-    const int64_t count = static_cast<int64_t>(items.size());
+    const auto tiles = row_tiles(cu_query_lens, [&](int64_t b) {
+      return !widened_keys[b].empty() && !widened_values[b].empty();
+    });
+    float* handed_on = scores_out.has_value() ? scores_out->data_ptr<float>() : nullptr;
+    const int64_t count = static_cast<int64_t>(tiles.size());
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
+      std::vector<float> scratch(scratch_floats), own;
+      Scratch attend;
       for (int64_t k = begin; k < end; ++k) {
-        const WorkItem& it = items[from_both_ends(k, count)];
-        const int64_t kv = it.hd0 / group;
-        const float* s = s_all + (it.t0 * heads + it.hd0) * out_keys;
-        scalar_t* o = o_all + (it.t0 * heads + it.hd0) * d;
-        if (const float* wv = widened_rows(widened_values, it.b)) {
-          tile_attend(o, heads * d, s, heads * out_keys, out_keys, it.g, wv + kv * d, kv_heads * d, d,
-                      rows.n_keys.data() + it.t0, it.t1 - it.t0, scratch);
-        } else {
-          row_attend(o, s, out_keys, it.g, values, pool.seq(it.b), kv, d, rows.n_keys[it.t0], scratch);
+        const RowTile& tile = tiles[from_both_ends(k, count)];
+        const int64_t rows_in = tile.t1 - tile.t0;
+        const int64_t* n_keys = rows.n_keys.data() + tile.t0;
+        const int64_t most = *std::max_element(n_keys, n_keys + rows_in);
+        float* s = handed_on + tile.t0 * heads * out_keys;
+        int64_t s_stride = out_keys;  // from one head's logits to the next; a row's are heads of them
+        if (handed_on == nullptr) {
+          own.resize(rows_in * heads * most);
+          s = own.data();
+          s_stride = most;
+        }
+        const float* wk = widened_rows(widened_keys, tile.b);
+        for (int64_t r = 0; r < rows_in; ++r)
+          row_logits(tile.t0 + r, 0, n_keys[r], s + r * heads * s_stride, s_stride, scratch.data(), wk);
+        for (int64_t kv = 0; kv < kv_heads; ++kv) {
+          const int64_t hd = kv * group;
+          scalar_t* o = o_all + (tile.t0 * heads + hd) * d;
+          if (const float* wv = widened_rows(widened_values, tile.b); wv != nullptr && wk != nullptr) {
+            tile_attend(o, heads * d, s + hd * s_stride, heads * s_stride, s_stride, group, wv + kv * d, kv_heads * d,
+                        d, n_keys, rows_in, attend);
+          } else {
+            row_attend(o, s + hd * s_stride, s_stride, group, values, pool.seq(tile.b), kv, d, n_keys[0], attend);
+          }
         }
       }
     });
