@@ -8,9 +8,10 @@
 // low-rank delta is added per head. In decode (one query per sequence, at its end) one work item
 // per run of a sequence's keys computes them and then the run's softmax and P V
 // (decode_split_avx2), so that the run's logits never leave the item. Otherwise a work item is
-// a tile of query rows (paged.h, kTileRows; several where a chunk's keys and values were
-// widened, AVX2 types and widths, else one): its logits for every head, into scores_out when
-// given (else a buffer of the thread's own), then softmax over j <= p and P V for each KV head.
+// a tile of query rows (paged.h, kTileRows; several where a chunk's values were widened, AVX2
+// types and widths, else one): its logits for every head, into scores_out when given (else a
+// buffer of the thread's own), then softmax over j <= p and P V for each KV head. (With too
+// few tiles to busy every thread, the logits and the softmax and P V are two passes instead.)
 // The full attention that emits its logits decodes the same way (q . K for logits). In a
 // prefill chunk the logits of the keys before the chunk, which all its rows see, are matrix
 // products (shared_key_logits); a work item is a tile for one KV head's group of heads (or one
@@ -357,45 +358,80 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
         return;
       }
     }
-    // Otherwise tiles of query rows (several where the chunk's k' and V are widened, once per
-    // sequence, as every row reads them), each in one work item: the tile's logits for every head
-    // (the aligner mixes them), into scores_out when given, else into the thread's own buffer,
-    // then each KV head's softmax and P V while those logits are still in cache.
+    // Otherwise tiles of query rows (several where the chunk's values are widened, once per
+    // sequence, as every row reads them; its k' too where the delta's kernel takes them).
     const auto widened_keys = widen_sequences(keys, pool, cu_query_lens, seq_lens, rank, delta_avx2);
     const auto widened_values = widen_sequences(values, pool, cu_query_lens, seq_lens, d, use_avx2<scalar_t>(d));
-    const auto tiles = row_tiles(cu_query_lens, [&](int64_t b) {
-      return !widened_keys[b].empty() && !widened_values[b].empty();
-    });
-    float* handed_on = scores_out.has_value() ? scores_out->data_ptr<float>() : nullptr;
+    const auto tiles = row_tiles(cu_query_lens, [&](int64_t b) { return !widened_values[b].empty(); });
     const int64_t count = static_cast<int64_t>(tiles.size());
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_floats), own;
-      Scratch attend;
-      for (int64_t k = begin; k < end; ++k) {
-        const RowTile& tile = tiles[from_both_ends(k, count)];
-        const int64_t rows_in = tile.t1 - tile.t0;
-        const int64_t* n_keys = rows.n_keys.data() + tile.t0;
-        const int64_t most = *std::max_element(n_keys, n_keys + rows_in);
-        float* s = handed_on + tile.t0 * heads * out_keys;
-        int64_t s_stride = out_keys;  // from one head's logits to the next; a row's are heads of them
-        if (handed_on == nullptr) {
-          own.resize(rows_in * heads * most);
-          s = own.data();
-          s_stride = most;
-        }
-        const float* wk = widened_rows(widened_keys, tile.b);
-        for (int64_t r = 0; r < rows_in; ++r)
-          row_logits(tile.t0 + r, 0, n_keys[r], s + r * heads * s_stride, s_stride, scratch.data(), wk);
-        for (int64_t kv = 0; kv < kv_heads; ++kv) {
-          const int64_t hd = kv * group;
-          scalar_t* o = o_all + (tile.t0 * heads + hd) * d;
-          if (const float* wv = widened_rows(widened_values, tile.b); wv != nullptr && wk != nullptr) {
-            tile_attend(o, heads * d, s + hd * s_stride, heads * s_stride, s_stride, group, wv + kv * d, kv_heads * d,
-                        d, n_keys, rows_in, attend);
+    // Softmax and P V of a tile's rows for KV head kv's group of heads [hd, hd + g) (all of its
+    // heads or one), from their logits s (a row's heads s_stride apart, rows heads * s_stride).
+    auto attend = [&](const RowTile& tile, int64_t hd, int64_t g, const float* s, int64_t s_stride, Scratch& scratch) {
+      const int64_t kv = hd / group, rows_in = tile.t1 - tile.t0;
+      scalar_t* o = o_all + (tile.t0 * heads + hd) * d;
+      const int64_t* n_keys = rows.n_keys.data() + tile.t0;
+      if (const float* wv = widened_rows(widened_values, tile.b)) {
+        tile_attend(o, heads * d, s, heads * s_stride, s_stride, g, wv + kv * d, kv_heads * d, d, n_keys, rows_in,
+                    scratch);
+      } else {
+        row_attend(o, s, s_stride, g, values, pool.seq(tile.b), kv, d, n_keys[0], scratch);
+      }
+    };
+    if (count >= 2 * at::get_num_threads()) {
+      // A work item per tile: its logits for every head (the aligner mixes them), into scores_out
+      // when given, else into the thread's own buffer, then each KV head's softmax and P V while
+      // those logits are still in cache.
+      at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(scratch_floats), own;
+        Scratch attend_scratch;
+        for (int64_t k = begin; k < end; ++k) {
+          const RowTile& tile = tiles[from_both_ends(k, count)];
+          const int64_t rows_in = tile.t1 - tile.t0;
+          const int64_t* n_keys = rows.n_keys.data() + tile.t0;
+          float* s = nullptr;
+          int64_t s_stride = out_keys;  // from one head's logits to the next
+          if (scores_out.has_value()) {
+            s = scores_out->data_ptr<float>() + tile.t0 * heads * out_keys;
           } else {
-            row_attend(o, s + hd * s_stride, s_stride, group, values, pool.seq(tile.b), kv, d, n_keys[0], attend);
+            s_stride = *std::max_element(n_keys, n_keys + rows_in);
+            own.resize(rows_in * heads * s_stride);
+            s = own.data();
           }
+          for (int64_t r = 0; r < rows_in; ++r)
+            row_logits(tile.t0 + r, 0, n_keys[r], s + r * heads * s_stride, s_stride, scratch.data(),
+                       widened_rows(widened_keys, tile.b));
+          for (int64_t kv = 0; kv < kv_heads; ++kv)
+            attend(tile, kv * group, group, s + kv * group * s_stride, s_stride, attend_scratch);
         }
+      });
+      return;
+    }
+    // Too few tiles to busy every thread (a few rows over a long context): two passes, each spread
+    // wider. The logits over (row, block of keys), into scores_out or a tensor of that layout...
+    at::Tensor logits =
+        scores_out.has_value() ? *scores_out : at::empty({tokens, heads, prev_keys}, scores_prev.options());
+    float* s_all = logits.data_ptr<float>();
+    int64_t most_keys = 0;
+    for (const int64_t n : rows.n_keys) most_keys = std::max(most_keys, n);
+    const int64_t key_blocks = (most_keys + kTileKeys - 1) / kTileKeys;
+    at::parallel_for(0, tokens * key_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(scratch_floats);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t t = idx / key_blocks, j0 = (idx % key_blocks) * kTileKeys;
+        const int64_t j1 = std::min(j0 + kTileKeys, rows.n_keys[t]);
+        if (j0 < j1)
+          row_logits(t, j0, j1, s_all + t * heads * out_keys + j0, out_keys, scratch.data(),
+                     widened_rows(widened_keys, rows.seq[t]));
+      }
+    });
+    // ... then softmax and P V over the tiles' heads, a KV head's group or one head at a time.
+    const auto items = work_items(tiles, heads, kv_heads);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      Scratch attend_scratch;
+      for (int64_t k = begin; k < end; ++k) {
+        const WorkItem& item = items[k];
+        attend(item.rows, item.hd0, item.g, s_all + (item.rows.t0 * heads + item.hd0) * out_keys, out_keys,
+               attend_scratch);
       }
     });
   });
