@@ -416,7 +416,8 @@ void lisa_attention_cpu(at::Tensor& out, const std::optional<at::Tensor>& scores
     const int64_t key_blocks = (most_keys + kTileKeys - 1) / kTileKeys;
     at::parallel_for(0, tokens * key_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(scratch_floats);
-      for (int64_t idx = begin; idx < end; ++idx) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t idx = from_both_ends(k, tokens * key_blocks);
         const int64_t t = idx / key_blocks, j0 = (idx % key_blocks) * kTileKeys;
         const int64_t j1 = std::min(j0 + kTileKeys, rows.n_keys[t]);
         if (j0 < j1)
