@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from lisa_rt import bench
+from lisa_rt.errors import UserError
+from lisa_rt.lisa import Adapter, find_adapter, load_adapter
 from lisa_rt.sampling import SamplingParams
 
 
@@ -37,3 +39,12 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def adapter_to_compare(lisa: str | None, model_path: Path, config) -> Adapter:
+    """The adapter a LiSA-against-base script compares: the file given with --lisa, else the
+    model's own; a UserError when the model has none."""
+    adapter = load_adapter(lisa, config) if lisa else find_adapter(model_path, config)
+    if adapter is None:
+        raise UserError("the model has no adapter of its own: give --lisa")
+    return adapter

@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from benchmarks.common import machine_name, print_table, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, print_table, write_json  # noqa: E402
 
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.kv_cache import BlockTable  # noqa: E402
-from lisa_rt.lisa import find_adapter, load_adapter  # noqa: E402
 from lisa_rt.model import Model, parse_device, parse_dtype  # noqa: E402
 from lisa_rt.registry import resolve_model  # noqa: E402
 from lisa_rt.tokenizer import load_tokenizer  # noqa: E402
@@ -95,9 +94,7 @@ def main() -> int:
     if min(args.lengths) < 1 or max(args.lengths) > config.max_position_embeddings:
         raise UserError(f"--lengths must be 1 to the model's context of {config.max_position_embeddings}, "
                         f"got {' '.join(map(str, args.lengths))}")
-    adapter = load_adapter(args.lisa, config) if args.lisa else find_adapter(path, config)
-    if adapter is None:
-        raise UserError("the model has no adapter of its own: give --lisa")
+    adapter = adapter_to_compare(args.lisa, path, config)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     tensors = load_tensors(path, config)

@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_name, timed, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, timed, write_json  # noqa: E402
 from lisa_rt import ops  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.fit import FitOptions, Fitter  # noqa: E402
-from lisa_rt.lisa import LisaLayer, find_adapter, load_adapter  # noqa: E402
+from lisa_rt.lisa import LisaLayer  # noqa: E402
 from lisa_rt.registry import resolve_model  # noqa: E402
 
 
@@ -79,9 +79,7 @@ def main() -> int:
     torch.manual_seed(0)
     model_dir = resolve_model(args.model)
     config = load_config(model_dir)
-    adapter = load_adapter(args.lisa, config) if args.lisa else find_adapter(model_dir, config)
-    if adapter is None:
-        raise UserError("the model has no adapter (give --lisa)")
+    adapter = adapter_to_compare(args.lisa, model_dir, config)
     first = adapter.config.layers[0]
     aligner = aligner_rows(LisaLayer(adapter.layer(first)), config.num_heads, seq_lens, args.repeats)
 

@@ -26,13 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_name, print_table, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, print_table, write_json  # noqa: E402
 from lisa_rt import bench  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.engine import Engine  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.kv_cache import DEFAULT_BLOCK_SIZE, KVCache  # noqa: E402
-from lisa_rt.lisa import find_adapter, load_adapter  # noqa: E402
 from lisa_rt.model import Model, parse_device, parse_dtype  # noqa: E402
 from lisa_rt.registry import resolve_model  # noqa: E402
 from lisa_rt.tokenizer import load_tokenizer  # noqa: E402
@@ -151,9 +150,7 @@ def main() -> int:
     if longest > config.max_position_embeddings:
         raise UserError(f"context {max(contexts)} plus {args.warmup + args.steps + 1} decode steps exceeds "
                         f"the model's context of {config.max_position_embeddings}")
-    adapter = load_adapter(args.lisa, config) if args.lisa else find_adapter(path, config)
-    if adapter is None:
-        raise UserError("the model has no adapter of its own: give --lisa")
+    adapter = adapter_to_compare(args.lisa, path, config)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     budget = int(args.kv_budget_gb * 2**30)
