@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -48,3 +49,13 @@ def adapter_to_compare(lisa: str | None, model_path: Path, config) -> Adapter:
     if adapter is None:
         raise UserError("the model has no adapter of its own: give --lisa")
     return adapter
+
+
+def run_main(main) -> None:
+    """Exits with main()'s status; a bad path, file or option (UserError, OSError) is one
+    `error:` line on stderr and exit status 2, no traceback."""
+    try:
+        sys.exit(main())
+    except (UserError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

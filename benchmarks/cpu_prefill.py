@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from benchmarks.common import adapter_to_compare, machine_name, print_table, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, print_table, run_main, write_json  # noqa: E402
 
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
@@ -121,8 +121,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UserError, OSError) as exc:  # bad paths, files or options: one line
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

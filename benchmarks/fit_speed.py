@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import adapter_to_compare, machine_name, timed, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, run_main, timed, write_json  # noqa: E402
 from lisa_rt import ops  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
@@ -115,8 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UserError, OSError) as exc:  # bad paths or arguments: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

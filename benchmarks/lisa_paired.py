@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import adapter_to_compare, machine_name, print_table, write_json  # noqa: E402
+from benchmarks.common import adapter_to_compare, machine_name, print_table, run_main, write_json  # noqa: E402
 from lisa_rt import bench  # noqa: E402
 from lisa_rt.checkpoint import load_config, load_tensors  # noqa: E402
 from lisa_rt.engine import Engine  # noqa: E402
@@ -191,8 +191,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UserError, OSError) as exc:  # bad paths, files or options: one line
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
