@@ -23,7 +23,8 @@ def capture_sizes(max_batch: int) -> list[int]:
     """The batch sizes captured for up to max_batch sequences: CAPTURE_SIZES below it, every
     power of two past them below it, and max_batch itself. The CUDA decode attention divides its
     work by the batch's next power of two, so a batch and the captured size it pads up to (never
-    past that power) divide it alike and give the same logits bit for bit."""
+    past that power) divide it alike and attend bit for bit alike. (The matrix products do not
+    promise that: cuBLAS may pick another kernel for another number of rows.)"""
     sizes = [s for s in CAPTURE_SIZES if s < max_batch]
     power = 2 * CAPTURE_SIZES[-1]
     while power < max_batch:

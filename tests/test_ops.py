@@ -172,6 +172,32 @@ def test_decode_attention_rows_do_not_depend_on_their_batch(dtype):
     assert torch.equal(outs[0], outs[1])
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[20, 7, 31], [700, 1500, 333]])
+def test_decode_attention_rows_do_not_depend_on_their_block_tables_width(dtype, lengths):
+    """A CUDA graph's block tables are as wide as the longest context it serves, an eager step's
+    as its longest sequence: a short batch plans one split from the narrow tables and several
+    from the wide ones (each sequence still using one), and long sequences plan alike. Outputs
+    are the same bit for bit either way."""
+    heads, dim, block_size = 32, 128, 16
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
+    key_cache, value_cache = make_cache(num_blocks, block_size, heads, dim, "cuda", dtype)
+    narrow = random_block_tables(lengths, block_size, num_blocks, "cuda")
+    wide = torch.zeros(len(lengths), 8192 // block_size, dtype=torch.int32, device="cuda")
+    wide[:, : narrow.shape[1]] = narrow
+    query = torch.randn(len(lengths), heads, dim, device="cuda", dtype=dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    outs = []
+    for tables in (narrow, wide):
+        out = torch.zeros(len(lengths), heads, dim, device="cuda", dtype=dtype)
+        ops.paged_decode_attention(out, query, key_cache, value_cache, tables, seq_lens, 1 / math.sqrt(dim))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("rows,width", [(1, 64), (5, 1536), (3, 1001)])
 def test_silu_and_mul(device, dtype, rows, width):
     x = torch.randn(rows, 2 * width, device=device, dtype=dtype)
@@ -251,6 +277,8 @@ def test_bad_arguments_raise(device):
         ops.rms_norm(torch.empty_like(x, dtype=torch.float16), x, torch.ones(8, device=device), 1e-5)
     with pytest.raises(RuntimeError, match="linear"):
         ops.linear(torch.empty(4, 5, device=device), x, torch.randn(5, 7, device=device))
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.linear(x, x, torch.randn(8, 8, device=device))
 
 
 def opcheck_cases(device):

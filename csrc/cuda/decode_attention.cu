@@ -334,6 +334,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const SplitArgs args)
   const int64_t row = static_cast<int64_t>(t) * args.num_heads + blockIdx.y;
   int seq;
   const int used = splits_for(args.splits, visible_keys(args.keys, t, &seq));
+  const int head_dim = static_cast<int>(args.cache.head_dim);
+  const float* partial = args.partial_out + row * args.splits * head_dim;
+  if (used == 1) {
+    // One split's output is already normalised: copied as it is, it has the bits a launch of one
+    // split writes directly (rescaling it by its own mass rounds). A CUDA graph's block table is
+    // wider than an eager step's, which can plan one split where the graph plans several.
+    for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+      static_cast<T*>(args.out)[row * head_dim + d] = from_float<T>(partial[d]);
+    }
+    return;  // (used is the same for the whole block: no thread is left at the barrier below)
+  }
   const float* maxes = args.partial_max + row * args.splits;
   const float* sums = args.partial_sum + row * args.splits;
   if (threadIdx.x < 32) {
@@ -361,8 +372,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const SplitArgs args)
     if (threadIdx.x == 0) inv_total = total > 0.0f ? 1.0f / total : 0.0f;
   }
   __syncthreads();
-  const int head_dim = static_cast<int>(args.cache.head_dim);
-  const float* partial = args.partial_out + row * args.splits * head_dim;
   for (int d = threadIdx.x; d < head_dim; d += kThreads) {
     float value = 0.0f;
 #pragma unroll 8
