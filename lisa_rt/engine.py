@@ -460,8 +460,9 @@ class Engine:
             return None
         live = [inflight.requests[row] for row in rows]
         # Each live request's pending token goes in at position `computed`: room for one more.
+        # (A table already longer than that needs none, and gives none to the others.)
         cache = self.cache
-        need = sum(cache.blocks_for(req.computed + 1) - len(req.table.blocks) for req in live)
+        need = sum(max(0, cache.blocks_for(req.computed + 1) - len(req.table.blocks)) for req in live)
         if need > cache.allocator.num_free:
             return None  # a preemption: decided once the tokens are known
         for req in live:
