@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .kv_cache import BlockTable, KVCache
 from .lisa import Adapter, find_adapter
+from .sampling import upload
 
 MAX_CUDA_HEAD_DIM = 256  # kMaxHeadDim in csrc/cuda/kernels.h
 PREFILL_CHUNK = 512  # tokens per pass when a caller prefills a long sequence by itself
@@ -62,14 +63,13 @@ def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.d
     width = max(len(table.blocks) for _, _, table in chunks)
     tables = [table.blocks + [0] * (width - len(table.blocks)) for _, _, table in chunks]
 
-    def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+    # From pinned memory on CUDA (upload): an overlapped eager step is built while the step
+    # before it runs, and a copy from ordinary memory would wait for that step.
     return Batch(
-        input_ids=tensor(ids, torch.long), positions=tensor(positions, torch.long),
-        slot_mapping=tensor(slots, torch.long), block_tables=tensor(tables, torch.int32),
-        seq_lens=tensor(lens, torch.int32), cu_query_lens=tensor(cu, torch.int32),
-        logits_rows=tensor(rows, torch.long), is_decode=all(len(t) == 1 for t, _, _ in chunks))
+        input_ids=upload(ids, torch.long, device), positions=upload(positions, torch.long, device),
+        slot_mapping=upload(slots, torch.long, device), block_tables=upload(tables, torch.int32, device),
+        seq_lens=upload(lens, torch.int32, device), cu_query_lens=upload(cu, torch.int32, device),
+        logits_rows=upload(rows, torch.long, device), is_decode=all(len(t) == 1 for t, _, _ in chunks))
 
 
 @dataclass
