@@ -48,6 +48,10 @@ inline void check_linear_args(const at::Tensor& out, const at::Tensor& input, co
               "linear: out must be [rows, N]");
   check_same(out, input, "linear");
   check_same(weight, input, "linear weight");
+  // The kernels read the input and weight while other threads already write out.
+  TORCH_CHECK(at::get_overlap_status(out, input) == at::MemOverlapStatus::No &&
+                  at::get_overlap_status(out, weight) == at::MemOverlapStatus::No,
+              "linear: out must not overlap input or weight");
 }
 
 inline void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& input) {
