@@ -28,6 +28,24 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def device_us(event) -> float:
+    """A torch.profiler event's own time (microseconds): on the device where it has any."""
+    for name in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        value = getattr(event, name, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def own_time_events(prof, device: torch.device) -> list:
+    """A profile's events with time of their own, most first; on a GPU its kernels only (the
+    CPU-side op events carry no device time of their own)."""
+    events = [e for e in prof.key_averages() if device_us(e) > 0]
+    if device.type == "cuda":
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    return sorted(events, key=device_us, reverse=True)
+
+
 def machine_name() -> str:
     return bench.machine_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

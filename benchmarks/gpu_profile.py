@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from benchmarks.common import machine_name, print_table, write_json  # noqa: E402
+from benchmarks.common import device_us, machine_name, own_time_events, print_table, write_json  # noqa: E402
 from lisa_rt import bench  # noqa: E402
 from lisa_rt.config import ModelConfig  # noqa: E402
 from lisa_rt.engine import Engine, Request  # noqa: E402
@@ -23,14 +23,6 @@ from lisa_rt.kv_cache import KVCache  # noqa: E402
 from lisa_rt.sampling import SamplingParams  # noqa: E402
 
 DEFAULT_POINTS = "smollm2:1x512,llama2-7b:1x512,llama2-7b:32x2048,llama3-8b:64x2048"
-
-
-def device_us(event) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-        value = getattr(event, name, None)
-        if value:
-            return float(value)
-    return 0.0
 
 
 def profile_point(shape: str, batch: int, context: int, lisa: bool, steps: int, device: torch.device,
@@ -55,12 +47,10 @@ def profile_point(shape: str, batch: int, context: int, lisa: bool, steps: int, 
             engine.step()
         bench.synchronize(device)
     engine.abort_all()
-    events = [e for e in prof.key_averages() if device_us(e) > 0]
-    if device.type == "cuda":  # kernels only: CPU-side op events carry no device time of their own
-        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    events = own_time_events(prof, device)
     total = sum(device_us(e) for e in events)
     rows = []
-    for e in sorted(events, key=device_us, reverse=True)[:10]:
+    for e in events[:10]:
         rows.append({"point": f"{shape} {'lisa' if lisa else 'base'} {batch}x{context}",
                      "kernel": e.key[:70], "us/step": round(device_us(e) / steps, 1),
                      "share": f"{device_us(e) / total:.0%}", "calls/step": e.count // steps})

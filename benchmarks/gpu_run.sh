@@ -8,7 +8,9 @@
 # time limit so that one slow stage cannot eat the lease; build.log, run.log (every stage's
 # output) and JSON go to $OUT.
 #   bash benchmarks/gpu_run.sh [STAGE...]   (on the GPU machine, from the repository root)
-#   stages: diag tests profile check kernels bench sampling ncu (default: all, in that order)
+#   stages: diag tests profile check kernels bench sampling ncu (default: these, in this order),
+#   and fitprofile (named only: where an end-to-end step of gpu_fit.sh's fit spends its time,
+#   fit_profile.py on random SmolLM2-shaped weights, 8 x 1,024 tokens; never run on a GPU yet)
 # Measured on the lent H200 (2026-11-27): build 37-43 s, diag 11, tests 67-74 (8 workers),
 # profile 20, kernels 6, bench 64 (--steps 16), ncu 15 (sampling: not yet run there); the
 # default limits below, 595 s in all, keep a whole run inside one device call (timeout_s 600).
@@ -25,7 +27,7 @@ mkdir -p "$OUT"
 stages=${*:-diag tests profile check kernels bench sampling ncu}
 limit() { echo "${LIMIT[$1]:-300}"; }
 declare -A LIMIT=([build]=120 [diag]=30 [tests]=120 [profile]=45 [check]=60 [kernels]=20 [bench]=130 [sampling]=30
-                  [ncu]=40)
+                  [ncu]=40 [fitprofile]=60)
 for s in "${!LIMIT[@]}"; do v="LIMIT_${s^^}"; [ -n "${!v:-}" ] && LIMIT[$s]=${!v}; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -83,6 +85,7 @@ stage check python3 benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
 stage kernels python3 benchmarks/lisa_kernels.py --json "$OUT/lisa_kernels.json"
 stage bench python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-}
 stage sampling python3 benchmarks/sampling.py --random-weights --batches 1 64 --json "$OUT/sampling.json"
+stage fitprofile python3 benchmarks/fit_profile.py --shape smollm2 --batch 8 --seq-len 1024 --json "$OUT/fit_profile.json"
 # Hardware counters of one launch each of the split decode attention and the LiSA logits
 # kernel (LLaMA-2-7B shapes, batch 32, context 2048): where their time goes.
 ncu_kernels() {
