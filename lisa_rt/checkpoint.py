@@ -122,49 +122,141 @@ def tokenizer_kind(model_dir: str | Path) -> str | None:
     return None
 
 
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
+    """Raise UserError unless a file (or, with `directory`, a directory) can be written at `path`.
+
+    Checks what can be known before writing, so a command can fail before minutes of work:
+    `path` itself, where it exists, must be of the right kind (a regular file, or a directory);
+    missing directories on the way are fine (the atomic writers here create them), but the
+    nearest existing ancestor must be a directory this process may write to and enter.
+    `what` names the path for the user, e.g. "--out" or "output directory"; the message reads
+    "{what} {path}: {why}", e.g. "--json a/b.json: a is a file, not a directory".
+    """
+    path = Path(path)
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"{what} {path}: {why}")
+
+    # os.path's tests, unlike Path's, answer False rather than raise where access is denied
+    if os.path.lexists(path):
+        if not os.path.exists(path):
+            raise refuse("is a broken symbolic link")
+        if directory and not os.path.isdir(path):
+            raise refuse("is a file, not a directory")
+        if not directory and os.path.isdir(path):
+            raise refuse("is a directory, not a file")
+        if not directory and not os.path.isfile(path):
+            raise refuse("is not a regular file")
+    parent = path.parent  # a rename into it puts the new file or directory in place
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not os.path.exists(parent):
+        raise refuse(f"{parent} is a broken symbolic link")
+    if not os.path.isdir(parent):
+        raise refuse(f"{parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"directory {parent} is not writable")
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; it is put straight back.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(what: str, path: Path, exc: Exception) -> UserError:
+    detail = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        detail = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return UserError(f"{what} {path}: cannot write it ({detail})")
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on failure it is removed.
 
-    An existing non-empty `out_dir` is refused unless `force`.
+    An existing non-empty `out_dir` is refused unless `force`. The files written get the mode a
+    plain open() gives; an OSError while writing becomes a UserError.
     """
+    from safetensors import SafetensorError
+
+    what = "output directory"
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    check_writable(out_dir, what, directory=True)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: exists and is not empty (use --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    # mkdtemp makes a private (0700) directory; the model should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:  # a race with the check above, or a filesystem that refuses
+        raise _write_error(what, out_dir, exc) from None
     try:
         yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "model")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
+        # mkdtemp makes a private (0700) directory, and writers such as safetensors' save_file
+        # go through private temp files: give everything the permissions open() would.
+        umask = _umask()
+        for file in tmp.rglob("*"):
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _replace_directory(tmp, out_dir)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a race: one error line
+            raise _write_error(what, out_dir, exc) from None
+        raise
+
+
+def _replace_directory(new: Path, out_dir: Path) -> None:
+    """Renames `new` to `out_dir`; an existing `out_dir` is moved aside first and, should the
+    rename fail, put back (or, failing that too, left in the .old- directory: never deleted)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        os.replace(out_dir, old / "model")
+        try:
+            os.replace(new, out_dir)
+        except BaseException:
+            os.replace(old / "model", out_dir)
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            old.rmdir()  # only once empty: it may still hold the old model
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp file path beside `path`; on success it replaces `path` with the mode a plain
+    open() gives, on failure it is removed. An OSError while writing becomes a UserError."""
+    what = "output file"
+    path = Path(path)
+    check_writable(path, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:  # a race with the check above, or a filesystem that refuses
+        raise _write_error(what, path, exc) from None
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(what, path, exc) from None
         raise
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
     """Writes a text file through a temp file beside it and a rename: whole or untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def save_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:

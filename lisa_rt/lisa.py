@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,22 +110,17 @@ def load_adapter(path: str | os.PathLike, model: ModelConfig) -> Adapter:
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, model: ModelConfig) -> Path:
-    """Writes the adapter atomically (temp file, then rename): never a half-written file."""
+    """Writes the adapter atomically (temp file, then rename): never a half-written file; a path
+    that cannot be written is a UserError."""
     from safetensors.torch import save_file
+
+    from .checkpoint import atomic_file
 
     adapter.validate(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {name: t.detach().float().contiguous().cpu() for name, t in adapter.tensors.items()}
-        save_file(tensors, tmp, metadata={"format": "pt", "lisa": json.dumps(adapter.config.to_dict())})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {name: t.detach().float().contiguous().cpu() for name, t in adapter.tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "lisa": json.dumps(adapter.config.to_dict())})
     return path
 
 

@@ -137,14 +137,15 @@ def test_bench_writes_no_json_when_it_fails(run, tiny, tmp_path):
     (["MODEL", "--lisa-ratio", "0.1", "--ctx", "8"], ["no LiSA layer"]),
     (["MODEL", "--steps", "0"], ["--steps", ">= 1"]),
     (["MODEL", "--kv-budget-gb", "-1"], ["--kv-budget-gb", "> 0"]),
-    (["MODEL", "--json", "/no/such/dir/b.json"], ["does not exist"]),
+    (["MODEL", "--json", "TMP/a-file/b.json"], ["--json", "a-file is a file, not a directory"]),
     (["MODEL", "--json", "TMP"], ["is a directory"]),
     (["MODEL", "--dtype", "int8"], ["invalid choice"]),
     (["MODEL", "--lisa", "/no/such/adapter", "--ctx", "8"], ["no such LiSA adapter"]),
     (["/no/such/model"], ["no such model"]),
 ])
 def test_bench_bad_input_is_one_error_line(run, tiny, tmp_path, argv, fragments):
-    argv = [str(tiny) if a == "MODEL" else str(tmp_path) if a == "TMP" else a for a in argv]
+    (tmp_path / "a-file").write_text("")
+    argv = [str(tiny) if a == "MODEL" else a.replace("TMP", str(tmp_path)) for a in argv]
     assert_user_error(*run("bench", *argv, *FAST), *fragments)
 
 

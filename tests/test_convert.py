@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from lisa_rt.checkpoint import load_config, load_tensors
 from lisa_rt.convert import ConvertError, convert, detect_source, source_fingerprint
 from lisa_rt.convert import gguf as lgguf
+from lisa_rt.convert import hf as lhf
+from lisa_rt.errors import UserError
 
 SMOLLM2_GGUF = None
 try:
@@ -66,6 +69,13 @@ def _tiny_llama(tied: bool, rope_scaling: dict | None = None, kv_heads: int = 2,
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def _save_hf(model, src: Path, **kwargs) -> Path:
+    """`model` as a Hugging Face directory with a stand-in tokenizer.json (copied, never parsed)."""
+    model.save_pretrained(src, **kwargs)
+    (src / "tokenizer.json").write_text('{"fake": true}')
+    return src
 
 
 def _check_round_trip(model, out: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -209,8 +219,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def test_hf_tied_gqa_llama3_sharded(tmp_path):
     model = _tiny_llama(tied=True, rope_scaling=dict(LLAMA3_SCALING), kv_heads=2)
-    src = tmp_path / "hf"
-    model.save_pretrained(src, max_shard_size="20KB")
+    src = _save_hf(model, tmp_path / "hf", max_shard_size="20KB")
     assert (src / "model.safetensors.index.json").exists()
     assert detect_source(src) == "hf"
     out = convert(src, tmp_path / "out", progress=False)
@@ -231,6 +240,7 @@ def test_hf_untied_bin_checkpoint_and_dtype(tmp_path):
     hf_config.pop("dtype", None)
     (src / "config.json").write_text(json.dumps(hf_config))
     torch.save(model.state_dict(), src / "pytorch_model.bin")
+    (src / "tokenizer.model").write_bytes(b"stand-in")  # a SentencePiece tokenizer is enough
     out = convert(src, tmp_path / "out", progress=False)
     config = load_config(out)
     assert config.torch_dtype == "bfloat16"  # the source's dtype by default
@@ -269,8 +279,7 @@ def test_hf_errors_name_file_and_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = _tiny_llama(tied=True, seed=3)
-    src = tmp_path / "hf"
-    model.save_pretrained(src)
+    src = _save_hf(model, tmp_path / "hf")
     weights = load_file(src / "model.safetensors")
     missing = dict(weights)
     del missing["model.layers.1.mlp.up_proj.weight"]
@@ -506,6 +515,78 @@ def test_existing_output_refused_without_force(tmp_path):
     convert(path, empty, progress=False)  # an empty directory is fine
     with pytest.raises(ConvertError, match="dtype"):
         convert(path, tmp_path / "x", dtype="int8", progress=False)
+
+
+def _no_weights_read(monkeypatch) -> None:
+    """Reading the HF weights fails the test: a refusal must come before that work."""
+    monkeypatch.setattr(lhf, "read_tensors", lambda *args: pytest.fail("the weights were read"))
+
+
+def test_hf_source_without_tokenizer_is_refused_up_front(tmp_path, monkeypatch):
+    src = tmp_path / "hf"
+    _tiny_llama(tied=True, seed=9).save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")  # settings alone are no tokenizer
+    _no_weights_read(monkeypatch)
+    with pytest.raises(ConvertError, match=r"hf: no tokenizer\.json or tokenizer\.model"):
+        convert(src, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no OUT, no temp dir
+
+
+def test_cli_hf_source_without_tokenizer_writes_nothing(tmp_path):
+    from tests.test_cli import assert_user_error, run_sub
+
+    src = tmp_path / "hf"
+    _tiny_llama(tied=True, seed=9).save_pretrained(src)
+    home = tmp_path / "home"
+    want = ("hf: no tokenizer.json or tokenizer.model",)
+    assert_user_error(*run_sub("convert", src, tmp_path / "out", home=home), *want)
+    assert not (tmp_path / "out").exists()
+    # generate converts into the cache on first use: no unusable model may be left there
+    assert_user_error(*run_sub("generate", "-m", src, "-p", "hi", "-n", 1, home=home), *want)
+    models = home / "models"
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_unwritable_output_is_refused_before_converting(tmp_path, monkeypatch):
+    src = _save_hf(_tiny_llama(tied=True, seed=10), tmp_path / "hf")
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    _no_weights_read(monkeypatch)
+    with pytest.raises(UserError, match=r"^output directory .*afile/sub: .*afile is a file, not a "
+                                        r"directory$"):
+        convert(src, afile / "sub", progress=False)
+    with pytest.raises(UserError, match=r"afile: is a file, not a directory$"):
+        convert(src, afile, progress=False)
+    assert afile.read_text() == "data" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile", "hf"]
+
+
+def test_cli_unwritable_output_is_one_error_line(tmp_path):
+    from tests.test_cli import assert_user_error, run_sub
+
+    src = _save_hf(_tiny_llama(tied=True, seed=10), tmp_path / "hf")
+    (tmp_path / "afile").write_text("data")
+    assert_user_error(*run_sub("convert", src, tmp_path / "afile" / "sub"),
+                      "afile is a file, not a directory")
+    if os.path.isdir("/proc"):
+        # Refused up front, or (as root, whom os.access lets write anywhere) when the write
+        # fails after the progress bar: either way exit 2 and one error line, no traceback.
+        rc, out, err = run_sub("convert", src, "/proc/lisa-rt-test/out")
+        assert rc == 2 and out == "" and "Traceback" not in err, err
+        assert err.splitlines()[-1].startswith("error: output directory /proc/lisa-rt-test/out: ")
+        assert sum(line.startswith("error: ") for line in err.splitlines()) == 1
+
+
+def test_converted_files_get_the_mode_open_would_give(tmp_path):
+    src = _save_hf(_tiny_llama(tied=True, seed=10), tmp_path / "hf")
+    saved = os.umask(0o002)
+    try:
+        out = convert(src, tmp_path / "out", progress=False)
+    finally:
+        os.umask(saved)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"config.json": 0o664, "model.safetensors": 0o664, "tokenizer.json": 0o664}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o775
 
 
 # --- SentencePiece (tokenizer.ggml.model == "llama") ----------------------------------------------

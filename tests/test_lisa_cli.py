@@ -174,6 +174,8 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--lr", "inf"), ["--lr", "finite"]),
     (("fit", "{base}", "--data", "{data}", "--attn-weight", "-0.5"), ["--attn-weight", ">= 0"]),
     (("fit", "{base}", "--data", "{data}", "--out", "{tmp}"), ["is a directory"]),
+    (("fit", "{base}", "--data", "{data}", "--out", "{tmp}/short.txt/a.safetensors"),
+     ["--out", "short.txt is a file, not a directory"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--ratio", "0.5", "--align-hidden", "4"),

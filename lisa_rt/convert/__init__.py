@@ -120,14 +120,13 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, force: b
     `dtype`: float32 / bfloat16 / float16; None keeps the HF config's torch_dtype (float32 when
     absent) and gives float32 for GGUF. An existing non-empty `out` is refused unless `force`.
     """
-    from ..checkpoint import save_model_dir
+    from ..checkpoint import check_writable, save_model_dir
 
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
     kind = detect_source(src)
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a directory")
+    check_writable(out, "output directory", directory=True)  # before minutes of converting
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConvertError(f"{out}: exists and is not empty (use --force to replace it)")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:

@@ -259,6 +259,9 @@ def read_tokenizer(src: Path) -> dict[str, bytes]:
     for name in ("tokenizer.json", "tokenizer.model"):
         if (src / name).is_file():
             files[name] = (src / name).read_bytes()
+    if not files:  # unlike a GGUF file, the directory need not hold one; lisa-rt cannot run without
+        raise ConvertError(f"{src}: no tokenizer.json or tokenizer.model (the model's tokenizer "
+                           "is needed to convert it)")
     config: dict[str, Any] = {}
     config_path = src / "tokenizer_config.json"
     if config_path.is_file():
@@ -299,5 +302,6 @@ def read_source(src: Path, dtype: str | None, progress: bool) -> SourceModel:
         config.validate()
     except Exception as exc:  # ConfigError: name the source file
         raise ConvertError(f"{src / 'config.json'}: {exc}") from None
+    tokenizer_files = read_tokenizer(src)  # before the weights: a missing tokenizer fails fast
     tensors = read_tensors(src, config, progress)
-    return SourceModel(config, tensors, read_tokenizer(src))
+    return SourceModel(config, tensors, tokenizer_files)
