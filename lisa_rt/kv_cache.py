@@ -47,6 +47,24 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
 
 
+def nbytes_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def check_fits(nbytes: int, device: torch.device) -> None:
+    """A UserError when nbytes of KV pools cannot fit in the memory the device has free now (on
+    the CPU, MemAvailable: past it the OOM killer, not an exception, would answer)."""
+    if device.type == "cpu":
+        free = huge_pages.available_memory()
+    elif device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = None
+    if free is not None and nbytes > free:
+        raise UserError(f"a KV cache of {nbytes_text(nbytes)} does not fit in the {nbytes_text(free)} free on "
+                        f"{device.type}: lower the KV budget")
+
+
 class KVCache:
     """The per-layer key and value pools and the allocator that shares them out.
 
@@ -65,12 +83,18 @@ class KVCache:
         key_widths = [lisa.rank if i in lisa_layers else config.head_dim for i in range(config.num_layers)]
         shapes = [(num_blocks, block_size, config.num_kv_heads, width)
                   for width in key_widths + [config.head_dim] * config.num_layers]
+        nbytes = sum(math.prod(shape) for shape in shapes) * torch.empty((), dtype=dtype).element_size()
+        check_fits(nbytes, torch.device(device))
         # On the CPU in one huge-page arena where there is one (huge_pages.py).
         pools = None
         if torch.device(device).type == "cpu":
             pools = huge_pages.zeros_packed([(shape, dtype) for shape in shapes])
         if pools is None:
-            pools = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+            try:
+                pools = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+            except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+                raise UserError(f"could not allocate a KV cache of {nbytes_text(nbytes)} on {device}: lower the "
+                                f"KV budget ({str(exc).splitlines()[0][:120]})") from None
         self.key_pools, self.value_pools = pools[: config.num_layers], pools[config.num_layers :]
         self.allocator = BlockAllocator(num_blocks)
 

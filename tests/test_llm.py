@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import lisa_rt
 from lisa_rt import LLM, SamplingParams, UserError, generate
@@ -381,6 +382,25 @@ def test_default_kv_budget(ref):
         LLM(str(ref.path), kv_cache_gb=0)
     with pytest.raises(UserError, match="no block"):
         LLM(str(ref.path), device="cpu", kv_cache_gb=1e-9)
+    # More than the memory free now: refused before anything is allocated (on the CPU the OOM
+    # killer, not an exception, would answer an arena written past it).
+    with pytest.raises(UserError, match="does not fit in the .* GiB free on cpu: lower the KV budget"):
+        LLM(str(ref.path), device="cpu", kv_cache_gb=1e6)
+
+
+def test_a_kv_cache_that_cannot_be_allocated_is_a_user_error(ref, monkeypatch):
+    from lisa_rt import huge_pages
+    from lisa_rt.kv_cache import KVCache
+
+    monkeypatch.setattr(huge_pages, "zeros_packed", lambda specs: None)
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: None)  # unknown: the allocation decides
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+
+    monkeypatch.setattr(torch, "zeros", refuse)
+    with pytest.raises(UserError, match="could not allocate a KV cache of .* on cpu: lower the KV budget"):
+        KVCache(ref.config, 4, "cpu", torch.float32)
 
 
 @pytest.mark.slow
