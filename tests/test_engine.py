@@ -294,6 +294,7 @@ def test_non_finite_logits_are_an_error_not_a_token():
 @pytest.mark.parametrize("kw, message", [
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"),
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
     (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=2.0), "top_p"),
     (dict(top_p=float("nan")), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
