@@ -14,14 +14,29 @@ Lower level:
 """
 from __future__ import annotations
 
+import importlib
 import os
 
-from .engine import Completion, StreamDelta, generate
 from .errors import UserError
-from .llm import LLM, RequestHandle
-from .sampling import SamplingParams
 
 __version__ = "0.1.0"
+
+# Imported when first used (PEP 562): `lisa-rt` imports this package before its main() can
+# catch Ctrl-C, and these pull in torch, which takes seconds to import.
+_LAZY = {"Completion": "engine", "StreamDelta": "engine", "generate": "engine", "LLM": "llm",
+         "RequestHandle": "llm", "SamplingParams": "sampling"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "cpu",

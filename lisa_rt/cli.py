@@ -6,9 +6,11 @@ Errors a user can cause end in one `error: ...` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -59,15 +61,22 @@ def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
                    help="print how it runs (device, dtype, kernels, LiSA) and the speeds on stderr")
 
 
+def _unescaped(text: str) -> str:
+    """text with the backslash escapes a shell does not make (\\n, \\t, \\r, \\\\) turned into
+    their characters: `--stop "\\n"` stops at a newline, as in llama.cpp. Other backslashes stay."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], text)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=_positive_int, default=256, help="tokens to generate (256)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (0.8)")
+    p.add_argument("--temp", type=_non_negative_float, default=0.8, help="temperature; 0 = greedy (0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 disables (40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables (0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="0 disables (0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (1.0)")
+    p.add_argument("--repeat-penalty", type=_positive_float, default=1.0, help="1 disables (1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
+    p.add_argument("--stop", action="append", default=[], type=_unescaped,
+                   help=r"stop string (repeatable; not printed; \n, \t, \r and \\ are understood)")
 
 
 def _add_lisa_args(p: argparse.ArgumentParser):
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_verbose_arg(p)
 
-    p = sub.add_parser("chat", help="interactive chat (/exit or Ctrl-D to leave)")
+    p = sub.add_parser("chat", help="interactive chat (/help lists its commands; /exit or Ctrl-D leaves)")
     _add_model_args(p)
     _add_lisa_args(p)
     _add_sampling_args(p)
@@ -346,6 +355,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .engine import generate
+    from .tokenizer import check_unicode
 
     params = _sampling_params(args)
     model = _load(args)
@@ -354,30 +364,59 @@ def cmd_chat(args) -> int:
     tok = model.tokenizer
     if not tok.has_chat_template:
         raise UserError(f"{model.path}: this model has no chat template")
-    history = [{"role": "system", "content": args.system}] if args.system is not None else []
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = list(system)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach check_unicode below
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
+            if interactive:  # the prompt's line ends before the shell's
+                print(file=sys.stderr)
             break
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             break
-        if not line.strip():
+        if command in ("/reset", "/clear"):
+            history = list(system)
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        word = command.split()[0] if command else ""
+        if word[1:].isalpha() and word.startswith("/"):  # (a path such as /usr/bin is a message)
+            print(CHAT_HELP if word == "/help" else f"unknown command {word}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        try:
+            check_unicode(line)
+        except UserError as exc:  # one bad line (bytes that are not UTF-8) ends no conversation
+            print(f"error: {exc}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         ids = tok.encode_chat(history)
         if len(ids) >= model.max_context:
             history.pop()
-            print("error: the conversation no longer fits the context; start a new chat",
+            print("error: the conversation no longer fits the context; /reset starts a new one",
                   file=sys.stderr)
             continue
-        completion = generate(model, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
+        try:
+            completion = generate(model, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the exchange is dropped
+            history.pop()
+            _write("\n")
+            print("(interrupted; Ctrl-D or /exit leaves)", file=sys.stderr)
+            continue
         _write("\n")
         history.append({"role": "assistant", "content": completion.text})
         if args.verbose:
             print(_speeds(completion), file=sys.stderr)
     return 0
+
+
+CHAT_HELP = ("commands: /reset (or /clear) starts a new conversation, /exit (or /quit, Ctrl-D) leaves, "
+             "/help shows this; Ctrl-C stops a reply")
 
 
 def cmd_convert(args) -> int:
@@ -502,8 +541,9 @@ def cmd_eval(args) -> int:
                            "num_layers": model.config.num_layers}) + "\n")
     else:
         seconds = result["seconds"]
-        _write(f"ppl {result['ppl']:.4f} over {result['tokens']} tokens "
-               f"({result['windows']} windows of up to {args.ctx}) in {seconds:.2f} s, "
+        tokens, windows = result["tokens"], result["windows"]
+        _write(f"ppl {result['ppl']:.4f} over {tokens} token{'s' * (tokens != 1)} "
+               f"({windows} window{'s' * (windows != 1)} of up to {args.ctx}) in {seconds:.2f} s, "
                f"{result['tokens'] / max(seconds, 1e-9):.1f} tok/s\n")
     return 0
 
@@ -511,7 +551,7 @@ def cmd_eval(args) -> int:
 def cmd_fit(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import load_config, load_tensors
+    from .checkpoint import check_writable, load_config, load_tensors
     from .fit import FitOptions, Fitter, make_sequences, read_texts, sample_self_texts
     from .lisa import ADAPTER_FILE, install_adapter, load_adapter, save_adapter
     import torch
@@ -530,8 +570,7 @@ def cmd_fit(args) -> int:
     device = parse_device(args.device)
     model_dir = resolve_model(args.model)
     out = Path(args.out) if args.out is not None else model_dir / ADAPTER_FILE
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; --out names the adapter file to write")
+    check_writable(out, "--out")  # before the fit, not after it
     if out.exists() and not args.force:
         raise UserError(f"{out}: exists (use --force to replace it)")
     config = load_config(model_dir)
@@ -597,7 +636,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import bench
-    from .checkpoint import load_config, load_tensors, write_text_atomically
+    from .checkpoint import check_writable, load_config, load_tensors, write_text_atomically
     from .config import ModelConfig
     from .lisa import find_adapter
     from .model import Model, parse_device, parse_dtype
@@ -609,7 +648,7 @@ def cmd_bench(args) -> int:
     if args.shape and args.lisa:
         raise UserError("--lisa PATH needs a model (--shape benchmarks a random adapter; see --lisa-ratio)")
     if args.json:
-        _check_writable(args.json)  # before minutes of measuring
+        check_writable(args.json, "--json")  # before minutes of measuring
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     if args.shape:
@@ -653,16 +692,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _check_writable(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory")
-    if not os.path.isdir(parent):
-        raise UserError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: directory {parent} is not writable")
-
-
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -701,8 +730,12 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # named by the subcommand they were given to
+            raise UserError(f"lisa-rt {args.command}: unrecognized arguments: {' '.join(unknown)}")
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a full disk is reported here, not by the interpreter at exit
+        return status
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -710,7 +743,24 @@ def main(argv: list[str] | None = None) -> int:
         print("", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _discard_stdout()
         return 0
+    except OSError as exc:  # what the system refused (a full disk, a vanished file): one line too
+        where = f"{exc.filename}: " if exc.filename else "writing the output: " if exc.errno == errno.ENOSPC else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _discard_stdout()
+        return EXIT_USAGE
+
+
+def _discard_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's last flush of what could not be
+    written does not fail again with a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing will be flushed to it
+        pass
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True)
     from .convert import convert, detect_source, source_fingerprint
 
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if not name.strip():  # Path("") would be the working directory
+        raise UserError("the model name is empty (an alias, a model directory or a model file)")
     if name in ALIASES:
         source = alias_source(name)
     else:

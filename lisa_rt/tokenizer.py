@@ -139,6 +139,20 @@ def load_tokenizer(model_dir, extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
     return Tokenizer(tok, kind, config, template, extra_eos_ids)
 
 
+def check_unicode(text: str) -> None:
+    """A TokenizerError unless text is a str of Unicode characters the tokenizer can take. Python
+    turns argv bytes that are not UTF-8 into lone surrogates (U+DC80-U+DCFF), and JSON can spell
+    one ("\\ud800"); neither encodes as UTF-8."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"text to encode must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}")
+        raise TokenizerError(f"the text is not valid UTF-8: {what} at character {e.start}") from None
+
+
 class Tokenizer:
     """Encode, decode, chat templates and streaming decode over one `tokenizers.Tokenizer`."""
 
@@ -202,6 +216,7 @@ class Tokenizer:
     # -- encode / decode --------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text)
         if not self._use_flags:
             return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self._tok.encode(text, add_special_tokens=False).ids

@@ -8,6 +8,7 @@ template); only the @slow test uses the real default model.
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,11 +139,17 @@ def test_unsupported_gguf_quant_via_convert_and_generate(tmp_path):
 @pytest.mark.parametrize("argv, fragments", [
     (("generate", "-m", "{tiny}", "-p", "hi", "-n", "0"), ["max-tokens", ">= 1"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "-n", "-3"), ["max-tokens", ">= 1"]),
-    (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "-1"), ["temperature"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "-1"), ["--temp", ">= 0"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--top-p", "2"), ["top_p"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--top-k", "-1"), ["top_k"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--seed", str(2**70)), ["seed"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "abc"), ["--temp"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "inf"), ["--temp", "finite"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--repeat-penalty", "inf"), ["--repeat-penalty", "finite"]),
+    (("generate", "-m", "{tiny}", "-p", "abc\udcff"), ["not valid UTF-8", "byte 0xff at character 3"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--chat", "--system", "\ud800"), ["not valid UTF-8", "U+D800"]),
+    (("generate", "-m", "", "-p", "hi"), ["model name is empty"]),
+    (("info", "--bogus"), ["lisa-rt info: unrecognized arguments: --bogus"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--unknown"), ["--unknown"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "-f", "{tmp}/x.txt"), ["exactly one of -p"]),
     (("generate", "-m", "{tiny}"), ["exactly one of -p"]),
@@ -341,6 +348,58 @@ def test_chat_answers_and_exits(run, tiny):
     assert rc == 0 and out == answer
     rc, out, err = run("chat", "-m", tiny, stdin=b"")
     assert (rc, out) == (0, "")
+
+
+def test_chat_commands_and_a_bad_line_keep_the_conversation(run, tiny):
+    """/help and unknown commands answer on stderr, a line that is not UTF-8 is refused alone,
+    /reset starts over (the same question gets the first answer again); none ends the chat."""
+    rc, first, _ = run("chat", "-m", tiny, "-n", 8, "--temp", 0, stdin=b"hello\n")
+    rc, out, err = run("chat", "-m", tiny, "-n", 8, "--temp", 0,
+                       stdin=b"/help\nabc\xff\n/frobnicate now\nhello\n/reset\nhello\n/usr/bin\n")
+    assert rc == 0 and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("commands: /reset")
+    assert lines[1] == "error: the text is not valid UTF-8: byte 0xff at character 3"
+    assert lines[2].startswith("unknown command /frobnicate; commands:")
+    assert "(a new conversation)" in lines
+    assert out.startswith(first + first)  # hello, then hello in a new conversation
+    assert len(out) > 2 * len(first)  # a path such as /usr/bin is a message, not a command
+
+
+def test_unicode_errors_are_told_by_position():
+    from lisa_rt.tokenizer import TokenizerError, check_unicode
+
+    check_unicode("plain, accented é and 中文 and emoji 😀")
+    for text, fragment in (("ab\udcfe", "byte 0xfe at character 2"), ("\udfff!", "U+DFFF at character 0")):
+        with pytest.raises(TokenizerError, match=re.escape(fragment)):
+            check_unicode(text)
+    with pytest.raises(TokenizerError, match="string"):
+        check_unicode(b"bytes")
+
+
+def test_stop_strings_understand_backslash_escapes():
+    parse = cli.build_parser().parse_args
+    assert parse(["generate", "--stop", "\\n", "--stop", "a\\tb", "--stop", "\\\\n", "--stop", "\\x"]).stop == [
+        "\n", "a\tb", "\\n", "\\x"]
+
+
+def test_a_full_disk_on_stdout_is_one_error_line(tiny, tmp_path):
+    """Subprocess with stdout on /dev/full: one error line, exit 2, nothing from the interpreter."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "lisa_rt.cli", "info", str(tiny)], stdout=full,
+                              stderr=subprocess.PIPE, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err == "error: writing the output: No space left on device\n", err
+
+
+def test_the_command_line_imports_no_torch_before_main():
+    """Ctrl-C while torch loads reaches main(), which exits 130 without a traceback: importing
+    the CLI module must not import torch (lisa_rt's package namespace loads lazily)."""
+    code = ("import sys, lisa_rt.cli; assert 'torch' not in sys.modules; "
+            "from lisa_rt import LLM, SamplingParams, generate; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_chat_subprocess(tiny, tmp_path):
