@@ -14,14 +14,17 @@ FastAPI and uvicorn are an optional extra (`pip install 'lisa-rt[serve]'`).
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import socket
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 from .errors import UserError
+from .tokenizer import check_unicode
 
 INSTALL_HINT = "pip install 'lisa-rt[serve]'"
 
@@ -37,6 +40,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from uvicorn.config import LOGGING_CONFIG
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise MissingServeDependencies(
         f"the HTTP server needs FastAPI and uvicorn ({_exc.name or _exc} is missing): "
@@ -136,6 +140,16 @@ def _integer(body: dict, name: str, default, lo: int | None = None, hi: int | No
     return value
 
 
+def _valid_text(text: str, where: str, param: str | None = None) -> str:
+    """text, or a 400 if it is not valid Unicode: JSON can spell a lone surrogate ("\\ud800"),
+    which neither the tokenizer nor a UTF-8 response can take."""
+    try:
+        check_unicode(text)
+    except UserError as exc:
+        raise _bad(f"{where}: {exc}", param=param or where, code="invalid_value") from None
+    return text
+
+
 def _stop_strings(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -144,7 +158,7 @@ def _stop_strings(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
         raise _bad("'stop' must be a non-empty string or a list of them", param="stop")
-    return stop
+    return [_valid_text(s, "stop") for s in stop]
 
 
 def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...]):
@@ -170,8 +184,10 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
     max_tokens = max_tokens_default
     for name in max_tokens_names:
         max_tokens = _integer(body, name, max_tokens, lo=1)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0, lo=-1)
+    top_k = _integer(body, "top_k", 0)
+    if top_k < -1:
+        raise _bad(f"'top_k' must be >= 1, or 0 or -1 to disable it, got {top_k}", param="top_k",
+                   code="invalid_value")
     seed = _integer(body, "seed", None, lo=-2**63, hi=2**64 - 1)
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
@@ -180,7 +196,7 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=max(top_p, 1e-9),             # top_p 0 keeps the single most likely token
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),  # as the CLI: 0 keeps no token
             top_k=max(top_k, 0),                # -1 (vLLM's "off") is lisa-rt's 0
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
@@ -209,14 +225,14 @@ def _message_text(content, index: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _valid_text(content, f"messages[{index}].content")
     if isinstance(content, list):
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{index}].content: only text parts are supported",
                            param=f"messages[{index}].content")
-            parts.append(part["text"])
+            parts.append(_valid_text(part["text"], f"messages[{index}].content"))
         return "".join(parts)
     raise _bad(f"messages[{index}].content must be a string or a list of text parts",
                param=f"messages[{index}].content")
@@ -259,6 +275,9 @@ def _prompts(body: dict) -> list[str | list[int]]:
                    "of lists of token ids", param="prompt")
     if any(len(p) == 0 for p in prompts):
         raise _bad("the prompt is empty", param="prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            _valid_text(p, "prompt" if isinstance(prompt, str) else f"prompt[{i}]", param="prompt")
     return prompts
 
 
@@ -359,6 +378,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         if not isinstance(name, str):
             raise _bad("'model' must be a string", param="model")
         if name not in known_names:
+            _valid_text(name, "model")  # before the 404 that names it
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'",
                            param="model", code="model_not_found")
 
@@ -462,7 +482,10 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         tokenizer = llm.tokenizer
         ids_list = []
         for prompt in prompts:
-            ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+            try:
+                ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+            except UserError as exc:
+                raise _bad(str(exc), param="prompt") from None
             if not ids:
                 raise _bad("the prompt is empty (no tokens)", param="prompt")
             check_length(ids, "prompt")
@@ -641,7 +664,12 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
         raise
     try:
         app = create_app(llm, model_name=model_name, api_key=api_key)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+        # uvicorn's access log goes to stdout; here every log line goes to stderr (stdout stays
+        # clean, as `lisa-rt serve --help` says), in colour only if stderr is a terminal.
+        log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn edits the dict it is given
+        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+        config = uvicorn.Config(app, log_level=log_level, log_config=log_config,
+                                use_colors=sys.stderr.isatty(), timeout_graceful_shutdown=5,
                                 timeout_keep_alive=30)
         bound_host, bound_port = sock.getsockname()[:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"

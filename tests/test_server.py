@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
 from lisa_rt import cli  # noqa: E402
+from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.sampling import SamplingParams  # noqa: E402
 from tests.fixtures import CORPUS, tiny_model_dir  # noqa: E402
 
@@ -179,6 +180,8 @@ def test_sampling_params_reach_the_engine(server, llm):
     # lisa-rt's own parameters: top_k 1 is greedy whatever the temperature.
     greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     assert sample(3, extra_body={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.0}) == greedy
+    # top_k -1 (vLLM's spelling) and 0 both mean no top-k filter.
+    assert sample(3, extra_body={"top_k": -1}) == sample(3, extra_body={"top_k": 0}) == sample(3)
     # A seeded sampled request gives what the Python API gives with the same parameters.
     ids = llm.tokenizer.encode(PROMPT)
     expected = reference(llm, ids, 12, temperature=1.0, seed=7)
@@ -280,7 +283,13 @@ BAD_REQUESTS = [
     ("temperature > 2", CHAT, _chat(temperature=2.5), 400, "temperature", "invalid_value"),
     ("temperature < 0", COMPLETIONS, _completion(temperature=-0.1), 400, "temperature", "invalid_value"),
     ("temperature a string", CHAT, _chat(temperature="hot"), 400, "temperature", None),
+    ("temperature inf", CHAT, _chat(temperature=float("inf")), 400, "temperature", "invalid_value"),
+    ("temperature NaN", COMPLETIONS, _completion(temperature=float("nan")), 400, "temperature", "invalid_value"),
+    ("temperature 1e999", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+     400, "temperature", "invalid_value"),
     ("top_p > 1", CHAT, _chat(top_p=1.5), 400, "top_p", "invalid_value"),
+    ("top_p 0", COMPLETIONS, _completion(top_p=0), 400, "top_p", "invalid_value"),
+    ("top_p < 0", CHAT, _chat(top_p=-0.5), 400, "top_p", "invalid_value"),
     ("max_tokens 0", COMPLETIONS, _completion(max_tokens=0), 400, "max_tokens", "invalid_value"),
     ("max_tokens a float", CHAT, _chat(max_tokens=2.5), 400, "max_tokens", None),
     ("max_completion_tokens -1", CHAT, _chat(max_completion_tokens=-1), 400, "max_completion_tokens", "invalid_value"),
@@ -296,7 +305,26 @@ BAD_REQUESTS = [
     ("empty stop string", CHAT, _chat(stop=[""]), 400, "stop", None),
     ("stop a number", COMPLETIONS, _completion(stop=5), 400, "stop", None),
     ("stream not a bool", CHAT, _chat(stream="yes"), 400, "stream", None),
+    # JSON can spell a lone surrogate, which is not text the tokenizer (or a UTF-8 answer) can take.
+    ("lone surrogate in the prompt", COMPLETIONS, _completion(prompt="a\ud800b"), 400, "prompt", "invalid_value"),
+    ("lone surrogate in one of the prompts", COMPLETIONS, _completion(prompt=[PROMPT, "\udc80"]), 400, "prompt",
+     "invalid_value"),
+    ("lone surrogate in a message", CHAT, _chat(messages=[{"role": "user", "content": "hi \ud800"}]), 400,
+     "messages[0].content", "invalid_value"),
+    ("lone surrogate in a content part", CHAT,
+     _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]), 400,
+     "messages[0].content", "invalid_value"),
+    ("lone surrogate in stop", COMPLETIONS, _completion(stop=["ok", "\ud800"]), 400, "stop", "invalid_value"),
+    ("lone surrogate in the model", CHAT, _chat(model="gpt\ud800"), 400, "model", "invalid_value"),
 ]
+
+
+def _post(url, body, **kwargs):
+    """POSTs body (bytes as they are, else JSON with non-ASCII escaped: httpx's own encoder
+    refuses NaN and lone surrogates, which a client can still send)."""
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    return httpx.post(url, content=body, headers={"content-type": "application/json"}, **kwargs)
 
 
 def _check_error(response, status, param=None, code=None):
@@ -318,12 +346,19 @@ def _check_error(response, status, param=None, code=None):
     for case in BAD_REQUESTS for stream in (False, True)
     if not (stream and isinstance(case[2], bytes))])  # raw bytes: no "stream" field to set
 def test_bad_request(server, path, body, status, param, code, stream):
-    if isinstance(body, bytes):
-        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
-    else:
+    if not isinstance(body, bytes):
         body = {**body, "stream": body.get("stream", stream)}
-        response = httpx.post(server.url + path, json=body)
-    _check_error(response, status, param, code)
+    _check_error(_post(server.url + path, body), status, param, code)
+
+
+def test_error_messages_name_the_limits(server):
+    def message(path, body, param):
+        return _check_error(_post(server.url + path, body), 400, param, "invalid_value")["message"]
+
+    assert "(0, 1]" in message(CHAT, _chat(top_p=0), "top_p")
+    assert "0 or -1 to disable" in message(CHAT, _chat(top_k=-2), "top_k")
+    assert "not valid UTF-8" in message(COMPLETIONS, _completion(prompt="\ud800"), "prompt")
+    assert message(COMPLETIONS, _completion(prompt=["ok", "\ud800"]), "prompt").startswith("prompt[1]: ")
 
 
 def test_oversized_body_is_413_before_parsing(server, llm):
@@ -346,8 +381,7 @@ def test_unknown_route_and_method(server):
 
 def test_bad_requests_leave_the_engine_idle(server, llm):
     for _, path, body, *_ in BAD_REQUESTS:
-        if not isinstance(body, bytes):
-            httpx.post(server.url + path, json=body)
+        _post(server.url + path, body)
     stats = wait_idle(llm)
     assert stats["free_blocks"] == stats["total_blocks"]
 
@@ -441,8 +475,9 @@ def _serve(*argv, home):
 
 
 def test_serve_command(tiny, tmp_path):
+    # At the default log level (info), so that requests are logged.
     proc = _serve("-m", tiny, "--port", 0, "--api-key", API_KEY, "--kv-cache-gb", 0.02,
-                  "--served-model-name", MODEL, "--log-level", "warning", home=tmp_path)
+                  "--served-model-name", MODEL, home=tmp_path)
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -462,7 +497,9 @@ def test_serve_command(tiny, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
+    # Every log line, the access log's included, goes to stderr, as `serve --help` says.
     assert out == "" and "Traceback" not in err
+    assert '"POST /v1/completions HTTP/1.1" 200' in err
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -492,6 +529,23 @@ def test_serve_on_a_busy_port(tiny, tmp_path):
         busy.close()
     assert proc.returncode == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: cannot listen on 127.0.0.1:") and str(port) in err
+
+
+def test_busy_port_is_reported_before_the_model_loads(tiny, monkeypatch, capsys):
+    from lisa_rt import llm as llm_module
+    from lisa_rt.server import bind_socket
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(llm_module, "LLM", no_loading)
+    busy = bind_socket("127.0.0.1", 0)
+    try:
+        assert cli.main(["serve", "-m", str(tiny), "--port", str(busy.getsockname()[1])]) == 2
+    finally:
+        busy.close()
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Address already in use" in err
 
 
 # --- engine failures --------------------------------------------------------------------------
@@ -525,6 +579,36 @@ class _BrokenLLM:
 
     def stats(self):
         return {}
+
+
+class _UnencodableLLM(_BrokenLLM):
+    """A real model whose tokenizer refuses every text, as lisa-rt's refuses text that is not
+    valid UTF-8."""
+
+    def __init__(self, llm):
+        super().__init__(llm)
+
+        class Tokenizer:
+            has_chat_template = True
+
+            def encode(self, *args, **kwargs):
+                raise UserError("the text is not valid UTF-8: a lone surrogate U+D800 at character 0")
+
+            encode_chat = encode
+
+        self.tokenizer = Tokenizer()
+
+
+def test_tokenizer_user_error_is_400(llm):
+    live = LiveServer(_UnencodableLLM(llm))
+    try:
+        for stream in (False, True):
+            for path, body, param in ((COMPLETIONS, _completion(stream=stream), "prompt"),
+                                      (CHAT, _chat(stream=stream), "messages")):
+                error = _check_error(httpx.post(live.url + path, json=body), 400, param)
+                assert "not valid UTF-8" in error["message"]
+    finally:
+        live.stop()
 
 
 def test_engine_failure_is_reported(llm):
