@@ -396,7 +396,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     # Numbers line up on the right, words on the left.
     lines = ["  ".join(cell.rjust(w) if _numeric(cell) else cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
              for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
     return "\n".join(lines)
 
 
