@@ -28,6 +28,7 @@ from lisa_rt.config import ModelConfig  # noqa: E402
 from lisa_rt.errors import UserError  # noqa: E402
 from lisa_rt.fit import FitOptions, Fitter  # noqa: E402
 from lisa_rt.lisa import Adapter, LisaLayer, find_adapter, load_adapter  # noqa: E402
+from lisa_rt.model import parse_device  # noqa: E402
 from lisa_rt.registry import BUNDLED_ADAPTERS, bundled_adapter_path, resolve_model  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> int:
     which.add_argument("--shape", default="smollm2", choices=sorted(bench.SHAPES),
                        help="random weights of this shape, made on the device (default: smollm2)")
     parser.add_argument("--lisa", default=None, help="adapter file (default: see above)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch", type=int, default=8, help="sequences a step (gpu_fit.sh: 8)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--attn-weight", type=float, default=8.0, help="as gpu_fit.sh fits (8)")
@@ -79,14 +80,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.seq_len < 8 or args.steps < 1 or args.warmup < 0 or args.top < 1:
         raise UserError("--batch, --steps and --top must be >= 1, --seq-len >= 8 and --warmup >= 0")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device: {args.device!r} is not a device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU here")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: cpu or cuda, got {args.device!r}")
+    device = parse_device(args.device)
     if not args.highest_precision:
         torch.set_float32_matmul_precision("high")
 

@@ -12,7 +12,7 @@ def test_fit_profile_table_and_json(tmp_path):
     model, adapter = tiny_model_with_adapter(tmp_path)
     out = tmp_path / "profile.json"
     result = run_script(SCRIPT, "--model", model, "--lisa", adapter, "--device", "cpu", "--batch", 2,
-                        "--seq-len", 24, "--steps", 1, "--warmup", 1, "--top", 40, "--json", out)
+                        "--seq-len", 24, "--steps", 1, "--warmup", 1, "--top", 1000, "--json", out)
     assert result.returncode == 0, result.stderr
     assert "2 LiSA layers, batch 2 x 24 tokens" in result.stdout and "aten::mm" in result.stdout
     report = json.loads(out.read_text())
@@ -21,14 +21,15 @@ def test_fit_profile_table_and_json(tmp_path):
     # Two LiSA layers, each aligned once forward and once backward a step.
     assert ops["lisa_rt::causal_head_align"]["calls/step"] == 2
     assert ops["lisa_rt::causal_head_align_backward"]["calls/step"] == 2
-    assert 0 < sum(row["ms/step"] for row in report["top"]) <= report["profiled_ms_per_step"] + 1e-6
+    listed = sum(row["ms/step"] for row in report["top"])  # each rounded to 0.01 ms
+    assert 0 < listed <= report["profiled_ms_per_step"] + 0.005 * len(report["top"])
 
 
 def test_fit_profile_bad_input_is_one_error_line(tmp_path):
     model, adapter = tiny_model_with_adapter(tmp_path)
     for args, fragment in ((("--batch", 0), "--batch"),
                            (("--seq-len", 100_000), "--seq-len"),
-                           (("--device", "tpu"), "--device"),
+                           (("--device", "tpu"), "tpu"),
                            (("--lisa", tmp_path / "none.safetensors"), "none.safetensors"),
                            (("--model", tmp_path / "nothing"), "nothing")):
         result = run_script(SCRIPT, "--model", model, "--device", "cpu", "--steps", 1, *args)

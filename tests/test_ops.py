@@ -216,7 +216,11 @@ def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):
         pytest.skip("CUDA kernels take head sizes that are multiples of 8")
     if device == "cuda" and 0 in lengths:
         pytest.skip("on CUDA an empty sequence is CUDA-graph padding, whose output nobody reads")
-    block_size = 16
+    check_decode_attention(device, dtype, heads, kv_heads, dim, 16, lengths)
+
+
+def check_decode_attention(device, dtype, heads, kv_heads, dim, block_size, lengths):
+    """paged_decode_attention against the reference on random caches of these shapes."""
     num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
     key_cache, value_cache = make_cache(num_blocks, block_size, kv_heads, dim, device, dtype)
     tables = random_block_tables(lengths, block_size, num_blocks, device)
@@ -230,23 +234,13 @@ def test_paged_decode_attention(device, dtype, heads, kv_heads, dim, lengths):
     close(out, want, dtype)
 
 
-
 # Shapes the CUDA kernel takes by other paths: a group of 7 (the 8-head variant with a head
 # idle), a group of 12 (a full 8-head chunk and a partial one), head dim 256 (a row over all 32
 # lanes), and one long sequence alone in 8-key blocks (more than 32 splits: two per combine lane).
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size,lengths", [
     (7, 1, 64, 16, [40, 3]), (12, 1, 64, 16, [300]), (4, 2, 256, 16, [500, 70]), (8, 1, 64, 8, [2100])])
 def test_paged_decode_attention_other_shapes(device, dtype, heads, kv_heads, dim, block_size, lengths):
-    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 4
-    key_cache, value_cache = make_cache(num_blocks, block_size, kv_heads, dim, device, dtype)
-    tables = random_block_tables(lengths, block_size, num_blocks, device)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    query = torch.randn(len(lengths), heads, dim, device=device, dtype=dtype)
-    out = poison(torch.empty_like(query))
-    ops.paged_decode_attention(out, query, key_cache, value_cache, tables, seq_lens, 1 / math.sqrt(dim))
-    want = reference.paged_decode_attention(query.cpu(), key_cache.cpu(), value_cache.cpu(),
-                                            tables.cpu(), seq_lens.cpu(), 1 / math.sqrt(dim))
-    close(out, want, dtype)
+    check_decode_attention(device, dtype, heads, kv_heads, dim, block_size, lengths)
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 2, 128)])
 @pytest.mark.parametrize("chunks", [[(7, 7)], [(5, 21), (16, 16), (1, 40)], [(0, 3), (33, 100), (130, 130)]])
