@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -159,7 +160,14 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = Fals
 
 
 def _umask() -> int:
-    # The umask can only be read by setting it; it is put straight back.
+    """The process's umask: from /proc where Linux shows it; elsewhere by setting it and putting
+    it straight back (for that instant other threads would create files with a stricter mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
@@ -230,8 +238,11 @@ def _replace_directory(new: Path, out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temp file path beside `path`; on success it replaces `path` with the mode a plain
-    open() gives, on failure it is removed. An OSError while writing becomes a UserError."""
+    """Yield a temp file path beside `path`; on success it replaces `path` (keeping the mode of
+    the file it replaces, else with the mode a plain open() gives), on failure it is removed. An
+    OSError or a safetensors write error while writing becomes a UserError."""
+    from safetensors import SafetensorError
+
     what = "output file"
     path = Path(path)
     check_writable(path, what)
@@ -243,12 +254,16 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise _write_error(what, path, exc) from None
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()  # mkstemp makes the file private (0600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a quota: one error line
             raise _write_error(what, path, exc) from None
         raise
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lisa_rt.checkpoint import atomic_directory, check_writable, save_tensors, write_text_atomically
+from lisa_rt.checkpoint import atomic_directory, atomic_file, check_writable, save_tensors, write_text_atomically
 from lisa_rt.errors import UserError
 
 
@@ -100,6 +100,7 @@ def test_check_writable_on_a_real_read_only_directory(tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
 def test_written_file_gets_the_mode_open_would_give(tmp_path, umask, mask):
+    """A new file gets the mode open() gives it; a replaced file keeps its own, as open() keeps it."""
     umask(mask)
     write_text_atomically(tmp_path / "new.json", "{}\n")
     (tmp_path / "old.json").write_text("old")
@@ -107,9 +108,18 @@ def test_written_file_gets_the_mode_open_would_give(tmp_path, umask, mask):
     write_text_atomically(tmp_path / "old.json", "new")
     with open(tmp_path / "plain", "w"):
         pass
-    assert mode(tmp_path / "new.json") == mode(tmp_path / "old.json") == mode(tmp_path / "plain") \
-        == 0o666 & ~mask
-    assert (tmp_path / "old.json").read_text() == "new"
+    assert mode(tmp_path / "new.json") == mode(tmp_path / "plain") == 0o666 & ~mask
+    assert mode(tmp_path / "old.json") == 0o600 and (tmp_path / "old.json").read_text() == "new"
+
+
+def test_a_safetensors_write_error_is_one_error_line_and_leaves_nothing(tmp_path):
+    from safetensors import SafetensorError
+
+    with pytest.raises(UserError, match=r"output file .*a.safetensors: cannot write it \(File too large"):
+        with atomic_file(tmp_path / "a.safetensors") as tmp:
+            tmp.write_bytes(b"part")
+            raise SafetensorError("File too large (os error 27)")
+    assert os.listdir(tmp_path) == []
 
 
 def test_write_text_creates_missing_directories(tmp_path):
