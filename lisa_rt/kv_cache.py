@@ -51,18 +51,26 @@ def nbytes_text(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an allocation failed for want of memory: torch.OutOfMemoryError on CUDA, the CPU
+    allocator's RuntimeError, or Python's MemoryError."""
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or "can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 def check_fits(nbytes: int, device: torch.device) -> None:
     """A UserError when nbytes of KV pools cannot fit in the memory the device has free now (on
     the CPU, MemAvailable: past it the OOM killer, not an exception, would answer)."""
     if device.type == "cpu":
         free = huge_pages.available_memory()
     elif device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        # Memory torch's caching allocator holds for no tensor is free to the pools too.
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     else:
         free = None
     if free is not None and nbytes > free:
         raise UserError(f"a KV cache of {nbytes_text(nbytes)} does not fit in the {nbytes_text(free)} free on "
-                        f"{device.type}: lower the KV budget")
+                        f"{device.type}: lower the KV budget (kv_cache_gb, --kv-cache-gb)")
 
 
 class KVCache:
@@ -92,9 +100,11 @@ class KVCache:
         if pools is None:
             try:
                 pools = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
-            except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):  # a device fault is not a budget to lower
+                    raise
                 raise UserError(f"could not allocate a KV cache of {nbytes_text(nbytes)} on {device}: lower the "
-                                f"KV budget ({str(exc).splitlines()[0][:120]})") from None
+                                f"KV budget (kv_cache_gb, --kv-cache-gb; {str(exc).splitlines()[0][:120]})") from None
         self.key_pools, self.value_pools = pools[: config.num_layers], pools[config.num_layers :]
         self.allocator = BlockAllocator(num_blocks)
 

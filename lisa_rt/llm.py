@@ -13,7 +13,7 @@ A request is a `RequestHandle`: its deltas can be read blocking (`events`), from
 
 KV cache size (`kv_cache_gb`, GiB = 2**30 bytes, keys and values of every layer):
 None picks, on the CPU, enough for max_num_seqs sequences of min(context, 4096) tokens but at
-most 2 GiB; on CUDA, 40% of the GPU memory free once the weights are loaded, but no more than
+most 2 GiB and at most half the memory available; on CUDA, 40% of the GPU memory free once the weights are loaded, but no more than
 max_num_seqs sequences at full context need.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from . import huge_pages
 from .engine import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Completion, Engine, Request,
                      StreamDelta)
 from .errors import UserError
@@ -361,4 +362,5 @@ def kv_cache_bytes(model, kv_cache_gb: float | None, max_num_seqs: int) -> int:
         # Never more than every sequence at full context could use.
         return min(int(free * CUDA_KV_FREE_FRACTION), max_num_seqs * model.max_context * per_token)
     tokens = max_num_seqs * min(model.max_context, CPU_KV_TOKENS_PER_SEQ)
-    return min(tokens * per_token, CPU_KV_MAX_BYTES)
+    available = huge_pages.available_memory()  # a small machine gets a smaller default, not an error
+    return min(tokens * per_token, CPU_KV_MAX_BYTES, available // 2 if available else CPU_KV_MAX_BYTES)

@@ -378,6 +378,9 @@ def test_default_kv_budget(ref):
     assert kv_cache_bytes(ref, None, 256) == 256 * min(ref.max_context, 4096) * per_token
     assert kv_cache_bytes(ref, None, 10**6) == 2 * 2**30
     assert kv_cache_bytes(ref, 0.5, 256) == 2**29
+    with pytest.MonkeyPatch.context() as patch:  # a small machine: half of what is available
+        patch.setattr(lisa_rt.huge_pages, "available_memory", lambda: 2**28)
+        assert kv_cache_bytes(ref, None, 10**6) == 2**27
     with pytest.raises(UserError, match="kv_cache_gb"):
         LLM(str(ref.path), kv_cache_gb=0)
     with pytest.raises(UserError, match="no block"):
