@@ -195,9 +195,11 @@ class Model:
         if self.lisa is not None:
             size = tokens * c.num_heads * max_keys
             if self._scores_size < size:
-                self._scores_size = max(size, 2 * self._scores_size)
-                self._scores = [torch.empty(self._scores_size, device=self.device, dtype=torch.float32)
-                                for _ in range(2)]
+                grown = max(size, 2 * self._scores_size)
+                # The size is recorded once the buffers exist: a Ctrl-C between the two (chat goes
+                # on after one) would leave a size the buffers do not have.
+                self._scores = [torch.empty(grown, device=self.device, dtype=torch.float32) for _ in range(2)]
+                self._scores_size = grown
             views["scores"] = [buf[:size].view(tokens, c.num_heads, max_keys) for buf in self._scores]
         return views
 
