@@ -376,18 +376,18 @@ def cmd_chat(args) -> int:
             if interactive:  # the prompt's line ends before the shell's
                 print(file=sys.stderr)
             break
-        command = line.strip()
+        command = line.rstrip()
         if command in ("/exit", "/quit"):
             break
         if command in ("/reset", "/clear"):
             history = list(system)
             print("(a new conversation)", file=sys.stderr)
             continue
-        word = command.split()[0] if command else ""
-        if word[1:].isalpha() and word.startswith("/"):  # (a path such as /usr/bin is a message)
+        word = command.split()[0] if command.startswith("/") else ""
+        if word[1:].isalpha():  # (a path such as /usr/bin is a message)
             print(CHAT_HELP if word == "/help" else f"unknown command {word}; {CHAT_HELP}", file=sys.stderr)
             continue
-        if not command:
+        if not command.strip():
             continue
         try:
             check_unicode(line)
@@ -416,7 +416,8 @@ def cmd_chat(args) -> int:
 
 
 CHAT_HELP = ("commands: /reset (or /clear) starts a new conversation, /exit (or /quit, Ctrl-D) leaves, "
-             "/help shows this; Ctrl-C stops a reply")
+             "/help shows this; Ctrl-C stops a reply; a message that starts with /word is sent as one "
+             "after a space")
 
 
 def cmd_convert(args) -> int:
@@ -732,7 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:  # named by the subcommand they were given to
-            raise UserError(f"lisa-rt {args.command}: unrecognized arguments: {' '.join(unknown)}")
+            given = sys.argv[1:] if argv is None else argv
+            before = args.command in given and given.index(unknown[0]) < given.index(args.command)
+            raise UserError(f"lisa-rt {args.command}: unrecognized arguments: {' '.join(unknown)}"
+                            + (f" (options go after the subcommand: lisa-rt {args.command} ...)" if before else ""))
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a full disk is reported here, not by the interpreter at exit
         return status

@@ -150,6 +150,7 @@ def test_unsupported_gguf_quant_via_convert_and_generate(tmp_path):
     (("generate", "-m", "{tiny}", "-p", "hi", "--chat", "--system", "\ud800"), ["not valid UTF-8", "U+D800"]),
     (("generate", "-m", "", "-p", "hi"), ["model name is empty"]),
     (("info", "--bogus"), ["lisa-rt info: unrecognized arguments: --bogus"]),
+    (("--verbose", "info"), ["unrecognized arguments: --verbose", "options go after the subcommand"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--unknown"), ["--unknown"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "-f", "{tmp}/x.txt"), ["exactly one of -p"]),
     (("generate", "-m", "{tiny}"), ["exactly one of -p"]),
