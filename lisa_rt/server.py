@@ -196,7 +196,8 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),  # as the CLI: 0 keeps no token
+            # OpenAI's API takes top_p in [0, 1]; 0 keeps the single most likely token.
+            top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),
             top_k=max(top_k, 0),                # -1 (vLLM's "off") is lisa-rt's 0
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
