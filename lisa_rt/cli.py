@@ -734,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:  # named by the subcommand they were given to
             given = sys.argv[1:] if argv is None else argv
-            before = args.command in given and given.index(unknown[0]) < given.index(args.command)
+            before = (args.command in given and unknown[0] in given
+                      and given.index(unknown[0]) < given.index(args.command))
             raise UserError(f"lisa-rt {args.command}: unrecognized arguments: {' '.join(unknown)}"
                             + (f" (options go after the subcommand: lisa-rt {args.command} ...)" if before else ""))
         status = COMMANDS[args.command](args)
