@@ -367,6 +367,25 @@ def test_chat_commands_and_a_bad_line_keep_the_conversation(run, tiny):
     assert len(out) > 2 * len(first)  # a path such as /usr/bin is a message, not a command
 
 
+def test_ctrl_c_during_a_reply_keeps_the_chat(run, tiny, monkeypatch):
+    """The interrupted exchange is dropped: the next line is answered as the first of the chat."""
+    import lisa_rt.engine
+
+    rc, first, _ = run("chat", "-m", tiny, "-n", 8, "--temp", 0, stdin=b"hello\n")
+    real, calls = lisa_rt.engine.generate, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lisa_rt.engine, "generate", interrupted_once)
+    rc, out, err = run("chat", "-m", tiny, "-n", 8, "--temp", 0, stdin=b"something else\nhello\n")
+    assert rc == 0 and "(interrupted; Ctrl-D or /exit leaves)" in err
+    assert out == "\n" + first and len(calls) == 2
+
+
 def test_unicode_errors_are_told_by_position():
     from lisa_rt.tokenizer import TokenizerError, check_unicode
 
