@@ -38,15 +38,18 @@ def model_and_adapter(args, device: torch.device) -> tuple[ModelConfig, dict[str
         model_dir = resolve_model(args.model)
         config = load_config(model_dir)
         tensors = load_tensors(model_dir, config)
-        own = None if args.lisa else find_adapter(model_dir, config)
     else:
         config = ModelConfig(**bench.SHAPES[args.shape])
         tensors = bench.random_tensors(config, device, torch.float32, seed=args.seed)
-        own = (load_adapter(bundled_adapter_path(BUNDLED_ADAPTERS[args.shape]), config)
-               if args.shape in BUNDLED_ADAPTERS and not args.lisa else None)
     if args.lisa:
-        return config, tensors, load_adapter(args.lisa, config)
-    return config, tensors, own or bench.random_adapter(config, seed=args.seed)
+        adapter = load_adapter(args.lisa, config)
+    elif args.model is not None:
+        adapter = find_adapter(model_dir, config)
+    elif args.shape in BUNDLED_ADAPTERS:
+        adapter = load_adapter(bundled_adapter_path(BUNDLED_ADAPTERS[args.shape]), config)
+    else:
+        adapter = None
+    return config, tensors, adapter or bench.random_adapter(config, seed=args.seed)
 
 
 def top_ops(prof, device: torch.device, steps: int, count: int) -> tuple[list[dict], float]:

@@ -185,7 +185,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on failure it is removed.
 
     An existing non-empty `out_dir` is refused unless `force`. The files written get the mode a
-    plain open() gives; an OSError while writing becomes a UserError.
+    plain open() gives; an OSError or a safetensors write error while writing becomes a UserError.
     """
     from safetensors import SafetensorError
 

@@ -13,8 +13,8 @@ A request is a `RequestHandle`: its deltas can be read blocking (`events`), from
 
 KV cache size (`kv_cache_gb`, GiB = 2**30 bytes, keys and values of every layer):
 None picks, on the CPU, enough for max_num_seqs sequences of min(context, 4096) tokens but at
-most 2 GiB and at most half the memory available; on CUDA, 40% of the GPU memory free once the weights are loaded, but no more than
-max_num_seqs sequences at full context need.
+most 2 GiB and at most half the memory available; on CUDA, 40% of the GPU memory free once the
+weights are loaded, but no more than max_num_seqs sequences at full context need.
 """
 from __future__ import annotations
 
