@@ -173,11 +173,19 @@ def _umask() -> int:
     return mask
 
 
-def _write_error(what: str, path: Path, exc: Exception) -> UserError:
-    detail = str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        detail = exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    return UserError(f"{what} {path}: cannot write it ({detail})")
+@contextlib.contextmanager
+def _as_user_error(what: str, path: Path) -> Iterator[None]:
+    """An OSError or a safetensors write error inside (a full disk, a quota, a race with
+    check_writable) becomes one UserError line naming `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        detail = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        raise UserError(f"{what} {path}: cannot write it ({detail})") from None
 
 
 @contextlib.contextmanager
@@ -187,32 +195,26 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     An existing non-empty `out_dir` is refused unless `force`. The files written get the mode a
     plain open() gives; an OSError or a safetensors write error while writing becomes a UserError.
     """
-    from safetensors import SafetensorError
-
     what = "output directory"
     out_dir = Path(out_dir)
     check_writable(out_dir, what, directory=True)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: exists and is not empty (use --force to replace it)")
-    try:
+    with _as_user_error(what, out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as exc:  # a race with the check above, or a filesystem that refuses
-        raise _write_error(what, out_dir, exc) from None
-    try:
-        yield tmp
-        # mkdtemp makes a private (0700) directory, and writers such as safetensors' save_file
-        # go through private temp files: give everything the permissions open() would.
-        umask = _umask()
-        for file in tmp.rglob("*"):
-            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        _replace_directory(tmp, out_dir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a race: one error line
-            raise _write_error(what, out_dir, exc) from None
-        raise
+        try:
+            yield tmp
+            # mkdtemp makes a private (0700) directory, and writers such as safetensors' save_file
+            # go through private temp files: give everything the permissions open() would.
+            umask = _umask()
+            for file in tmp.rglob("*"):
+                os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _replace_directory(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _replace_directory(new: Path, out_dir: Path) -> None:
@@ -241,31 +243,25 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temp file path beside `path`; on success it replaces `path` (keeping the mode of
     the file it replaces, else with the mode a plain open() gives), on failure it is removed. An
     OSError or a safetensors write error while writing becomes a UserError."""
-    from safetensors import SafetensorError
-
     what = "output file"
     path = Path(path)
     check_writable(path, what)
-    try:
+    with _as_user_error(what, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
-    except OSError as exc:  # a race with the check above, or a filesystem that refuses
-        raise _write_error(what, path, exc) from None
-    try:
-        yield Path(tmp)
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()  # mkstemp makes the file private (0600)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a quota: one error line
-            raise _write_error(what, path, exc) from None
-        raise
+            yield Path(tmp)
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()  # mkstemp makes the file private (0600)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
