@@ -34,7 +34,8 @@ inline void check_device(const at::Tensor& t, const at::Tensor& like, const char
 inline void check_norm_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.dim() >= 1 && input.is_contiguous(), "rms_norm: input must be contiguous");
   TORCH_CHECK(out.sizes() == input.sizes() && out.is_contiguous(), "rms_norm: out must match input");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), "rms_norm: weight must be [hidden]");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1) && weight.is_contiguous(),
+              "rms_norm: weight must be a contiguous [hidden]");
   check_same(out, input, "rms_norm");
   check_same(weight, input, "rms_norm weight");
 }

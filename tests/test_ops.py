@@ -236,11 +236,14 @@ def check_decode_attention(device, dtype, heads, kv_heads, dim, block_size, leng
 
 # Shapes the CUDA kernel takes by other paths: a group of 7 (the 8-head variant with a head
 # idle), a group of 12 (a full 8-head chunk and a partial one), head dim 256 (a row over all 32
-# lanes), and one long sequence alone in 8-key blocks (more than 32 splits: two per combine lane).
+# lanes), one long sequence alone in 8-key blocks (more than 32 splits: two per combine lane),
+# and LLaMA-3-8B's heads at 2,049 keys (64 splits of 33 keys: the last split gets none).
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size,lengths", [
-    (7, 1, 64, 16, [40, 3]), (12, 1, 64, 16, [300]), (4, 2, 256, 16, [500, 70]), (8, 1, 64, 8, [2100])])
+    (7, 1, 64, 16, [40, 3]), (12, 1, 64, 16, [300]), (4, 2, 256, 16, [500, 70]), (8, 1, 64, 8, [2100]),
+    (32, 8, 128, 16, [2049])])
 def test_paged_decode_attention_other_shapes(device, dtype, heads, kv_heads, dim, block_size, lengths):
     check_decode_attention(device, dtype, heads, kv_heads, dim, block_size, lengths)
+
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 2, 128)])
 @pytest.mark.parametrize("chunks", [[(7, 7)], [(5, 21), (16, 16), (1, 40)], [(0, 3), (33, 100), (130, 130)]])
@@ -283,6 +286,8 @@ def test_bad_arguments_raise(device):
     x = torch.randn(4, 8, device=device)
     with pytest.raises(RuntimeError, match="weight"):
         ops.rms_norm(torch.empty_like(x), x, torch.ones(7, device=device), 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous"):  # the kernels read the weight densely
+        ops.fused_add_rms_norm(x.clone(), torch.randn_like(x), torch.ones(16, device=device)[::2], 1e-5)
     with pytest.raises(RuntimeError, match="twice"):
         ops.silu_and_mul(torch.empty(4, 3, device=device), x)
     with pytest.raises(RuntimeError, match="dtype"):
