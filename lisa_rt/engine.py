@@ -219,8 +219,13 @@ class Request:
             timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
                      "decode_s": end - first, "decode_steps": self.decode_steps,
                      "preemptions": self.preemptions,
-                     "prompt_tok_per_s": len(self.prompt) / max(first - admit, 1e-9),
-                     "decode_tok_per_s": decode_tokens / max(end - first, 1e-9)})
+                     "prompt_tok_per_s": _rate(len(self.prompt), first - admit),
+                     "decode_tok_per_s": _rate(decode_tokens, end - first)})
+
+
+def _rate(count: int, seconds: float) -> float:
+    """Tokens per second; 0 where nothing was timed (a request cancelled before its prefill)."""
+    return count / seconds if seconds > 0 else 0.0
 
 
 class InFlight:
@@ -633,6 +638,8 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
                  cache: KVCache | None = None) -> int:
     """Validates one request; returns how many tokens it may generate (max_tokens, capped by
     the context). With a cache, a prompt that cannot fit in it even alone is refused."""
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise UserError("a prompt here is a list of token ids (model.tokenizer.encode gives them)")
     if not prompt:
         raise UserError("the prompt is empty (no tokens)")
     if len(prompt) >= model.max_context:
@@ -647,14 +654,15 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
     return min(params.max_tokens, model.max_context - len(prompt))
 
 
-def _per_prompt(params: SamplingParams | list[SamplingParams], count: int) -> list[SamplingParams]:
-    if isinstance(params, SamplingParams):
-        params = [params] * count
-    if len(params) != count:
+def _per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * count
+    if not isinstance(params, (list, tuple)) or len(params) != count \
+            or not all(isinstance(sp, SamplingParams) for sp in params):
         raise UserError("one SamplingParams per prompt, or one for all")
     for sp in params:
         sp.validate()
-    return params
+    return list(params)
 
 
 def run_to_completion(engine: Engine, prompts: list[list[int]],
@@ -685,7 +693,7 @@ def run_to_completion(engine: Engine, prompts: list[list[int]],
     return [req.completion for req in requests]
 
 
-def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
              on_text: Callable[[int, str], None] | None = None, cuda_graphs: bool = True,
              overlap: bool | None = None) -> list[Completion]:
     """Generates for every prompt (token ids) with an engine of its own, in the calling thread.

@@ -34,6 +34,7 @@ from .engine import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Completion,
 from .errors import UserError
 from .kv_cache import KVCache
 from .sampling import SamplingParams
+from .tokenizer import chat_messages
 
 __all__ = ["LLM", "RequestHandle", "StreamDelta", "Completion", "kv_cache_bytes"]
 
@@ -254,13 +255,14 @@ class LLM:
         return deltas()
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        """The assistant's reply to messages, through the model's chat template."""
+        """The assistant's reply to messages (as OpenAI's chat API takes them: a role and a
+        string or a list of text parts each), through the model's chat template."""
         return self.generate([self._chat_tokens(messages)], params)[0]
 
     def _chat_tokens(self, messages: list[dict]) -> list[int]:
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
             raise UserError(f"{self.model_name}: this model has no chat template")
-        return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode_chat(chat_messages(messages))
 
     async def agenerate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         """generate() of one prompt for asyncio; cancelling the task cancels the request."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,23 +43,51 @@ class SamplingParams:
     min_p: float = 0.05        # 0 disables
     repetition_penalty: float = 1.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)   # one string, or None for none, will do too
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         self.validate()
 
     def validate(self) -> None:
+        """Raises UserError for a bad value. Values of other numeric types (numpy's, a Fraction)
+        become int or float, a single stop string a list and `stop=None` no stop strings, so
+        that what the sampler reads is always plain Python."""
         def bad(message: str) -> UserError:
             return UserError(f"invalid sampling parameter: {message}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        def integer(name: str) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise bad(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            return int(value)
+
+        def real(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise bad(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+            return float(value)
+
+        self.max_tokens, self.top_k = integer("max_tokens"), integer("top_k")
+        self.temperature, self.top_p, self.min_p = real("temperature"), real("top_p"), real("min_p")
+        self.repetition_penalty = real("repetition_penalty")
+        if self.seed is not None:
+            self.seed = integer("seed")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.max_tokens < 1:
             raise bad(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.temperature < math.inf:
             raise bad(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise bad(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
@@ -66,7 +95,7 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < math.inf:
             raise bad(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
             raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop strings must be non-empty strings")

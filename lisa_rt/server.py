@@ -24,7 +24,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from .errors import UserError
-from .tokenizer import check_unicode
+from .tokenizer import ChatMessageError, chat_messages, check_unicode
 
 INSTALL_HINT = "pip install 'lisa-rt[serve]'"
 
@@ -222,41 +222,14 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _message_text(content, index: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return _valid_text(content, f"messages[{index}].content")
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{index}].content: only text parts are supported",
-                           param=f"messages[{index}].content")
-            parts.append(_valid_text(part["text"], f"messages[{index}].content"))
-        return "".join(parts)
-    raise _bad(f"messages[{index}].content must be a string or a list of text parts",
-               param=f"messages[{index}].content")
-
-
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if messages is None:
         raise _bad("'messages' is required", param="messages", code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _bad(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
-        role = message["role"]
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise _bad(f"messages[{i}].role {role!r} is not one of system, developer, user, "
-                       "assistant, tool", param=f"messages[{i}].role")
-        out.append({"role": role, "content": _message_text(message.get("content"), i)})
-    return out
+    try:
+        return chat_messages(messages)
+    except ChatMessageError as exc:
+        raise _bad(str(exc), param=exc.where, code=exc.code) from None
 
 
 def _prompts(body: dict) -> list[str | list[int]]:

@@ -153,6 +153,53 @@ def check_unicode(text: str) -> None:
         raise TokenizerError(f"the text is not valid UTF-8: {what} at character {e.start}") from None
 
 
+class ChatMessageError(TokenizerError):
+    """A chat message that cannot be rendered; `where` names the part ("messages[2].content")
+    and `code` is "invalid_value" for text that is not valid Unicode."""
+
+    def __init__(self, where: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.where, self.code = where, code
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """Messages as OpenAI's chat API takes them, as chat templates read them: each a role (one
+    of CHAT_ROLES; "developer", OpenAI's newer name, becomes "system") and its content as one
+    string (a list of text parts joined, None empty). Raises ChatMessageError."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatMessageError("messages", "'messages' must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ChatMessageError(f"messages[{i}]", f"messages[{i}] must be an object with a 'role'")
+        role = "system" if message["role"] == "developer" else message["role"]
+        if role not in CHAT_ROLES:
+            raise ChatMessageError(f"messages[{i}].role", f"messages[{i}].role {role!r} is not one of "
+                                   "system, developer, user, assistant, tool")
+        out.append({"role": role, "content": _message_text(message.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def _message_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        if any(not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
+               for part in content):
+            raise ChatMessageError(where, f"{where}: only text parts are supported")
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ChatMessageError(where, f"{where} must be a string or a list of text parts")
+    try:
+        check_unicode(content)
+    except TokenizerError as exc:
+        raise ChatMessageError(where, f"{where}: {exc}", code="invalid_value") from None
+    return content
+
+
 class Tokenizer:
     """Encode, decode, chat templates and streaming decode over one `tokenizers.Tokenizer`."""
 
@@ -228,7 +275,12 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of ids; an id past the vocabulary (a model's padded embedding rows) decodes
+        to nothing, as in transformers. Raises TokenizerError for ids that are not token ids."""
+        try:
+            text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except (OverflowError, TypeError) as exc:  # negative, too large for the library, not an int
+            raise TokenizerError(f"token ids to decode must be non-negative integers ({exc})") from None
         return _clean_up_spaces(text) if self._clean_up else text
 
     def token_to_id(self, token: str) -> int | None:

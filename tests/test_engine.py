@@ -4,6 +4,7 @@ and the Engine's scheduler stepped by hand (chunked prefill mixed with decode, p
 newest sequence, max_num_seqs, cancellation, a request that fills the whole cache), and the
 overlapped decode steps (forced on here; on by default on CUDA) against steps taken in turn.
 """
+import fractions
 import math
 
 import pytest
@@ -299,10 +300,24 @@ def test_non_finite_logits_are_an_error_not_a_token():
     (dict(top_p=float("nan")), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
     (dict(stop=["ok", 3]), "stop"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"),
+    (dict(temperature="0.5"), "temperature must be a number, got '0.5' \\(str\\)"),
+    (dict(temperature=None), "temperature must be a number"), (dict(top_p=None), "top_p must be a number"),
+    (dict(temperature=True), "temperature must be a number"), (dict(max_tokens=True), "max_tokens must be an integer"),
+    (dict(max_tokens=5.0), "max_tokens must be an integer"), (dict(stop=3), "stop must be a string or a list"),
+    (dict(ignore_eos="false"), "ignore_eos must be True or False"),
 ])
 def test_sampling_params_validation(kw, message):
     with pytest.raises(UserError, match=f"invalid sampling parameter: {message}"):
         SamplingParams(**kw)
+
+
+def test_sampling_params_take_other_numeric_types_as_plain_python():
+    numpy = pytest.importorskip("numpy")
+    p = SamplingParams(max_tokens=numpy.int64(5), top_k=numpy.int32(7), seed=numpy.uint64(2**63),
+                       temperature=numpy.float32(0.5), top_p=fractions.Fraction(9, 10), stop=None)
+    assert (p.max_tokens, p.top_k, p.seed, p.temperature, p.top_p, p.stop) == (5, 7, 2**63, 0.5, 0.9, [])
+    assert all(type(v) in (int, float) for v in (p.max_tokens, p.top_k, p.seed, p.temperature, p.top_p))
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
 def test_sampling_params_defaults_and_stop_string():
@@ -396,6 +411,18 @@ def test_max_tokens_capped_by_the_context_end(model):
         generate(model, [ids + ids[:5]], SamplingParams(max_tokens=1))
     with pytest.raises(UserError, match="empty"):
         generate(model, [[]], SamplingParams(max_tokens=1))
+
+
+def test_generate_refuses_prompts_and_params_of_other_types(model, prompts):
+    for bad_prompt in ("text", [1, "2"], [True, 3]):
+        with pytest.raises(UserError, match="list of token ids"):
+            generate(model, [bad_prompt], SamplingParams(max_tokens=1))
+    for bad_params in ({"max_tokens": 1}, [SamplingParams(), SamplingParams()], ["greedy"]):
+        with pytest.raises(UserError, match="one SamplingParams per prompt"):
+            generate(model, [prompts[0]], bad_params)
+    seeded = SamplingParams(max_tokens=3, seed=5)
+    assert generate(model, [prompts[0]], None)[0].completion_tokens >= 1  # the defaults, as LLM takes None
+    assert generate(model, [prompts[0]], [seeded])[0].text == generate(model, [prompts[0]], seeded)[0].text
 
 
 def test_timings_and_usage(model, prompts):
@@ -507,6 +534,7 @@ def test_engine_cancel_frees_blocks_at_the_next_step(model, prompts):
     assert running.completion.finish_reason == "cancelled" and len(running.completion.token_ids) == 2
     assert deltas[-1].finish_reason == "cancelled" and deltas[-1].completion is running.completion
     assert waiting.completion.finish_reason == "cancelled" and waiting.completion.token_ids == []
+    assert waiting.completion.timings["prompt_tok_per_s"] == 0 == waiting.completion.timings["decode_tok_per_s"]
     assert engine.stats()["cancelled"] == 2
 
 

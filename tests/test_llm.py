@@ -257,6 +257,22 @@ def test_chat_applies_the_template(llm, ref):
     assert out.prompt_tokens == len(ref.tokenizer.encode_chat(messages))
 
 
+def test_chat_takes_messages_as_openais_api_does(llm):
+    plain = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": "Hello there"}]
+    assert llm.chat(parts, GREEDY).token_ids == llm.chat(plain, GREEDY).token_ids
+    assert llm.chat([{"role": "user", "content": None}], GREEDY).prompt_tokens > 0
+    for messages, message in [("hi", "must be a non-empty list"), ([], "must be a non-empty list"),
+                              ([{"content": "hi"}], r"messages\[0\] must be an object with a 'role'"),
+                              ([{"role": "wizard", "content": "hi"}], r"messages\[0\].role 'wizard'"),
+                              ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts"),
+                              ([{"role": "user", "content": 3}], "must be a string or a list of text parts"),
+                              ([{"role": "user", "content": "a\ud800"}], "not valid UTF-8")]:
+        with pytest.raises(UserError, match=message):
+            llm.chat(messages, GREEDY)
+
+
 # --- asyncio ----------------------------------------------------------------------------------
 
 def test_asyncio_agenerate_and_astream_under_gather(llm, ref):

@@ -103,6 +103,13 @@ def test_decode_matches_transformers(tok, hf, skip):
         assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
 
+def test_decode_refuses_what_is_not_a_token_id(tok):
+    assert tok.decode([tok.vocab_size + 10]) == ""  # past the vocabulary: nothing, as transformers
+    for ids in ([-1], ["a"], [1.5], [None], [10**30]):
+        with pytest.raises(TokenizerError, match="token ids to decode must be non-negative integers"):
+            tok.decode(ids)
+
+
 def test_round_trip_plain_text(tok):
     for text in ["Hello world", "Emoji 😀🚀 你好", "def f(x):\n    return x\n"]:
         assert tok.decode(tok.encode(text)) == text
