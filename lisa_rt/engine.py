@@ -84,26 +84,44 @@ class StreamDelta:
 
 
 class StopStringFilter:
-    """Streams text while holding back any tail that could still become a stop string."""
+    """Streams text while holding back any tail that could still become a stop string.
+
+    Each stop string is matched as the text arrives by Knuth-Morris-Pratt: per stop, the length
+    of the longest tail of the text that begins it, updated in amortised constant time per
+    character, so a long stop string costs no more per token than a short one.
+    """
 
     def __init__(self, stops: list[str]):
         self.stops = stops
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._fallback = [_kmp_fallback(stop) for stop in stops]
+        self._matched = [0] * len(stops)
 
     def push(self, delta: str) -> str:
         if self.stopped:  # text after a stop string is dropped
             return ""
+        start = len(self.text)
         self.text += delta
-        if self.stops:
-            window = max(0, self.emitted - max(map(len, self.stops)))
-            hits = [i for i in (self.text.find(s, window) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.stopped = True
-                return self.flush()
-        safe = len(self.text) - self._held_back()
+        cut = None  # where the earliest stop string completed in this delta begins
+        for k, (stop, fallback) in enumerate(zip(self.stops, self._fallback)):
+            matched = self._matched[k]
+            for i, char in enumerate(delta, start):
+                while matched and stop[matched] != char:
+                    matched = fallback[matched - 1]
+                if stop[matched] == char:
+                    matched += 1
+                if matched == len(stop):
+                    begin = i + 1 - matched
+                    cut = begin if cut is None else min(cut, begin)
+                    break
+            self._matched[k] = matched
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self.flush()
+        safe = len(self.text) - max(self._matched, default=0)
         out = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return out
@@ -113,15 +131,19 @@ class StopStringFilter:
         self.emitted = len(self.text)
         return out
 
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+
+def _kmp_fallback(pattern: str) -> list[int]:
+    """fallback[i]: the length of the longest proper prefix of pattern[:i + 1] that is also its
+    suffix (where a match of i + 1 characters goes on from when the next character differs)."""
+    fallback = [0] * len(pattern)
+    length = 0
+    for i in range(1, len(pattern)):
+        while length and pattern[i] != pattern[length]:
+            length = fallback[length - 1]
+        if pattern[i] == pattern[length]:
+            length += 1
+        fallback[i] = length
+    return fallback
 
 
 _ids = itertools.count()

@@ -48,6 +48,9 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 
 MAX_BODY_BYTES = 1 << 20          # larger request bodies get 413 before any parsing
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+# Every stop string is matched against every generated character on the engine thread, which
+# all requests share: a request may name this many (OpenAI allows 4).
+MAX_STOP_STRINGS = 16
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
     "logprobs": "no log probabilities", "top_logprobs": "no log probabilities",
     "echo": "no prompt echo", "suffix": "no insertion", "logit_bias": "no logit bias",
@@ -158,6 +161,8 @@ def _stop_strings(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
         raise _bad("'stop' must be a non-empty string or a list of them", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad(f"'stop' names {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
     return [_valid_text(s, "stop") for s in stop]
 
 

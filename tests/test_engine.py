@@ -6,6 +6,7 @@ overlapped decode steps (forced on here; on by default on CUDA) against steps ta
 """
 import fractions
 import math
+import random
 
 import pytest
 import torch
@@ -51,6 +52,46 @@ def test_filter_releases_held_prefix_when_it_stops_matching():
     assert f.push("!") == "<!"
     assert not f.stopped
     assert f.flush() == "" and f.text == "x<ENQ<!"
+
+
+def brute_force_filter(stops, deltas):
+    """What the filter must emit, by searching the whole text after every delta."""
+    text, emitted, pieces = "", 0, []
+    for delta in deltas:
+        text += delta
+        hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+        if hits:
+            text = text[: min(hits)]
+            pieces.append(text[emitted:])
+            return pieces, text, True
+        held = max([n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])], default=0)
+        pieces.append(text[emitted : len(text) - held])
+        emitted = max(emitted, len(text) - held)
+    return pieces, text, False
+
+
+def test_filter_matches_a_brute_force_search_on_random_text():
+    rng = random.Random(0)
+    for _ in range(400):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        deltas = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 12))]
+        f = StopStringFilter(stops)
+        pieces = [f.push(d) for d in deltas][: len(brute_force_filter(stops, deltas)[0])]
+        assert (pieces, f.text, f.stopped) == brute_force_filter(stops, deltas), (stops, deltas)
+
+
+def test_filter_earliest_stop_in_a_delta_wins():
+    # "bc" completes first, but "abcd", completed by the same delta, begins earlier.
+    assert run_filter(["abcd", "bc"], ["x", "abcd"])[0] == "x"
+    assert run_filter(["abcd", "bc"], ["xabc", "d"])[0] == "xa"  # "bc" was whole a delta earlier
+
+
+def test_filter_long_stop_string():
+    stop = "ab" * 50_000 + "!"
+    text, _, f = run_filter([stop], ["ab"] * 50_000 + ["x"])  # all of it but the "!": held, then released
+    assert text == "ab" * 50_000 + "x" and not f.stopped
+    text, _, f = run_filter([stop], ["zz"] + ["ab"] * 50_000 + ["!tail"])
+    assert text == "zz" and f.stopped
 
 
 def test_filter_flush_releases_held_prefix_at_the_end():

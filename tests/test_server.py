@@ -304,6 +304,7 @@ BAD_REQUESTS = [
     ("seed too big", CHAT, _chat(seed=2**70), 400, "seed", "invalid_value"),
     ("empty stop string", CHAT, _chat(stop=[""]), 400, "stop", None),
     ("stop a number", COMPLETIONS, _completion(stop=5), 400, "stop", None),
+    ("17 stop strings", COMPLETIONS, _completion(stop=[f"s{i}" for i in range(17)]), 400, "stop", None),
     ("stream not a bool", CHAT, _chat(stream="yes"), 400, "stream", None),
     # JSON can spell a lone surrogate, which is not text the tokenizer (or a UTF-8 answer) can take.
     ("lone surrogate in the prompt", COMPLETIONS, _completion(prompt="a\ud800b"), 400, "prompt", "invalid_value"),
