@@ -40,6 +40,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
     from uvicorn.config import LOGGING_CONFIG
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise MissingServeDependencies(
@@ -69,14 +70,21 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        return _error_response(self.status, self.message, self.type, self.param, self.code)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# What a request still running when the server stops gets: a 503, or this as the stream's last event.
+SHUTTING_DOWN = APIError(503, "the server is shutting down: the request was cancelled",
+                         type="server_error", code="unavailable")
 
 
 def _error_response(status: int, message: str, type: str = "invalid_request_error",
                     param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status, headers=headers)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -97,10 +105,13 @@ async def _read_json(request: Request) -> dict:
         except ValueError:
             raise _bad("invalid Content-Length header") from None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:  # gone before its body was whole: nobody reads the answer
+        raise APIError(499, "the client closed the request") from None
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -408,7 +419,10 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                     collector.cancel()
             if not collector.done() or collector.cancelled():  # the client went away
                 return _error_response(499, "the client closed the request")
-            return JSONResponse(render.whole(collector.result()))
+            completions = collector.result()
+            if any(c.finish_reason == "cancelled" for c in completions):  # only the server cancels
+                return SHUTTING_DOWN.response()
+            return JSONResponse(render.whole(completions))
 
         async def events():
             completions: list = [None] * len(handles)
@@ -419,12 +433,15 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                 async for index, delta in _merge(handles):
                     if delta.text:
                         yield _sse(render.chunk(index, delta.text, None, include_usage))
+                    if delta.finish_reason == "cancelled":  # the server is shutting down
+                        yield _sse(SHUTTING_DOWN.body())
+                        yield "data: [DONE]\n\n"
+                        return
                     if delta.finish_reason is not None:
                         completions[index] = delta.completion
                         yield _sse(render.chunk(index, "", delta.finish_reason, include_usage))
             except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
-                yield _sse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
-                                      "type": "server_error", "param": None, "code": None}})
+                yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
                 yield "data: [DONE]\n\n"
                 return
             if include_usage:
@@ -433,7 +450,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
         return _EventStream(events(), on_close=cancel_all)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": served, **llm.stats()}
 
@@ -619,6 +636,27 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server for an app serving `llm`: on_ready() is called once it accepts
+    connections, and it stops `llm` when it shuts down."""
+
+    def __init__(self, config: uvicorn.Config, llm, on_ready=None):
+        super().__init__(config)
+        self.llm, self.on_ready = llm, on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready()
+
+    async def shutdown(self, sockets=None) -> None:
+        # Requests still running end now, each client told so (a 503, or an error event ending
+        # its stream), instead of running on until uvicorn's grace period cuts them off; a
+        # request arriving meanwhile finds the LLM closed and gets a 503 too.
+        await asyncio.to_thread(self.llm.close)
+        await super().shutdown(sockets=sockets)
+
+
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
           kv_cache_gb: float | None = None, max_num_seqs: int = 256, model_name: str | None = None,
@@ -652,15 +690,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                                 timeout_keep_alive=30)
         bound_host, bound_port = sock.getsockname()[:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
-
-        class Server(uvicorn.Server):
-            async def startup(self, sockets=None) -> None:
-                await super().startup(sockets=sockets)
-                if self.started and on_ready is not None:
-                    on_ready(url)
-
-        server = Server(config)
-        server.run(sockets=[sock])
+        ready = (lambda: on_ready(url)) if on_ready is not None else None
+        Server(config, llm, on_ready=ready).run(sockets=[sock])
     finally:
         llm.close()
         sock.close()

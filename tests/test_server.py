@@ -232,6 +232,7 @@ def test_models_and_health(server):
         client.models.retrieve("gpt-4")
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert httpx.head(server.url + "/health").status_code == 200  # for probes that send HEAD
 
 
 def test_the_client_sees_openai_errors(server):
@@ -374,6 +375,27 @@ def test_oversized_body_is_413_before_parsing(server, llm):
     _check_error(httpx.post(server.url + COMPLETIONS, content=fits), 400, "prompt", "context_length_exceeded")
 
 
+def test_client_gone_before_its_body_is_whole_is_not_an_error(server, llm):
+    import logging
+    import socket
+
+    records = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"prompt": "Hi"')
+        time.sleep(0.5)
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        logger.removeHandler(handler)
+    assert records == []
+
+
 def test_unknown_route_and_method(server):
     error = _check_error(httpx.get(server.url + "/v1/nope"), 404)
     assert error["code"] == "not_found"
@@ -454,6 +476,55 @@ def test_sse_wire_format(server):
         assert event.startswith("data: {") and "\n" not in event
         json.loads(event[len("data: "):])
 
+
+
+def test_shutdown_ends_running_requests_and_tells_their_clients(tiny):
+    from lisa_rt.llm import LLM
+    from lisa_rt.server import Server, bind_socket, create_app
+
+    llm = LLM(str(tiny), device="cpu", kv_cache_gb=0.02, max_num_seqs=8)
+    forward = llm.model.forward
+
+    def slow_forward(*args, **kwargs):  # ~1,000 tokens then take 20 s: still running at shutdown
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    llm.model.forward = slow_forward
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    started = threading.Event()
+    server = Server(uvicorn.Config(create_app(llm, model_name=MODEL), log_level="warning"), llm,
+                    on_ready=started.set)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(30)
+        whole = {}
+        waiting = threading.Thread(target=lambda: whole.update(
+            response=httpx.post(url + CHAT, json=_long_chat(stream=False), timeout=30)))
+        waiting.start()
+        with httpx.stream("POST", url + CHAT, json=_long_chat(stream=True), timeout=30) as response:
+            events = response.iter_lines()
+            first = next(line for line in events if line.startswith("data: {") and "content" in line)
+            deadline = time.monotonic() + 20
+            while llm.stats()["running"] < 2:  # the other request too
+                assert time.monotonic() < deadline, llm.stats()
+                time.sleep(0.01)
+            server.should_exit = True  # what uvicorn's handler of SIGINT and SIGTERM does
+            rest = [line for line in events if line]
+        waiting.join(30)
+        thread.join(30)
+        assert not thread.is_alive() and llm.closed
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        llm.close()
+    assert json.loads(first[len("data: "):])["choices"][0]["delta"]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["code"] == "unavailable" and "shutting down" in error["message"]
+    assert whole["response"].status_code == 503
+    assert whole["response"].json()["error"]["code"] == "unavailable"
 
 # --- without FastAPI, and the `lisa-rt serve` command -----------------------------------------
 
