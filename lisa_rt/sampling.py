@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler: repetition penalty, temperature, top-k, top-p, min-p.
 
-Each request draws from its own seeded generator, one uniform number per sampled token, so its
-tokens do not depend on what else shares the batch. Temperature 0 is greedy decoding.
+Each request draws from its own seeded generator, one uniform number per sampled token, so the
+draws do not depend on what else shares the batch (the logits they draw from do, in bfloat16, by
+rounding). Temperature 0 is greedy decoding.
 
 A batch is sampled where its logits are (the GPU when serving on one) and only the chosen
 tokens come back to the host. The filters are applied to the few candidates they can keep, not
