@@ -140,8 +140,9 @@ def _byte_vocab() -> tuple[list[str], list[str]]:
 
 
 def _write_llama_gguf(path: Path, model, qk_permute: bool = True, extra_tensors=None,
-                      tied: bool | None = None, metadata=None) -> None:
-    """A GGUF holding `model`'s weights (F32) the way llama.cpp's converter lays them out."""
+                      tied: bool | None = None, metadata=None, drop=()) -> None:
+    """A GGUF holding `model`'s weights (F32) the way llama.cpp's converter lays them out;
+    `metadata` adds or replaces keys, `drop` leaves keys out."""
     gguf = pytest.importorskip("gguf")
     cfg = model.config
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -169,10 +170,14 @@ def _write_llama_gguf(path: Path, model, qk_permute: bool = True, extra_tensors=
     for key, value in (metadata or {}).items():
         if isinstance(value, str):
             writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value)
         else:
             writer.add_float32(key, value)
+    for key in drop:
+        del writer.kv_data[0][key]
     tied = cfg.tie_word_embeddings if tied is None else tied
     names = {"model.embed_tokens.weight": "token_embd.weight",
              "model.norm.weight": "output_norm.weight"}
@@ -298,6 +303,71 @@ def test_hf_errors_name_file_and_tensor(tmp_path):
     (src / "config.json").write_text(json.dumps(hf_config))
     with pytest.raises(ConvertError, match="yarn"):
         convert(src, tmp_path / "out", progress=False)
+
+
+def _hf_with_config(tmp_path, seed=3, tied=True, **changes) -> Path:
+    """A tiny HF directory whose config.json has `changes` (None removes a key)."""
+    src = _save_hf(_tiny_llama(tied=tied, seed=seed), tmp_path / "hf")
+    hf_config = json.loads((src / "config.json").read_text())
+    for key, value in changes.items():
+        hf_config.pop(key, None) if value is None else hf_config.__setitem__(key, value)
+    (src / "config.json").write_text(json.dumps(hf_config))
+    return src
+
+
+@pytest.mark.parametrize("changes, message", [
+    # transformers builds these by their model_type, whatever `architectures` says
+    ({"model_type": "mistral", "sliding_window": 8}, "unsupported model_type 'mistral'"),
+    ({"model_type": "granite"}, "unsupported model_type 'granite'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number, got 'tiny'"),
+    ({"max_position_embeddings": "lots"}, "max_position_embeddings must be an integer"),
+    ({"eos_token_id": "</s>"}, "eos_token_id must be an integer"),
+    ({"head_dim": "sixteen"}, "head_dim must be an integer"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": None, "low_freq_factor": 1, "high_freq_factor": 4,
+                          "original_max_position_embeddings": 64, "rope_theta": 1e4}},
+     "rope scaling factor must be a number, got None"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": dict(LLAMA3_SCALING)},
+     "disagree"),
+], ids=lambda v: None if isinstance(v, dict) else v)
+def test_hf_config_that_would_change_the_math_is_refused(tmp_path, changes, message):
+    src = _hf_with_config(tmp_path, **changes)
+    with pytest.raises(ConvertError, match=message):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_rope_settings_read_where_transformers_reads_them(tmp_path):
+    # an empty rope_scaling says nothing: rope_parameters' llama3 settings hold
+    src = _hf_with_config(tmp_path / "a", rope_scaling={}, rope_parameters={**LLAMA3_SCALING, "rope_theta": 5e5})
+    config = load_config(convert(src, tmp_path / "a" / "out", progress=False))
+    assert config.rope_scaling == LLAMA3_SCALING and config.rope_theta == 5e5
+    # an older config may keep its theta inside rope_scaling
+    src = _hf_with_config(tmp_path / "b", rope_parameters=None, rope_theta=None,
+                          rope_scaling={**LLAMA3_SCALING, "rope_theta": 5e5})
+    config = load_config(convert(src, tmp_path / "b" / "out", progress=False))
+    assert config.rope_scaling == LLAMA3_SCALING and config.rope_theta == 5e5
+
+
+def test_hf_weights_as_transformers_picks_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_llama(tied=True, seed=3)
+    src = _save_hf(model, tmp_path / "hf")
+    weights = load_file(src / "model.safetensors")
+    # a head saved beside tied embeddings is fine when it is them, and refused when it is not
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()}, src / "model.safetensors")
+    _check_round_trip(model, convert(src, tmp_path / "same", progress=False))
+    save_file({**weights, "lm_head.weight": torch.randn(272, 64)}, src / "model.safetensors")
+    with pytest.raises(ConvertError, match="lm_head.weight' differs from the embeddings"):
+        convert(src, tmp_path / "other", progress=False)
+    # model.safetensors beside an older save's index and shards: transformers loads the single file
+    save_file(weights, src / "model.safetensors")
+    stale = {name: torch.zeros_like(t) for name, t in weights.items()}
+    save_file(stale, src / "model-00001-of-00001.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: "model-00001-of-00001.safetensors" for name in stale}}))
+    _check_round_trip(model, convert(src, tmp_path / "single", progress=False))
 
 
 def test_detect_source_and_fingerprint(tmp_path):
@@ -467,6 +537,35 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     _write_llama_gguf(path3, model, metadata={"llama.rope.scaling.type": "yarn"})
     with pytest.raises(ConvertError, match="yarn"):
         convert(path3, tmp_path / "out3", progress=False)
+
+
+@pytest.mark.parametrize("metadata, drop, message", [
+    # llama.cpp reads a factor without a type, or the older scale_linear, as linear scaling
+    ({"llama.rope.scaling.factor": 4.0}, (), "linear rope scaling"),
+    ({"llama.rope.scale_linear": 2.0}, (), "linear rope scaling"),
+    ({}, ("llama.attention.layer_norm_rms_epsilon",), "layer_norm_rms_epsilon' is missing"),
+    ({"llama.rope.dimension_count": 8}, (), "rotates whole heads only"),
+    ({"llama.block_count": "two"}, (), "llama.block_count must be an integer, got 'two'"),
+    ({"llama.rope.freq_base": "1e4x"}, (), "llama.rope.freq_base must be a number"),
+    ({"llama.attention.head_count": 0}, (), "at least 1"),
+    ({"llama.attention.head_count_kv": 0}, (), "at least 1"),
+    ({"tokenizer.ggml.eos_token_id": "</s>"}, (), "eos_token_id must be an integer"),
+    ({"tokenizer.ggml.merges": ["zz zz"]}, (), "the tokenizer in the GGUF metadata is invalid"),
+], ids=lambda v: None if isinstance(v, (dict, tuple)) else v)
+def test_gguf_metadata_that_would_change_the_math_is_refused(tmp_path, metadata, drop, message):
+    model = _tiny_llama(tied=True, seed=5)
+    path = tmp_path / "m.gguf"
+    _write_llama_gguf(path, model, metadata=metadata, drop=drop)
+    with pytest.raises(ConvertError, match=message) as info:
+        convert(path, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_gguf_scaling_factor_with_type_none_is_no_scaling(tmp_path):
+    model = _tiny_llama(tied=True, seed=5)
+    path = tmp_path / "m.gguf"
+    _write_llama_gguf(path, model, metadata={"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0})
+    assert load_config(convert(path, tmp_path / "out", progress=False)).rope_scaling is None
 
 
 def test_gguf_unsupported_quant_type_names_tensor(tmp_path):

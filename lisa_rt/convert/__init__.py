@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,19 @@ class SourceModel:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     tokenizer_files: dict[str, bytes]
+
+
+def config_number(where: Path, key: str, value: object, integer: bool = False) -> int | float:
+    """A source config's value as an int (`integer`) or a float; ConvertError naming the file
+    and key for anything else (null, a string, a bool, a fraction where an integer belongs)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if math.isfinite(number) and (not integer or number.is_integer()):
+            return int(value) if integer else number
+    raise ConvertError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}")
 
 
 def torch_dtype_of(name: str) -> torch.dtype:
@@ -84,7 +98,10 @@ def detect_source(src: str | Path) -> str:
     if config.get("format") == "lisa-rt":
         raise ConvertError(f"{src}: already a lisa-rt model directory; nothing to convert")
     archs = config.get("architectures") or []
-    if config.get("model_type") == "llama" or any(a in HF_LLAMA_ARCHITECTURES for a in archs):
+    # transformers builds a model by its model_type: another type with LLaMA's architecture name
+    # (Mistral's sliding window, Granite's multipliers) computes something else.
+    model_type = config.get("model_type")
+    if model_type == "llama" or (model_type is None and any(a in HF_LLAMA_ARCHITECTURES for a in archs)):
         return "hf"
     raise ConvertError(f"{config_path}: unsupported model_type {config.get('model_type')!r} "
                        f"(architectures {archs}); only LLaMA models can be converted")

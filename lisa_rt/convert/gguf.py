@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from . import ConvertError, SourceModel, torch_dtype_of
+from ..config import ConfigError, ModelConfig
+from . import ConvertError, SourceModel, config_number, torch_dtype_of
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -97,7 +97,7 @@ class GGUFFile:
         self._pos = 0
         try:
             self._parse()
-        except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError) as exc:
             if isinstance(exc, ConvertError):
                 raise
             raise ConvertError(f"{self.path}: truncated or corrupt GGUF file ({exc})") from None
@@ -357,12 +357,13 @@ def map_name(name: str) -> str | None:
 def _uniform(path: Path, key: str, value: Any) -> int:
     """An int, or a per-layer array that must hold one value (lisa-rt has uniform layers)."""
     if isinstance(value, (list, np.ndarray)):
-        values = set(int(v) for v in value)
+        values = set(config_number(path, key, v.item() if isinstance(v, np.generic) else v, integer=True)
+                     for v in value)
         if len(values) != 1:
             raise ConvertError(f"{path}: {key} varies across layers ({sorted(values)}); "
                                "lisa-rt needs uniform layers")
         return values.pop()
-    return int(value)
+    return config_number(path, key, value, integer=True)
 
 
 def _llama3_freq_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
@@ -382,6 +383,11 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict 
     if kind not in (None, "none"):
         raise ConvertError(f"{path}: unsupported rope scaling {kind!r} ({arch}.rope.scaling.type); "
                            "lisa-rt supports llama3-style scaling only")
+    # llama.cpp reads a scaling factor without a type, or the older scale_linear, as linear scaling
+    for key in ([f"{arch}.rope.scaling.factor"] if kind is None else []) + [f"{arch}.rope.scale_linear"]:
+        if key in md and config_number(path, key, md[key]) not in (0.0, 1.0):
+            raise ConvertError(f"{path}: {key} = {md[key]} asks for linear rope scaling, which lisa-rt does "
+                               "not support (llama3-style scaling only)")
     if "rope_freqs.weight" not in gf.tensors:
         return None
     # llama.cpp stores llama3 scaling as per-frequency factors; recover the parameters by
@@ -393,7 +399,8 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict 
     if np.allclose(factors, 1.0):
         return None
     factor = float(factors.max())
-    old_ctx = int(md.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    old_ctx = config_number(path, f"{arch}.rope.scaling.original_context_length",
+                            md.get(f"{arch}.rope.scaling.original_context_length", 8192), integer=True)
     for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
         want = _llama3_freq_factors(head_dim, theta, factor, low, high, old_ctx)
         if np.allclose(want, factors, rtol=1e-3):
@@ -415,30 +422,42 @@ def read_config(gf: GGUFFile) -> ModelConfig:
             raise ConvertError(f"{path}: metadata key {full!r} is missing")
         return md[full]
 
-    hidden = int(need("embedding_length"))
+    def number(key: str, default: Any = None, integer: bool = False) -> int | float:
+        value = need(key) if default is None else md.get(f"{arch}.{key}", default)
+        return config_number(path, f"{arch}.{key}", value, integer=integer)
+
+    hidden = number("embedding_length", integer=True)
     heads = _uniform(path, f"{arch}.attention.head_count", need("attention.head_count"))
     kv_heads = _uniform(path, f"{arch}.attention.head_count_kv",
                         md.get(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(md.get(f"{arch}.attention.key_length",
-                          md.get(f"{arch}.rope.dimension_count", hidden // max(heads, 1))))
-    theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+    if heads < 1 or kv_heads < 1:
+        raise ConvertError(f"{path}: {arch}.attention.head_count and head_count_kv must be at least 1, "
+                           f"got {heads} and {kv_heads}")
+    head_dim = number("attention.key_length", hidden // heads, integer=True)
+    rotated = number("rope.dimension_count", head_dim, integer=True)
+    if rotated != head_dim:
+        raise ConvertError(f"{path}: {arch}.rope.dimension_count ({rotated}) is not the head size "
+                           f"({head_dim}); lisa-rt rotates whole heads only")
+    theta = number("rope.freq_base", 10000.0)
     tokens = md.get("tokenizer.ggml.tokens")
     if tokens is not None:
         vocab = len(tokens)
     elif f"{arch}.vocab_size" in md:
-        vocab = int(md[f"{arch}.vocab_size"])
+        vocab = number("vocab_size", integer=True)
     else:
         vocab = gf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gf.tensors else 0
     if "token_embd.weight" in gf.tensors and gf.tensors["token_embd.weight"].shape[0] != vocab:
         raise ConvertError(f"{path}: tensor 'token_embd.weight' has "
                            f"{gf.tensors['token_embd.weight'].shape[0]} rows but the vocabulary "
                            f"has {vocab} tokens")
-    eos = md.get("tokenizer.ggml.eos_token_id")
-    bos = md.get("tokenizer.ggml.bos_token_id")
-    eos_ids = [int(eos)] if eos is not None else []
-    eot = md.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and int(eot) not in eos_ids:
-        eos_ids.append(int(eot))
+    def token_id(key: str) -> int | None:
+        value = md.get(f"tokenizer.ggml.{key}")
+        return None if value is None else config_number(path, f"tokenizer.ggml.{key}", value, integer=True)
+
+    bos, eos, eot = token_id("bos_token_id"), token_id("eos_token_id"), token_id("eot_token_id")
+    eos_ids = [eos] if eos is not None else []
+    if eot is not None and eot not in eos_ids:
+        eos_ids.append(eot)
     # a ChatML template ends each answer with <|im_end|>: generation must stop there too
     if tokens is not None and "<|im_end|>" in md.get("tokenizer.chat_template", ""):
         try:
@@ -450,17 +469,17 @@ def read_config(gf: GGUFFile) -> ModelConfig:
     return ModelConfig(
         hidden_size=hidden,
         intermediate_size=_uniform(path, f"{arch}.feed_forward_length", need("feed_forward_length")),
-        num_layers=int(need("block_count")),
+        num_layers=number("block_count", integer=True),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=vocab,
-        rms_norm_eps=float(md.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon"),  # llama.cpp needs it too: no guess
         rope_theta=theta,
         rope_scaling=_rope_scaling(gf, arch, head_dim, theta),
-        max_position_embeddings=int(md.get(f"{arch}.context_length", 2048)),
+        max_position_embeddings=number("context_length", 2048, integer=True),
         tie_word_embeddings="output.weight" not in gf.tensors,
-        bos_token_id=int(bos) if bos is not None else None,
+        bos_token_id=bos,
         eos_token_ids=eos_ids,
         torch_dtype="float32",
     )
@@ -547,6 +566,13 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
             return None, None
         return tokens[int(tid)], int(tid)
 
+    def bpe(**kwargs) -> Tokenizer:
+        try:
+            return Tokenizer(models.BPE(**kwargs))
+        except Exception as exc:  # noqa: BLE001 - `tokenizers` says a merge names no token as a bare Exception
+            raise ConvertError(f"{path}: the tokenizer in the GGUF metadata is invalid "
+                               f"({' '.join(str(exc).split())})") from None
+
     bos, bos_id = token_of("bos")
     eos, eos_id = token_of("eos")
     unk, _ = token_of("unknown")
@@ -573,8 +599,7 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
             if not sep:
                 raise ConvertError(f"{path}: malformed merge {merge!r} in tokenizer.ggml.merges")
             merges.append((left, right))
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                   byte_fallback=False))
+        tok = bpe(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
         split = PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre"))
         if split is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -595,8 +620,7 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
         for index, token in enumerate(tokens):
             vocab.setdefault(token, index)
         merges = _sentencepiece_merges(tokens, scores, vocab)
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                                   byte_fallback=True))
+        tok = bpe(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
         prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
         tok.normalizer = None
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
@@ -650,7 +674,12 @@ def read_source(src: Path, dtype: str | None, progress: bool) -> SourceModel:
     try:
         config = read_config(gf)
         config.torch_dtype = dtype or "float32"
+        try:
+            config.validate()  # before the head counts shape the tensors
+        except ConfigError as exc:
+            raise ConvertError(f"{src}: {exc}") from None
         target = torch_dtype_of(config.torch_dtype)
+        tokenizer_files = build_tokenizer(gf)  # before minutes of dequantising
         unknown = [n for n in gf.tensors if map_name(n) is None and n not in _IGNORED]
         if unknown:
             raise ConvertError(f"{src}: unexpected tensor {unknown[0]!r} (not a llama tensor)")
@@ -668,7 +697,6 @@ def read_source(src: Path, dtype: str | None, progress: bool) -> SourceModel:
                 array = unpermute_qk(array, n_heads)
             tensor = torch.from_numpy(np.ascontiguousarray(array))
             tensors[map_name(name)] = tensor.to(target) if target != torch.float32 else tensor
-        tokenizer_files = build_tokenizer(gf)
     finally:
         gf.close()
     return SourceModel(config, tensors, tokenizer_files)

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import expected_shapes
 from ..config import ModelConfig, SUPPORTED_DTYPES
-from . import ConvertError, SourceModel, torch_dtype_of
+from . import ConvertError, SourceModel, config_number, torch_dtype_of
 
 _LAYER_RE = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
 _LAYER_NAMES = {
@@ -54,42 +54,46 @@ def map_name(name: str) -> str | None:
 
 
 def _rope_scaling(path: Path, hf: dict) -> tuple[float, dict | None]:
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:  # transformers >= 5
-        theta = params["rope_theta"]
+    """(rope_theta, lisa-rt's rope_scaling) from transformers 5's rope_parameters or the older
+    rope_scaling and rope_theta, read as transformers 5 reads them: an empty rope_scaling says
+    nothing, and a theta may stand in any of the three places."""
+    params, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ConvertError(f"{path}: {key} must be an object, got {value!r}")
+    if scaling and params and _rope_kind(scaling) != _rope_kind(params):
+        raise ConvertError(f"{path}: rope_scaling ({_rope_kind(scaling)!r}) and rope_parameters "
+                           f"({_rope_kind(params)!r}) disagree; keep one of them")
+    scaling = scaling or params
+    for place in (params, hf, scaling):
+        if place is not None and "rope_theta" in place:
+            theta = config_number(path, "rope_theta", place["rope_theta"])
+            break
     else:
-        theta = hf.get("rope_theta", 10000.0)
-    scaling = hf.get("rope_scaling")
-    if scaling is None and isinstance(params, dict):
-        scaling = params
-    if not scaling:
-        return float(theta), None
-    if not isinstance(scaling, dict):
-        raise ConvertError(f"{path}: rope_scaling must be an object, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type"))
+        theta = 10000.0
+    kind = _rope_kind(scaling) if scaling is not None else None
     if kind in (None, "default"):
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
         raise ConvertError(f"{path}: unsupported rope scaling type {kind!r} "
                            "(lisa-rt supports 'llama3' only)")
-    out = {"rope_type": "llama3"}
-    for key in ("factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings"):
+    out: dict[str, Any] = {"rope_type": "llama3"}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         if key not in scaling:
             raise ConvertError(f"{path}: llama3 rope scaling lacks {key!r}")
-        out[key] = scaling[key]
-    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
-        out[key] = float(out[key])
-    return float(theta), out
+        out[key] = config_number(path, f"rope scaling {key}", scaling[key],
+                                 integer=key == "original_max_position_embeddings")
+    return theta, out
 
 
-def _ids(value: Any) -> list[int]:
+def _rope_kind(scaling: dict) -> Any:
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+def _ids(path: Path, key: str, value: Any) -> list[int]:
     if value is None:
         return []
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(value)]
+    return [config_number(path, key, v, integer=True) for v in (value if isinstance(value, list) else [value])]
 
 
 def read_config(src: Path, dtype: str | None) -> ModelConfig:
@@ -107,16 +111,21 @@ def read_config(src: Path, dtype: str | None) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConvertError(f"{path}: hidden_act {act!r} is not supported (only 'silu')")
+    tied = hf.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ConvertError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    head_dim = hf.get("head_dim")
+    if head_dim is None:
+        head_dim = hf["hidden_size"] // heads if heads > 0 else 0  # validate() refuses 0 heads
     theta, scaling = _rope_scaling(path, hf)
-    eos = _ids(hf.get("eos_token_id"))
+    eos = _ids(path, "eos_token_id", hf.get("eos_token_id"))
     gen = src / "generation_config.json"
     if gen.is_file():  # chat models often list their end-of-turn ids only here
         try:
-            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
-            extra = []
+            extra = _ids(gen, "eos_token_id", json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, ConvertError):
+            extra = []  # a hint only: the model converts without it
         eos += [i for i in extra if i not in eos]
     source_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     if dtype is None:
@@ -124,29 +133,34 @@ def read_config(src: Path, dtype: str | None) -> ModelConfig:
     bos = hf.get("bos_token_id")
     if isinstance(bos, list):
         bos = bos[0] if bos else None
+    kv_heads = hf.get("num_key_value_heads")
     return ModelConfig(
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=int(head_dim),
+        num_kv_heads=heads if kv_heads is None else config_number(path, "num_key_value_heads", kv_heads, True),
+        head_dim=config_number(path, "head_dim", head_dim, integer=True),
         vocab_size=hf["vocab_size"],
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=config_number(path, "rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=None if bos is None else int(bos),
+        max_position_embeddings=config_number(path, "max_position_embeddings",
+                                               hf.get("max_position_embeddings", 2048), integer=True),
+        tie_word_embeddings=tied,
+        bos_token_id=None if bos is None else config_number(path, "bos_token_id", bos, integer=True),
         eos_token_ids=eos,
         torch_dtype=dtype,
     )
 
 
 def _weight_files(src: Path) -> tuple[str, list[Path]]:
-    """("safetensors" | "bin", files) in the order to read them."""
+    """("safetensors" | "bin", files) in the order to read them: what transformers loads, where a
+    directory holds more than one save (a single file before an index and its shards)."""
     for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
                                 ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (src / single).is_file():
+            return kind, [src / single]
         if (src / index).is_file():
             try:
                 weight_map = json.loads((src / index).read_text())["weight_map"]
@@ -157,8 +171,6 @@ def _weight_files(src: Path) -> tuple[str, list[Path]]:
             if missing:
                 raise ConvertError(f"{src / missing[0]}: weight shard named in {index} is missing")
             return kind, [src / f for f in files]
-        if (src / single).is_file():
-            return kind, [src / single]
     shards = sorted(src.glob("model-*.safetensors"))
     if shards:
         return "safetensors", shards
@@ -201,6 +213,7 @@ def read_tensors(src: Path, config: ModelConfig, progress: bool) -> dict[str, to
     kind, files = _weight_files(src)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
+    tied_head = None
     bar = tqdm(total=len(want), desc="convert", unit="tensor", disable=not progress)
     try:
         for path in files:
@@ -208,7 +221,10 @@ def read_tensors(src: Path, config: ModelConfig, progress: bool) -> dict[str, to
                 new = map_name(name)
                 if new is None:
                     raise ConvertError(f"{path}: unexpected tensor {name!r} (not a LLaMA tensor)")
-                if new == "" or (new == "lm_head.weight" and config.tie_word_embeddings):
+                if new == "":
+                    continue
+                if new == "lm_head.weight" and config.tie_word_embeddings:
+                    tied_head = (path, name, tensor)  # checked against the embeddings below
                     continue
                 if new not in want:
                     raise ConvertError(f"{path}: tensor {name!r} does not fit config.json "
@@ -232,6 +248,11 @@ def read_tensors(src: Path, config: ModelConfig, progress: bool) -> dict[str, to
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConvertError(f"{src}: tensor {hf_name!r} is missing from "
                            f"{', '.join(p.name for p in files)}{more}")
+    if tied_head is not None:  # saved beside tied embeddings: harmless only if it is them
+        path, name, tensor = tied_head
+        if tuple(tensor.shape) != want["embed.weight"] or not torch.equal(tensor.to(target), tensors["embed.weight"]):
+            raise ConvertError(f"{path}: tensor {name!r} differs from the embeddings, but config.json "
+                               "ties them (tie_word_embeddings); which is meant is unclear")
     return tensors
 
 
