@@ -39,6 +39,7 @@ Deltas are delivered from the stepping thread through each request's `on_delta`.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import threading
 import time
@@ -660,8 +661,6 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
                  cache: KVCache | None = None) -> int:
     """Validates one request; returns how many tokens it may generate (max_tokens, capped by
     the context). With a cache, a prompt that cannot fit in it even alone is refused."""
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise UserError("a prompt here is a list of token ids (model.tokenizer.encode gives them)")
     if not prompt:
         raise UserError("the prompt is empty (no tokens)")
     if len(prompt) >= model.max_context:
@@ -674,6 +673,19 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
         raise UserError(f"the prompt has {len(prompt)} tokens but the KV cache holds only "
                         f"{cache.num_blocks * cache.block_size}: the KV budget (kv_cache_gb) is too small")
     return min(params.max_tokens, model.max_context - len(prompt))
+
+
+def token_ids(prompt) -> list[int]:
+    """A prompt of token ids (a list or tuple of ints, or a numpy array or torch tensor of
+    integers) as a list of ints; UserError for anything else."""
+    if hasattr(prompt, "tolist") and hasattr(prompt, "ndim"):  # numpy or torch: one conversion
+        prompt = prompt.tolist() if prompt.ndim == 1 else None
+    if isinstance(prompt, (list, tuple)) and not any(isinstance(t, bool) for t in prompt):
+        try:
+            return [operator.index(t) for t in prompt]
+        except TypeError:
+            pass
+    raise UserError("a prompt here is a list of token ids (model.tokenizer.encode gives them)")
 
 
 def _per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
@@ -694,15 +706,16 @@ def run_to_completion(engine: Engine, prompts: list[list[int]],
 
     on_text(index, delta) receives each sequence's text as it is made (stop strings excluded).
     """
+    prompts = [token_ids(p) for p in prompts]
     params = _per_prompt(params, len(prompts))
-    budgets = [engine.check(list(p), sp) for p, sp in zip(prompts, params)]
+    budgets = [engine.check(p, sp) for p, sp in zip(prompts, params)]
     errors: list[BaseException] = []
 
     def request(index: int) -> Request:
         def on_delta(delta: StreamDelta) -> None:
             if delta.text and on_text is not None:
                 on_text(index, delta.text)
-        return Request(engine.model, list(prompts[index]), params[index], budgets[index],
+        return Request(engine.model, prompts[index], params[index], budgets[index],
                        on_delta=on_delta, on_error=errors.append)
 
     requests = [request(i) for i in range(len(prompts))]
@@ -724,8 +737,11 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
     """
     if not prompts:
         return []
+    if all(isinstance(t, int) for t in prompts):
+        raise UserError("generate takes a list of prompts, each a list of token ids: [ids], not ids")
+    prompts = [token_ids(p) for p in prompts]
     params = _per_prompt(params, len(prompts))
-    budgets = [check_prompt(model, list(p), sp) for p, sp in zip(prompts, params)]
+    budgets = [check_prompt(model, p, sp) for p, sp in zip(prompts, params)]
     cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
     engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs, overlap=overlap)
     return run_to_completion(engine, prompts, params, on_text)

@@ -30,7 +30,7 @@ import torch
 
 from . import huge_pages
 from .engine import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Completion, Engine, Request,
-                     StreamDelta)
+                     StreamDelta, token_ids)
 from .errors import UserError
 from .kv_cache import KVCache
 from .sampling import SamplingParams
@@ -192,10 +192,10 @@ class LLM:
             if self.tokenizer is None:
                 raise UserError("this model has no tokenizer: give token ids")
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                     for t in prompt):
-            return list(prompt)
-        raise UserError("a prompt is a string or a list of token ids")
+        try:
+            return token_ids(prompt)
+        except UserError:
+            raise UserError("a prompt is a string or a list of token ids") from None
 
     def _prepare(self, prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams, int]:
         params = SamplingParams() if params is None else params

@@ -67,7 +67,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise bad(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int past float's range: as far out of range as inf
+                return math.inf if value > 0 else -math.inf
 
         self.max_tokens, self.top_k = integer("max_tokens"), integer("top_k")
         self.temperature, self.top_p, self.min_p = real("temperature"), real("top_p"), real("min_p")

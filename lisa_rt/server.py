@@ -14,6 +14,7 @@ FastAPI and uvicorn are an optional extra (`pip install 'lisa-rt[serve]'`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import json
@@ -24,7 +25,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from .errors import UserError
-from .tokenizer import ChatMessageError, chat_messages, check_unicode
+from .tokenizer import CHAT_ROLES, ChatMessageError, chat_messages, check_unicode
 
 INSTALL_HINT = "pip install 'lisa-rt[serve]'"
 
@@ -52,6 +53,11 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 # Every stop string is matched against every generated character on the engine thread, which
 # all requests share: a request may name this many (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
+# What a request still running when the server is told to stop has to finish (a rolling restart
+# loses nothing shorter); then it is cancelled. uvicorn cancels a request mid-response only
+# SHUTDOWN_MARGIN_S after that, should an engine step take that long to end.
+SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_MARGIN_S = 10.0
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
     "logprobs": "no log probabilities", "top_logprobs": "no log probabilities",
     "echo": "no prompt echo", "suffix": "no insertion", "logit_bias": "no logit bias",
@@ -77,7 +83,8 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-# What a request still running when the server stops gets: a 503, or this as the stream's last event.
+# What a request still running when the server has stopped waiting for it gets: a 503, or this
+# as the stream's last event.
 SHUTTING_DOWN = APIError(503, "the server is shutting down: the request was cancelled",
                          type="server_error", code="unavailable")
 
@@ -243,7 +250,7 @@ def _messages(body: dict) -> list[dict]:
     if messages is None:
         raise _bad("'messages' is required", param="messages", code="missing_required_parameter")
     try:
-        return chat_messages(messages)
+        return chat_messages(messages, roles=CHAT_ROLES)
     except ChatMessageError as exc:
         raise _bad(str(exc), param=exc.where, code=exc.code) from None
 
@@ -430,16 +437,17 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             if first:
                 yield first
             try:
-                async for index, delta in _merge(handles):
-                    if delta.text:
-                        yield _sse(render.chunk(index, delta.text, None, include_usage))
-                    if delta.finish_reason == "cancelled":  # the server is shutting down
-                        yield _sse(SHUTTING_DOWN.body())
-                        yield "data: [DONE]\n\n"
-                        return
-                    if delta.finish_reason is not None:
-                        completions[index] = delta.completion
-                        yield _sse(render.chunk(index, "", delta.finish_reason, include_usage))
+                async with contextlib.aclosing(_merge(handles)) as merged:  # its tasks end with it
+                    async for index, delta in merged:
+                        if delta.text:
+                            yield _sse(render.chunk(index, delta.text, None, include_usage))
+                        if delta.finish_reason == "cancelled":  # the server is shutting down
+                            yield _sse(SHUTTING_DOWN.body())
+                            yield "data: [DONE]\n\n"
+                            return
+                        if delta.finish_reason is not None:
+                            completions[index] = delta.completion
+                            yield _sse(render.chunk(index, "", delta.finish_reason, include_usage))
             except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
                 yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
                 yield "data: [DONE]\n\n"
@@ -452,6 +460,8 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        if llm.closed:  # shutting down: a load balancer should send nothing more here
+            return JSONResponse({"status": "shutting down", "model": served}, status_code=503)
         return {"status": "ok", "model": served, **llm.stats()}
 
     @app.get("/v1/models")
@@ -638,11 +648,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 class Server(uvicorn.Server):
     """uvicorn's server for an app serving `llm`: on_ready() is called once it accepts
-    connections, and it stops `llm` when it shuts down."""
+    connections, and when it stops (Ctrl-C, SIGTERM) the requests still running get `grace_s`
+    seconds to finish before `llm` is closed."""
 
-    def __init__(self, config: uvicorn.Config, llm, on_ready=None):
+    def __init__(self, config: uvicorn.Config, llm, on_ready=None, grace_s: float = SHUTDOWN_GRACE_S):
         super().__init__(config)
-        self.llm, self.on_ready = llm, on_ready
+        self.llm, self.on_ready, self.grace_s = llm, on_ready, grace_s
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
@@ -650,11 +661,20 @@ class Server(uvicorn.Server):
             self.on_ready()
 
     async def shutdown(self, sockets=None) -> None:
-        # Requests still running end now, each client told so (a 503, or an error event ending
-        # its stream), instead of running on until uvicorn's grace period cuts them off; a
-        # request arriving meanwhile finds the LLM closed and gets a 503 too.
-        await asyncio.to_thread(self.llm.close)
-        await super().shutdown(sockets=sockets)
+        # uvicorn stops accepting connections and waits for the requests in flight; past its
+        # timeout_graceful_shutdown it would cancel them mid-response. Closing the LLM after
+        # grace_s ends the rest first, each client told so (a 503, or an error event ending its
+        # stream).
+        async def close_after_grace() -> None:
+            await asyncio.sleep(self.grace_s)
+            await asyncio.to_thread(self.llm.close)
+
+        closer = asyncio.ensure_future(close_after_grace())
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            closer.cancel()
+            await asyncio.to_thread(self.llm.close)
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -686,7 +706,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
         log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn edits the dict it is given
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config,
-                                use_colors=sys.stderr.isatty(), timeout_graceful_shutdown=5,
+                                use_colors=sys.stderr.isatty(),
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S,
                                 timeout_keep_alive=30)
         bound_host, bound_port = sock.getsockname()[:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"

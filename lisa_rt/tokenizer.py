@@ -162,13 +162,15 @@ class ChatMessageError(TokenizerError):
         self.where, self.code = where, code
 
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles OpenAI's chat API has
 
 
-def chat_messages(messages: Any) -> list[dict]:
-    """Messages as OpenAI's chat API takes them, as chat templates read them: each a role (one
-    of CHAT_ROLES; "developer", OpenAI's newer name, becomes "system") and its content as one
-    string (a list of text parts joined, None empty). Raises ChatMessageError."""
+def chat_messages(messages: Any, roles: Sequence[str] | None = None) -> list[dict]:
+    """Messages as OpenAI's chat API takes them, as chat templates read them: "developer",
+    OpenAI's newer name for the system role, becomes "system", and a content given as a list of
+    text parts becomes one string. Other keys (tool_calls, name, ...) and a content of None go to
+    the template as they are. `roles`, where given, are the only roles allowed. Raises
+    ChatMessageError."""
     if not isinstance(messages, list) or not messages:
         raise ChatMessageError("messages", "'messages' must be a non-empty list")
     out = []
@@ -176,16 +178,17 @@ def chat_messages(messages: Any) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ChatMessageError(f"messages[{i}]", f"messages[{i}] must be an object with a 'role'")
         role = "system" if message["role"] == "developer" else message["role"]
-        if role not in CHAT_ROLES:
+        if roles is not None and role not in roles:
             raise ChatMessageError(f"messages[{i}].role", f"messages[{i}].role {role!r} is not one of "
-                                   "system, developer, user, assistant, tool")
-        out.append({"role": role, "content": _message_text(message.get("content"), f"messages[{i}].content")})
+                                   f"{', '.join(roles)}" + (", developer" if "system" in roles else ""))
+        content = message.get("content")
+        if content is not None:
+            content = _message_text(content, f"messages[{i}].content")
+        out.append({**message, "role": role, "content": content})
     return out
 
 
 def _message_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
     if isinstance(content, list):
         if any(not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
                for part in content):

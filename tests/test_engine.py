@@ -345,7 +345,7 @@ def test_non_finite_logits_are_an_error_not_a_token():
     (dict(temperature=None), "temperature must be a number"), (dict(top_p=None), "top_p must be a number"),
     (dict(temperature=True), "temperature must be a number"), (dict(max_tokens=True), "max_tokens must be an integer"),
     (dict(max_tokens=5.0), "max_tokens must be an integer"), (dict(stop=3), "stop must be a string or a list"),
-    (dict(ignore_eos="false"), "ignore_eos must be True or False"),
+    (dict(ignore_eos="false"), "ignore_eos must be True or False"), (dict(temperature=10**400), "temperature"),
 ])
 def test_sampling_params_validation(kw, message):
     with pytest.raises(UserError, match=f"invalid sampling parameter: {message}"):
@@ -454,10 +454,21 @@ def test_max_tokens_capped_by_the_context_end(model):
         generate(model, [[]], SamplingParams(max_tokens=1))
 
 
-def test_generate_refuses_prompts_and_params_of_other_types(model, prompts):
-    for bad_prompt in ("text", [1, "2"], [True, 3]):
+def test_generate_takes_token_ids_of_any_integer_type_and_refuses_the_rest(model, prompts):
+    numpy = pytest.importorskip("numpy")
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    want = generate(model, [prompts[0]], greedy)[0].token_ids
+    for same in (tuple(prompts[0]), numpy.array(prompts[0]), torch.tensor(prompts[0]),
+                 [numpy.int64(t) for t in prompts[0]]):
+        assert generate(model, [same], greedy)[0].token_ids == want
+    for bad_prompt in ("text", [1, "2"], [True, 3], [1.0, 2.0], torch.tensor([[1, 2]]), None):
         with pytest.raises(UserError, match="list of token ids"):
             generate(model, [bad_prompt], SamplingParams(max_tokens=1))
+    with pytest.raises(UserError, match=r"\[ids\], not ids"):
+        generate(model, prompts[0], greedy)
+
+
+def test_generate_refuses_params_of_other_types(model, prompts):
     for bad_params in ({"max_tokens": 1}, [SamplingParams(), SamplingParams()], ["greedy"]):
         with pytest.raises(UserError, match="one SamplingParams per prompt"):
             generate(model, [prompts[0]], bad_params)

@@ -34,13 +34,13 @@ GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)
 # --- a live server ----------------------------------------------------------------------------
 
 class LiveServer:
-    def __init__(self, llm, api_key=None):
+    def __init__(self, llm, api_key=None, wrap=lambda app: app):
         from lisa_rt.server import bind_socket, create_app
 
         self.llm = llm
         sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(llm, model_name=MODEL, api_key=api_key), log_level="warning")
+        config = uvicorn.Config(wrap(create_app(llm, model_name=MODEL, api_key=api_key)), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -375,25 +375,38 @@ def test_oversized_body_is_413_before_parsing(server, llm):
     _check_error(httpx.post(server.url + COMPLETIONS, content=fits), 400, "prompt", "context_length_exceeded")
 
 
-def test_client_gone_before_its_body_is_whole_is_not_an_error(server, llm):
+def test_client_gone_before_its_body_is_whole_is_not_an_error(llm):
     import logging
     import socket
 
-    records = []
+    answered = threading.Event()
+
+    def wrap(app):
+        async def noting_the_end(scope, receive, send):
+            try:
+                await app(scope, receive, send)
+            finally:
+                if scope["type"] == "http":
+                    answered.set()
+        return noting_the_end
+
+    live = LiveServer(llm, wrap=wrap)
+    errors = []
     handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append
-    logger = logging.getLogger("uvicorn.error")
-    logger.addHandler(handler)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn configured its logging
     try:
-        host, port = server.url.removeprefix("http://").split(":")
+        host, port = live.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n" + b'{"prompt": "Hi"')
-        time.sleep(0.5)
-        assert httpx.get(server.url + "/health").status_code == 200
+        assert answered.wait(10)
+        time.sleep(0.2)  # uvicorn logs an error the app raised just after it returns
+        assert httpx.get(live.url + "/health").status_code == 200
     finally:
-        logger.removeHandler(handler)
-    assert records == []
+        live.stop()
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert errors == []
 
 
 def test_unknown_route_and_method(server):
@@ -478,14 +491,14 @@ def test_sse_wire_format(server):
 
 
 
-def test_shutdown_ends_running_requests_and_tells_their_clients(tiny):
+def test_shutdown_lets_short_requests_finish_and_ends_the_rest_telling_their_clients(tiny):
     from lisa_rt.llm import LLM
     from lisa_rt.server import Server, bind_socket, create_app
 
     llm = LLM(str(tiny), device="cpu", kv_cache_gb=0.02, max_num_seqs=8)
     forward = llm.model.forward
 
-    def slow_forward(*args, **kwargs):  # ~1,000 tokens then take 20 s: still running at shutdown
+    def slow_forward(*args, **kwargs):  # ~1,000 tokens take 20 s: still running at shutdown
         time.sleep(0.02)
         return forward(*args, **kwargs)
 
@@ -494,37 +507,53 @@ def test_shutdown_ends_running_requests_and_tells_their_clients(tiny):
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     started = threading.Event()
     server = Server(uvicorn.Config(create_app(llm, model_name=MODEL), log_level="warning"), llm,
-                    on_ready=started.set)
+                    on_ready=started.set, grace_s=1.0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    answers = {}
+
+    def post(name: str, body: dict) -> threading.Thread:
+        def run() -> None:
+            answers[name] = httpx.post(url + CHAT, json=body, timeout=30)
+        worker = threading.Thread(target=run)
+        worker.start()
+        return worker
+
+    def wait_running(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while llm.stats()["running"] < count:
+            assert time.monotonic() < deadline, llm.stats()
+            time.sleep(0.01)
+
     try:
         assert started.wait(30)
-        whole = {}
-        waiting = threading.Thread(target=lambda: whole.update(
-            response=httpx.post(url + CHAT, json=_long_chat(stream=False), timeout=30)))
-        waiting.start()
+        long_whole = post("long", _long_chat(stream=False))
         with httpx.stream("POST", url + CHAT, json=_long_chat(stream=True), timeout=30) as response:
             events = response.iter_lines()
-            first = next(line for line in events if line.startswith("data: {") and "content" in line)
-            deadline = time.monotonic() + 20
-            while llm.stats()["running"] < 2:  # the other request too
-                assert time.monotonic() < deadline, llm.stats()
-                time.sleep(0.01)
+            first = next(line for line in events if '"content": "' in line and '"content": ""' not in line)
+            wait_running(2)
+            short = post("short", _chat(max_tokens=8, temperature=0, ignore_eos=True))
+            wait_running(3)
             server.should_exit = True  # what uvicorn's handler of SIGINT and SIGTERM does
             rest = [line for line in events if line]
-        waiting.join(30)
+        long_whole.join(30)
+        short.join(30)
         thread.join(30)
         assert not thread.is_alive() and llm.closed
     finally:
         server.should_exit = True
         thread.join(30)
         llm.close()
-    assert json.loads(first[len("data: "):])["choices"][0]["delta"]
+    assert json.loads(first[len("data: "):])["choices"][0]["delta"]["content"]
+    # within the grace period: answered whole
+    assert answers["short"].status_code == 200
+    assert answers["short"].json()["choices"][0]["finish_reason"] == "length"
+    # past it: cancelled, and told so
     assert rest[-1] == "data: [DONE]"
     error = json.loads(rest[-2][len("data: "):])["error"]
     assert error["code"] == "unavailable" and "shutting down" in error["message"]
-    assert whole["response"].status_code == 503
-    assert whole["response"].json()["error"]["code"] == "unavailable"
+    assert answers["long"].status_code == 503
+    assert answers["long"].json()["error"]["code"] == "unavailable"
 
 # --- without FastAPI, and the `lisa-rt serve` command -----------------------------------------
 
@@ -706,6 +735,7 @@ def test_engine_failure_is_reported(llm):
 def test_closed_llm_is_503(llm):
     live = LiveServer(_BrokenLLM(llm, closed=True))
     try:
+        assert httpx.get(live.url + "/health").status_code == 503  # a load balancer sends no more
         response = httpx.post(live.url + CHAT, json=_chat())
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"

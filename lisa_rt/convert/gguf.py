@@ -383,11 +383,12 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict 
     if kind not in (None, "none"):
         raise ConvertError(f"{path}: unsupported rope scaling {kind!r} ({arch}.rope.scaling.type); "
                            "lisa-rt supports llama3-style scaling only")
-    # llama.cpp reads a scaling factor without a type, or the older scale_linear, as linear scaling
-    for key in ([f"{arch}.rope.scaling.factor"] if kind is None else []) + [f"{arch}.rope.scale_linear"]:
-        if key in md and config_number(path, key, md[key]) not in (0.0, 1.0):
-            raise ConvertError(f"{path}: {key} = {md[key]} asks for linear rope scaling, which lisa-rt does "
-                               "not support (llama3-style scaling only)")
+    # Without a type, llama.cpp reads a scaling factor (or else the older scale_linear) as linear
+    # scaling; with type "none" it reads neither.
+    factor_key = next((k for k in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear") if k in md), None)
+    if kind is None and factor_key and config_number(path, factor_key, md[factor_key]) not in (0.0, 1.0):
+        raise ConvertError(f"{path}: {factor_key} = {md[factor_key]} asks for linear rope scaling, which "
+                           "lisa-rt does not support (llama3-style scaling only)")
     if "rope_freqs.weight" not in gf.tensors:
         return None
     # llama.cpp stores llama3 scaling as per-frequency factors; recover the parameters by

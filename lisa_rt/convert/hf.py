@@ -55,8 +55,9 @@ def map_name(name: str) -> str | None:
 
 def _rope_scaling(path: Path, hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, lisa-rt's rope_scaling) from transformers 5's rope_parameters or the older
-    rope_scaling and rope_theta, read as transformers 5 reads them: an empty rope_scaling says
-    nothing, and a theta may stand in any of the three places."""
+    rope_scaling and rope_theta, read as transformers 5 reads them: rope_scaling unless it is
+    empty, else rope_parameters, and the theta in the one read, else at the top level. The two
+    naming different kinds of RoPE are refused: transformers 4 read such a file otherwise."""
     params, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
@@ -65,14 +66,14 @@ def _rope_scaling(path: Path, hf: dict) -> tuple[float, dict | None]:
         raise ConvertError(f"{path}: rope_scaling ({_rope_kind(scaling)!r}) and rope_parameters "
                            f"({_rope_kind(params)!r}) disagree; keep one of them")
     scaling = scaling or params
-    for place in (params, hf, scaling):
+    for place in (scaling, hf):
         if place is not None and "rope_theta" in place:
             theta = config_number(path, "rope_theta", place["rope_theta"])
             break
     else:
         theta = 10000.0
-    kind = _rope_kind(scaling) if scaling is not None else None
-    if kind in (None, "default"):
+    kind = _rope_kind(scaling) if scaling is not None else "default"
+    if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ConvertError(f"{path}: unsupported rope scaling type {kind!r} "
@@ -87,7 +88,7 @@ def _rope_scaling(path: Path, hf: dict) -> tuple[float, dict | None]:
 
 
 def _rope_kind(scaling: dict) -> Any:
-    return scaling.get("rope_type", scaling.get("type"))
+    return scaling.get("rope_type", scaling.get("type")) or "default"
 
 
 def _ids(path: Path, key: str, value: Any) -> list[int]:
