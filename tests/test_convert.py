@@ -551,6 +551,8 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     ({"llama.attention.head_count_kv": 0}, (), "at least 1"),
     ({"tokenizer.ggml.eos_token_id": "</s>"}, (), "eos_token_id must be an integer"),
     ({"tokenizer.ggml.merges": ["zz zz"]}, (), "the tokenizer in the GGUF metadata is invalid"),
+    # Mistral Nemo's split, which GPT-2's regex (the fallback before) splits otherwise
+    ({"tokenizer.ggml.pre": "tekken"}, (), "unsupported pre-tokenizer 'tekken'"),
 ], ids=lambda v: None if isinstance(v, (dict, tuple)) else v)
 def test_gguf_metadata_that_would_change_the_math_is_refused(tmp_path, metadata, drop, message):
     model = _tiny_llama(tied=True, seed=5)

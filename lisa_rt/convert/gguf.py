@@ -490,7 +490,10 @@ def read_config(gf: GGUFFile) -> ModelConfig:
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
-# pre-tokenizer regexes by tokenizer.ggml.pre; anything not listed gets GPT-2's byte-level regex
+# Pre-tokenizer regexes by tokenizer.ggml.pre. GPT2_PRE_TOKENIZERS (and a file without the key)
+# get GPT-2's byte-level regex, as transformers' GGUF loader gives them; any other value names a
+# split lisa-rt does not know, which would give other token ids than the model's: refused.
+GPT2_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -499,8 +502,6 @@ PRE_TOKENIZER_SPLITS = {
     "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
-    # "smollm", "gpt2", "default", "starcoder", ...: GPT-2's regex (ByteLevel use_regex=True),
-    # which is what transformers' GGUF loader builds for them.
 }
 
 
@@ -601,7 +602,12 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
                 raise ConvertError(f"{path}: malformed merge {merge!r} in tokenizer.ggml.merges")
             merges.append((left, right))
         tok = bpe(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-        split = PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre"))
+        pre = md.get("tokenizer.ggml.pre")
+        if pre is not None and pre not in PRE_TOKENIZER_SPLITS and pre not in GPT2_PRE_TOKENIZERS:
+            known = sorted(set(PRE_TOKENIZER_SPLITS) | set(GPT2_PRE_TOKENIZERS))
+            raise ConvertError(f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre; lisa-rt "
+                               f"knows {', '.join(known)}): its token ids would not be the model's")
+        split = PRE_TOKENIZER_SPLITS.get(pre)
         if split is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         else:
