@@ -2,7 +2,7 @@
 one at a time, same LLM, same run.
 
     python benchmarks/api_throughput.py [-m smollm2] [--requests 16] [--max-tokens 64]
-                                        [--device cpu] [--dtype float32] [--json out/api.json]
+                                        [--device cpu] [--dtype float32] [--no-lisa] [--json out/api.json]
 
 Greedy decoding with ignore_eos, so every request makes exactly --max-tokens tokens and both
 modes do the same work. Reports generated tokens/s of each mode and their ratio, and whether
@@ -63,17 +63,18 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
+    ap.add_argument("--no-lisa", action="store_true", help="the base model, not its LiSA adapter")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     texts = prompts(args.requests)
     with LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-             max_num_seqs=max(args.requests, 1)) as llm:
+             max_num_seqs=max(args.requests, 1), lisa=False if args.no_lisa else None) as llm:
         llm.generate([texts[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
         serial, serial_s = one_at_a_time(llm, texts, params)
         batched, batched_s = concurrent(llm, texts, params)
-        device = str(llm.model.device)
+        device, dtype = str(llm.model.device), str(llm.model.dtype).removeprefix("torch.")
         stats = llm.stats()
 
     rows = []
@@ -84,12 +85,13 @@ def main() -> None:
     ratio = rows[1]["tok_per_s"] / rows[0]["tok_per_s"]
     same = sum(a.token_ids == b.token_ids for a, b in zip(serial, batched))
     machine = machine_name()
-    print(f"# {machine}; model {args.model} on {device}; {args.max_tokens} tokens per request, greedy")
+    print(f"# {machine}; model {args.model}{' without LiSA' if args.no_lisa else ''} on {device}, {dtype}; "
+          f"{args.max_tokens} tokens per request, greedy")
     print_table(rows, ["mode", "requests", "tokens", "seconds", "tok_per_s"])
     print(f"concurrent / one at a time: {ratio:.2f}x; identical answers: {same}/{len(texts)}; "
           f"preemptions: {stats.get('preemptions')}")
     write_json(args.json, {"benchmark": "api_throughput", "machine": machine, "model": args.model,
-                           "device": device, "dtype": args.dtype, "max_tokens": args.max_tokens,
+                           "lisa": not args.no_lisa, "device": device, "dtype": dtype, "max_tokens": args.max_tokens,
                            "rows": rows, "ratio": round(ratio, 3), "identical_answers": same,
                            "preemptions": stats.get("preemptions")})
 

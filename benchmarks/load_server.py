@@ -1,7 +1,7 @@
 """Load test of `lisa-rt serve`: many concurrent streaming chat clients for a bounded time.
 
     python benchmarks/load_server.py [-m smollm2] [--clients 64] [--seconds 30] [--max-tokens 64]
-                                     [--device cuda] [--dtype bfloat16] [--json out/load.json]
+                                     [--device cuda] [--dtype bfloat16] [--no-lisa] [--json out/load.json]
 
 Starts `lisa-rt serve` on 127.0.0.1 (a free port) as a subprocess, waits until it answers,
 then runs --clients asyncio clients (httpx), each sending streaming /v1/chat/completions
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--kv-cache-gb", default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--no-lisa", action="store_true", help="serve the base model, not its LiSA adapter")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server")
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--json", default=None)
@@ -171,6 +172,8 @@ def main() -> None:
                         ("--kv-cache-gb", args.kv_cache_gb), ("--max-num-seqs", args.max_num_seqs)):
         if value is not None:
             argv += [flag, str(value)]
+    if args.no_lisa:
+        argv.append("--no-lisa")
     os.environ.pop("LISA_RT_API_KEY", None)
     server = Server(argv, args.start_timeout)
     try:
@@ -188,13 +191,14 @@ def main() -> None:
            "latency_p50_ms": ms(percentile(record["latency"], 50)),
            "latency_p99_ms": ms(percentile(record["latency"], 99)), "errors": record["errors"]}
     machine = machine_name()
-    print(f"# {machine}; `lisa-rt serve -m {args.model}`; {args.clients} streaming chat clients for "
+    print(f"# {machine}; `lisa-rt serve -m {args.model}{' --no-lisa' if args.no_lisa else ''}`; "
+          f"{args.clients} streaming chat clients for "
           f"{args.seconds:g} s, max_tokens {args.max_tokens}, temperature {args.temperature}")
     print_table([row], list(row))
     for sample in record["error_samples"]:
         print(f"error: {sample}", file=sys.stderr)
     write_json(args.json, {"benchmark": "load_server", "machine": machine, "model": args.model,
-                           "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
+                           "lisa": not args.no_lisa, "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
                            "temperature": args.temperature, "prompt_tokens": record["prompt_tokens"],
                            "completion_tokens": record["completion_tokens"], **row,
                            "error_samples": record["error_samples"]})
