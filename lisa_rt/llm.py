@@ -255,8 +255,9 @@ class LLM:
         return deltas()
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        """The assistant's reply to messages (as OpenAI's chat API takes them: a role and a
-        string or a list of text parts each), through the model's chat template."""
+        """The assistant's reply to messages, through the model's chat template. Messages are
+        as OpenAI's chat API takes them (a content may be a list of text parts, "developer" is
+        the system role); other keys and roles reach the template as they are."""
         return self.generate([self._chat_tokens(messages)], params)[0]
 
     def _chat_tokens(self, messages: list[dict]) -> list[int]:
