@@ -221,8 +221,9 @@ class LLM:
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Completions of every prompt, in order (batched with whatever else is running)."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
+        one = (isinstance(prompts, str) or getattr(prompts, "ndim", None) == 1  # numpy, torch: ids
+               or (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)))
+        if one:
             prompts = [prompts]
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):

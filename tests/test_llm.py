@@ -90,6 +90,8 @@ def test_prompt_forms(llm, ref):
     assert llm.generate(ids, GREEDY)[0].token_ids == want             # one list of ids
     both = llm.generate([ids, LINES[0]], GREEDY)                      # a list of either
     assert [c.token_ids for c in both] == [want, want]
+    assert llm.generate(torch.tensor(ids), GREEDY)[0].token_ids == want  # one vector of ids
+    assert [c.token_ids for c in llm.generate([torch.tensor(ids), tuple(ids)], GREEDY)] == [want, want]
     assert llm.generate([], GREEDY) == []
     # Default params are SamplingParams()'s defaults (max_tokens 256, sampled).
     assert 1 <= llm.generate(ids)[0].completion_tokens <= 256
