@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's id in the API (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level on stderr (info)")
+    p.add_argument("--shutdown-grace", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, what requests in flight get to finish before they are "
+                        "cancelled (5)")
     return parser
 
 
@@ -716,7 +719,7 @@ def cmd_serve(args) -> int:
         serve(args.model, sock=sock, api_key=api_key, device=args.device, dtype=args.dtype,
               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
               model_name=args.served_model_name, log_level=args.log_level, on_ready=ready,
-              lisa=_lisa_choice(args))
+              lisa=_lisa_choice(args), shutdown_grace=args.shutdown_grace)
     except KeyboardInterrupt:
         pass
     finally:

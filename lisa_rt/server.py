@@ -53,9 +53,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 # Every stop string is matched against every generated character on the engine thread, which
 # all requests share: a request may name this many (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
-# What a request still running when the server is told to stop has to finish (a rolling restart
-# loses nothing shorter); then it is cancelled. uvicorn cancels a request mid-response only
-# SHUTDOWN_MARGIN_S after that, should an engine step take that long to end.
+# What a request still running when the server is told to stop has to finish by default (a
+# rolling restart loses nothing shorter); then it is cancelled. uvicorn cancels a request
+# mid-response only SHUTDOWN_MARGIN_S after that, should an engine step take that long to end.
 SHUTDOWN_GRACE_S = 5.0
 SHUTDOWN_MARGIN_S = 10.0
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
@@ -680,7 +680,8 @@ class Server(uvicorn.Server):
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
           kv_cache_gb: float | None = None, max_num_seqs: int = 256, model_name: str | None = None,
-          log_level: str = "info", sock: socket.socket | None = None, on_ready=None, lisa=None) -> None:
+          log_level: str = "info", sock: socket.socket | None = None, on_ready=None, lisa=None,
+          shutdown_grace: float = SHUTDOWN_GRACE_S) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C). Binds 127.0.0.1 by default.
 
     model_name: the model's id in the API (default: the LLM's model_name).
@@ -688,6 +689,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
     sock: an already bound listening socket (then host and port only name it in messages).
     on_ready(url): called once the server accepts connections.
     lisa: the LiSA adapter, as for load_model (None: the model's own).
+    shutdown_grace: seconds the requests in flight get to finish once told to stop (Ctrl-C,
+    SIGTERM); then they are cancelled, each client told so.
     """
     from .llm import LLM
 
@@ -707,12 +710,12 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config,
                                 use_colors=sys.stderr.isatty(),
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S,
+                                timeout_graceful_shutdown=shutdown_grace + SHUTDOWN_MARGIN_S,
                                 timeout_keep_alive=30)
         bound_host, bound_port = sock.getsockname()[:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
         ready = (lambda: on_ready(url)) if on_ready is not None else None
-        Server(config, llm, on_ready=ready).run(sockets=[sock])
+        Server(config, llm, on_ready=ready, grace_s=shutdown_grace).run(sockets=[sock])
     finally:
         llm.close()
         sock.close()

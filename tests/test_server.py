@@ -609,6 +609,7 @@ def test_serve_command(tiny, tmp_path):
     (("--kv-cache-gb", "0"), ["--kv-cache-gb", "> 0"]),
     (("--host", "no.such.host.invalid"), ["cannot listen", "no.such.host.invalid"]),
     (("--api-key", ""), ["--api-key"]),
+    (("--shutdown-grace", "-1"), ["--shutdown-grace", ">= 0"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
 def test_serve_user_errors(tiny, capsys, argv, fragments):
     assert cli.main(["serve", "-m", str(tiny), *argv]) == 2
@@ -616,6 +617,16 @@ def test_serve_user_errors(tiny, capsys, argv, fragments):
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
     for fragment in fragments:
         assert fragment in err
+
+
+def test_serve_passes_its_options_on(tiny, monkeypatch):
+    import lisa_rt.server
+
+    seen = {}
+    monkeypatch.setattr(lisa_rt.server, "serve", lambda model, **kwargs: seen.update(kwargs, model=model))
+    assert cli.main(["serve", "-m", str(tiny), "--port", "0", "--shutdown-grace", "30", "--no-lisa"]) == 0
+    assert seen["model"] == str(tiny) and seen["shutdown_grace"] == 30.0 and seen["lisa"] is False
+    seen["sock"].close()
 
 
 def test_serve_on_a_busy_port(tiny, tmp_path):
