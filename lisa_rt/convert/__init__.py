@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,9 +35,10 @@ class SourceModel:
 
 
 def config_number(where: Path, key: str, value: object, integer: bool = False) -> int | float:
-    """A source config's value as an int (`integer`) or a float; ConvertError naming the file
-    and key for anything else (null, a string, a bool, a fraction where an integer belongs)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """A source config's value (a Python or numpy number) as an int (`integer`) or a float;
+    ConvertError naming the file and key for anything else (null, a string, a bool, a fraction
+    where an integer belongs)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # (numpy's bool is no Real)
         try:
             number = float(value)
         except OverflowError:  # an int past float's range

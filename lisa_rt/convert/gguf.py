@@ -357,8 +357,7 @@ def map_name(name: str) -> str | None:
 def _uniform(path: Path, key: str, value: Any) -> int:
     """An int, or a per-layer array that must hold one value (lisa-rt has uniform layers)."""
     if isinstance(value, (list, np.ndarray)):
-        values = set(config_number(path, key, v.item() if isinstance(v, np.generic) else v, integer=True)
-                     for v in value)
+        values = set(config_number(path, key, v, integer=True) for v in value)
         if len(values) != 1:
             raise ConvertError(f"{path}: {key} varies across layers ({sorted(values)}); "
                                "lisa-rt needs uniform layers")
@@ -411,6 +410,13 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict 
                        "unsupported rope frequency factors")
 
 
+def _token_id(gf: GGUFFile, key: str) -> int | None:
+    """tokenizer.ggml.{key}_token_id (bos, eos, eot, unknown, padding), where the file has it."""
+    full = f"tokenizer.ggml.{key}_token_id"
+    value = gf.metadata.get(full)
+    return None if value is None else config_number(gf.path, full, value, integer=True)
+
+
 def read_config(gf: GGUFFile) -> ModelConfig:
     md, path = gf.metadata, gf.path
     arch = md.get("general.architecture")
@@ -451,11 +457,7 @@ def read_config(gf: GGUFFile) -> ModelConfig:
         raise ConvertError(f"{path}: tensor 'token_embd.weight' has "
                            f"{gf.tensors['token_embd.weight'].shape[0]} rows but the vocabulary "
                            f"has {vocab} tokens")
-    def token_id(key: str) -> int | None:
-        value = md.get(f"tokenizer.ggml.{key}")
-        return None if value is None else config_number(path, f"tokenizer.ggml.{key}", value, integer=True)
-
-    bos, eos, eot = token_id("bos_token_id"), token_id("eos_token_id"), token_id("eot_token_id")
+    bos, eos, eot = (_token_id(gf, key) for key in ("bos", "eos", "eot"))
     eos_ids = [eos] if eos is not None else []
     if eot is not None and eot not in eos_ids:
         eos_ids.append(eot)
@@ -563,10 +565,10 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
     types = [1] * len(tokens) if types is None else [int(t) for t in types]
 
     def token_of(key: str) -> tuple[str | None, int | None]:
-        tid = md.get(f"tokenizer.ggml.{key}_token_id")
-        if tid is None or not 0 <= int(tid) < len(tokens):
+        tid = _token_id(gf, key)
+        if tid is None or not 0 <= tid < len(tokens):
             return None, None
-        return tokens[int(tid)], int(tid)
+        return tokens[tid], tid
 
     def bpe(**kwargs) -> Tokenizer:
         try:
