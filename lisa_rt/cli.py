@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache memory in GB (default: sized by the engine)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=256,
                    help="most requests decoded at once (256)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full, never reusing the cached keys and values of an "
+                        "earlier prompt's same beginning")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -321,7 +324,8 @@ def _how_it_runs(model) -> str:
 
 def _speeds(completion) -> str:
     t = completion.timings
-    return (f"prompt {completion.prompt_tokens} tok in {t['prefill_s']:.3f} s "
+    cached = f" ({completion.cached_tokens} cached)" if completion.cached_tokens else ""
+    return (f"prompt {completion.prompt_tokens} tok{cached} in {t['prefill_s']:.3f} s "
             f"({t['prompt_tok_per_s']:.1f} tok/s); generated {completion.completion_tokens} tok, "
             f"decode {t['decode_tok_per_s']:.1f} tok/s")
 
@@ -356,8 +360,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _chat_engine(model, engine, tokens: int):
+    """The engine of one conversation, kept across turns so that each turn prefills only what
+    its prefix cache lacks (the new message, and what follows the last reply). Its cache grows
+    with the conversation, from CHAT_CACHE_TOKENS, doubling, up to the context: `engine` if it
+    holds `tokens` tokens, else a larger one (whose cache starts empty)."""
+    from .engine import Engine
+
+    if engine is not None and engine.cache.num_blocks * engine.cache.block_size >= tokens:
+        return engine
+    held = engine.cache.num_blocks * engine.cache.block_size if engine is not None else 0
+    size = min(max(tokens, 2 * held, CHAT_CACHE_TOKENS), model.max_context)
+    return Engine(model, model.new_cache([size]), max_num_seqs=1)
+
+
+CHAT_CACHE_TOKENS = 1024
+
+
 def cmd_chat(args) -> int:
-    from .engine import generate
+    from .engine import run_to_completion
     from .tokenizer import check_unicode
 
     params = _sampling_params(args)
@@ -369,6 +390,7 @@ def cmd_chat(args) -> int:
         raise UserError(f"{model.path}: this model has no chat template")
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history = list(system)
+    engine = None
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach check_unicode below
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -404,10 +426,12 @@ def cmd_chat(args) -> int:
             print("error: the conversation no longer fits the context; /reset starts a new one",
                   file=sys.stderr)
             continue
+        engine = _chat_engine(model, engine, len(ids) + min(params.max_tokens, model.max_context - len(ids)))
         try:
-            completion = generate(model, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
+            completion = run_to_completion(engine, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the exchange is dropped
             history.pop()
+            engine = None  # the interrupted step may have left it half-done
             _write("\n")
             print("(interrupted; Ctrl-D or /exit leaves)", file=sys.stderr)
             continue
@@ -719,7 +743,8 @@ def cmd_serve(args) -> int:
         serve(args.model, sock=sock, api_key=api_key, device=args.device, dtype=args.dtype,
               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
               model_name=args.served_model_name, log_level=args.log_level, on_ready=ready,
-              lisa=_lisa_choice(args), shutdown_grace=args.shutdown_grace)
+              lisa=_lisa_choice(args), shutdown_grace=args.shutdown_grace,
+              prefix_caching=not args.no_prefix_caching)
     except KeyboardInterrupt:
         pass
     finally:

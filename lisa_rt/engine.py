@@ -13,6 +13,13 @@ goes back to the FRONT of the queue, keeping its generated tokens, its sampler (
 its detokeniser. On re-admission it re-prefills prompt + generated tokens and goes on where it
 stopped: nothing is sampled or streamed twice.
 
+Prefix caching (on by default; prefix_caching=False turns it off). Each full block whose keys
+and values are computed is offered to the cache under its token prefix (kv_cache.BlockAllocator);
+an admitted request takes the cached blocks of its longest whole-block prefix, less its last
+token, and prefills from there. A block is offered only once the tokens before its end are final
+(behind the last sampled token, so an overlapped step's redrawn input is never in it). Chats that
+resend their history, shared system prompts and preempted sequences skip what is cached.
+
 Requests that can never fit. A prompt that alone needs more blocks than the whole cache holds is
 rejected by `Engine.check` (UserError: the KV budget is too small). A prompt that fits but whose
 prompt + max_tokens does not finishes with "length" once it is the only running sequence and its
@@ -51,7 +58,7 @@ import torch
 
 from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
-from .kv_cache import BlockTable, KVCache
+from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, StepSample, sample_batch, upload
 
@@ -66,6 +73,7 @@ class Completion:
     finish_reason: str          # "stop" (EOS or a stop string), "length" or "cancelled"
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -183,6 +191,7 @@ class Request:
         self.cancel_requested = False
         self.preemptions = 0
         self.decode_steps = 0
+        self.cached_tokens: int | None = None  # at its first admission
         self.t_submit = time.perf_counter()
         self.t_admit: float | None = None
         self.t_first: float | None = None
@@ -239,6 +248,7 @@ class Request:
             # Cancelled: the text streamed so far (held-back text is never shown).
             text=self.filter.text[: self.filter.emitted], token_ids=list(self.output),
             finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt),
+            cached_tokens=self.cached_tokens or 0,
             timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
                      "decode_s": end - first, "decode_steps": self.decode_steps,
                      "preemptions": self.preemptions,
@@ -292,7 +302,7 @@ class Engine:
 
     def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prefix_caching: bool = True):
         if max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
@@ -305,6 +315,9 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.overlap = overlap_by_default(model.device) if overlap is None else overlap
+        self.prefix_caching = prefix_caching
+        self.admitted_tokens = 0  # tokens prefilled at admission, and of them found in the cache:
+        self.cached_tokens = 0    # their ratio is the prefix cache's hit rate
         self._inflight: InFlight | None = None
         self.overlapped_steps = 0
         self.rewinds = 0  # rows of overlapped steps dropped because their input was redrawn
@@ -367,6 +380,8 @@ class Engine:
             waiting = len(self._inbox) + len(self.waiting)
         return {"running": len(self.running), "waiting": waiting,
                 "free_blocks": self.cache.allocator.num_free, "total_blocks": self.cache.num_blocks,
+                "cached_blocks": self.cache.allocator.num_cached, "admitted_tokens": self.admitted_tokens,
+                "cached_tokens": self.cached_tokens,
                 "preemptions": self.preemptions, "completed": self.completed,
                 "cancelled": self.cancelled, "steps": self.steps, "overlapped_steps": self.overlapped_steps,
                 "rewinds": self.rewinds}
@@ -380,7 +395,7 @@ class Engine:
         For measuring decode at long contexts without paying for their prefill (bench.py).
         Raises OutOfBlocks, changing nothing, when the cache has no room for the prompt.
         """
-        table = BlockTable(self.cache)
+        table = BlockTable(self.cache, shareable=False)
         table.ensure(request.length)
         request.table = table
         request.computed = request.length - 1
@@ -431,6 +446,8 @@ class Engine:
             if not chunks:
                 return
             logits = self._forward(chunks)
+            for req in batch:
+                self._offer(req)
             # A chunk that reaches the end of its sequence's tokens yields the next token.
             ready = [row for row, req in enumerate(batch) if req.computed == req.length]
             if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
@@ -510,7 +527,21 @@ class Engine:
         leave it budget, a sequence slot and the blocks for its prompt are free)."""
         running = len(self.running)
         return bool(self.waiting) and running < min(self.max_num_seqs, self.max_batch_tokens) and \
-            self.cache.blocks_for(self.waiting[0].length) <= self.cache.allocator.num_free
+            self._blocks_to_admit(self.waiting[0], self._match(self.waiting[0])) <= self.cache.allocator.num_free
+
+    def _match(self, req: Request) -> PrefixMatch:
+        return self.cache.match(req.tokens, req.length) if self.prefix_caching else NO_MATCH
+
+    def _blocks_to_admit(self, req: Request, match: PrefixMatch) -> int:
+        """Free blocks req's admission takes: new ones for what the match lacks, and the
+        matched blocks that sit cached (unused) now."""
+        return self.cache.blocks_for(req.length) - len(match.blocks) + match.idle
+
+    def _offer(self, req: Request) -> None:
+        """Offers req's computed full blocks to the prefix cache: those before its last token,
+        which a step in flight may have fed a draw that is redrawn (see the module docstring)."""
+        if self.prefix_caching and req.table is not None:
+            req.table.register(req.tokens, min(req.computed, req.length - 1))
 
     def _accept(self, requests: list[Request], tokens: list[int]) -> None:
         """Records each request's sampled token, streams its text and retires it if it ended."""
@@ -524,6 +555,7 @@ class Engine:
                 else:
                     req.decode_steps += 1
                 delta = req.accept(token)
+                self._offer(req)  # before _end frees the blocks: they stay cached
                 if req.finished:
                     self._end(req, req.finish_reason, delta)
                 elif delta:
@@ -580,18 +612,22 @@ class Engine:
                 self.waiting.popleft()
                 self._end(req, "length", req.finish_length())
                 continue
-            if need > cache.allocator.num_free:
+            match = self._match(req)
+            if self._blocks_to_admit(req, match) > cache.allocator.num_free:
                 break
             self.waiting.popleft()
             req.table = BlockTable(cache)
+            req.table.adopt(match)
             req.table.ensure(req.length)
-            req.computed = 0
+            self.admitted_tokens += req.length
+            self.cached_tokens += match.tokens
             if req.t_admit is None:
                 req.t_admit = time.perf_counter()
+                req.cached_tokens = match.tokens
             self.running.append(req)
-            n = min(req.length, budget)
-            chunks.append((req.tokens(0, n), 0, req.table))
-            req.computed = n
+            n = min(req.length - match.tokens, budget)
+            chunks.append((req.tokens(match.tokens, match.tokens + n), match.tokens, req.table))
+            req.computed = match.tokens + n
             batch.append(req)
             budget -= n
         return chunks

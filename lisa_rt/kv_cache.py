@@ -3,12 +3,16 @@
 Each layer's keys and values live in pools shaped [num_blocks, block_size, kv_heads, head_dim]
 (a LiSA layer's key pool holds its rank-r keys k' instead: [..., kv_heads, rank]);
 a sequence owns a list of block ids (its block table) and token t of it sits in block
-table[t // block_size] at offset t % block_size. Blocks are shared by nothing yet, so freeing a
-sequence returns all of its blocks at once.
+table[t // block_size] at offset t % block_size. A full block whose keys and values are
+computed is shared by every sequence with the same tokens up to its end (prefix caching, see
+BlockAllocator): it is never written again, and outlives its sequences until its room is needed.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections import OrderedDict
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -24,27 +28,112 @@ class OutOfBlocks(RuntimeError):
     """Raised when the pool cannot hold a request; the caller preempts or reports it."""
 
 
+ROOT = 0  # the prefix node of the empty prefix
+
+
+class PrefixMatch(NamedTuple):
+    """Cached blocks holding a prompt's first `tokens` tokens: `blocks` in order, the prefix
+    node of the last one, and how many of them nobody uses now (taking those shrinks the free
+    count)."""
+    blocks: list[int]
+    tokens: int
+    node: int
+    idle: int
+
+
+NO_MATCH = PrefixMatch([], 0, ROOT, 0)
+
+
 class BlockAllocator:
-    """Hands out block ids from a fixed pool; O(1) allocate and free."""
+    """Hands out block ids from a fixed pool and keeps computed prefixes for reuse.
+
+    A block is free, in use (a count of the tables that hold it), or cached: in nobody's table
+    but holding the keys and values of a full block of some token prefix, which a new sequence
+    with that prefix takes instead of computing them again (automatic prefix caching). Cached
+    blocks count as free: allocation takes never-used or uncached blocks first, then the cached
+    block released longest ago.
+
+    A prefix is named by a node: node = the node of (the node of the tokens before the block,
+    the block's tokens), ROOT for the empty prefix. Lookups compare the tokens themselves, and
+    a node is never reused, so a hit is exact.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         # Pop from the end so low ids go first (keeps small workloads compact in memory).
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._users = [0] * num_blocks
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unused, with a prefix; oldest first
+        self._by_key: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # -> (node, block)
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its key
+        self._nodes = itertools.count(ROOT + 1)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks nobody uses that still hold a prefix."""
+        return len(self._cached)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"need {count} KV blocks, {len(self._free)} free")
-        taken = self._free[len(self._free) - count :]
-        del self._free[len(self._free) - count :]
-        return taken[::-1]
+        if count > self.num_free:
+            raise OutOfBlocks(f"need {count} KV blocks, {self.num_free} free")
+        fresh = min(count, len(self._free))
+        taken = self._free[len(self._free) - fresh :][::-1]
+        del self._free[len(self._free) - fresh :]
+        for _ in range(count - fresh):
+            block, _ = self._cached.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)]
+            taken.append(block)
+        for block in taken:
+            self._users[block] = 1
+        return taken
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        # A sequence's last blocks go first into the cache's eviction order: its early blocks
+        # are the prefix others are likelier to share.
+        for block in reversed(blocks):
+            self._users[block] -= 1
+            if self._users[block] == 0:
+                if block in self._key_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+
+    def match(self, tokens: Callable[[int, int], list[int]], num_tokens: int, block_size: int) -> PrefixMatch:
+        """The cached blocks holding the longest prefix of tokens(0, num_tokens) made of whole
+        blocks; changes nothing."""
+        blocks, node, idle = [], ROOT, 0
+        for start in range(0, num_tokens - block_size + 1, block_size):
+            hit = self._by_key.get((node, tuple(tokens(start, start + block_size))))
+            if hit is None:
+                break
+            node, block = hit
+            blocks.append(block)
+            idle += self._users[block] == 0
+        return PrefixMatch(blocks, len(blocks) * block_size, node, idle) if blocks else NO_MATCH
+
+    def share(self, blocks: list[int]) -> None:
+        """One more table holds each of these (in-use or cached) blocks."""
+        for block in blocks:
+            if self._users[block] == 0:
+                del self._cached[block]
+            self._users[block] += 1
+
+    def register(self, node: int, tokens: tuple[int, ...], block: int) -> int:
+        """Records that `block` holds the block of `tokens` after prefix `node`; returns the
+        node of the longer prefix. Where another block already holds it, that one stays the
+        cached copy and this block is freed as uncached when its table lets go."""
+        key = (node, tokens)
+        hit = self._by_key.get(key)
+        if hit is not None:
+            return hit[0]
+        child = next(self._nodes)
+        self._by_key[key] = (child, block)
+        self._key_of[block] = key
+        return child
 
 
 def nbytes_text(nbytes: int) -> str:
@@ -130,13 +219,21 @@ class KVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
+    def match(self, tokens: Callable[[int, int], list[int]], num_tokens: int) -> PrefixMatch:
+        """The cached blocks of the longest whole-block prefix of a sequence's tokens, leaving
+        its last token out: that one must go through the model for the next token's logits."""
+        return self.allocator.match(tokens, num_tokens - 1, self.block_size)
+
 
 class BlockTable:
     """The blocks one sequence owns, grown on demand from the shared allocator."""
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, shareable: bool = True):
         self.cache = cache
         self.blocks: list[int] = []
+        self.shareable = shareable  # False: its blocks hold no known tokens (bench's fake prefills)
+        self.registered = 0  # leading blocks whose prefix the allocator knows
+        self.node = ROOT     # the prefix node of block registered - 1
 
     @property
     def capacity(self) -> int:
@@ -148,6 +245,24 @@ class BlockTable:
         if missing > 0:
             self.blocks.extend(self.cache.allocator.allocate(missing))
 
+    def adopt(self, match: PrefixMatch) -> None:
+        """Starts this (empty) table with the cached blocks of a prefix match."""
+        self.cache.allocator.share(match.blocks)
+        self.blocks = list(match.blocks)
+        self.registered, self.node = len(match.blocks), match.node
+
+    def register(self, tokens: Callable[[int, int], list[int]], num_tokens: int) -> None:
+        """Offers for sharing the full blocks among the first num_tokens tokens, whose keys and
+        values must be final (computed from exactly these tokens, never written again)."""
+        size = self.cache.block_size
+        if not self.shareable:
+            return
+        while (self.registered + 1) * size <= num_tokens:
+            start = self.registered * size
+            self.node = self.cache.allocator.register(self.node, tuple(tokens(start, start + size)),
+                                                      self.blocks[self.registered])
+            self.registered += 1
+
     def slots(self, start: int, end: int) -> list[int]:
         """Cache slots of token positions start..end-1."""
         size = self.cache.block_size
@@ -156,6 +271,7 @@ class BlockTable:
     def release(self) -> None:
         self.cache.allocator.free(self.blocks)
         self.blocks = []
+        self.registered, self.node = 0, ROOT
 
 
 class BlockTableRows:

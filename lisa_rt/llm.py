@@ -10,6 +10,8 @@ Every call (from any thread, or from asyncio through agenerate/astream) submits 
 the same engine, whose thread batches them together step by step (continuous batching).
 A request is a `RequestHandle`: its deltas can be read blocking (`events`), from asyncio
 (`aevents`) or all at once (`result`); `cancel` ends it and frees its KV blocks.
+Prompts that begin with the same tokens as earlier ones (a chat's history, a shared system
+prompt) reuse those tokens' cached keys and values (prefix_caching=False turns that off).
 
 KV cache size (`kv_cache_gb`, GiB = 2**30 bytes, keys and values of every layer):
 None picks, on the CPU, enough for max_num_seqs sequences of min(context, 4096) tokens but at
@@ -162,7 +164,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = "smollm2", device=None, dtype=None,
                  kv_cache_gb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prefix_caching: bool = True):
         from . import load_model
 
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -177,7 +179,8 @@ class LLM:
         budget = kv_cache_bytes(self.model, kv_cache_gb, max_num_seqs)
         cache = self.model.cache_for_budget(budget)
         self._engine = Engine(self.model, cache, max_num_seqs=max_num_seqs,
-                              max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs, overlap=overlap)
+                              max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs, overlap=overlap,
+                              prefix_caching=prefix_caching)
         # The thread holds the engine, not self: an LLM dropped without close() is collected
         # and its finalizer stops the thread.
         self._thread = threading.Thread(target=_run_engine, args=(self._engine,),

@@ -372,7 +372,7 @@ def test_ctrl_c_during_a_reply_keeps_the_chat(run, tiny, monkeypatch):
     import lisa_rt.engine
 
     rc, first, _ = run("chat", "-m", tiny, "-n", 8, "--temp", 0, stdin=b"hello\n")
-    real, calls = lisa_rt.engine.generate, []
+    real, calls = lisa_rt.engine.run_to_completion, []
 
     def interrupted_once(*args, **kwargs):
         calls.append(1)
@@ -380,10 +380,43 @@ def test_ctrl_c_during_a_reply_keeps_the_chat(run, tiny, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lisa_rt.engine, "generate", interrupted_once)
+    monkeypatch.setattr(lisa_rt.engine, "run_to_completion", interrupted_once)
     rc, out, err = run("chat", "-m", tiny, "-n", 8, "--temp", 0, stdin=b"something else\nhello\n")
     assert rc == 0 and "(interrupted; Ctrl-D or /exit leaves)" in err
     assert out == "\n" + first and len(calls) == 2
+
+
+def test_chat_turns_reuse_the_conversation_before_them(run, tiny, monkeypatch):
+    """Each turn prefills what the prefix cache lacks, and answers as if it had computed it all."""
+    from lisa_rt.engine import Engine
+
+    talk = ("chat", "-m", tiny, "-n", 10, "--temp", 0, "--dtype", "float32", "--verbose")
+    lines = b"hello\nand then?\nwhat next?\n"
+    rc, out, err = run(*talk, stdin=lines)
+    speeds = [line for line in err.splitlines() if line.startswith("prompt ")]
+    assert rc == 0 and len(speeds) == 3 and " cached)" not in speeds[0]
+    assert all(re.match(r"prompt \d+ tok \((16|32|48|64) cached\)", line) for line in speeds[1:]), speeds
+    # Without the cache (an engine per turn, as large as the turn needs): the same answers.
+    monkeypatch.setattr(cli, "_chat_engine", lambda model, _engine, tokens: Engine(
+        model, model.new_cache([tokens]), max_num_seqs=1, prefix_caching=False))
+    assert run(*talk, stdin=lines)[1] == out
+
+
+def test_the_chat_cache_grows_with_the_conversation_up_to_the_context(tiny, monkeypatch):
+    import lisa_rt
+
+    model = lisa_rt.load_model(tiny, device="cpu", dtype="float32")
+    monkeypatch.setattr(cli, "CHAT_CACHE_TOKENS", 32)
+
+    def tokens(engine):
+        return engine.cache.num_blocks * engine.cache.block_size
+
+    first = cli._chat_engine(model, None, 20)
+    assert tokens(first) == 32 and cli._chat_engine(model, first, 32) is first
+    second = cli._chat_engine(model, first, 40)
+    assert tokens(second) == 64                       # doubled
+    assert tokens(cli._chat_engine(model, second, 200)) == 208  # what the turn needs, in blocks
+    assert tokens(cli._chat_engine(model, second, 5000)) == model.max_context
 
 
 def test_unicode_errors_are_told_by_position():

@@ -103,7 +103,23 @@ def reference(llm, prompt_ids, max_tokens, **params):
     return llm.generate([prompt_ids], sp)[0]
 
 
+def counts(usage):
+    """A usage's token counts, less the cached ones: a request repeated finds its prompt cached."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 # --- completions and chat through the openai client -------------------------------------------
+
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(server, llm):
+    client = server.client()
+    prompt = "A prompt sent twice, long enough to fill a few blocks of the cache. " * 4
+    ids = llm.tokenizer.encode(prompt)
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # Its whole blocks, the last token's left out: that one is computed for the next token.
+    assert again.usage.prompt_tokens_details.cached_tokens == (len(ids) - 1) // 16 * 16 > 0
+
 
 def test_completion_streamed_equals_whole_and_usage(server, llm):
     client = server.client()
@@ -124,7 +140,7 @@ def test_completion_streamed_equals_whole_and_usage(server, llm):
     assert text == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] \
         == [choice.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(whole.usage)
     assert all(c.usage is None for c in chunks[:-1])
     # Without include_usage there is no usage chunk.
     plain = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True))
@@ -150,7 +166,7 @@ def test_chat_streamed_equals_whole_and_usage(server, llm):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == message.content
-    assert chunks[-1].usage == whole.usage and chunks[-1].choices == []
+    assert counts(chunks[-1].usage) == counts(whole.usage) and chunks[-1].choices == []
     # max_completion_tokens is chat's newer name for max_tokens.
     short = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3,
                                            temperature=0, extra_body={"ignore_eos": True})
@@ -165,7 +181,7 @@ def test_content_parts_and_developer_role(server):
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}])
     assert parts.choices[0].message.content == plain.choices[0].message.content
-    assert parts.usage == plain.usage
+    assert counts(parts.usage) == counts(plain.usage)
 
 
 def test_sampling_params_reach_the_engine(server, llm):
@@ -626,6 +642,10 @@ def test_serve_passes_its_options_on(tiny, monkeypatch):
     monkeypatch.setattr(lisa_rt.server, "serve", lambda model, **kwargs: seen.update(kwargs, model=model))
     assert cli.main(["serve", "-m", str(tiny), "--port", "0", "--shutdown-grace", "30", "--no-lisa"]) == 0
     assert seen["model"] == str(tiny) and seen["shutdown_grace"] == 30.0 and seen["lisa"] is False
+    assert seen["prefix_caching"] is True
+    seen["sock"].close()
+    assert cli.main(["serve", "-m", str(tiny), "--port", "0", "--no-prefix-caching"]) == 0
+    assert seen["prefix_caching"] is False
     seen["sock"].close()
 
 
