@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file")
     p.add_argument("model", nargs="?", default=None, help="model (default: smollm2)")
     p.add_argument("--text", required=True, help="the UTF-8 text file to score")
-    p.add_argument("--ctx", type=int, default=1024,
-                   help="window length in tokens; windows do not overlap (1024)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="window length in tokens; windows do not overlap (1024, or the model's context "
+                        "where it is shorter)")
     p.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="score only the first N tokens of the file (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -551,10 +552,12 @@ def _read_text(path: str) -> str:
 def cmd_eval(args) -> int:
     from .eval import perplexity
 
-    if args.ctx < 2:
+    if args.ctx is not None and args.ctx < 2:
         raise UserError(f"--ctx must be >= 2, got {args.ctx}")
     text = _read_text(args.text)  # fail before the (slow) model load
     model = _load(args)
+    if args.ctx is None:  # the default fits every model, not only those of 1024+ tokens
+        args.ctx = min(1024, model.max_context)
     if args.ctx > model.max_context:
         raise UserError(f"--ctx {args.ctx} exceeds the model's context of {model.max_context}")
     ids = model.tokenizer.encode(text)
@@ -639,7 +642,9 @@ def cmd_fit(args) -> int:
               f"{', '.join(left_out)} not used", file=sys.stderr)
     result = Fitter(config, tensors, sequences, options, device).run()
     adapter = result.adapter
-    adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data]
+    # The data it read: not what --max-sequences left out whole.
+    adapter.config.fit["data"] = [Path(name).name if name != "self" else "self" for name in args.data
+                                  if name in sources[:used]]
     if init is not None:
         adapter.config.fit["init"]["file"] = Path(args.init).name
     chosen = set(adapter.config.layers)

@@ -2,9 +2,11 @@
 
 The stream is cut into windows of `ctx` tokens (the last one may be shorter). Each window is
 scored on its own, from position 0: its first token is context only, so a window of n tokens
-makes n - 1 predictions, and a final window of a single token makes none. Perplexity is
-exp(mean negative log-likelihood) over every prediction, accumulated in float64 from float32
-log-softmax.
+makes n - 1 predictions, and a final window of a single token makes none. The token stream is
+the tokenizer's encoding of the whole text, so its BOS (where it adds one) starts the first
+window only: the windows after it start mid-text, as in HF's fixed-length perplexity recipe with
+stride = ctx. Perplexity is exp(mean negative log-likelihood) over every prediction,
+accumulated in float64 from float32 log-softmax (inf where that mean passes float64's range).
 
 One KV cache sized for one window is allocated up front and reused: each window takes its blocks
 from it and gives them back. A window is prefilled in chunks (Model.prefill_chunks), each
@@ -12,7 +14,6 @@ chunk's logits scored as they come: at most one chunk's exist at a time.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -77,9 +78,11 @@ def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False
         total += nll.sum()
         scored += len(nll)
         count += 1
-    nll = total.item()  # syncs the device before the clock stops
+    # A tensor's exp overflows to inf where math.exp would raise; .item() syncs the device before
+    # the clock stops.
+    ppl = (total / scored).exp().item()
     seconds = time.perf_counter() - start_time
-    return {"ppl": math.exp(nll / scored), "tokens": scored, "windows": count, "seconds": seconds}
+    return {"ppl": ppl, "tokens": scored, "windows": count, "seconds": seconds}
 
 
 @torch.inference_mode()

@@ -100,6 +100,13 @@ class FitOptions:
             raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
         if not 1 <= self.min_layer < config.num_layers:
             raise UserError(f"--min-layer must be in 1..{config.num_layers - 1}, got {self.min_layer}")
+        if self.layers is None and self.init is None:  # now, not after every eligible layer is fitted
+            count, eligible = self.layer_count(config), config.num_layers - self.min_layer
+            if count > eligible:
+                raise UserError(f"--ratio {self.ratio} asks for {count} LiSA layers but only {eligible} "
+                                f"layers are eligible (--min-layer {self.min_layer})")
+        if self.max_sequences < 2:  # one to hold out, at least one to fit on
+            raise UserError(f"--max-sequences must be >= 2, got {self.max_sequences}")
         for name in ("steps", "layerwise_steps"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -121,6 +128,10 @@ class FitOptions:
         if self.align_hidden is not None and self.align_hidden < 1:
             raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
 
+    def layer_count(self, config: ModelConfig) -> int:
+        """How many layers ratio makes LiSA: floor(ratio x layers), at least one."""
+        return max(1, math.floor(self.ratio * config.num_layers + 1e-9))
+
 
 @dataclass
 class FitResult:
@@ -132,11 +143,20 @@ class FitResult:
 
 # --- data ---
 
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean_nll); inf past float64's range (a broken model), where math.exp raises."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 def read_texts(paths: list[str]) -> list[str]:
     """Texts from .txt files (one text each) and .jsonl files (a string or {"text": ...} per line)."""
     texts = []
     for name in paths:
         path = Path(name)
+        first = len(texts)
         try:
             raw = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -147,7 +167,7 @@ def read_texts(paths: list[str]) -> list[str]:
             raise UserError(f"{path}: not UTF-8 text") from None
         except OSError as exc:
             raise UserError(f"{path}: unreadable ({exc.strerror})") from None
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             for number, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -162,7 +182,7 @@ def read_texts(paths: list[str]) -> list[str]:
                 texts.append(item)
         else:
             texts.append(raw)
-        if not any(t.strip() for t in texts[-1:]):
+        if not any(t.strip() for t in texts[first:]):  # this file's texts, empty records or not
             raise UserError(f"{path}: holds no text")
     return texts
 
@@ -501,14 +521,10 @@ class Fitter:
         o = self.options
         if o.layers is not None:
             return sorted(o.layers)
-        count = max(1, math.floor(o.ratio * self.config.num_layers + 1e-9))
         eligible = [row for row in table if row["layer"] >= o.min_layer]
-        if count > len(eligible):
-            raise UserError(f"--ratio {o.ratio} asks for {count} LiSA layers but only {len(eligible)} "
-                            f"layers are eligible (--min-layer {o.min_layer})")
         key = "fitted_kl" if o.select == "fitted" else "jsd_matched"
         ranked = sorted(eligible, key=lambda row: row[key])
-        return sorted(row["layer"] for row in ranked[:count])
+        return sorted(row["layer"] for row in ranked[: o.layer_count(self.config)])
 
     def fit_layerwise(self, modules: dict[int, LisaLayer], fitted: list[int], steps: int) -> list[float]:
         """Each layer of fitted in order, steps steps, on the teacher's hidden states of whole
@@ -627,7 +643,7 @@ class Fitter:
             base_nll -= float(teacher[:, :-1].gather(-1, targets).double().sum())
             lisa_nll -= float(student[:, :-1].gather(-1, targets).double().sum())
         predictions = ids[:, 1:].numel()
-        return {"base_ppl": math.exp(base_nll / predictions), "lisa_ppl": math.exp(lisa_nll / predictions),
+        return {"base_ppl": perplexity_of(base_nll / predictions), "lisa_ppl": perplexity_of(lisa_nll / predictions),
                 "kl": kl / ids.numel()}
 
     def run(self) -> FitResult:

@@ -209,6 +209,46 @@ def test_cli_errors(run, tiny, tmp_path):
     assert_user_error(*run("eval", tmp_path / "nope", "--text", good), "nope")
 
 
+def test_cli_default_ctx_fits_a_shorter_context(run, tiny, tmp_path):
+    """Without --ctx, a model of fewer than 1024 positions is scored in windows of its context."""
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny, short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 256
+    (short / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS[:2500], encoding="utf-8")
+    rc, out, err = run("eval", short, "--text", text, "--json")
+    assert rc == 0, err
+    model = lisa_rt.load_model(short, device="cpu")
+    ids = model.tokenizer.encode(CORPUS[:2500])
+    assert len(ids) > 256 and json.loads(out)["tokens"] == sum(e - s - 1 for s, e in windows(len(ids), 256))
+    assert_user_error(*run("eval", short, "--text", text, "--ctx", 257), "--ctx 257", "context of 256")
+
+
+def test_perplexity_past_float64s_range_is_inf(run, tiny, tmp_path):
+    """A mean NLL past ~709 nats (a broken model) is ppl inf, not an OverflowError's traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["lm_head.weight"] *= 3000  # logits of tens of thousands: wrong tokens cost as much
+    save_file(weights, broken / "model.safetensors")
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS[:500], encoding="utf-8")
+    rc, out, err = run("eval", broken, "--text", text, "--ctx", 64, "--dtype", "float32", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["ppl"] == math.inf
+    # The fitter's comparison of base and LiSA takes the same care.
+    from lisa_rt.fit import perplexity_of
+    assert perplexity_of(800.0) == math.inf and perplexity_of(0.0) == 1.0
+
+
 def test_cli_error_through_the_real_entry_point(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")

@@ -95,7 +95,9 @@ def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path)
     rc, _, err = run(*common, "--data", data, more, "--max-sequences", 2)
     assert rc == 0, err
     assert f"--max-sequences 2 is reached before the end of the data: the rest of {data}, {more} not used" in err
-    assert load_adapter(out, load_config(base)).config.fit["sequences"] == 1  # a tenth (one) held out
+    fit = load_adapter(out, load_config(base)).config.fit
+    assert fit["sequences"] == 1  # a tenth (one) held out
+    assert fit["data"] == [data.name]  # the JSONL, never read, is not on record
     rc, _, err = run(*common, "--data", data, "--max-sequences", 2)
     assert rc == 0, err
     assert f"the data: the rest of {data} not used" in err
@@ -107,6 +109,16 @@ def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path)
     rc, _, err = run(*common, "--data", data, more, "--max-sequences", 10_000)
     assert rc == 0, err
     assert "--max-sequences" not in err
+    assert load_adapter(out, load_config(base)).config.fit["data"] == [data.name, more.name]
+
+
+def test_fit_reads_a_jsonl_whose_last_record_is_empty(tmp_path):
+    """A file holds no text only if none of its records has any; the suffix's case does not matter."""
+    from lisa_rt.fit import read_texts
+
+    path = tmp_path / "data.JSONL"
+    path.write_text(json.dumps({"text": "some text"}) + "\n" + json.dumps({"text": ""}) + "\n", encoding="utf-8")
+    assert read_texts([str(path)]) == ["some text", ""]
 
 
 def test_fit_without_out_makes_the_adapter_the_models_own(run, fitted):
@@ -168,6 +180,10 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--rank", "3"), ["--rank", "even"]),
     (("fit", "{base}", "--data", "{data}", "--seq-len", "4"), ["--seq-len"]),
     (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
+    # before any layer is fitted (a fit's progress bar would be more lines on stderr)
+    (("fit", "{base}", "--data", "{data}", "--ratio", "0.9", "--min-layer", "2"),
+     ["--ratio 0.9 asks for 2 LiSA layers", "only 1"]),
+    (("fit", "{base}", "--data", "{data}", "--max-sequences", "1"), ["--max-sequences", ">= 2"]),
     (("fit", "{base}", "--data", "{data}", "--select", "best"), ["--select", "fitted", "jsd"]),
     (("fit", "{base}", "--data", "{data}", "--layerwise-loss", "kl"), ["--layerwise-loss", "output"]),
     (("fit", "{base}", "--data", "{data}", "--layerwise-lr", "0"), ["--layerwise-lr"]),
