@@ -139,8 +139,10 @@ def find_adapter(model_dir: Path | None, model: ModelConfig, lisa=None) -> Adapt
 def install_adapter(model_dir: str | os.PathLike, adapter: Adapter, model: ModelConfig) -> Path:
     """Makes the adapter the model's own: lisa.safetensors beside it and config.json["lisa"].
 
-    The adapter file is written first and config.json replaced atomically after it, so a failure
-    leaves either the old pairing or the new one.
+    Each file is replaced atomically, the adapter first. Runs read the adapter's settings from
+    the file itself (config.json["lisa"] says only that there is one, and keeps its record for
+    `info`), so a failure between the two leaves the new adapter in use with the old record, or
+    none in use if the model had none before; never a half-written file.
     """
     from .checkpoint import CONFIG_FILE, write_text_atomically
 
