@@ -361,18 +361,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _chat_engine(model, engine, tokens: int):
-    """The engine of one conversation, kept across turns so that each turn prefills only what
-    its prefix cache lacks (the new message, and what follows the last reply). Its cache grows
-    with the conversation, from CHAT_CACHE_TOKENS, doubling, up to the context: `engine` if it
-    holds `tokens` tokens, else a larger one (whose cache starts empty)."""
+def _chat_engine(model, tokens: int):
+    """The engine of one conversation, kept across turns so that a turn prefills only what its
+    prefix cache lacks (mostly the new message and what follows the last reply)."""
     from .engine import Engine
 
-    if engine is not None and engine.cache.num_blocks * engine.cache.block_size >= tokens:
-        return engine
-    held = engine.cache.num_blocks * engine.cache.block_size if engine is not None else 0
-    size = min(max(tokens, 2 * held, CHAT_CACHE_TOKENS), model.max_context)
-    return Engine(model, model.new_cache([size]), max_num_seqs=1)
+    return Engine(model, model.new_cache([tokens]), max_num_seqs=1)
+
+
+def _chat_cache_tokens(model, held: int, tokens: int) -> int:
+    """The cache a conversation's turn of `tokens` tokens needs, where it holds `held` now: as
+    it is if that is enough, else CHAT_CACHE_TOKENS at first, doubling, up to the context."""
+    if tokens <= held:
+        return held
+    return min(max(tokens, 2 * held, CHAT_CACHE_TOKENS), model.max_context)
 
 
 CHAT_CACHE_TOKENS = 1024
@@ -427,8 +429,12 @@ def cmd_chat(args) -> int:
             print("error: the conversation no longer fits the context; /reset starts a new one",
                   file=sys.stderr)
             continue
-        engine = _chat_engine(model, engine, len(ids) + min(params.max_tokens, model.max_context - len(ids)))
+        held = engine.cache.num_blocks * engine.cache.block_size if engine is not None else 0
+        size = _chat_cache_tokens(model, held, len(ids) + min(params.max_tokens, model.max_context - len(ids)))
         try:
+            if size > held:  # a larger cache, empty: the old one is let go before it is allocated
+                engine = None
+                engine = _chat_engine(model, size)
             completion = run_to_completion(engine, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the exchange is dropped
             history.pop()

@@ -525,9 +525,12 @@ class Engine:
     def _can_admit(self) -> bool:
         """Whether the next scheduled step would admit the first waiting request (decode tokens
         leave it budget, a sequence slot and the blocks for its prompt are free)."""
-        running = len(self.running)
-        return bool(self.waiting) and running < min(self.max_num_seqs, self.max_batch_tokens) and \
-            self._blocks_to_admit(self.waiting[0], self._match(self.waiting[0])) <= self.cache.allocator.num_free
+        if not self.waiting or len(self.running) >= min(self.max_num_seqs, self.max_batch_tokens):
+            return False
+        req, free = self.waiting[0], self.cache.allocator.num_free
+        # Room for the whole prompt settles it without hashing its blocks (each overlapped step
+        # asks); a match can only lower what admission takes.
+        return self.cache.blocks_for(req.length) <= free or self._blocks_to_admit(req, self._match(req)) <= free
 
     def _match(self, req: Request) -> PrefixMatch:
         return self.cache.match(req.tokens, req.length) if self.prefix_caching else NO_MATCH

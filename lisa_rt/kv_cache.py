@@ -4,8 +4,10 @@ Each layer's keys and values live in pools shaped [num_blocks, block_size, kv_he
 (a LiSA layer's key pool holds its rank-r keys k' instead: [..., kv_heads, rank]);
 a sequence owns a list of block ids (its block table) and token t of it sits in block
 table[t // block_size] at offset t % block_size. A full block whose keys and values are
-computed is shared by every sequence with the same tokens up to its end (prefix caching, see
-BlockAllocator): it is never written again, and outlives its sequences until its room is needed.
+computed is offered for sharing (prefix caching, see BlockAllocator): a sequence admitted later
+whose tokens up to its end are the same takes it instead of computing it (two sequences that
+compute the same block at once keep a copy each). It is never written again, and outlives its
+sequences until its room is needed.
 """
 from __future__ import annotations
 

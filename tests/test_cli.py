@@ -397,26 +397,22 @@ def test_chat_turns_reuse_the_conversation_before_them(run, tiny, monkeypatch):
     assert rc == 0 and len(speeds) == 3 and " cached)" not in speeds[0]
     assert all(re.match(r"prompt \d+ tok \((16|32|48|64) cached\)", line) for line in speeds[1:]), speeds
     # Without the cache (an engine per turn, as large as the turn needs): the same answers.
-    monkeypatch.setattr(cli, "_chat_engine", lambda model, _engine, tokens: Engine(
+    monkeypatch.setattr(cli, "_chat_engine", lambda model, tokens: Engine(
         model, model.new_cache([tokens]), max_num_seqs=1, prefix_caching=False))
     assert run(*talk, stdin=lines)[1] == out
 
 
-def test_the_chat_cache_grows_with_the_conversation_up_to_the_context(tiny, monkeypatch):
-    import lisa_rt
+def test_the_chat_cache_grows_with_the_conversation_up_to_the_context(monkeypatch):
+    class Model:
+        max_context = 1000
 
-    model = lisa_rt.load_model(tiny, device="cpu", dtype="float32")
     monkeypatch.setattr(cli, "CHAT_CACHE_TOKENS", 32)
-
-    def tokens(engine):
-        return engine.cache.num_blocks * engine.cache.block_size
-
-    first = cli._chat_engine(model, None, 20)
-    assert tokens(first) == 32 and cli._chat_engine(model, first, 32) is first
-    second = cli._chat_engine(model, first, 40)
-    assert tokens(second) == 64                       # doubled
-    assert tokens(cli._chat_engine(model, second, 200)) == 208  # what the turn needs, in blocks
-    assert tokens(cli._chat_engine(model, second, 5000)) == model.max_context
+    size = cli._chat_cache_tokens
+    assert size(Model, 0, 20) == 32                  # the first turn: the smallest cache
+    assert size(Model, 32, 32) == 32                 # enough: kept
+    assert size(Model, 32, 40) == 64                 # doubled
+    assert size(Model, 64, 200) == 200               # what the turn needs
+    assert size(Model, 512, 600) == 1000             # never past the context
 
 
 def test_unicode_errors_are_told_by_position():
