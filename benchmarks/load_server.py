@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--no-lisa", action="store_true", help="serve the base model, not its LiSA adapter")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="serve without the prefix cache (every prompt computed in full)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server")
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--json", default=None)
@@ -172,8 +174,8 @@ def main() -> None:
                         ("--kv-cache-gb", args.kv_cache_gb), ("--max-num-seqs", args.max_num_seqs)):
         if value is not None:
             argv += [flag, str(value)]
-    if args.no_lisa:
-        argv.append("--no-lisa")
+    flags = [flag for flag, on in (("--no-lisa", args.no_lisa), ("--no-prefix-caching", args.no_prefix_caching)) if on]
+    argv += flags
     os.environ.pop("LISA_RT_API_KEY", None)
     server = Server(argv, args.start_timeout)
     try:
@@ -191,14 +193,15 @@ def main() -> None:
            "latency_p50_ms": ms(percentile(record["latency"], 50)),
            "latency_p99_ms": ms(percentile(record["latency"], 99)), "errors": record["errors"]}
     machine = machine_name()
-    print(f"# {machine}; `lisa-rt serve -m {args.model}{' --no-lisa' if args.no_lisa else ''}`; "
+    print(f"# {machine}; `lisa-rt serve -m {' '.join([args.model] + flags)}`; "
           f"{args.clients} streaming chat clients for "
           f"{args.seconds:g} s, max_tokens {args.max_tokens}, temperature {args.temperature}")
     print_table([row], list(row))
     for sample in record["error_samples"]:
         print(f"error: {sample}", file=sys.stderr)
     write_json(args.json, {"benchmark": "load_server", "machine": machine, "model": args.model,
-                           "lisa": not args.no_lisa, "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
+                           "lisa": not args.no_lisa, "prefix_caching": not args.no_prefix_caching,
+                           "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
                            "temperature": args.temperature, "prompt_tokens": record["prompt_tokens"],
                            "completion_tokens": record["completion_tokens"], **row,
                            "error_samples": record["error_samples"]})

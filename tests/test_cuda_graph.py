@@ -97,3 +97,19 @@ def test_graphs_survive_a_workspace_regrow():
     graphed = run_to_completion(engine, long_prompts, params)
     eager = generate(model, long_prompts, params, cuda_graphs=False)
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
+
+
+@pytest.mark.parametrize("lisa_layers", [None, [1, 2]], ids=["base", "lisa"])
+def test_prefix_cached_blocks_decode_as_computed_ones(lisa_layers):
+    """Follow-ups that resend a first round's prompts and answers find them in the prefix cache
+    (graphs and overlapped steps on, as by default) and decode what a fresh prefill decodes."""
+    model = random_model(torch.float32, lisa_layers)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine = Engine(model, model.new_cache([300] * 4), max_num_seqs=4)
+    first = run_to_completion(engine, prompts(4), params)
+    follow_ups = [p + c.token_ids + [7, 8, 9] for p, c in zip(prompts(4), first)]
+    again = run_to_completion(engine, follow_ups, params)
+    assert [c.cached_tokens for c in again] == [(len(p) - 1) // 16 * 16 for p in follow_ups]
+    fresh = [generate(model, [p], params, cuda_graphs=False)[0].token_ids for p in follow_ups]
+    assert [c.token_ids for c in again] == fresh
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks
