@@ -14,6 +14,7 @@ chunk's logits scored as they come: at most one chunk's exist at a time.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -65,6 +66,14 @@ def _window_nll(model, token_ids: Sequence[int], ctx: int, progress: bool):
         yield torch.cat(nll)
 
 
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean_nll); inf past float64's range (a broken model), where math.exp raises."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 @torch.inference_mode()
 def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False) -> dict:
     """Perplexity of `model` over token_ids in windows of ctx tokens.
@@ -78,9 +87,7 @@ def perplexity(model, token_ids: Sequence[int], ctx: int, progress: bool = False
         total += nll.sum()
         scored += len(nll)
         count += 1
-    # A tensor's exp overflows to inf where math.exp would raise; .item() syncs the device before
-    # the clock stops.
-    ppl = (total / scored).exp().item()
+    ppl = perplexity_of(total.item() / scored)  # .item() syncs the device before the clock stops
     seconds = time.perf_counter() - start_time
     return {"ppl": ppl, "tokens": scored, "windows": count, "seconds": seconds}
 

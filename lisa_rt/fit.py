@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from . import reference
 from .config import LisaConfig, ModelConfig
 from .errors import UserError
+from .eval import perplexity_of
 from .lisa import (Adapter, LisaLayer, check_widened_rank, default_rank, head_divergence, init_layer, rotate,
                    widen_rank)
 
@@ -142,14 +143,6 @@ class FitResult:
 
 
 # --- data ---
-
-def perplexity_of(mean_nll: float) -> float:
-    """exp(mean_nll); inf past float64's range (a broken model), where math.exp raises."""
-    try:
-        return math.exp(mean_nll)
-    except OverflowError:
-        return math.inf
-
 
 def read_texts(paths: list[str]) -> list[str]:
     """Texts from .txt files (one text each) and .jsonl files (a string or {"text": ...} per line)."""

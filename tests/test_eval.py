@@ -245,7 +245,7 @@ def test_perplexity_past_float64s_range_is_inf(run, tiny, tmp_path):
     assert rc == 0, err
     assert json.loads(out)["ppl"] == math.inf
     # The fitter's comparison of base and LiSA takes the same care.
-    from lisa_rt.fit import perplexity_of
+    from lisa_rt.eval import perplexity_of
     assert perplexity_of(800.0) == math.inf and perplexity_of(0.0) == 1.0
 
 
