@@ -45,11 +45,11 @@ def sampler_ms(params: SamplingParams, rows: int, device: str, repeats: int) -> 
     samplers = [Sampler(params.replace(seed=row)) for row in range(rows)]
     history = list(range(300))
     for _ in range(3):
-        sample_batch(samplers, logits, lambda row: history)
+        sample_batch(samplers, logits, lambda row: (history, ()))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sample_batch(samplers, logits, lambda row: history)  # returns host ints: the step is done
+        sample_batch(samplers, logits, lambda row: (history, ()))  # returns host ints: the step is done
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 

@@ -42,6 +42,7 @@ def _number(parse, ok, requirement: str, kind: str):
 _positive_int = _number(int, lambda v: v >= 1, ">= 1", "an integer")
 _port = _number(int, lambda v: 0 <= v <= 65535, "in [0, 65535]", "a port number")
 _positive_float = _number(float, lambda v: 0 < v < math.inf, "> 0 and finite", "a number")
+_openai_penalty = _number(float, lambda v: -2 <= v <= 2, "in [-2, 2]", "a number")
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=40, help="0 disables (40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables (0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="0 disables (0.05)")
-    p.add_argument("--repeat-penalty", type=_positive_float, default=1.0, help="1 disables (1.0)")
+    p.add_argument("--repeat-penalty", type=_positive_float, default=1.0,
+                   help="divides the logits of tokens in the prompt or output; 1 disables (1.0)")
+    p.add_argument("--presence-penalty", type=_openai_penalty, default=0.0,
+                   help="subtracted from the logits of tokens already generated; 0 disables (0)")
+    p.add_argument("--frequency-penalty", type=_openai_penalty, default=0.0,
+                   help="subtracted once per time a token was generated; 0 disables (0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--stop", action="append", default=[], type=_unescaped,
                    help=r"stop string (repeatable; not printed; \n, \t, \r and \\ are understood)")
@@ -276,6 +282,7 @@ def _sampling_params(args):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           seed=args.seed, stop=list(args.stop))
 
 

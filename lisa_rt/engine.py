@@ -32,7 +32,7 @@ device, and only then reads them back and streams them. The host's work of a ste
 input copies, detokenising, streaming) thus runs while the GPU computes, instead of between its
 steps. A sequence that ended on the tokens
 read back has had one more step computed for it, which is dropped. The pipeline holds while the
-next step needs nothing the host must decide from those tokens: a row with a repetition penalty
+next step needs nothing the host must decide from those tokens: a row with a penalty
 (its draw reads every token before it), a request to admit, or a full cache (preemption) make
 the step read its tokens first and schedule as usual. A sampled row whose kept tokens may reach
 past its candidates is redrawn on the host (rarely); if its token changes, the following step's
@@ -457,7 +457,7 @@ class Engine:
                 self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
             tokens = sample_batch([batch[row].sampler for row in ready], logits,
-                                  lambda i: batch[ready[i]].prompt + batch[ready[i]].output)
+                                  lambda i: (batch[ready[i]].prompt, batch[ready[i]].output))
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
@@ -692,8 +692,8 @@ def overlap_by_default(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("LISA_RT_OVERLAP") != "0"
 
 
-def _no_history(row: int) -> list[int]:
-    raise AssertionError("an overlapped step has no row with a repetition penalty")
+def _no_history(row: int) -> tuple[list[int], list[int]]:
+    raise AssertionError("an overlapped step has no row with a penalty")
 
 
 def check_prompt(model: Model, prompt: list[int], params: SamplingParams,

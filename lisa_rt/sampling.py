@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: repetition penalty, temperature, top-k, top-p, min-p.
+"""Sampling parameters and the sampler: repetition, presence and frequency penalties,
+temperature, top-k, top-p, min-p.
 
 Each request draws from its own seeded generator, one uniform number per sampled token, so the
 draws do not depend on what else shares the batch (the logits they draw from do, in bfloat16, by
@@ -17,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -42,7 +44,9 @@ class SamplingParams:
     top_k: int = 40            # 0 disables
     top_p: float = 0.95        # 1 disables
     min_p: float = 0.05        # 0 disables
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0    # over the prompt and the output; 1 disables
+    presence_penalty: float = 0.0      # OpenAI's: over the output only; 0 disables
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # one string, or None for none, will do too
     ignore_eos: bool = False
@@ -75,6 +79,7 @@ class SamplingParams:
         self.max_tokens, self.top_k = integer("max_tokens"), integer("top_k")
         self.temperature, self.top_p, self.min_p = real("temperature"), real("top_p"), real("min_p")
         self.repetition_penalty = real("repetition_penalty")
+        self.presence_penalty, self.frequency_penalty = real("presence_penalty"), real("frequency_penalty")
         if self.seed is not None:
             self.seed = integer("seed")
         if self.stop is None:
@@ -99,6 +104,9 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < math.inf:
             raise bad(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not -2**63 <= self.seed < 2**64:
             raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -107,6 +115,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the logits are changed by what came before (a penalty is set)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -124,10 +137,10 @@ class Sampler:
             self.generator.seed()
         self._given_back: list[float] = []
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """The next token from logits [vocab] (any device, never modified); history: the prompt
-        and the tokens so far."""
-        return sample_batch([self], logits[None], lambda row: history)[0]
+    def __call__(self, logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int] = ()) -> int:
+        """The next token from logits [vocab] (any device, never modified), after the prompt and
+        the tokens generated so far (output)."""
+        return sample_batch([self], logits[None], lambda row: (prompt, output))[0]
 
     def uniform(self) -> float:
         """The sequence's next draw in [0, 1): one per sampled token."""
@@ -141,19 +154,22 @@ class Sampler:
 
     @property
     def reads_history(self) -> bool:
-        """A repetition penalty: the row's draw depends on every token before it."""
-        return self.params.repetition_penalty != 1.0
+        """A penalty: the row's draw depends on the tokens before it."""
+        return self.params.penalised
 
     @property
     def is_plain_greedy(self) -> bool:
         """Argmax of the raw logits: no state, so a whole batch can take it at once on the device."""
-        return self.params.greedy and self.params.repetition_penalty == 1.0
+        return self.params.greedy and not self.params.penalised
 
 
-def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
-                 history: Callable[[int], list[int]]) -> list[int]:
-    """One token per row of logits [rows, vocab] (on any device, never modified); history(row)
-    gives that row's tokens so far (read for a repetition penalty only). One transfer to the host
+# history(row): that row's (prompt, output) tokens, read only for a row with a penalty.
+History = Callable[[int], tuple[Sequence[int], Sequence[int]]]
+
+
+def sample_batch(samplers: list[Sampler], logits: torch.Tensor, history: History) -> list[int]:
+    """One token per row of logits [rows, vocab] (on any device, never modified), after the
+    tokens history(row) gives. One transfer to the host
     per step; more only for the rare row whose kept tokens may reach past its candidates (a wide
     nucleus, or more ties with the k-th token than TIE_MARGIN). A sampled row whose distribution
     is not finite (NaN or infinite logits) raises RuntimeError; greedy rows take the argmax."""
@@ -167,7 +183,7 @@ class StepSample:
     past its candidates can change in resolve (it is redrawn over more of them, with the same
     uniform number); a plain greedy batch never changes."""
 
-    def __init__(self, samplers: list[Sampler], logits: torch.Tensor, history: Callable[[int], list[int]]):
+    def __init__(self, samplers: list[Sampler], logits: torch.Tensor, history: History):
         self.samplers = samplers
         self.plain = all(s.is_plain_greedy for s in samplers)
         if self.plain:
@@ -177,7 +193,7 @@ class StepSample:
         penalised = [row for row, s in enumerate(samplers) if s.reads_history]
         x = logits.to(torch.float32, copy=bool(penalised))
         for row in penalised:
-            penalise_repetition(x[row], history(row), samplers[row].params.repetition_penalty)
+            penalise(x[row], *history(row), samplers[row].params)
         self.sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
         if len(self.sampled) == len(samplers):
             self.draws = RowDraws(x, samplers)
@@ -229,14 +245,24 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def penalise_repetition(row_logits: torch.Tensor, history: list[int], penalty: float) -> None:
-    """As transformers does, in place: a seen token's logit is divided by the penalty when
-    positive and multiplied by it when not."""
-    if not history:
-        return
-    seen = upload(sorted(set(history)), torch.long, row_logits.device)
-    picked = row_logits[seen]
-    row_logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+def penalise(row_logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
+             params: SamplingParams) -> None:
+    """A row's penalties, in place. The repetition penalty, as transformers applies it: the logit
+    of a token seen in the prompt or the output is divided by the penalty when positive and
+    multiplied by it when not. Then OpenAI's (and vLLM's) presence and frequency penalties, over
+    the output only: a token's logit loses presence_penalty once it has been generated, and
+    frequency_penalty for every time it has been."""
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = upload(sorted(set(prompt).union(output)), torch.long, row_logits.device)
+        picked = row_logits[seen]
+        penalty = params.repetition_penalty
+        row_logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        counts = Counter(output)
+        generated = upload(list(counts), torch.long, row_logits.device)
+        amounts = upload([params.presence_penalty + params.frequency_penalty * n for n in counts.values()],
+                         torch.float32, row_logits.device)
+        row_logits[generated] -= amounts
 
 
 class RowDraws:

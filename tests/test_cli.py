@@ -146,6 +146,8 @@ def test_unsupported_gguf_quant_via_convert_and_generate(tmp_path):
     (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "abc"), ["--temp"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--temp", "inf"), ["--temp", "finite"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--repeat-penalty", "inf"), ["--repeat-penalty", "finite"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--presence-penalty", "3"), ["--presence-penalty", "[-2, 2]"]),
+    (("generate", "-m", "{tiny}", "-p", "hi", "--frequency-penalty", "nan"), ["--frequency-penalty", "[-2, 2]"]),
     (("generate", "-m", "{tiny}", "-p", "abc\udcff"), ["not valid UTF-8", "byte 0xff at character 3"]),
     (("generate", "-m", "{tiny}", "-p", "hi", "--chat", "--system", "\ud800"), ["not valid UTF-8", "U+D800"]),
     (("generate", "-m", "", "-p", "hi"), ["model name is empty"]),
@@ -277,6 +279,18 @@ def test_stop_string(run, tiny):
     assert stop not in result["text"]
     rc, streamed, _ = run(*greedy(tiny, "-p", PROMPT, "--stop", stop, "--stop", "@@never@@"))
     assert streamed == full[: full.index(stop)] + "\n"
+
+
+def test_penalty_flags_reach_the_sampler(run, tiny):
+    import lisa_rt
+
+    flags = ("--repeat-penalty", 1.1, "--presence-penalty", -1, "--frequency-penalty", -2)
+    got = json.loads(run(*greedy(tiny, "-p", PROMPT, "--json", *flags))[1])["text"]
+    model = lisa_rt.load_model(tiny, device="cpu")
+    params = lisa_rt.SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.1, presence_penalty=-1,
+                                    frequency_penalty=-2)
+    assert got == lisa_rt.generate(model, [model.tokenizer.encode(PROMPT)], params)[0].text
+    assert got != json.loads(run(*greedy(tiny, "-p", PROMPT, "--json"))[1])["text"]
 
 
 def test_seed_reproducible_and_different_seeds_differ(run, tiny):

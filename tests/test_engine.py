@@ -166,11 +166,42 @@ def test_repetition_penalty_as_in_transformers():
     assert sampler(temperature=0, repetition_penalty=1.7)(logits, history) == int(want.argmax())
 
 
+def test_presence_and_frequency_penalties_as_in_openai():
+    # A generated token loses presence_penalty once and frequency_penalty per time it was
+    # generated; the prompt does not count.
+    logits = torch.tensor([3.0, 2.5, -1.0])
+    assert sampler(temperature=0, presence_penalty=1.0)(logits, [], [0]) == 1       # 3 - 1 < 2.5
+    assert sampler(temperature=0, presence_penalty=1.0)(logits, [0, 0], []) == 0    # the prompt's
+    assert sampler(temperature=0, frequency_penalty=0.3)(logits, [], [0]) == 0      # 3 - 0.3 > 2.5
+    assert sampler(temperature=0, frequency_penalty=0.3)(logits, [], [0, 0]) == 1   # 3 - 0.6 < 2.5
+    assert sampler(temperature=0, frequency_penalty=0.3)(logits, [], [0, 1, 0]) == 0  # 2.4 > 2.5 - 0.3
+    assert sampler(temperature=0, frequency_penalty=-2.0)(logits, [], [2, 2, 2]) == 2  # negative favours
+    # Against the definition on random logits, with all three penalties at once.
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(30, generator=gen) * 3
+        prompt = torch.randint(30, (6,), generator=gen).tolist()
+        output = torch.randint(30, (9,), generator=gen).tolist()
+        want = logits.clone()
+        seen = sorted(set(prompt + output))
+        want[seen] = torch.where(want[seen] > 0, want[seen] / 1.3, want[seen] * 1.3)
+        for token in set(output):
+            want[token] -= 0.7 + 0.4 * output.count(token)
+        params = dict(repetition_penalty=1.3, presence_penalty=0.7, frequency_penalty=0.4)
+        assert sampler(temperature=0, **params)(logits, prompt, output) == int(want.argmax())
+        # Sampled: the same distribution as the penalised logits sampled without penalties.
+        u = (seed + 0.5) / 20
+        penalised, plain = sampler(seed=seed, **params), sampler(seed=seed)
+        penalised.uniform = plain.uniform = lambda: u
+        assert penalised(logits, prompt, output) == plain(want, [])
+
+
 def test_sampler_does_not_modify_the_callers_logits():
     logits = torch.tensor([3.0, 2.5, -1.0])
     before = logits.clone()
     sampler(temperature=0, repetition_penalty=2.0)(logits, [0, 2])
     sampler(temperature=0.7, repetition_penalty=2.0, top_k=2, top_p=0.5, min_p=0.1)(logits, [0, 2])
+    sampler(temperature=0.7, presence_penalty=1.0, frequency_penalty=0.5)(logits, [0], [1, 1, 2])
     assert torch.equal(logits, before)
 
 
@@ -245,7 +276,7 @@ def stratified_tokens(logits, params, draws):
         s = Sampler(params)
         s.uniform = lambda u=(i + 0.5) / draws: u
         samplers.append(s)
-    return sample_batch(samplers, logits.expand(draws, -1), lambda row: [])
+    return sample_batch(samplers, logits.expand(draws, -1), lambda row: ([], []))
 
 
 @pytest.mark.parametrize("vocab, spread, kw", [
@@ -293,7 +324,7 @@ def test_common_settings_take_one_transfer(monkeypatch):
     monkeypatch.setattr(sampling, "RowDraws", type("Draws", (sampling.RowDraws,), {"refine": refuse}))
     logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(1)) * 3
     for params in (SamplingParams(seed=1), SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1)):
-        sample_batch([Sampler(params) for _ in range(4)], logits, lambda row: [])
+        sample_batch([Sampler(params) for _ in range(4)], logits, lambda row: ([], []))
 
 
 def test_rows_draw_the_same_alone_and_in_a_mixed_batch():
@@ -303,12 +334,16 @@ def test_rows_draw_the_same_alone_and_in_a_mixed_batch():
               SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=2), SamplingParams(seed=3),
               SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(top_k=0, top_p=0.9, seed=4),
               SamplingParams(repetition_penalty=0.8, top_k=5, seed=5)]
-    history = [[1, 2, 3], [], [9], [], [int(logits[4].argmax()), 7], [], [0, 5, 5]]
+    params += [SamplingParams(temperature=0, presence_penalty=2.0), SamplingParams(frequency_penalty=-1.5, seed=6)]
+    logits = torch.cat([logits, logits[:2]])
+    history = [([1, 2, 3], []), ([], []), ([9], []), ([], []), ([int(logits[4].argmax())], [7]), ([], []),
+               ([0], [5, 5]), ([], [int(logits[7].argmax())]), ([4], [3, 3, 3])]
     batched = [sample_batch([Sampler(p) for p in params], logits, history.__getitem__) for _ in range(2)]
     alone = [sample_batch([Sampler(p)], logits[row:row + 1], lambda _: history[row])[0]
              for row, p in enumerate(params)]
     assert batched[0] == batched[1] == alone
     assert alone[0] == int(logits[0].argmax()) and alone[4] != int(logits[4].argmax())
+    assert alone[7] != int(logits[7].argmax())
 
 
 @pytest.mark.cuda
@@ -330,7 +365,7 @@ def test_non_finite_logits_are_an_error_not_a_token():
     logits[1, 3] = float("nan")
     with pytest.raises(RuntimeError, match="not finite"):
         sample_batch([Sampler(SamplingParams(seed=0)), Sampler(SamplingParams(top_k=0, seed=0))], logits,
-                     lambda row: [])
+                     lambda row: ([], []))
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -340,6 +375,8 @@ def test_non_finite_logits_are_an_error_not_a_token():
     (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=2.0), "top_p"),
     (dict(top_p=float("nan")), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(presence_penalty="1"), "presence_penalty"),
     (dict(stop=["ok", 3]), "stop"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"),
     (dict(temperature="0.5"), "temperature must be a number, got '0.5' \\(str\\)"),
     (dict(temperature=None), "temperature must be a number"), (dict(top_p=None), "top_p must be a number"),

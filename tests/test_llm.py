@@ -132,6 +132,27 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(llm, ref):
     assert llm.generate(prompts[0], sampled[0].replace(seed=2))[0].text != want[0]
 
 
+def test_penalties_read_the_prompt_and_the_output_the_engine_generated(model_dir, ref, llm):
+    # Each greedy token is the argmax of the reference decoder's logits after the penalties:
+    # repetition over prompt and output, presence and frequency over the output only.
+    from lisa_rt import reference
+    from lisa_rt.checkpoint import load_config, load_tensors
+
+    tensors = load_tensors(model_dir, load_config(model_dir))
+    prompt = ref.tokenizer.encode(LINES[5])
+    # (Negative presence and frequency penalties make even a random model repeat itself.)
+    params = GREEDY.replace(max_tokens=10, repetition_penalty=1.2, presence_penalty=-1.0, frequency_penalty=-2.0)
+    out = llm.generate([prompt], params)[0].token_ids
+    assert len(set(out)) < len(out) and out != llm.generate([prompt], GREEDY.replace(max_tokens=10))[0].token_ids
+    for i, token in enumerate(out):
+        logits = reference.llama_forward(ref.config, tensors, prompt + out[:i])[-1].double()
+        seen = sorted(set(prompt + out[:i]))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.2, logits[seen] * 1.2)
+        for t in set(out[:i]):
+            logits[t] -= -1.0 - 2.0 * out[:i].count(t)
+        assert token == int(logits.argmax()), i
+
+
 def test_chunked_prefill_under_a_tiny_step_budget(model_dir, ref):
     ids = ref.tokenizer.encode(CORPUS[:3000])
     prompts = [ids[:150], ids[200:233], ids[500:503]]
