@@ -53,6 +53,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 # Every stop string is matched against every generated character on the engine thread, which
 # all requests share: a request may name this many (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
+# Choices a request may ask for per prompt (`n`): each is a sequence of its own in the engine.
+MAX_CHOICES = 128
 # What a request still running when the server is told to stop has to finish by default (a
 # rolling restart loses nothing shorter); then it is cancelled. uvicorn cancels a request
 # mid-response only SHUTDOWN_MARGIN_S after that, should an engine step take that long to end.
@@ -184,18 +186,33 @@ def _stop_strings(body: dict) -> list[str]:
     return [_valid_text(s, "stop") for s in stop]
 
 
+def _choices(body: dict) -> int:
+    """`n`, the choices per prompt. best_of may only repeat it: choosing the best of more
+    would need the log probabilities lisa-rt does not compute."""
+    n = _integer(body, "n", 1, lo=1, hi=MAX_CHOICES)
+    best_of = _integer(body, "best_of", n, lo=1)
+    if best_of < n:
+        raise _bad(f"'best_of' must be >= n ({n}), got {best_of}", param="best_of", code="invalid_value")
+    if best_of != n:
+        raise _bad("'best_of' above n is not supported (no log probabilities to rank choices by)",
+                   param="best_of", code="unsupported_value")
+    return n
+
+
+def _per_choice(params, n: int) -> list:
+    """n choices' SamplingParams. A seeded request's choices draw with seeds seed, seed + 1, ...
+    (as vLLM's do), so that they differ and the request is still reproducible; unseeded choices
+    each take a random seed."""
+    if params.seed is None:
+        return [params] * n
+    seeds = [params.seed + j for j in range(n)]
+    return [params.replace(seed=seed if seed < 2**64 else seed - 2**64) for seed in seeds]
+
+
 def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...]):
     """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams."""
     from .sampling import SamplingParams
 
-    if _integer(body, "n", 1, lo=1) != 1:
-        raise _bad("only n=1 is supported", param="n", code="unsupported_value")
-    if _integer(body, "best_of", 1, lo=1) != 1:
-        raise _bad("only best_of=1 is supported", param="best_of", code="unsupported_value")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise _bad(f"'{name}' is not supported (use repetition_penalty)", param=name,
-                       code="unsupported_value")
     for name, what in UNSUPPORTED_IF_SET.items():
         if body.get(name) not in (None, False, 0, [], {}):
             raise _bad(f"'{name}' is not supported ({what})", param=name,
@@ -224,6 +241,8 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             top_k=max(top_k, 0),                # -1 (vLLM's "off") is lisa-rt's 0
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos)
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
@@ -284,11 +303,14 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _usage(completions) -> dict:
-    prompt = sum(c.prompt_tokens for c in completions)
-    generated = sum(c.completion_tokens for c in completions)
+def _usage(completions, n: int = 1) -> dict:
+    """completions: n choices of each prompt in turn (None for a choice that did not finish).
+    A prompt counts once, with its first choice's cached tokens, as in OpenAI's usage."""
+    firsts = [c for c in completions[::n] if c is not None]
+    prompt = sum(c.prompt_tokens for c in firsts)
+    generated = sum(c.completion_tokens for c in completions if c is not None)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
 
 
 class _EventStream(StreamingResponse):
@@ -398,6 +420,18 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         except RuntimeError as exc:  # the LLM is closed: the server is shutting down
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
 
+    async def submit_all(requests: list) -> list:
+        """Handles of (ids, params) requests, all or none: one refused cancels those before it."""
+        handles = []
+        try:
+            for ids, params in requests:
+                handles.append(await submit(ids, params))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
     async def run(request: Request, handles: list, stream: bool, include_usage: bool, render):
         """Non-streaming: wait for every handle (cancelling all if the client leaves).
         Streaming: an SSE response of render's chunks."""
@@ -454,7 +488,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                 yield "data: [DONE]\n\n"
                 return
             if include_usage:
-                yield _sse(render.usage_chunk(_usage([c for c in completions if c is not None])))
+                yield _sse(render.usage_chunk(_usage(completions, render.n)))
             yield "data: [DONE]\n\n"
 
         return _EventStream(events(), on_close=cancel_all)
@@ -485,7 +519,8 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         check_model(body)
         prompts = _prompts(body)
         stream, include_usage = _stream_options(body)
-        params = _sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",))
+        n = _choices(body)
+        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",)), n)
         tokenizer = llm.tokenizer
         ids_list = []
         for prompt in prompts:
@@ -497,16 +532,9 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                 raise _bad("the prompt is empty (no tokens)", param="prompt")
             check_length(ids, "prompt")
             ids_list.append(ids)
-        handles = []
-        try:
-            for ids in ids_list:
-                handles.append(await submit(ids, params))
-        except BaseException:
-            for handle in handles:
-                handle.cancel()
-            raise
+        handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
         return await run(request, handles, stream, include_usage,
-                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, len(handles)))
+                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -524,11 +552,12 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         except UserError as exc:
             raise _bad(str(exc), param="messages") from None
         check_length(ids, "messages")
+        n = _choices(body)
         params = _sampling_params(body, llm.model.max_context - len(ids),
                                   ("max_tokens", "max_completion_tokens"))
-        handle = await submit(ids, params)
-        return await run(request, [handle], stream, include_usage,
-                         _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served))
+        handles = await submit_all([(ids, choice) for choice in _per_choice(params, n)])
+        return await run(request, handles, stream, include_usage,
+                         _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served, n))
 
     return app
 
@@ -566,8 +595,9 @@ async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
 class _CompletionRender:
     """/v1/completions response objects (object "text_completion")."""
 
-    def __init__(self, request_id: str, model: str, count: int):
-        self.id, self.model, self.count, self.created = request_id, model, count, int(time.time())
+    def __init__(self, request_id: str, model: str, n: int):
+        """n: choices per prompt (their usage counts each prompt once)."""
+        self.id, self.model, self.n, self.created = request_id, model, n, int(time.time())
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -576,7 +606,7 @@ class _CompletionRender:
     def whole(self, completions) -> dict:
         return {**self._base(), "choices": [
             {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, c in enumerate(completions)], "usage": _usage(completions)}
+            for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
 
     def first(self) -> str:
         return ""
@@ -595,9 +625,6 @@ class _CompletionRender:
 class _ChatRender(_CompletionRender):
     """/v1/chat/completions response objects (chat.completion and chat.completion.chunk)."""
 
-    def __init__(self, request_id: str, model: str):
-        super().__init__(request_id, model, 1)
-
     def _base(self, chunk: bool = True) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if chunk else "chat.completion",
                 "created": self.created, "model": self.model, "system_fingerprint": None}
@@ -606,12 +633,13 @@ class _ChatRender(_CompletionRender):
         return {**self._base(chunk=False), "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
              "logprobs": None, "finish_reason": c.finish_reason}
-            for i, c in enumerate(completions)], "usage": _usage(completions)}
+            for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
 
     def first(self) -> str:
-        return _sse({**self._base(), "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}]})
+        """Each choice's first chunk, which names the role, before any text."""
+        return "".join(_sse({**self._base(), "choices": [
+            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}]}) for index in range(self.n))
 
     def chunk(self, index: int, text: str, finish_reason, include_usage: bool) -> dict:
         delta = {"content": text} if finish_reason is None else {}

@@ -239,6 +239,54 @@ def test_several_prompts_and_token_id_prompts(server, llm):
     assert by_ids.choices[0].text == singles[0] and by_ids.usage.prompt_tokens == len(ids)
 
 
+def test_n_choices(server, llm):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me something."}]
+
+    def chat(**kw):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **kw)
+
+    # Seeded: choice j draws as a request of its own with seed + j; the prompt counts once.
+    three = chat(n=3, temperature=1.0, seed=5)
+    singles = [chat(temperature=1.0, seed=5 + j) for j in range(3)]
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.message.content for c in three.choices] == [s.choices[0].message.content for s in singles]
+    assert len({c.message.content for c in three.choices}) > 1
+    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    # Streamed: every choice opens with its role, then its text; usage at the end, as above.
+    roles, streamed, usage = set(), ["", "", ""], None
+    for chunk in chat(n=3, temperature=1.0, seed=5, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.add(c.index)
+            streamed[c.index] += c.delta.content or ""
+        usage = chunk.usage or usage
+    assert roles == {0, 1, 2} and streamed == [c.message.content for c in three.choices]
+    assert usage.prompt_tokens == three.usage.prompt_tokens
+    assert usage.completion_tokens == three.usage.completion_tokens
+    # The largest seed wraps round for the choices after it.
+    assert len(chat(n=2, temperature=1.0, seed=2**64 - 1).choices) == 2
+    # Completions: n choices of each prompt in turn.
+    other = "She writes the weights"
+    greedy = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in (PROMPT, other)]
+    both = client.completions.create(model=MODEL, prompt=[PROMPT, other], max_tokens=6, temperature=0, n=2,
+                                     best_of=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [g.choices[0].text for g in greedy for _ in range(2)]
+    assert both.usage.prompt_tokens == sum(g.usage.prompt_tokens for g in greedy)
+    assert both.usage.completion_tokens == 2 * sum(g.usage.completion_tokens for g in greedy)
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(server, llm):
+    client = server.client()
+    ids = llm.tokenizer.encode(PROMPT)
+    params = dict(temperature=0, presence_penalty=-1.0, frequency_penalty=-2.0)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, **params).choices[0].text
+    assert got == reference(llm, ids, 10, **params).text
+    assert got != client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+
+
 def test_models_and_health(server):
     client = server.client()
     models = client.models.list()
@@ -257,8 +305,8 @@ def test_the_client_sees_openai_errors(server):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
     assert info.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
-    assert info.value.param == "n"
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    assert info.value.param == "logprobs"
 
 
 # --- bad requests: raw HTTP -------------------------------------------------------------------
@@ -310,10 +358,13 @@ BAD_REQUESTS = [
     ("max_tokens 0", COMPLETIONS, _completion(max_tokens=0), 400, "max_tokens", "invalid_value"),
     ("max_tokens a float", CHAT, _chat(max_tokens=2.5), 400, "max_tokens", None),
     ("max_completion_tokens -1", CHAT, _chat(max_completion_tokens=-1), 400, "max_completion_tokens", "invalid_value"),
-    ("n 2", CHAT, _chat(n=2), 400, "n", "unsupported_value"),
     ("n 0", COMPLETIONS, _completion(n=0), 400, "n", "invalid_value"),
-    ("frequency_penalty", CHAT, _chat(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported_value"),
-    ("presence_penalty", COMPLETIONS, _completion(presence_penalty=-1), 400, "presence_penalty", "unsupported_value"),
+    ("n 129", CHAT, _chat(n=129), 400, "n", "invalid_value"),
+    ("n a string", CHAT, _chat(n="2"), 400, "n", None),
+    ("best_of below n", COMPLETIONS, _completion(n=3, best_of=2), 400, "best_of", "invalid_value"),
+    ("best_of above n", COMPLETIONS, _completion(n=2, best_of=3), 400, "best_of", "unsupported_value"),
+    ("frequency_penalty > 2", CHAT, _chat(frequency_penalty=2.5), 400, "frequency_penalty", "invalid_value"),
+    ("presence_penalty < -2", COMPLETIONS, _completion(presence_penalty=-3), 400, "presence_penalty", "invalid_value"),
     ("logprobs", CHAT, _chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
     ("top_k < -1", CHAT, _chat(top_k=-5), 400, "top_k", "invalid_value"),
     ("min_p > 1", CHAT, _chat(min_p=2), 400, "min_p", "invalid_value"),
