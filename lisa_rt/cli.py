@@ -113,8 +113,9 @@ def _size_list(text: str) -> list[int]:
 
 
 def _layer_list(text: str) -> list[int]:
+    """Comma-separated layer numbers, ascending; a repeat stays, for the fit to refuse by name."""
     try:
-        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+        layers = sorted(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
     if not layers:
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
     p.add_argument("--min-layer", type=_positive_int, default=None,
                    help="shallowest layer --ratio may choose (1; shallow layers are fragile)")
-    p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8))")
+    p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8); at most the head dim d)")
     p.add_argument("--align-hidden", type=_positive_int, default=None,
                    help="width of the head aligner's FFN (default: the number of heads)")
     p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")
@@ -562,6 +563,16 @@ def _read_text(path: str) -> str:
     return text
 
 
+def _json_ppl(ppl: float) -> dict:
+    """{"ppl": ppl} in strict JSON, which has no inf or NaN: a perplexity past float64's range
+    (eval.perplexity_of's inf) or NaN is null, with "ppl_note" saying which and why."""
+    if math.isfinite(ppl):
+        return {"ppl": ppl}
+    why = ("inf: the mean negative log-likelihood is past float64's range" if ppl > 0 else
+           "nan: the model's log-probabilities are NaN")
+    return {"ppl": None, "ppl_note": why}
+
+
 def cmd_eval(args) -> int:
     from .eval import perplexity
 
@@ -581,7 +592,7 @@ def cmd_eval(args) -> int:
     result = perplexity(model, ids, args.ctx, progress=not args.json)
     if args.json:
         lisa_layers = len(model.lisa.layers) if model.lisa is not None else 0
-        _write(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "lisa_layers": lisa_layers,
+        _write(json.dumps({**_json_ppl(result["ppl"]), "tokens": result["tokens"], "lisa_layers": lisa_layers,
                            "num_layers": model.config.num_layers}) + "\n")
     else:
         seconds = result["seconds"]
@@ -596,7 +607,7 @@ def cmd_fit(args) -> int:
     from pathlib import Path
 
     from .checkpoint import check_writable, load_config, load_tensors
-    from .fit import FitOptions, Fitter, make_sequences, read_texts, sample_self_texts
+    from .fit import FitOptions, Fitter, fills_sequences, make_sequences, read_texts, sample_self_texts
     from .lisa import ADAPTER_FILE, install_adapter, load_adapter, save_adapter
     import torch
 
@@ -605,9 +616,12 @@ def cmd_fit(args) -> int:
     from .tokenizer import load_tokenizer
 
     # Each text with the --data entry it came from, to name what --max-sequences leaves out.
-    texts, sources = [], []
+    # 'self' is sampled once, and its samples go where it first stands in --data.
+    texts, sources, self_at = [], [], None
     for name in args.data:
-        if name != "self":
+        if name == "self":
+            self_at = len(texts) if self_at is None else self_at
+        else:
             read = read_texts([name])  # fails on bad data before the (slow) model load
             texts += read
             sources += [name] * len(read)
@@ -629,30 +643,34 @@ def cmd_fit(args) -> int:
                             f"{', '.join(shaping)} not allowed with it")
         init = load_adapter(args.init, config)
     options = FitOptions(layers=args.layers, ratio=args.ratio if args.ratio is not None else 0.6,
-                         min_layer=args.min_layer or 1, select=args.select or "fitted", rank=args.rank,
+                         min_layer=args.min_layer, select=args.select, rank=args.rank,
                          align_hidden=args.align_hidden, steps=args.steps,
                          layerwise_steps=args.layerwise_steps,
                          layerwise_loss=args.layerwise_loss, layerwise_lr=args.layerwise_lr,
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, attn_weight=args.attn_weight,
                          max_sequences=args.max_sequences, seed=args.seed, init=init)
-    options.validate(config)
-    if args.layers is not None and (args.layers[0] < 1 or args.layers[-1] >= config.num_layers):
-        raise UserError(f"--layers must be in 1..{config.num_layers - 1} (layer 0 is never LiSA)")
+    options.validate(config)  # --layers too: in range, no repeats, no --min-layer or --select beside it
     tensors = load_tensors(model_dir, config)
     tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
-    if "self" in args.data:
+    # The texts are used in --data order up to --max-sequences: when the files before 'self'
+    # already fill it, no sample would be read, and sampling (minutes) is skipped.
+    self_skipped = self_at is not None and fills_sequences(tokenizer, texts[:self_at], args.seq_len,
+                                                           args.max_sequences)
+    if self_at is not None and not self_skipped:
         print(f"sampling {args.self_samples} calibration texts from the model ...", file=sys.stderr)
         model = Model(config, tensors, device, torch.float32, tokenizer=tokenizer)
         samples = sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
-        texts += samples
-        sources += ["self"] * len(samples)
+        texts[self_at:self_at] = samples
+        sources[self_at:self_at] = ["self"] * len(samples)
         del model
     sequences, used, whole = make_sequences(tokenizer, texts, args.seq_len, args.max_sequences)
-    if whole < len(texts):
-        left_out = [name if name not in sources[:used] else f"the rest of {name}"
-                    for name in dict.fromkeys(sources[whole:])]
+    if whole < len(texts) or self_skipped:
+        # whole <= self_at where self is skipped: it stands among what is left out, in its place.
+        left = sources[whole:self_at] + ["self"] + sources[self_at:] if self_skipped else sources[whole:]
+        left_out = [name if name not in sources[:used] else f"the rest of {name}" for name in dict.fromkeys(left)]
         print(f"fit: --max-sequences {args.max_sequences} is reached before the end of the data: "
-              f"{', '.join(left_out)} not used", file=sys.stderr)
+              f"{', '.join(left_out)} not used" + (" (no text sampled from the model)" if self_skipped else ""),
+              file=sys.stderr)
     result = Fitter(config, tensors, sequences, options, device).run()
     adapter = result.adapter
     # The data it read: not what --max-sequences left out whole.

@@ -53,8 +53,8 @@ from . import reference
 from .config import LisaConfig, ModelConfig
 from .errors import UserError
 from .eval import perplexity_of
-from .lisa import (Adapter, LisaLayer, check_widened_rank, default_rank, head_divergence, init_layer, rotate,
-                   widen_rank)
+from .lisa import (MAX_RANK, Adapter, LisaLayer, check_widened_rank, default_rank, head_divergence, init_layer,
+                   max_rank, rotate, widen_rank)
 
 TEACHER_TOP_K = 64
 KL_SEQUENCES = 8  # training sequences the final train_kl is measured on
@@ -74,8 +74,9 @@ SELF_PROMPTS = ("The", "In", "Once upon a time", "Today", "Scientists", "A", "Wh
 class FitOptions:
     layers: list[int] | None = None      # explicit LiSA layers; otherwise chosen by ratio
     ratio: float = 0.6                   # floor(ratio x num_layers) LiSA layers
-    min_layer: int = 1                   # shallowest layer that may become LiSA
-    rank: int | None = None              # default: max(8, head_dim / 8)
+    min_layer: int | None = None         # shallowest layer ratio may choose; default 1 (None: not
+                                         # given, so that it can be refused beside layers)
+    rank: int | None = None              # default: max(8, head_dim / 8); at most head_dim (lisa.max_rank)
     align_hidden: int | None = None      # default: num_heads
     steps: int = 200                     # end-to-end steps
     layerwise_steps: int | None = None   # per layer fitted layer-wise; default 150, 0 for a refit
@@ -88,7 +89,7 @@ class FitOptions:
     attn_weight: float = 0.1
     max_sequences: int = 256             # calibration sequences used at most
     seed: int = 0
-    select: str = "fitted"               # how layers are chosen when not given: see SELECTIONS
+    select: str | None = None            # how ratio chooses layers: see SELECTIONS; default "fitted"
     matched_heads: bool = True           # False: A = identity (the same head index), for ablations
     train_aligner: bool = True           # False: A, W1, b1, W2, b2 stay at their initial values
     train_delta: bool = True             # False: Wq', Wk' stay at init (the delta stays zero)
@@ -96,16 +97,28 @@ class FitOptions:
                                          # unless layers are given)
     progress: bool = True
 
+    @property
+    def first_layer(self) -> int:
+        """The shallowest layer ratio may choose: min_layer, 1 when not given."""
+        return 1 if self.min_layer is None else self.min_layer
+
+    @property
+    def selection(self) -> str:
+        """How ratio chooses layers: select, "fitted" when not given."""
+        return "fitted" if self.select is None else self.select
+
     def validate(self, config: ModelConfig) -> None:
+        if self.layers is not None:
+            self.check_layers(config)
         if self.layers is None and not 0 < self.ratio < 1:
             raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
-        if not 1 <= self.min_layer < config.num_layers:
-            raise UserError(f"--min-layer must be in 1..{config.num_layers - 1}, got {self.min_layer}")
+        if not 1 <= self.first_layer < config.num_layers:
+            raise UserError(f"--min-layer must be in 1..{config.num_layers - 1}, got {self.first_layer}")
         if self.layers is None and self.init is None:  # now, not after every eligible layer is fitted
-            count, eligible = self.layer_count(config), config.num_layers - self.min_layer
+            count, eligible = self.layer_count(config), config.num_layers - self.first_layer
             if count > eligible:
                 raise UserError(f"--ratio {self.ratio} asks for {count} LiSA layers but only {eligible} "
-                                f"layers are eligible (--min-layer {self.min_layer})")
+                                f"layers are eligible (--min-layer {self.first_layer})")
         if self.max_sequences < 2:  # one to hold out, at least one to fit on
             raise UserError(f"--max-sequences must be >= 2, got {self.max_sequences}")
         for name in ("steps", "layerwise_steps"):
@@ -118,16 +131,39 @@ class FitOptions:
                             f"got {self.layerwise_loss!r}")
         if self.layerwise_lr is not None and not self.layerwise_lr > 0:
             raise UserError(f"--layerwise-lr must be > 0, got {self.layerwise_lr}")
-        if self.select not in SELECTIONS:
+        if self.selection not in SELECTIONS:
             raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.rank is not None and (self.rank < 2 or self.rank % 2):
             raise UserError(f"--rank must be even and >= 2, got {self.rank}")
+        if self.rank is not None and self.rank > config.head_dim:
+            raise UserError(f"--rank {self.rank} is more than the model's head dim {config.head_dim}: at rank "
+                            f"{config.head_dim} the delta can already be the layer's own q.k, and past it a "
+                            f"LiSA layer would cache more per key than the full layer it replaces")
+        if self.rank is not None and self.rank > max_rank(config.head_dim):
+            raise UserError(f"--rank {self.rank} is more than {MAX_RANK}, the widest delta the LiSA kernels take")
         if self.rank is not None and self.init is not None:
             check_widened_rank(self.init.config.rank, self.rank)
         if self.align_hidden is not None and self.align_hidden < 1:
             raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
+
+    def check_layers(self, config: ModelConfig) -> None:
+        """Explicit layers: in range, each once, and with nothing that only ratio uses (min_layer
+        and select would be ignored, not obeyed)."""
+        seen = set()
+        for layer in self.layers:
+            if not 1 <= layer < config.num_layers:
+                raise UserError(f"--layers must be in 1..{config.num_layers - 1} (layer 0 is never LiSA), "
+                                f"got {layer}")
+            if layer in seen:
+                raise UserError(f"--layers names layer {layer} more than once")
+            seen.add(layer)
+        given = [flag for flag, value in (("--min-layer", self.min_layer), ("--select", self.select))
+                 if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the layers --ratio "
+                            f"chooses: not allowed with --layers")
 
     def layer_count(self, config: ModelConfig) -> int:
         """How many layers ratio makes LiSA: floor(ratio x layers), at least one."""
@@ -190,6 +226,16 @@ def sample_self_texts(model, count: int, tokens: int, seed: int) -> list[str]:
     params = [SamplingParams(max_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.02,
                              seed=seed + i, ignore_eos=True) for i in range(count)]
     return [SELF_PROMPTS[i % len(SELF_PROMPTS)] + c.text for i, c in enumerate(generate(model, prompts, params))]
+
+
+def fills_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> bool:
+    """Whether the texts alone fill make_sequences' limit, so that none after them is read."""
+    tokens = 0
+    for text in texts:
+        tokens += len(tokenizer.encode(text))
+        if tokens >= seq_len * limit:
+            return True
+    return False
 
 
 def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> tuple[torch.Tensor, int, int]:
@@ -482,7 +528,7 @@ class Fitter:
         probe = self.train[-PROBE_SEQUENCES:, :SELECT_TOKENS]
         with torch.no_grad():
             teacher = torch.log_softmax(dense.forward(probe), dim=-1)
-        rows = [row for row in table if row["layer"] >= o.min_layer]
+        rows = [row for row in table if row["layer"] >= o.first_layer]
         fitted = {}
         steps = self.layerwise_steps(new_layers=True)
         bar = self._bar(steps * len(rows), "fit: scoring layers")
@@ -514,8 +560,8 @@ class Fitter:
         o = self.options
         if o.layers is not None:
             return sorted(o.layers)
-        eligible = [row for row in table if row["layer"] >= o.min_layer]
-        key = "fitted_kl" if o.select == "fitted" else "jsd_matched"
+        eligible = [row for row in table if row["layer"] >= o.first_layer]
+        key = "fitted_kl" if o.selection == "fitted" else "jsd_matched"
         ranked = sorted(eligible, key=lambda row: row[key])
         return sorted(row["layer"] for row in ranked[: o.layer_count(self.config)])
 
@@ -656,7 +702,7 @@ class Fitter:
         else:
             states = self.selection_states()
             table, matching = self.select(states)
-            fitted = self.score_layers(table, matching, states) if o.layers is None and o.select == "fitted" else {}
+            fitted = self.score_layers(table, matching, states) if o.layers is None and o.selection == "fitted" else {}
             layers = self.choose_layers(table)
             lisa_config = LisaConfig(layers=layers, rank=self.rank, align_hidden=self.align_hidden)
             lisa_config.validate(c)
@@ -679,8 +725,9 @@ class Fitter:
                            "layerwise_loss": o.layerwise_loss if layerwise_steps else None,
                            "layerwise_lr": (o.layerwise_lr or o.lr * 5) if layerwise_steps else None,
                            "batch_size": o.batch_size, "lr": o.lr, "attn_weight": o.attn_weight, "seed": o.seed,
-                           "min_layer": o.min_layer, "ratio": None if o.layers is not None else o.ratio,
-                           "select": None if o.layers is not None else o.select,
+                           "min_layer": None if o.layers is not None else o.first_layer,
+                           "ratio": None if o.layers is not None else o.ratio,
+                           "select": None if o.layers is not None else o.selection,
                            "seconds": round(time.perf_counter() - started, 1)}
         if o.init is not None:  # what it went on from, so the whole chain stays on record
             lisa_config.fit.update(min_layer=None, ratio=None, select=None, init=dict(o.init.config.fit))

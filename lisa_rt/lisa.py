@@ -33,10 +33,21 @@ class AdapterError(UserError):
     """An adapter file that cannot be used with this model; the message names file and tensor."""
 
 
+MAX_RANK = 256  # kMaxLisaRank in csrc/checks.h: the widest delta the attention kernels take
+
+
+def max_rank(head_dim: int) -> int:
+    """The widest delta worth fitting: the head dim d. At rank d (with d's RoPE frequencies) q'.k'
+    can already be the layer's own q.k, and a LiSA layer caches as much per key as the full layer
+    it replaces; past d it would cache more than that layer, to match what needs no more than d.
+    And no wider than the kernels take."""
+    return min(head_dim, MAX_RANK)
+
+
 def default_rank(head_dim: int) -> int:
-    """max(8, d/8), rounded up to even (RoPE rotates pairs)."""
+    """max(8, d/8), rounded up to even (RoPE rotates pairs); at most max_rank (d < 8)."""
     rank = max(8, head_dim // 8)
-    return rank + rank % 2
+    return min(rank + rank % 2, max_rank(head_dim))
 
 
 def param_shapes(model: ModelConfig, lisa: LisaConfig) -> dict[str, tuple[int, ...]]:

@@ -112,6 +112,62 @@ def test_fit_names_the_data_that_max_sequences_leaves_out(run, fitted, tmp_path)
     assert load_adapter(out, load_config(base)).config.fit["data"] == [data.name, more.name]
 
 
+def test_fit_samples_self_only_where_it_is_read(run, fitted, tmp_path, monkeypatch):
+    """--data texts are used in order up to --max-sequences, 'self' in its place: when the files
+    before it already fill the cap, the model is not sampled (minutes for a real model)."""
+    from lisa_rt import fit as fit_module
+
+    calls = []
+
+    def sample(model, count, tokens, seed):  # a stand-in for the model's samples: fast, and counted
+        calls.append(count)
+        return [CORPUS] * count
+
+    monkeypatch.setattr(fit_module, "sample_self_texts", sample)
+    base, _, adapter, data = fitted
+    out = tmp_path / "self.safetensors"
+    common = ("fit", base, "--init", adapter, "--out", out, "--force", "--steps", 1, "--seq-len", 64,
+              "--batch-size", 2, "--self-samples", 3)
+    rc, _, err = run(*common, "--data", data, "self", "--max-sequences", 2)
+    assert rc == 0, err
+    assert calls == [] and "sampling" not in err
+    assert (f"--max-sequences 2 is reached before the end of the data: the rest of {data}, self not used "
+            f"(no text sampled from the model)") in err
+    assert load_adapter(out, load_config(base)).config.fit["data"] == [data.name]
+    # 'self' first: its samples come first, and they are what fills the cap
+    rc, _, err = run(*common, "--data", "self", data, "--max-sequences", 2)
+    assert rc == 0, err
+    assert calls == [3] and f"the data: the rest of self, {data} not used\n" in err
+    assert load_adapter(out, load_config(base)).config.fit["data"] == ["self"]
+    # the files do not fill the cap: sampled, and used after them
+    rc, _, err = run(*common, "--data", data, "self", "--max-sequences", 10_000)
+    assert rc == 0, err
+    assert calls == [3, 3] and "--max-sequences" not in err
+    assert load_adapter(out, load_config(base)).config.fit["data"] == [data.name, "self"]
+
+
+def test_fit_options_check_what_the_command_line_checks(fitted):
+    """The library's FitOptions refuse what `fit` refuses; unset, min_layer and select take their
+    defaults (1, "fitted"), and the default rank never passes the head dim."""
+    from lisa_rt.errors import UserError
+    from lisa_rt.fit import FitOptions
+    from lisa_rt.lisa import MAX_RANK, default_rank, max_rank
+
+    config = load_config(fitted[0])
+    for bad, fragment in ((dict(layers=[1], min_layer=1), "--min-layer is for"),
+                          (dict(layers=[1], select="jsd"), "--select is for"),
+                          (dict(layers=[1, 2, 2]), "layer 2 more than once"),
+                          (dict(layers=[0, 1]), "layer 0 is never LiSA"),
+                          (dict(rank=config.head_dim + 2), f"head dim {config.head_dim}")):
+        with pytest.raises(UserError, match=fragment):
+            FitOptions(**bad).validate(config)
+    options = FitOptions(layers=[1, 2], rank=config.head_dim)  # rank = head dim is the bound, allowed
+    options.validate(config)
+    assert (options.first_layer, options.selection) == (1, "fitted")
+    assert [default_rank(d) for d in (4, 6, 16, 64, 128)] == [4, 6, 8, 8, 16]
+    assert max_rank(512) == MAX_RANK == 256
+
+
 def test_fit_reads_a_jsonl_whose_last_record_is_empty(tmp_path):
     """A file holds no text only if none of its records has any; the suffix's case does not matter."""
     from lisa_rt.fit import read_texts
@@ -176,8 +232,18 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--layers", "0,1"), ["--layers", "layer 0"]),
     (("fit", "{base}", "--data", "{data}", "--layers", "2,9"), ["--layers", "1..2"]),
     (("fit", "{base}", "--data", "{data}", "--layers", "x"), ["--layers"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "2,1,2"), ["--layers", "layer 2 more than once"]),
+    # --min-layer and --select only shape what --ratio chooses: beside --layers they would be ignored
+    (("fit", "{base}", "--data", "{data}", "--layers", "1", "--min-layer", "2"),
+     ["--min-layer is for the layers --ratio chooses", "not allowed with --layers"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "2", "--select", "jsd"),
+     ["--select is for", "not allowed with --layers"]),
+    (("fit", "{base}", "--data", "{data}", "--layers", "2", "--min-layer", "1", "--select", "fitted"),
+     ["--min-layer and --select are for", "not allowed with --layers"]),
     (("fit", "{base}", "--data", "{data}", "--ratio", "0.5", "--layers", "1"), ["not allowed with"]),
     (("fit", "{base}", "--data", "{data}", "--rank", "3"), ["--rank", "even"]),
+    # the delta at rank 16 (the tiny model's head dim) can already be the layer's own q.k
+    (("fit", "{base}", "--data", "{data}", "--rank", "18"), ["--rank 18", "head dim 16"]),
     (("fit", "{base}", "--data", "{data}", "--seq-len", "4"), ["--seq-len"]),
     (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
     # before any layer is fitted (a fit's progress bar would be more lines on stderr)
@@ -200,6 +266,9 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--layers", "2,3"), ["--layers", "1..2"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "12"), ["--rank 12", "multiple", "8"]),
     (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "4"), ["--rank 4", "multiple", "8"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--rank", "32"), ["--rank 32", "head dim 16"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{adapter}", "--layers", "1,1"),
+     ["--layers", "layer 1 more than once"]),
     (("fit", "{base}"), ["--data"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/empty.txt"), ["empty.txt", "unreadable"]),
