@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # Imported when first used (PEP 562): `lisa-rt` imports this package before its main() can
 # catch Ctrl-C, and these pull in torch, which takes seconds to import.
 _LAZY = {"Completion": "engine", "StreamDelta": "engine", "generate": "engine", "LLM": "llm",
-         "RequestHandle": "llm", "SamplingParams": "sampling"}
+         "RequestHandle": "llm", "SamplingParams": "sampling", "TokenLogprob": "engine"}
 
 
 def __getattr__(name: str):

@@ -60,10 +60,20 @@ from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
 from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .model import Model, build_batch
-from .sampling import Sampler, SamplingParams, StepSample, sample_batch, upload
+from .sampling import Sampler, SamplingParams, StepSample, sample_batch, token_logprobs, upload
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log probability under the model (before penalties, temperature and
+    filters), its most likely alternatives, and where its text begins in the completion's."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]    # (token id, log probability), most likely first
+    text_offset: int                # characters of text before this token's
 
 
 @dataclass
@@ -74,6 +84,7 @@ class Completion:
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None   # one per token id, when the params asked
 
     @property
     def completion_tokens(self) -> int:
@@ -90,6 +101,9 @@ class StreamDelta:
     text: str                              # new visible text (may be "")
     finish_reason: str | None = None       # "stop" | "length" | "cancelled" on the last delta
     completion: Completion | None = None   # set on the last delta
+    # The tokens' log probabilities since the last delta, when asked for: a token whose text
+    # is held back (a possible stop string, an unfinished character) comes with its text.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StopStringFilter:
@@ -179,6 +193,9 @@ class Request:
         self.on_error = on_error
         self.sampler = Sampler(params)
         self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self._logprobs_sent = 0
+        self._decoded_chars = 0  # text the detokeniser has made of the output so far
         tok = model.tokenizer
         self.decoder = tok.stream_decoder(self.prompt) if tok else None
         self.filter = StopStringFilter(params.stop)
@@ -213,13 +230,19 @@ class Request:
             return self.output[lo - p : hi - p]
         return self.prompt[lo:] + self.output[: hi - p]
 
-    def accept(self, token: int) -> str:
-        """Records a sampled token; returns the new text it makes visible."""
+    def accept(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> str:
+        """Records a sampled token (with its log probabilities when the params ask for them);
+        returns the new text it makes visible."""
         if token in self.eos:
             self.finish_reason = "stop"
             return self._release_text()
         self.output.append(token)
-        delta = self.filter.push(self.decoder.push(token)) if self.decoder else ""
+        if self.logprobs is not None:
+            assert logprob is not None, "a request that asks for log probabilities got a token without"
+            self.logprobs.append(TokenLogprob(token, logprob[0], logprob[1], self._decoded_chars))
+        text = self.decoder.push(token) if self.decoder else ""
+        self._decoded_chars += len(text)
+        delta = self.filter.push(text)
         if self.filter.stopped:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
@@ -236,8 +259,16 @@ class Request:
 
     def _release_text(self) -> str:
         """Releases all held text: the decoder's unfinished bytes, then the filter's tail."""
-        delta = self.filter.push(self.decoder.flush()) if self.decoder else ""
-        return delta + self.filter.flush()
+        text = self.decoder.flush() if self.decoder else ""
+        self._decoded_chars += len(text)
+        return self.filter.push(text) + self.filter.flush()
+
+    def unsent_logprobs(self) -> list[TokenLogprob] | None:
+        """The log probabilities not yet streamed (None when the params did not ask)."""
+        if self.logprobs is None:
+            return None
+        fresh, self._logprobs_sent = self.logprobs[self._logprobs_sent:], len(self.logprobs)
+        return fresh
 
     def make_completion(self) -> Completion:
         end = time.perf_counter()
@@ -249,6 +280,7 @@ class Request:
             text=self.filter.text[: self.filter.emitted], token_ids=list(self.output),
             finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt),
             cached_tokens=self.cached_tokens or 0,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
             timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
                      "decode_s": end - first, "decode_steps": self.decode_steps,
                      "preemptions": self.preemptions,
@@ -453,15 +485,16 @@ class Engine:
             if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
                 logits = logits[ready]
             elif self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
-                    not any(req.sampler.reads_history for req in batch):
+                    not any(req.sampler.reads_history or req.logprobs is not None for req in batch):
                 self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
             tokens = sample_batch([batch[row].sampler for row in ready], logits,
                                   lambda i: (batch[ready[i]].prompt, batch[ready[i]].output))
+            logprobs = token_logprobs(logits, tokens, [batch[row].params.logprobs for row in ready])
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
-        self._accept([batch[row] for row in ready], tokens)
+        self._accept([batch[row] for row in ready], tokens, logprobs)
 
     def settle(self) -> list[Request]:
         """Reads back the step in flight, if any, and streams its tokens; launches nothing.
@@ -546,10 +579,12 @@ class Engine:
         if self.prefix_caching and req.table is not None:
             req.table.register(req.tokens, min(req.computed, req.length - 1))
 
-    def _accept(self, requests: list[Request], tokens: list[int]) -> None:
-        """Records each request's sampled token, streams its text and retires it if it ended."""
+    def _accept(self, requests: list[Request], tokens: list[int], logprobs: list | None = None) -> None:
+        """Records each request's sampled token (and its log probabilities, for the requests
+        that ask: an overlapped step has none of those), streams its text and retires it if it
+        ended."""
         now = time.perf_counter()
-        for req, token in zip(requests, tokens):
+        for req, token, logprob in zip(requests, tokens, logprobs or [None] * len(requests)):
             if req.finished:  # cancelled or ended while its token was in flight: dropped
                 continue
             try:
@@ -557,7 +592,7 @@ class Engine:
                     req.t_first = now
                 else:
                     req.decode_steps += 1
-                delta = req.accept(token)
+                delta = req.accept(token, logprob)
                 self._offer(req)  # before _end frees the blocks: they stay cached
                 if req.finished:
                     self._end(req, req.finish_reason, delta)
@@ -682,6 +717,7 @@ class Engine:
         self._emit(req, StreamDelta(delta, reason, req.completion))
 
     def _emit(self, req: Request, delta: StreamDelta) -> None:
+        delta.logprobs = req.unsent_logprobs()
         if req.on_delta is not None:
             req.on_delta(delta)
 

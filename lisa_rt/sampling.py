@@ -33,6 +33,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 # where a whole-row sort costs 1.7 ms. A top_k row takes TIE_MARGIN candidates past its k-th, for
 # the tokens tied with it (common in bfloat16 logits), and more only if they are all tied too.
 CANDIDATES = 256
+# The most alternatives a token's log probabilities may list (OpenAI's top_logprobs allows 20).
+MAX_LOGPROBS = 20
 MORE_CANDIDATES = 4096
 TIE_MARGIN = 64
 
@@ -50,6 +52,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # one string, or None for none, will do too
     ignore_eos: bool = False
+    logprobs: int | None = None        # each token's log probability and this many alternatives
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +85,10 @@ class SamplingParams:
         self.presence_penalty, self.frequency_penalty = real("presence_penalty"), real("frequency_penalty")
         if self.seed is not None:
             self.seed = integer("seed")
+        if self.logprobs is not None:
+            self.logprobs = integer("logprobs")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None for none), got {self.logprobs}")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -233,6 +240,29 @@ class StepSample:
             for row, u in zip(self.sampled, self.draws.uniforms):
                 drawn[row] = u
         return drawn
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   top: list[int | None]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each row of logits [rows, vocab] whose top[row] is not None: the log probability of
+    its token under the model's own distribution (the raw logits: before penalties, temperature
+    and filters, as vLLM reports by default) and the top[row] most likely (token, log
+    probability), most likely first. None for the other rows. One transfer to the host."""
+    rows = [row for row, k in enumerate(top) if k is not None]
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(top)
+    if not rows:
+        return out
+    device = logits.device
+    picked = logits if len(rows) == len(top) else logits[upload(rows, torch.long, device)]
+    log_probs = picked.float().log_softmax(dim=-1)
+    chosen = log_probs.gather(1, upload([tokens[row] for row in rows], torch.long, device)[:, None])
+    width = max(top[row] for row in rows)
+    values, ids = log_probs.topk(width, dim=-1) if width else (log_probs[:, :0], log_probs[:, :0].long())
+    packed = torch.cat([chosen.double(), values.double(), ids.double()], dim=1).tolist()  # ids < 2**53
+    for row, line in zip(rows, packed):
+        k = top[row]
+        out[row] = (line[0], [(int(i), v) for v, i in zip(line[1:1 + k], line[1 + width:1 + width + k])])
+    return out
 
 
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

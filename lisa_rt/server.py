@@ -61,7 +61,6 @@ MAX_CHOICES = 128
 SHUTDOWN_GRACE_S = 5.0
 SHUTDOWN_MARGIN_S = 10.0
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
-    "logprobs": "no log probabilities", "top_logprobs": "no log probabilities",
     "echo": "no prompt echo", "suffix": "no insertion", "logit_bias": "no logit bias",
     "tools": "no tool calls", "tool_choice": "no tool calls", "functions": "no function calls",
     "function_call": "no function calls",
@@ -209,7 +208,28 @@ def _per_choice(params, n: int) -> list:
     return [params.replace(seed=seed if seed < 2**64 else seed - 2**64) for seed in seeds]
 
 
-def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...]):
+def _chat_logprobs(body: dict) -> int | None:
+    """/v1/chat/completions' logprobs (a boolean) and top_logprobs -> SamplingParams.logprobs."""
+    from .sampling import MAX_LOGPROBS
+
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad("'logprobs' must be a boolean", param="logprobs")
+    top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise _bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """/v1/completions' logprobs: how many alternatives to list beside each token, or None."""
+    from .sampling import MAX_LOGPROBS
+
+    return _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+
+
+def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...],
+                     logprobs: int | None = None):
     """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams."""
     from .sampling import SamplingParams
 
@@ -243,7 +263,7 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos)
+            seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs)
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
 
@@ -474,8 +494,8 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             try:
                 async with contextlib.aclosing(_merge(handles)) as merged:  # its tasks end with it
                     async for index, delta in merged:
-                        if delta.text:
-                            yield _sse(render.chunk(index, delta.text, None, include_usage))
+                        if delta.text or delta.logprobs:
+                            yield _sse(render.chunk(index, delta.text, None, include_usage, delta.logprobs))
                         if delta.finish_reason == "cancelled":  # the server is shutting down
                             yield _sse(SHUTTING_DOWN.body())
                             yield "data: [DONE]\n\n"
@@ -520,7 +540,8 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         prompts = _prompts(body)
         stream, include_usage = _stream_options(body)
         n = _choices(body)
-        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",)), n)
+        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",),
+                                               _completion_logprobs(body)), n)
         tokenizer = llm.tokenizer
         ids_list = []
         for prompt in prompts:
@@ -534,7 +555,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             ids_list.append(ids)
         handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
         return await run(request, handles, stream, include_usage,
-                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n))
+                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n, tokenizer))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -554,10 +575,10 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         check_length(ids, "messages")
         n = _choices(body)
         params = _sampling_params(body, llm.model.max_context - len(ids),
-                                  ("max_tokens", "max_completion_tokens"))
+                                  ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
         handles = await submit_all([(ids, choice) for choice in _per_choice(params, n)])
         return await run(request, handles, stream, include_usage,
-                         _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served, n))
+                         _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served, n, tokenizer))
 
     return app
 
@@ -592,12 +613,33 @@ async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
             task.cancel()
 
 
+# The log probability reported for a token the model rules out (-inf is not JSON), as OpenAI's.
+LOGPROB_FLOOR = -9999.0
+
+
 class _CompletionRender:
     """/v1/completions response objects (object "text_completion")."""
 
-    def __init__(self, request_id: str, model: str, n: int):
-        """n: choices per prompt (their usage counts each prompt once)."""
+    def __init__(self, request_id: str, model: str, n: int, tokenizer):
+        """n: choices per prompt (their usage counts each prompt once); tokenizer: to spell the
+        tokens of log probabilities."""
         self.id, self.model, self.n, self.created = request_id, model, n, int(time.time())
+        self.tokenizer = tokenizer
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        """A token as text (bytes that are not UTF-8 alone as \\x escapes) and its bytes."""
+        raw = self.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="backslashreplace"), raw
+
+    def _logprobs(self, entries) -> dict | None:
+        """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs (token -> log
+        probability), text_offset (into the choice's text)."""
+        if entries is None:
+            return None
+        return {"tokens": [self._token(e.token_id)[0] for e in entries],
+                "token_logprobs": [max(e.logprob, LOGPROB_FLOOR) for e in entries],
+                "top_logprobs": [{self._token(t)[0]: max(v, LOGPROB_FLOOR) for t, v in e.top} for e in entries],
+                "text_offset": [e.text_offset for e in entries]}
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -605,14 +647,14 @@ class _CompletionRender:
 
     def whole(self, completions) -> dict:
         return {**self._base(), "choices": [
-            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            {"index": i, "text": c.text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
 
     def first(self) -> str:
         return ""
 
-    def chunk(self, index: int, text: str, finish_reason, include_usage: bool) -> dict:
-        out = {**self._base(), "choices": [{"index": index, "text": text, "logprobs": None,
+    def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
+        out = {**self._base(), "choices": [{"index": index, "text": text, "logprobs": self._logprobs(logprobs),
                                             "finish_reason": finish_reason}]}
         if include_usage:
             out["usage"] = None
@@ -632,8 +674,21 @@ class _ChatRender(_CompletionRender):
     def whole(self, completions) -> dict:
         return {**self._base(chunk=False), "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-             "logprobs": None, "finish_reason": c.finish_reason}
+             "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
+
+    def _logprobs(self, entries) -> dict | None:
+        """OpenAI's chat logprobs object: per token its text, bytes, log probability and the
+        top_logprobs alternatives."""
+        if entries is None:
+            return None
+
+        def spelt(token_id: int, logprob: float) -> dict:
+            text, raw = self._token(token_id)
+            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
+
+        return {"content": [{**spelt(e.token_id, e.logprob), "top_logprobs": [spelt(t, v) for t, v in e.top]}
+                            for e in entries], "refusal": None}
 
     def first(self) -> str:
         """Each choice's first chunk, which names the role, before any text."""
@@ -641,9 +696,9 @@ class _ChatRender(_CompletionRender):
             {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}]}) for index in range(self.n))
 
-    def chunk(self, index: int, text: str, finish_reason, include_usage: bool) -> dict:
+    def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
         delta = {"content": text} if finish_reason is None else {}
-        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": None,
+        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": self._logprobs(logprobs),
                                             "finish_reason": finish_reason}]}
         if include_usage:
             out["usage"] = None

@@ -255,6 +255,12 @@ class Tokenizer:
         if getattr(model, "byte_fallback", False):
             self._byte_ids = frozenset(i for t, i in tok.get_vocab().items()
                                        if _BYTE_PIECE.match(t))
+        # What token_bytes needs: whether pieces are spelt in the byte-level alphabet (GPT-2's
+        # and LLaMA 3's BPE), and which ids are added tokens (spelt as their text).
+        decoder = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else {}
+        self._byte_level = '"ByteLevel"' in json.dumps(decoder)
+        self._added_ids = frozenset(tok.get_added_tokens_decoder())
+        self._token_bytes: dict[int, bytes] = {}
 
     @property
     def has_chat_template(self) -> bool:
@@ -288,6 +294,29 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token_id stands for inside a text: a byte-level BPE token's bytes, a
+        SentencePiece piece with its word-start mark as a space, a byte-fallback piece's one
+        byte, an added token's text. Empty for an id past the vocabulary. A token may hold part
+        of a UTF-8 character: its bytes alone are then not text."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            out = b""
+        elif token_id in self._added_ids:
+            out = piece.encode()
+        elif token_id in self._byte_ids:
+            out = bytes([int(piece[3:5], 16)])
+        elif self._byte_level:
+            # A char outside the byte alphabet can only come from an odd vocabulary: kept as text.
+            out = b"".join(bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode() for c in piece)
+        else:
+            out = piece.replace("\u2581", " ").encode()
+        self._token_bytes[token_id] = out
+        return out
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -379,6 +408,20 @@ class StreamDecoder:
         if self._read == len(self._ids):
             return ""
         return self._new_text(final=True)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes as printable characters: the bytes that are printable
+    Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, and the others, in
+    order, for the characters from U+0100 on. Returns char -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(0x100 + n): b for n, b in enumerate(others)})
+    return alphabet
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def _compile_template(source: str):

@@ -376,6 +376,7 @@ def test_non_finite_logits_are_an_error_not_a_token():
     (dict(top_p=float("nan")), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(presence_penalty="1"), "presence_penalty"),
     (dict(stop=["ok", 3]), "stop"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"),
     (dict(temperature="0.5"), "temperature must be a number, got '0.5' \\(str\\)"),

@@ -153,6 +153,33 @@ def test_penalties_read_the_prompt_and_the_output_the_engine_generated(model_dir
         assert token == int(logits.argmax()), i
 
 
+def test_log_probabilities_are_the_models_own(llm, ref):
+    # Each token's log probability and alternatives come from the model's logits before
+    # temperature and penalties; offsets say where each token's text begins.
+    prompt = ref.tokenizer.encode(LINES[7])
+    params = SamplingParams(max_tokens=8, temperature=1.7, seed=5, repetition_penalty=1.3, ignore_eos=True,
+                            logprobs=4)
+    streamed, deltas = [], []
+    handle = llm.submit(prompt, params)
+    for delta in handle.events():
+        deltas.append(delta)
+        streamed += delta.logprobs
+    completion = deltas[-1].completion
+    assert streamed == completion.logprobs and len(completion.logprobs) == len(completion.token_ids)
+    shown = 0
+    for i, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        want = ref.logits(prompt + completion.token_ids[:i])[-1].log_softmax(-1)
+        assert entry.token_id == token and entry.logprob == pytest.approx(float(want[token]), abs=1e-4)
+        assert [t for t, _ in entry.top] == want.topk(4).indices.tolist()
+        assert entry.text_offset == len(ref.tokenizer.decode(completion.token_ids[:i])) or \
+            "\ufffd" in ref.tokenizer.decode(completion.token_ids[:i])
+    # A delta's entries come with their text: each begins within what has been shown by then.
+    for delta in deltas:
+        shown += len(delta.text)
+        assert all(e.text_offset <= shown for e in delta.logprobs)
+    assert llm.generate([prompt], params.replace(logprobs=None))[0].logprobs is None
+
+
 def test_chunked_prefill_under_a_tiny_step_budget(model_dir, ref):
     ids = ref.tokenizer.encode(CORPUS[:3000])
     prompts = [ids[:150], ids[200:233], ids[500:503]]

@@ -278,6 +278,44 @@ def test_n_choices(server, llm):
     assert both.usage.completion_tokens == 2 * sum(g.usage.completion_tokens for g in greedy)
 
 
+def test_log_probabilities(server, llm):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me something."}]
+    ids = llm.tokenizer.encode_chat(messages)
+    want = reference(llm, ids, 10, logprobs=2)  # greedy: each token is its own most likely
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
+    assert b"".join(bytes(c.bytes) for c in content) == b"".join(llm.tokenizer.token_bytes(t) for t in want.token_ids)
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].bytes == c.bytes
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+    # Streamed, the chunks carry the same entries, each with (or before) its text.
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.content if choice.logprobs else []
+    assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]
+    # Without logprobs: none; with 0 alternatives: the tokens alone.
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    bare = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True)
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    # Completions: OpenAI's legacy layout, offsets into the choice's text (a token's top dict
+    # may hold fewer than asked where alternatives spell the same).
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    sampled = dict(temperature=1.5, seed=3)
+    want = reference(llm, prompt_ids, 8, logprobs=3, **sampled)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, logprobs=3, **sampled).choices[0]
+    assert got.text == want.text
+    assert got.logprobs.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
+    assert got.logprobs.text_offset == [e.text_offset for e in want.logprobs]
+    assert got.logprobs.text_offset[0] == 0 and got.logprobs.text_offset == sorted(got.logprobs.text_offset)
+    assert all(1 <= len(top) <= 3 for top in got.logprobs.top_logprobs)
+
+
 def test_presence_and_frequency_penalties_reach_the_engine(server, llm):
     client = server.client()
     ids = llm.tokenizer.encode(PROMPT)
@@ -305,8 +343,9 @@ def test_the_client_sees_openai_errors(server):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
     assert info.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True)
-    assert info.value.param == "logprobs"
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert info.value.param == "tools"
 
 
 # --- bad requests: raw HTTP -------------------------------------------------------------------
@@ -365,7 +404,12 @@ BAD_REQUESTS = [
     ("best_of above n", COMPLETIONS, _completion(n=2, best_of=3), 400, "best_of", "unsupported_value"),
     ("frequency_penalty > 2", CHAT, _chat(frequency_penalty=2.5), 400, "frequency_penalty", "invalid_value"),
     ("presence_penalty < -2", COMPLETIONS, _completion(presence_penalty=-3), 400, "presence_penalty", "invalid_value"),
-    ("logprobs", CHAT, _chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("echo", COMPLETIONS, _completion(echo=True), 400, "echo", "unsupported_parameter"),
+    ("logprobs not a boolean", CHAT, _chat(logprobs=1), 400, "logprobs", None),
+    ("top_logprobs without logprobs", CHAT, _chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),
+    ("top_logprobs 21", CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
+    ("logprobs -1", COMPLETIONS, _completion(logprobs=-1), 400, "logprobs", "invalid_value"),
+    ("logprobs true", COMPLETIONS, _completion(logprobs=True), 400, "logprobs", None),
     ("top_k < -1", CHAT, _chat(top_k=-5), 400, "top_k", "invalid_value"),
     ("min_p > 1", CHAT, _chat(min_p=2), 400, "min_p", "invalid_value"),
     ("repetition_penalty 0", CHAT, _chat(repetition_penalty=0), 400, "repetition_penalty", "invalid_value"),

@@ -240,6 +240,22 @@ def test_stream_skips_special_tokens(tok):
     assert "".join(_stream(tok, ids)) == "hello"
 
 
+def test_token_bytes_spell_the_text(tok):
+    # A text's tokens' bytes, joined, are the text they decode to (with the special tokens'
+    # text, and a SentencePiece word start's space that decoding strips at the beginning).
+    for text in TEXTS + ["😀", "🇫🇷👍🏽", "a 😀 b 你 c", " ▁ odd ▁▁ marks"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        joined = b"".join(tok.token_bytes(i) for i in ids).decode()
+        want = tok.decode(ids, skip_special_tokens=False)
+        assert joined == want or (tok.kind == "sentencepiece" and joined == " " + want), (text, joined, want)
+    # A byte token alone is part of a character; an id past the vocabulary is no bytes.
+    if tok._byte_ids:
+        parts = [tok.token_bytes(i) for i in tok.encode("😀", add_special_tokens=False) if i in tok._byte_ids]
+        assert b"".join(parts) == "😀".encode() and len(parts) == 4
+    assert tok.token_bytes(tok.vocab_size + 5) == b""
+    assert tok.token_bytes(tok.eos_token_ids[0]) == tok.eos_token.encode()
+
+
 # -- loading and errors ----------------------------------------------------------------------
 
 def test_prefers_tokenizer_json(tmp_path):
