@@ -64,6 +64,9 @@ from .sampling import Sampler, SamplingParams, StepSample, sample_batch, token_l
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
+# Prompt tokens a step prefills of a request that scores its prompt (prompt_logprobs): each
+# takes a row of float32 logits over the vocabulary (49,152 for SmolLM2: 100 MB per 512).
+SCORED_CHUNK = 512
 
 
 @dataclass
@@ -84,7 +87,11 @@ class Completion:
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
-    logprobs: list[TokenLogprob] | None = None   # one per token id, when the params asked
+    # One per token id, and one for the end-of-sequence token that ended it, when the params ask.
+    logprobs: list[TokenLogprob] | None = None
+    # One per prompt token, when the params asked (prompt_logprobs): None for the first, which
+    # nothing predicts; offsets are into the prompt's text.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -104,6 +111,8 @@ class StreamDelta:
     # The tokens' log probabilities since the last delta, when asked for: a token whose text
     # is held back (a possible stop string, an unfinished character) comes with its text.
     logprobs: list[TokenLogprob] | None = None
+    # The prompt's log probabilities (Completion.prompt_logprobs), on a request's first delta.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class StopStringFilter:
@@ -194,9 +203,14 @@ class Request:
         self.sampler = Sampler(params)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
+        self._prompt_decoder = None  # the prompt's text so far, for prompt_logprobs' offsets
+        self.prompt_logprobs_sent = False
+        self._prompt_chars = 0
         self._logprobs_sent = 0
         self._decoded_chars = 0  # text the detokeniser has made of the output so far
         tok = model.tokenizer
+        self._tokenizer = tok
         self.decoder = tok.stream_decoder(self.prompt) if tok else None
         self.filter = StopStringFilter(params.stop)
         eos = tok.eos_token_ids if tok else model.config.eos_token_ids
@@ -221,6 +235,25 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt tokens' log probabilities are still to come: its prefill wants the
+        logits of every row, and cannot take cached blocks (they skip those rows)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
+
+    def score_prompt(self, targets: list[int], entries: list[tuple[float, list[tuple[int, float]]]]) -> None:
+        """Records the log probabilities of prompt tokens len(prompt_logprobs), ... in order."""
+        if self._prompt_decoder is None:
+            self._prompt_decoder = self.decoder_for_prompt()
+        for target, (logprob, top) in zip(targets, entries):
+            index = len(self.prompt_logprobs)
+            self._prompt_chars += len(self._prompt_decoder.push(self.prompt[index - 1]))
+            self.prompt_logprobs.append(TokenLogprob(target, logprob, top, self._prompt_chars))
+
+    def decoder_for_prompt(self):
+        """A detokeniser that reads the prompt from its start (offsets into its text)."""
+        return self._tokenizer.stream_decoder() if self._tokenizer else _NoText()
+
     def tokens(self, lo: int, hi: int) -> list[int]:
         """(prompt + output)[lo:hi] without building the whole list."""
         p = len(self.prompt)
@@ -233,13 +266,13 @@ class Request:
     def accept(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> str:
         """Records a sampled token (with its log probabilities when the params ask for them);
         returns the new text it makes visible."""
+        if self.logprobs is not None:  # the end-of-sequence token's too, as the model drew it
+            assert logprob is not None, "a request that asks for log probabilities got a token without"
+            self.logprobs.append(TokenLogprob(token, logprob[0], logprob[1], self._decoded_chars))
         if token in self.eos:
             self.finish_reason = "stop"
             return self._release_text()
         self.output.append(token)
-        if self.logprobs is not None:
-            assert logprob is not None, "a request that asks for log probabilities got a token without"
-            self.logprobs.append(TokenLogprob(token, logprob[0], logprob[1], self._decoded_chars))
         text = self.decoder.push(token) if self.decoder else ""
         self._decoded_chars += len(text)
         delta = self.filter.push(text)
@@ -281,11 +314,19 @@ class Request:
             finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt),
             cached_tokens=self.cached_tokens or 0,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
             timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
                      "decode_s": end - first, "decode_steps": self.decode_steps,
                      "preemptions": self.preemptions,
                      "prompt_tok_per_s": _rate(len(self.prompt), first - admit),
                      "decode_tok_per_s": _rate(decode_tokens, end - first)})
+
+
+class _NoText:
+    """The detokeniser of a model without a tokenizer: no text, so every offset is 0."""
+
+    def push(self, token_id: int) -> str:
+        return ""
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -477,7 +518,10 @@ class Engine:
             chunks = self._schedule(batch)
             if not chunks:
                 return
-            logits = self._forward(chunks)
+            scored = [req.scores_prompt for req in batch]
+            logits = self._forward(chunks, all_logits=scored)
+            if any(scored):
+                logits = self._score_prompts(batch, chunks, scored, logits)
             for req in batch:
                 self._offer(req)
             # A chunk that reaches the end of its sequence's tokens yields the next token.
@@ -495,6 +539,32 @@ class Engine:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
         self._accept([batch[row] for row in ready], tokens, logprobs)
+
+    def _score_prompts(self, batch: list[Request], chunks: list, scored: list[bool],
+                       logits: torch.Tensor) -> torch.Tensor:
+        """Records the prompt log probabilities of the scored chunks (whose every row has
+        logits: row p predicts token p + 1) and returns the last row of every chunk."""
+        last, rows, targets, tops, owners = [], [], [], [], []
+        row = 0
+        for req, (tokens, start, _), every_row in zip(batch, chunks, scored):
+            if every_row:
+                # Prompt tokens not yet scored (a re-prefill after preemption scores none again).
+                for position in range(max(start, len(req.prompt_logprobs) - 1),
+                                      min(start + len(tokens), len(req.prompt) - 1)):
+                    rows.append(row + position - start)
+                    targets.append(req.prompt[position + 1])
+                    tops.append(req.params.prompt_logprobs)
+                    owners.append(req)
+                row += len(tokens)
+            else:
+                row += 1
+            last.append(row - 1)
+        if rows:
+            entries = token_logprobs(logits[upload(rows, torch.long, logits.device)], targets, tops)
+            for req in dict.fromkeys(owners):
+                mine = [i for i, owner in enumerate(owners) if owner is req]
+                req.score_prompt([targets[i] for i in mine], [entries[i] for i in mine])
+        return logits[upload(last, torch.long, logits.device)]
 
     def settle(self) -> list[Request]:
         """Reads back the step in flight, if any, and streams its tokens; launches nothing.
@@ -519,12 +589,13 @@ class Engine:
         return [inflight.requests[row] for row in redrawn]
 
     def _forward(self, chunks: list[tuple[list[int], int, BlockTable]],
-                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the chunks' last tokens; input_ids (on the device) replace the chunks' ids."""
+                 input_ids: torch.Tensor | None = None, all_logits: list[bool] | None = None) -> torch.Tensor:
+        """Logits of the chunks' last tokens (of all their tokens where all_logits says);
+        input_ids (on the device) replace the chunks' ids."""
         self.steps += 1
         if self.graph_decoder is not None and all(len(tokens) == 1 for tokens, _, _ in chunks):
-            return self.graph_decoder.run(chunks, input_ids)
-        batch = build_batch(chunks, self.model.device)
+            return self.graph_decoder.run(chunks, input_ids)  # one token: its row either way
+        batch = build_batch(chunks, self.model.device, all_logits or False)
         if input_ids is not None:
             batch.input_ids = input_ids
         return self.model.forward(batch, self.cache)
@@ -566,7 +637,9 @@ class Engine:
         return self.cache.blocks_for(req.length) <= free or self._blocks_to_admit(req, self._match(req)) <= free
 
     def _match(self, req: Request) -> PrefixMatch:
-        return self.cache.match(req.tokens, req.length) if self.prefix_caching else NO_MATCH
+        if not self.prefix_caching or req.scores_prompt:
+            return NO_MATCH
+        return self.cache.match(req.tokens, req.length)
 
     def _blocks_to_admit(self, req: Request, match: PrefixMatch) -> int:
         """Free blocks req's admission takes: new ones for what the match lacks, and the
@@ -636,7 +709,7 @@ class Engine:
             if req.computed == length - 1 and length > req.table.capacity:
                 if not self._grow(req):
                     continue  # req itself left the running list; do not advance i
-            n = min(length - req.computed, budget)
+            n = min(length - req.computed, budget, SCORED_CHUNK if req.scores_prompt else budget)
             chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
             req.computed += n
             batch.append(req)
@@ -663,7 +736,7 @@ class Engine:
                 req.t_admit = time.perf_counter()
                 req.cached_tokens = match.tokens
             self.running.append(req)
-            n = min(req.length - match.tokens, budget)
+            n = min(req.length - match.tokens, budget, SCORED_CHUNK if req.scores_prompt else budget)
             chunks.append((req.tokens(match.tokens, match.tokens + n), match.tokens, req.table))
             req.computed = match.tokens + n
             batch.append(req)
@@ -718,6 +791,8 @@ class Engine:
 
     def _emit(self, req: Request, delta: StreamDelta) -> None:
         delta.logprobs = req.unsent_logprobs()
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            delta.prompt_logprobs, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
         if req.on_delta is not None:
             req.on_delta(delta)
 

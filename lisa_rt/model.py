@@ -13,7 +13,7 @@ low-rank delta q'.k'. The layer before hands its logits over in a float32 buffer
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +46,23 @@ class Batch:
 
 
 def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.device,
-                all_logits: bool = False) -> Batch:
+                all_logits: bool | Sequence[bool] = False) -> Batch:
     """chunks: (new token ids, position of the first one, the sequence's block table).
 
     The block tables must already have room for the new tokens. Logits are computed for the
-    last token of each chunk, or for every token with all_logits.
+    last token of each chunk, or for every token of the chunks all_logits says (one flag for
+    all, or one per chunk).
     """
+    if isinstance(all_logits, bool):
+        all_logits = [all_logits] * len(chunks)
     ids, positions, slots, lens, cu, rows = [], [], [], [], [0], []
-    for tokens, start, table in chunks:
+    for (tokens, start, table), every_row in zip(chunks, all_logits):
         ids.extend(tokens)
         positions.extend(range(start, start + len(tokens)))
         slots.extend(table.slots(start, start + len(tokens)))
         lens.append(start + len(tokens))
         cu.append(cu[-1] + len(tokens))
-        rows.extend(range(cu[-2], cu[-1]) if all_logits else [cu[-1] - 1])
+        rows.extend(range(cu[-2], cu[-1]) if every_row else [cu[-1] - 1])
     width = max(len(table.blocks) for _, _, table in chunks)
     tables = [table.blocks + [0] * (width - len(table.blocks)) for _, _, table in chunks]
 

@@ -53,6 +53,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # one string, or None for none, will do too
     ignore_eos: bool = False
     logprobs: int | None = None        # each token's log probability and this many alternatives
+    prompt_logprobs: int | None = None # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,10 +86,11 @@ class SamplingParams:
         self.presence_penalty, self.frequency_penalty = real("presence_penalty"), real("frequency_penalty")
         if self.seed is not None:
             self.seed = integer("seed")
-        if self.logprobs is not None:
-            self.logprobs = integer("logprobs")
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None for none), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, integer(name))
+                if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                    raise bad(f"{name} must be in [0, {MAX_LOGPROBS}] (or None for none), got {getattr(self, name)}")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

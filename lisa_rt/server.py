@@ -228,13 +228,22 @@ def _completion_logprobs(body: dict) -> int | None:
     return _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
 
 
+def _echo(body: dict) -> bool:
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise _bad("'echo' must be a boolean", param="echo")
+    return bool(echo)
+
+
 def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...],
-                     logprobs: int | None = None):
-    """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams."""
+                     logprobs: int | None = None, prompt_logprobs: int | None = None,
+                     handled: tuple[str, ...] = ()):
+    """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams.
+    handled: parameters the endpoint reads itself (not refused here)."""
     from .sampling import SamplingParams
 
     for name, what in UNSUPPORTED_IF_SET.items():
-        if body.get(name) not in (None, False, 0, [], {}):
+        if name not in handled and body.get(name) not in (None, False, 0, [], {}):
             raise _bad(f"'{name}' is not supported ({what})", param=name,
                        code="unsupported_parameter")
     response_format = body.get("response_format")
@@ -263,7 +272,8 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs)
+            seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
 
@@ -494,6 +504,9 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             try:
                 async with contextlib.aclosing(_merge(handles)) as merged:  # its tasks end with it
                     async for index, delta in merged:
+                        opening = render.opening(index, delta)
+                        if opening is not None:
+                            yield _sse(opening)
                         if delta.text or delta.logprobs:
                             yield _sse(render.chunk(index, delta.text, None, include_usage, delta.logprobs))
                         if delta.finish_reason == "cancelled":  # the server is shutting down
@@ -540,8 +553,9 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         prompts = _prompts(body)
         stream, include_usage = _stream_options(body)
         n = _choices(body)
-        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",),
-                                               _completion_logprobs(body)), n)
+        echo, logprobs = _echo(body), _completion_logprobs(body)
+        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",), logprobs,
+                                               logprobs if echo else None, handled=("echo",)), n)
         tokenizer = llm.tokenizer
         ids_list = []
         for prompt in prompts:
@@ -554,8 +568,11 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             check_length(ids, "prompt")
             ids_list.append(ids)
         handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
+        echoed = None
+        if echo:  # each prompt as given, or as its token ids read
+            echoed = [(p if isinstance(p, str) else tokenizer.decode(ids), ids[0]) for p, ids in zip(prompts, ids_list)]
         return await run(request, handles, stream, include_usage,
-                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n, tokenizer))
+                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n, tokenizer, echoed))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -620,41 +637,80 @@ LOGPROB_FLOOR = -9999.0
 class _CompletionRender:
     """/v1/completions response objects (object "text_completion")."""
 
-    def __init__(self, request_id: str, model: str, n: int, tokenizer):
+    def __init__(self, request_id: str, model: str, n: int, tokenizer,
+                 echoed: list[tuple[str, int]] | None = None):
         """n: choices per prompt (their usage counts each prompt once); tokenizer: to spell the
-        tokens of log probabilities."""
+        tokens of log probabilities; echoed: when the choices begin with their prompt, each
+        prompt's (text, first token id)."""
         self.id, self.model, self.n, self.created = request_id, model, n, int(time.time())
         self.tokenizer = tokenizer
+        self.echoed = echoed
+        self.opened: set[int] = set()
+
+    def _echoed(self, index: int) -> tuple[str, int] | None:
+        return self.echoed[index // self.n] if self.echoed is not None else None
 
     def _token(self, token_id: int) -> tuple[str, bytes]:
         """A token as text (bytes that are not UTF-8 alone as \\x escapes) and its bytes."""
         raw = self.tokenizer.token_bytes(token_id)
         return raw.decode("utf-8", errors="backslashreplace"), raw
 
-    def _logprobs(self, entries) -> dict | None:
-        """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs (token -> log
-        probability), text_offset (into the choice's text)."""
-        if entries is None:
+    def _logprobs(self, index: int, prompt_entries, entries) -> dict | None:
+        """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs as token -> log
+        probability, text_offset into the choice's text) of choice `index`, or of a part of it:
+        the echoed prompt's tokens (the first, which nothing predicts, with nulls), then the
+        generated ones. None when neither was asked for."""
+        if prompt_entries is None and entries is None:
             return None
-        return {"tokens": [self._token(e.token_id)[0] for e in entries],
-                "token_logprobs": [max(e.logprob, LOGPROB_FLOOR) for e in entries],
-                "top_logprobs": [{self._token(t)[0]: max(v, LOGPROB_FLOOR) for t, v in e.top} for e in entries],
-                "text_offset": [e.text_offset for e in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token_id: int, logprob, top, offset: int) -> None:
+            out["tokens"].append(self._token(token_id)[0])
+            out["token_logprobs"].append(None if logprob is None else max(logprob, LOGPROB_FLOOR))
+            out["top_logprobs"].append(None if top is None else
+                                       {self._token(t)[0]: max(v, LOGPROB_FLOOR) for t, v in top})
+            out["text_offset"].append(offset)
+
+        echoed = self._echoed(index)
+        if prompt_entries is not None:
+            add(echoed[1], None, None, 0)
+            for e in prompt_entries[1:]:
+                add(e.token_id, e.logprob, e.top, e.text_offset)
+        shift = len(echoed[0]) if echoed is not None else 0
+        for e in entries or []:
+            add(e.token_id, e.logprob, e.top, shift + e.text_offset)
+        return out
+
+    def opening(self, index: int, delta) -> dict | None:
+        """The chunk a streamed choice begins with, before its first delta's: the echoed prompt
+        (with its log probabilities when asked); None when there is none."""
+        echoed = self._echoed(index)
+        if echoed is None or index in self.opened:
+            return None
+        self.opened.add(index)
+        return {**self._base(), "choices": [{"index": index, "text": echoed[0],
+                                             "logprobs": self._logprobs(index, delta.prompt_logprobs, None),
+                                             "finish_reason": None}]}
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
     def whole(self, completions) -> dict:
-        return {**self._base(), "choices": [
-            {"index": i, "text": c.text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
-            for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
+        choices = []
+        for i, c in enumerate(completions):
+            echoed = self._echoed(i)
+            choices.append({"index": i, "text": (echoed[0] if echoed else "") + c.text,
+                            "logprobs": self._logprobs(i, c.prompt_logprobs, c.logprobs),
+                            "finish_reason": c.finish_reason})
+        return {**self._base(), "choices": choices, "usage": _usage(completions, self.n)}
 
     def first(self) -> str:
         return ""
 
     def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
-        out = {**self._base(), "choices": [{"index": index, "text": text, "logprobs": self._logprobs(logprobs),
+        out = {**self._base(), "choices": [{"index": index, "text": text,
+                                            "logprobs": self._logprobs(index, None, logprobs),
                                             "finish_reason": finish_reason}]}
         if include_usage:
             out["usage"] = None
@@ -674,10 +730,10 @@ class _ChatRender(_CompletionRender):
     def whole(self, completions) -> dict:
         return {**self._base(chunk=False), "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-             "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+             "logprobs": self._content_logprobs(c.logprobs), "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)], "usage": _usage(completions, self.n)}
 
-    def _logprobs(self, entries) -> dict | None:
+    def _content_logprobs(self, entries) -> dict | None:
         """OpenAI's chat logprobs object: per token its text, bytes, log probability and the
         top_logprobs alternatives."""
         if entries is None:
@@ -698,7 +754,7 @@ class _ChatRender(_CompletionRender):
 
     def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
         delta = {"content": text} if finish_reason is None else {}
-        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": self._logprobs(logprobs),
+        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": self._content_logprobs(logprobs),
                                             "finish_reason": finish_reason}]}
         if include_usage:
             out["usage"] = None

@@ -465,6 +465,10 @@ def test_finish_reason_length_vs_eos(model, prompts, monkeypatch):
     assert out.text == model.tokenizer.decode(tokens[:cut])
     out = generate(model, [prompts[1]], greedy)[0]  # ignore_eos: runs to the length
     assert out.finish_reason == "length" and out.token_ids == tokens
+    # Log probabilities end with the EOS token's: it is what the model drew.
+    scored = generate(model, [prompts[1]], greedy.replace(ignore_eos=False, logprobs=1))[0]
+    assert [e.token_id for e in scored.logprobs] == tokens[:cut + 1]
+    assert scored.logprobs[-1].text_offset == len(scored.text)
 
 
 def test_stop_string_finish_reason(model, prompts):

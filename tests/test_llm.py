@@ -180,6 +180,49 @@ def test_log_probabilities_are_the_models_own(llm, ref):
     assert llm.generate([prompt], params.replace(logprobs=None))[0].logprobs is None
 
 
+@pytest.mark.parametrize("budget", [2048, 37], ids=["one-chunk", "many-chunks"])
+def test_prompt_log_probabilities_score_every_prompt_token(model_dir, ref, budget):
+    # Entry i is log softmax(logits of prompt[:i])[prompt[i]], however the prefill is chunked
+    # (past SCORED_CHUNK, or under a tiny step budget shared with other requests), and a
+    # cached prefix is not taken where the rows it would skip are wanted.
+    ids = ref.tokenizer.encode(CORPUS[:4000])[:700]
+    want = ref.logits(ids).log_softmax(-1)
+    params = GREEDY.replace(max_tokens=3, prompt_logprobs=2)
+    with make_llm(model_dir, ref, max_batch_tokens=budget) as llm:
+        plain = llm.submit(ids[:300], GREEDY)  # shares steps (and blocks) with the scored prompt
+        got = llm.generate([ids], params)[0]
+        assert plain.result().token_ids == alone(ref, ids[:300], GREEDY).token_ids
+        again = llm.generate([ids], params)[0]
+        reused = llm.generate([ids], GREEDY.replace(max_tokens=3))[0]
+    entries = got.prompt_logprobs
+    assert len(entries) == len(ids) and entries[0] is None
+    for i in range(1, len(ids)):
+        assert entries[i].token_id == ids[i]
+        assert entries[i].logprob == pytest.approx(float(want[i - 1, ids[i]]), abs=1e-3), i
+        assert [t for t, _ in entries[i].top] == want[i - 1].topk(2).indices.tolist() or \
+            abs(float(want[i - 1].topk(2).values[1] - want[i - 1].topk(3).values[2])) < 1e-4
+    assert entries[1].text_offset <= entries[-1].text_offset <= len(ref.tokenizer.decode(ids))
+    assert got.token_ids == alone(ref, ids, GREEDY.replace(max_tokens=3)).token_ids
+    assert got.logprobs is None and again.cached_tokens == 0
+    assert [e.logprob for e in again.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-4)
+    assert reused.cached_tokens > 0 and reused.prompt_logprobs is None
+
+
+def test_prompt_log_probabilities_survive_preemption(model_dir, ref):
+    ids = ref.tokenizer.encode(CORPUS[:4000])
+    prompts = [ids[:300], ids[400:700]]
+    params = GREEDY.replace(max_tokens=200, prompt_logprobs=0)
+    with make_llm(model_dir, ref, blocks=45) as llm:
+        got = llm.generate(prompts, params)
+        assert llm.stats()["preemptions"] > 0
+    for prompt, completion in zip(prompts, got):
+        want = ref.logits(prompt).log_softmax(-1)
+        assert len(completion.prompt_logprobs) == len(prompt)
+        assert [e.logprob for e in completion.prompt_logprobs[1:]] == pytest.approx(
+            [float(want[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-3)
+        assert completion.token_ids == alone(ref, prompt, params.replace(prompt_logprobs=None)).token_ids
+
+
 def test_chunked_prefill_under_a_tiny_step_budget(model_dir, ref):
     ids = ref.tokenizer.encode(CORPUS[:3000])
     prompts = [ids[:150], ids[200:233], ids[500:503]]

@@ -287,7 +287,7 @@ def test_log_probabilities(server, llm):
                                          logprobs=True, top_logprobs=2)
     content = got.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
-    assert b"".join(bytes(c.bytes) for c in content) == b"".join(llm.tokenizer.token_bytes(t) for t in want.token_ids)
+    assert [bytes(c.bytes) for c in content] == [llm.tokenizer.token_bytes(e.token_id) for e in want.logprobs]
     for c in content:
         assert len(c.top_logprobs) == 2 and c.top_logprobs[0].bytes == c.bytes
         assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
@@ -314,6 +314,36 @@ def test_log_probabilities(server, llm):
     assert got.logprobs.text_offset == [e.text_offset for e in want.logprobs]
     assert got.logprobs.text_offset[0] == 0 and got.logprobs.text_offset == sorted(got.logprobs.text_offset)
     assert all(1 <= len(top) <= 3 for top in got.logprobs.top_logprobs)
+
+
+def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
+    # What lm-evaluation-harness asks of an OpenAI completions server to score a text: the
+    # prompt echoed with every prompt token's log probability (the first has none).
+    client = server.client()
+    ids = llm.tokenizer.encode(PROMPT + " and writes")
+    want = llm.model.logits(ids).log_softmax(-1)
+    for prompt in (PROMPT + " and writes", ids):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                        logprobs=1).choices[0]
+        lp = got.logprobs
+        assert got.text.startswith(llm.tokenizer.decode(ids)) and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(
+            [float(want[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-3)
+        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] == len(llm.tokenizer.decode(ids))
+    # Streamed: the prompt first, in a chunk of its own, then the completion.
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True,
+                                            logprobs=0, stream=True))
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0).choices[0]
+    assert chunks[0].choices[0].text == PROMPT
+    assert len(chunks[0].choices[0].logprobs.tokens) == len(llm.tokenizer.encode(PROMPT))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT + plain.text
+    streamed = [t for c in chunks[1:] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == plain.logprobs.tokens
+    # Echo alone: the text, no log probabilities.
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True).choices[0]
+    assert echoed.text.startswith(PROMPT) and echoed.logprobs is None
 
 
 def test_presence_and_frequency_penalties_reach_the_engine(server, llm):
@@ -404,7 +434,8 @@ BAD_REQUESTS = [
     ("best_of above n", COMPLETIONS, _completion(n=2, best_of=3), 400, "best_of", "unsupported_value"),
     ("frequency_penalty > 2", CHAT, _chat(frequency_penalty=2.5), 400, "frequency_penalty", "invalid_value"),
     ("presence_penalty < -2", COMPLETIONS, _completion(presence_penalty=-3), 400, "presence_penalty", "invalid_value"),
-    ("echo", COMPLETIONS, _completion(echo=True), 400, "echo", "unsupported_parameter"),
+    ("echo on chat", CHAT, _chat(echo=True), 400, "echo", "unsupported_parameter"),
+    ("echo not a boolean", COMPLETIONS, _completion(echo="yes"), 400, "echo", None),
     ("logprobs not a boolean", CHAT, _chat(logprobs=1), 400, "logprobs", None),
     ("top_logprobs without logprobs", CHAT, _chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),
     ("top_logprobs 21", CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
