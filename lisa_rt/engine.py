@@ -59,6 +59,7 @@ import torch
 from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
 from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
+from .metrics import EngineMetrics
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, StepSample, sample_batch, token_logprobs, upload
 
@@ -401,6 +402,7 @@ class Engine:
         self.cancelled = 0
         self.failed = 0
         self.steps = 0
+        self.metrics = EngineMetrics()
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
         self._cancels: list[Request] = []
@@ -456,7 +458,7 @@ class Engine:
                 "cached_blocks": self.cache.allocator.num_cached, "admitted_tokens": self.admitted_tokens,
                 "cached_tokens": self.cached_tokens,
                 "preemptions": self.preemptions, "completed": self.completed,
-                "cancelled": self.cancelled, "steps": self.steps, "overlapped_steps": self.overlapped_steps,
+                "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps, "overlapped_steps": self.overlapped_steps,
                 "rewinds": self.rewinds}
 
     # -- the stepping thread -----------------------------------------------------------------
@@ -680,6 +682,7 @@ class Engine:
             self._detach(req)
             req.finish_reason = "error"
             self.failed += 1
+            self._record(req)
             if req.on_error is not None:
                 try:
                     req.on_error(exc)
@@ -787,7 +790,12 @@ class Engine:
         else:
             self.completed += 1
         req.completion = req.make_completion()
+        self._record(req)
         self._emit(req, StreamDelta(delta, reason, req.completion))
+
+    def _record(self, req: Request) -> None:
+        self.metrics.record(req.finish_reason, len(req.prompt), len(req.output), req.t_submit, req.t_admit,
+                            req.t_first, time.perf_counter())
 
     def _emit(self, req: Request, delta: StreamDelta) -> None:
         delta.logprobs = req.unsent_logprobs()

@@ -302,6 +302,11 @@ class LLM:
     def stats(self) -> dict:
         return self._engine.stats()
 
+    def metrics_text(self, model_name: str | None = None) -> str:
+        """The engine's metrics in Prometheus' text format, labelled with model_name (default:
+        the model's name); what `lisa-rt serve` answers on /metrics."""
+        return self._engine.metrics.exposition(model_name or self.model_name, self.stats())
+
     @property
     def cache(self) -> KVCache:
         return self._engine.cache

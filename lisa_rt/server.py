@@ -39,7 +39,7 @@ try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
     from uvicorn.config import LOGGING_CONFIG
@@ -531,6 +531,11 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         if llm.closed:  # shutting down: a load balancer should send nothing more here
             return JSONResponse({"status": "shutting down", "model": served}, status_code=503)
         return {"status": "ok", "model": served, **llm.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        # Like /health, open without the API key: scrapers (Prometheus) carry none.
+        return PlainTextResponse(llm.metrics_text(served), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(request: Request):

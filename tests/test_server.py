@@ -355,6 +355,27 @@ def test_presence_and_frequency_penalties_reach_the_engine(server, llm):
     assert got != client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
 
 
+def test_metrics_count_what_was_served(server, llm):
+    from tests.test_metrics import parse
+
+    before = parse(httpx.get(server.url + "/metrics").text)
+    client = server.client()
+    done = client.completions.create(model=MODEL, prompt=[PROMPT, "Another one"], max_tokens=5, temperature=0)
+    response = httpx.get(server.url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = parse(response.text)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted({"model_name": MODEL, **labels}.items())))
+        return after[key] - before.get(key, 0)
+
+    ended = sum(grew("lisa_rt_requests_total", finish_reason=r) for r in ("stop", "length"))
+    assert ended == 2 and grew("lisa_rt_time_to_first_token_seconds_count") == 2
+    assert grew("lisa_rt_generation_tokens_total") == done.usage.completion_tokens
+    assert grew("lisa_rt_prompt_tokens_total") == done.usage.prompt_tokens
+    assert after[("lisa_rt_requests_running", (("model_name", MODEL),))] == 0
+
+
 def test_models_and_health(server):
     client = server.client()
     models = client.models.list()
@@ -577,6 +598,7 @@ def test_api_key(keyed_server):
     answer = keyed_server.client(api_key=API_KEY).chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
     assert answer.usage.completion_tokens >= 1
     assert httpx.get(url + "/health").status_code == 200  # health needs no key
+    assert httpx.get(url + "/metrics").status_code == 200  # nor do metrics: scrapers carry none
 
 
 # --- clients that go away ---------------------------------------------------------------------
