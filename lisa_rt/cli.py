@@ -17,6 +17,7 @@ import time
 from .errors import UserError
 
 EXIT_USAGE = 2
+SELF_SAMPLES = 32  # texts `fit --data self` samples from the model, unless --self-samples says
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=_positive_int, default=256,
                    help="calibration sequences used at most (256), taken from the --data texts in "
                         "order: fit says what is left out")
-    p.add_argument("--self-samples", type=_positive_int, default=32,
-                   help="texts sampled for --data self (32)")
+    p.add_argument("--self-samples", type=_positive_int, default=None,
+                   help=f"texts sampled for --data self ({SELF_SAMPLES}); only with it")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--out", default=None,
                    help="write the adapter file here (default: make it the model's own adapter)")
@@ -535,8 +536,9 @@ def cmd_info(args) -> int:
         lines.append("LiSA           none")
     else:
         quality = lisa["quality"]
-        measured = (f"; fitted held-out ppl {quality['lisa_ppl']:g} vs {quality['base_ppl']:g} base "
-                    f"({quality['ppl_ratio']:g}x)" if "ppl_ratio" in quality else "")
+        measured = (f"; fitted held-out ppl {_quality_number(quality, 'lisa_ppl', 'g')} vs "
+                    f"{_quality_number(quality, 'base_ppl', 'g')} base "
+                    f"({_quality_number(quality, 'ppl_ratio', 'g')}x)" if "ppl_ratio" in quality else "")
         lines += [
             f"LiSA           {len(lisa['layers'])} of {c['num_layers']} layers, rank {lisa['rank']}, "
             f"aligner width {lisa['align_hidden']} ({lisa['path']}){measured}",
@@ -565,12 +567,21 @@ def _read_text(path: str) -> str:
 
 def _json_ppl(ppl: float) -> dict:
     """{"ppl": ppl} in strict JSON, which has no inf or NaN: a perplexity past float64's range
-    (eval.perplexity_of's inf) or NaN is null, with "ppl_note" saying which and why."""
-    if math.isfinite(ppl):
-        return {"ppl": ppl}
-    why = ("inf: the mean negative log-likelihood is past float64's range" if ppl > 0 else
-           "nan: the model's log-probabilities are NaN")
-    return {"ppl": None, "ppl_note": why}
+    (eval.perplexity_of's inf) or NaN is null, with "ppl_note" saying which and why (as the
+    perplexities an adapter's quality record holds)."""
+    from .config import PPL_NOT_FINITE, finite_or_note
+
+    return finite_or_note("ppl", ppl, PPL_NOT_FINITE)
+
+
+def _quality_number(quality: dict, key: str, spec: str) -> str:
+    """A number of an adapter's quality record for the text output: a null (strict JSON's inf or
+    NaN) is shown as its note names it ("inf", "nan")."""
+    value = quality.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    note = quality.get(f"{key}_note")
+    return note.split(":", 1)[0] if isinstance(note, str) and ":" in note else "?"
 
 
 def cmd_eval(args) -> int:
@@ -615,6 +626,9 @@ def cmd_fit(args) -> int:
     from .registry import resolve_model
     from .tokenizer import load_tokenizer
 
+    if args.self_samples is not None and "self" not in args.data:  # it would be ignored, not obeyed
+        raise UserError("--self-samples is for --data self: not allowed without it")
+    self_samples = args.self_samples if args.self_samples is not None else SELF_SAMPLES
     # Each text with the --data entry it came from, to name what --max-sequences leaves out.
     # 'self' is sampled once, and its samples go where it first stands in --data.
     texts, sources, self_at = [], [], None
@@ -657,9 +671,9 @@ def cmd_fit(args) -> int:
     self_skipped = self_at is not None and fills_sequences(tokenizer, texts[:self_at], args.seq_len,
                                                            args.max_sequences)
     if self_at is not None and not self_skipped:
-        print(f"sampling {args.self_samples} calibration texts from the model ...", file=sys.stderr)
+        print(f"sampling {self_samples} calibration texts from the model ...", file=sys.stderr)
         model = Model(config, tensors, device, torch.float32, tokenizer=tokenizer)
-        samples = sample_self_texts(model, args.self_samples, args.seq_len, args.seed)
+        samples = sample_self_texts(model, self_samples, args.seq_len, args.seed)
         texts[self_at:self_at] = samples
         sources[self_at:self_at] = ["self"] * len(samples)
         del model
@@ -691,8 +705,8 @@ def cmd_fit(args) -> int:
         path = save_adapter(out, adapter, config)
     q = result.quality
     _write(f"{len(chosen)} of {config.num_layers} layers LiSA, rank {adapter.config.rank}; held-out ppl "
-           f"{q['lisa_ppl']:.4f} vs {q['base_ppl']:.4f} base ({q['ppl_ratio']:.4f}x) over "
-           f"{q['held_out_tokens']} tokens; wrote {path}\n")
+           f"{_quality_number(q, 'lisa_ppl', '.4f')} vs {_quality_number(q, 'base_ppl', '.4f')} base "
+           f"({_quality_number(q, 'ppl_ratio', '.4f')}x) over {q['held_out_tokens']} tokens; wrote {path}\n")
     return 0
 
 

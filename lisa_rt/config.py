@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,53 @@ from .errors import UserError
 FORMAT_NAME = "lisa-rt"
 FORMAT_VERSION = 1
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+# What the LiSA kernels take (csrc/checks.h, check_lisa_args): adapters past these are refused
+# when they are fitted or loaded, not when a kernel first runs them.
+MAX_RANK = 256          # kMaxLisaRank: the widest low-rank delta (its rank must also be even)
+MAX_ALIGN_HIDDEN = 256  # kMaxLisaWidth: the widest head aligner FFN (align_w1 [width, heads])
+
+# Why a number the project writes is not finite, by key: strict JSON has no inf or NaN, so such
+# a number is written as null beside "<key>_note" (see finite_or_note).
+NOT_FINITE = ("past float64's range", "not a number")
+PPL_NOT_FINITE = ("the mean negative log-likelihood is past float64's range",
+                  "the model's log-probabilities are NaN")
+KL_NOT_FINITE = ("the LiSA model gives probability 0 to a token the base model predicts",
+                 "the model's log-probabilities are NaN")
+QUALITY_NOT_FINITE = {"base_ppl": PPL_NOT_FINITE, "lisa_ppl": PPL_NOT_FINITE,
+                      "ppl_ratio": ("lisa_ppl is inf and base_ppl is not",
+                                    "lisa_ppl or base_ppl is NaN, or both are inf"),
+                      "held_out_kl": KL_NOT_FINITE, "train_kl": KL_NOT_FINITE}
+
+
+def finite_or_note(key: str, value: Any, why: tuple[str, str] = NOT_FINITE) -> dict[str, Any]:
+    """{key: value} in strict JSON, which has no inf or NaN: a float that is not finite is null,
+    with key + "_note" saying which ("inf: ...", "-inf: ..." or "nan: ...") and why: why[0] for
+    an infinity, why[1] for NaN."""
+    if not isinstance(value, float) or math.isfinite(value):
+        return {key: value}
+    sign = "" if value > 0 else "-" if value < 0 else None
+    note = f"{sign}inf: {why[0]}" if sign is not None else f"nan: {why[1]}"
+    return {key: None, f"{key}_note": note}
+
+
+def strict_json(value: Any, why: dict[str, tuple[str, str]] | None = None) -> Any:
+    """value (dicts, lists, numbers, ...) with every float that is not finite replaced, so that
+    json.dumps writes strict JSON: in a dict, null and a note beside it (finite_or_note, with
+    why[key] where given); in a list, null. Idempotent: a null that has its note keeps it."""
+    why = why or {}
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out.update(finite_or_note(key, item, why.get(key, NOT_FINITE)))
+            else:
+                out[key] = strict_json(item, why)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(item, float) and not math.isfinite(item) else strict_json(item, why)
+                for item in value]
+    return value
 
 
 class ConfigError(UserError):
@@ -84,6 +132,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
+        # The adapter's record as config.json holds it: one written before lisa-rt wrote strict
+        # JSON may hold Infinity or NaN (a fit of very bad quality), which is read, never written.
+        body["lisa"] = strict_json(body["lisa"], QUALITY_NOT_FINITE)
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
 
     @classmethod
@@ -159,6 +210,9 @@ class LisaConfig:
     quality: dict = field(default_factory=dict)
 
     def validate(self, model: ModelConfig) -> None:
+        """The adapter's shape against the model's, and against what the LiSA kernels take:
+        rank even and at most the head dim (lisa.max_rank: past it a LiSA layer would cache
+        more per key than the full layer) and MAX_RANK, align_hidden at most MAX_ALIGN_HIDDEN."""
         if self.formulation != LISA_FORMULATION:
             raise ConfigError(f"lisa: unsupported formulation {self.formulation!r} (this lisa-rt "
                               f"implements {LISA_FORMULATION!r})")
@@ -168,6 +222,15 @@ class LisaConfig:
                 raise ConfigError(f"lisa: {name} must be a positive integer, got {value!r}")
         if self.rank % 2:
             raise ConfigError(f"lisa: rank must be even (RoPE rotates pairs), got {self.rank}")
+        if self.rank > model.head_dim:
+            raise ConfigError(f"lisa: rank {self.rank} is more than the model's head dim {model.head_dim} "
+                              f"(a LiSA layer would cache more per key than the full layer it replaces)")
+        if self.rank > MAX_RANK:
+            raise ConfigError(f"lisa: rank {self.rank} is more than {MAX_RANK}, the widest delta the LiSA "
+                              f"kernels take")
+        if self.align_hidden > MAX_ALIGN_HIDDEN:
+            raise ConfigError(f"lisa: align_hidden {self.align_hidden} is more than {MAX_ALIGN_HIDDEN}, the "
+                              f"widest head aligner the LiSA kernels take")
         if not isinstance(self.layers, list) or not self.layers:
             raise ConfigError("lisa: layers must be a non-empty list")
         for layer in self.layers:
@@ -176,9 +239,14 @@ class LisaConfig:
                                   f"(layer 0 is never LiSA)")
         if sorted(set(self.layers)) != self.layers:
             raise ConfigError(f"lisa: layers must be ascending and distinct, got {self.layers}")
+        for name in ("fit", "quality"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"lisa: {name} must be a JSON object, got {type(getattr(self, name)).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as strict JSON: a fit of very bad quality measures an inf or NaN perplexity,
+        which is null beside a "<key>_note" (strict_json)."""
+        return strict_json(dataclasses.asdict(self), QUALITY_NOT_FINITE)
 
     @classmethod
     def from_dict(cls, data: Any, model: ModelConfig) -> "LisaConfig":
@@ -188,6 +256,12 @@ class LisaConfig:
         missing = [name for name in ("layers", "rank", "align_hidden") if name not in data]
         if missing:
             raise ConfigError(f"lisa: missing keys: {', '.join(missing)}")
-        config = cls(**{k: v for k, v in data.items() if k in known})
+        body = {k: v for k, v in data.items() if k in known}
+        # An adapter written before lisa-rt wrote strict JSON may hold Infinity or NaN in its
+        # records (json reads them): kept readable, and held as strict_json writes them.
+        for name in ("fit", "quality"):
+            if name in body:
+                body[name] = strict_json(body[name], QUALITY_NOT_FINITE)
+        config = cls(**body)
         config.validate(model)
         return config

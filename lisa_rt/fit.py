@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .config import LisaConfig, ModelConfig
+from .config import MAX_ALIGN_HIDDEN, QUALITY_NOT_FINITE, LisaConfig, ModelConfig, strict_json
 from .errors import UserError
 from .eval import perplexity_of
 from .lisa import (MAX_RANK, Adapter, LisaLayer, check_widened_rank, default_rank, head_divergence, init_layer,
@@ -147,6 +147,13 @@ class FitOptions:
             check_widened_rank(self.init.config.rank, self.rank)
         if self.align_hidden is not None and self.align_hidden < 1:
             raise UserError(f"--align-hidden must be >= 1, got {self.align_hidden}")
+        if self.align_hidden is not None and self.align_hidden > MAX_ALIGN_HIDDEN:
+            raise UserError(f"--align-hidden {self.align_hidden} is more than {MAX_ALIGN_HIDDEN}, the widest "
+                            f"head aligner the LiSA kernels take")
+        if self.align_hidden is None and self.init is None and config.num_heads > MAX_ALIGN_HIDDEN:
+            raise UserError(f"the default --align-hidden, the model's {config.num_heads} heads, is more than "
+                            f"{MAX_ALIGN_HIDDEN}, the widest head aligner the LiSA kernels take: give "
+                            f"--align-hidden")
 
     def check_layers(self, config: ModelConfig) -> None:
         """Explicit layers: in range, each once, and with nothing that only ratio uses (min_layer
@@ -737,10 +744,13 @@ class Fitter:
                                        layerwise_layers=layerwise_layers if layerwise_steps else [])
             if self.rank != o.init.config.rank:
                 lisa_config.fit["init"]["rank"] = o.init.config.rank
-        quality = {"held_out_tokens": int(self.held_out[:, 1:].numel()), "base_ppl": round(held_out["base_ppl"], 4),
-                   "lisa_ppl": round(held_out["lisa_ppl"], 4),
-                   "ppl_ratio": round(held_out["lisa_ppl"] / held_out["base_ppl"], 4),
-                   "held_out_kl": round(held_out["kl"], 5), "train_kl": round(train["kl"], 5)}
+        # Strict JSON: a perplexity past float64's range (a very bad fit) and a ratio of two of
+        # them are null, with a "<key>_note" saying why (config.strict_json).
+        ratio = held_out["lisa_ppl"] / held_out["base_ppl"]  # base_ppl >= 1; inf / inf is NaN
+        quality = strict_json({"held_out_tokens": int(self.held_out[:, 1:].numel()),
+                               "base_ppl": round(held_out["base_ppl"], 4), "lisa_ppl": round(held_out["lisa_ppl"], 4),
+                               "ppl_ratio": round(ratio, 4), "held_out_kl": round(held_out["kl"], 5),
+                               "train_kl": round(train["kl"], 5)}, QUALITY_NOT_FINITE)
         lisa_config.quality = quality
         adapter = Adapter(lisa_config, {name: t.cpu() for name, t in tensors.items()})
         adapter.validate(c)

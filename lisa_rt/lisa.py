@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import ops, reference
-from .config import ConfigError, LisaConfig, ModelConfig
+from .config import MAX_ALIGN_HIDDEN, MAX_RANK, ConfigError, LisaConfig, ModelConfig  # noqa: F401 (MAX_*: re-exported)
 from .errors import UserError
 
 ADAPTER_FILE = "lisa.safetensors"
@@ -31,9 +31,6 @@ PARAMS = ("align_a", "align_w1", "align_b1", "align_w2", "align_b2", "q_proj", "
 
 class AdapterError(UserError):
     """An adapter file that cannot be used with this model; the message names file and tensor."""
-
-
-MAX_RANK = 256  # kMaxLisaRank in csrc/checks.h: the widest delta the attention kernels take
 
 
 def max_rank(head_dim: int) -> int:
@@ -130,8 +127,11 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, model: ModelConfig) 
     adapter.validate(model)
     path = Path(path)
     tensors = {name: t.detach().float().contiguous().cpu() for name, t in adapter.tensors.items()}
+    # Strict JSON (to_dict writes an inf or NaN perplexity as null with a note; allow_nan=False
+    # makes sure of it), before anything is written.
+    lisa = json.dumps(adapter.config.to_dict(), allow_nan=False)
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "lisa": json.dumps(adapter.config.to_dict())})
+        save_file(tensors, str(tmp), metadata={"format": "pt", "lisa": lisa})
     return path
 
 
@@ -160,7 +160,7 @@ def install_adapter(model_dir: str | os.PathLike, adapter: Adapter, model: Model
     model_dir = Path(model_dir)
     path = save_adapter(model_dir / ADAPTER_FILE, adapter, model)
     data = json.loads((model_dir / CONFIG_FILE).read_text())
-    data["lisa"] = adapter.config.to_dict()
+    data["lisa"] = adapter.config.to_dict()  # strict JSON, as in the adapter file
     write_text_atomically(model_dir / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
     return path
 

@@ -149,16 +149,19 @@ def test_fit_samples_self_only_where_it_is_read(run, fitted, tmp_path, monkeypat
 def test_fit_options_check_what_the_command_line_checks(fitted):
     """The library's FitOptions refuse what `fit` refuses; unset, min_layer and select take their
     defaults (1, "fitted"), and the default rank never passes the head dim."""
+    import dataclasses
+
     from lisa_rt.errors import UserError
     from lisa_rt.fit import FitOptions
-    from lisa_rt.lisa import MAX_RANK, default_rank, max_rank
+    from lisa_rt.lisa import MAX_ALIGN_HIDDEN, MAX_RANK, default_rank, max_rank
 
     config = load_config(fitted[0])
     for bad, fragment in ((dict(layers=[1], min_layer=1), "--min-layer is for"),
                           (dict(layers=[1], select="jsd"), "--select is for"),
                           (dict(layers=[1, 2, 2]), "layer 2 more than once"),
                           (dict(layers=[0, 1]), "layer 0 is never LiSA"),
-                          (dict(rank=config.head_dim + 2), f"head dim {config.head_dim}")):
+                          (dict(rank=config.head_dim + 2), f"head dim {config.head_dim}"),
+                          (dict(align_hidden=MAX_ALIGN_HIDDEN + 1), "--align-hidden 257 is more than 256")):
         with pytest.raises(UserError, match=fragment):
             FitOptions(**bad).validate(config)
     options = FitOptions(layers=[1, 2], rank=config.head_dim)  # rank = head dim is the bound, allowed
@@ -166,6 +169,110 @@ def test_fit_options_check_what_the_command_line_checks(fitted):
     assert (options.first_layer, options.selection) == (1, "fitted")
     assert [default_rank(d) for d in (4, 6, 16, 64, 128)] == [4, 6, 8, 8, 16]
     assert max_rank(512) == MAX_RANK == 256
+    FitOptions(layers=[1], align_hidden=MAX_ALIGN_HIDDEN).validate(config)  # the kernels' bound, allowed
+    # the default width is the number of heads: past the kernels' bound, the width must be given
+    many_heads = dataclasses.replace(config, num_heads=264, num_kv_heads=2)
+    with pytest.raises(UserError, match="default --align-hidden, the model's 264 heads, is more than 256"):
+        FitOptions(layers=[1]).validate(many_heads)
+    FitOptions(layers=[1], align_hidden=64).validate(many_heads)
+
+
+def _fit_measuring(monkeypatch, base_ppl, lisa_ppl, kl):
+    """Makes the fitter's held-out and train comparisons measure these numbers (a fit of very bad
+    quality, without the minutes a real one would take to go that wrong)."""
+    from lisa_rt.fit import Fitter
+
+    monkeypatch.setattr(Fitter, "compare", lambda self, ids, modules: {"base_ppl": base_ppl, "lisa_ppl": lisa_ppl,
+                                                                       "kl": kl})
+
+
+def _strict(text: str):
+    """text parsed as strict JSON: Infinity, -Infinity or NaN fail the test."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+
+
+def _adapter_metadata(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()["lisa"]
+
+
+def test_a_fit_of_very_bad_quality_writes_strict_json(run, fitted, tmp_path, monkeypatch):
+    """An inf perplexity (past float64's range) and a NaN ratio or KL are written as null beside a
+    "<key>_note", in the adapter file, config.json and info --json, as eval --json writes them;
+    the text lines say inf and nan."""
+    import math
+
+    base, _, adapter, data = fitted
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    _fit_measuring(monkeypatch, 12.5, math.inf, math.nan)
+    rc, stdout, err = run("fit", model, "--data", data, "--init", adapter, "--steps", 0, "--seq-len", 64,
+                          "--batch-size", 2)
+    assert rc == 0, err
+    assert "held-out ppl inf vs 12.5000 base (infx)" in stdout.splitlines()[-1]
+    for record in (_strict((model / "config.json").read_text())["lisa"]["quality"],
+                   _strict(_adapter_metadata(model / ADAPTER_FILE))["quality"]):
+        assert record["base_ppl"] == 12.5 and record["lisa_ppl"] is None and record["ppl_ratio"] is None
+        assert record["lisa_ppl_note"] == "inf: the mean negative log-likelihood is past float64's range"
+        assert record["ppl_ratio_note"].startswith("inf: ")
+        assert record["held_out_kl"] is None and record["held_out_kl_note"].startswith("nan: ")
+    rc, out, err = run("info", model, "--json")
+    assert rc == 0, err
+    info = _strict(out)
+    assert info["lisa"]["quality"]["lisa_ppl"] is None and info["config"]["lisa"]["quality"]["lisa_ppl"] is None
+    rc, out, err = run("info", model)
+    assert rc == 0, err
+    assert "fitted held-out ppl inf vs 12.5 base (infx)" in out
+    assert load_adapter(model, load_config(model)).config.quality["lisa_ppl"] is None  # reads back
+    # both perplexities inf: their ratio is NaN
+    _fit_measuring(monkeypatch, math.inf, math.inf, 0.5)
+    out_file = tmp_path / "worse.safetensors"
+    rc, stdout, err = run("fit", base, "--data", data, "--init", adapter, "--steps", 0, "--seq-len", 64,
+                          "--batch-size", 2, "--out", out_file)
+    assert rc == 0, err
+    assert "held-out ppl inf vs inf base (nanx)" in stdout.splitlines()[-1]
+    quality = _strict(_adapter_metadata(out_file))["quality"]
+    assert quality["ppl_ratio"] is None and quality["ppl_ratio_note"].startswith("nan: ")
+    assert quality["held_out_kl"] == 0.5 and "held_out_kl_note" not in quality
+
+
+def test_an_adapter_written_with_infinity_still_loads(run, fitted, tmp_path):
+    """Adapters written before lisa-rt wrote strict JSON hold Infinity and NaN in their quality
+    record: they load, and what lisa-rt prints or writes of them is strict JSON."""
+    from safetensors.torch import load_file, save_file
+
+    base, owned, _, _ = fitted
+    model = tmp_path / "model"
+    shutil.copytree(owned, model)
+    metadata = json.loads(_adapter_metadata(model / ADAPTER_FILE))
+    metadata["quality"].update(lisa_ppl=float("inf"), ppl_ratio=float("nan"))
+    old = json.dumps(metadata)
+    assert "Infinity" in old and "NaN" in old
+    save_file(load_file(model / ADAPTER_FILE), model / ADAPTER_FILE, metadata={"format": "pt", "lisa": old})
+    config = json.loads((model / "config.json").read_text())
+    config["lisa"] = metadata
+    (model / "config.json").write_text(json.dumps(config))
+    loaded = load_adapter(model, load_config(model)).config.quality
+    assert loaded["lisa_ppl"] is None and loaded["lisa_ppl_note"].startswith("inf: ")
+    assert loaded["ppl_ratio"] is None and loaded["ppl_ratio_note"].startswith("nan: ")
+    rc, out, err = run("info", model, "--json")
+    assert rc == 0, err
+    info = _strict(out)
+    assert info["lisa"]["quality"]["ppl_ratio"] is None and info["config"]["lisa"]["quality"]["ppl_ratio"] is None
+    rc, out, err = run("info", model)
+    assert rc == 0, err
+    assert "fitted held-out ppl inf vs" in out and "(nanx)" in out
+    rc, out, err = run("generate", "-m", model, "-p", "The model", "-n", 2, "--temp", 0, "--json")
+    assert rc == 0, err
+    # saved again (here as another model's own adapter): strict JSON
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    from lisa_rt.lisa import install_adapter
+    install_adapter(other, load_adapter(model, load_config(model)), load_config(other))
+    assert _strict((other / "config.json").read_text())["lisa"]["quality"]["lisa_ppl"] is None
+    assert _strict(_adapter_metadata(other / ADAPTER_FILE))["quality"]["ppl_ratio"] is None
 
 
 def test_fit_reads_a_jsonl_whose_last_record_is_empty(tmp_path):
@@ -244,6 +351,10 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("fit", "{base}", "--data", "{data}", "--rank", "3"), ["--rank", "even"]),
     # the delta at rank 16 (the tiny model's head dim) can already be the layer's own q.k
     (("fit", "{base}", "--data", "{data}", "--rank", "18"), ["--rank 18", "head dim 16"]),
+    # the LiSA kernels take an aligner at most 256 wide (kMaxLisaWidth)
+    (("fit", "{base}", "--data", "{data}", "--align-hidden", "257"), ["--align-hidden 257", "more than 256"]),
+    # --self-samples without 'self' in --data would be ignored
+    (("fit", "{base}", "--data", "{data}", "--self-samples", "4"), ["--self-samples", "--data self"]),
     (("fit", "{base}", "--data", "{data}", "--seq-len", "4"), ["--seq-len"]),
     (("fit", "{base}", "--data", "{data}", "--min-layer", "3"), ["--min-layer"]),
     # before any layer is fitted (a fit's progress bar would be more lines on stderr)
@@ -275,6 +386,13 @@ def test_generate_chat_and_eval_take_the_adapter(run, fitted, tmp_path):
     (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{adapter}", "--no-lisa"), ["not allowed with"]),
     (("eval", "{base}", "--text", "{data}", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
     (("info", "{base}", "--lisa", "{tmp}/none.safetensors"), ["none.safetensors"]),
+    # adapters wider than fit makes them: a rank past the head dim, an aligner past the kernels' 256
+    (("info", "{base}", "--lisa", "{tmp}/rank18.safetensors"), ["rank18.safetensors", "rank 18", "head dim 16"]),
+    (("generate", "-m", "{base}", "-p", "hi", "--lisa", "{tmp}/rank18.safetensors"), ["rank18.safetensors", "rank 18"]),
+    (("eval", "{base}", "--text", "{data}", "--lisa", "{tmp}/wide.safetensors"),
+     ["wide.safetensors", "align_hidden 257", "more than 256"]),
+    (("fit", "{base}", "--data", "{data}", "--init", "{tmp}/wide.safetensors"),
+     ["wide.safetensors", "align_hidden 257"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
 def test_bad_input_is_one_error_line(run, fitted, tmp_path, argv, fragments):
     base, _, adapter, data = fitted
@@ -282,10 +400,25 @@ def test_bad_input_is_one_error_line(run, fitted, tmp_path, argv, fragments):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     (tmp_path / "wrong.jsonl").write_text('{"body": "no text key"}\n')
     (tmp_path / "short.txt").write_text("a few words")
+    _write_unchecked_adapter(tmp_path / "rank18.safetensors", load_config(base), rank=18, align_hidden=6)
+    _write_unchecked_adapter(tmp_path / "wide.safetensors", load_config(base), rank=8, align_hidden=257)
     before = sorted(p.name for p in base.iterdir())
     argv = [a.format(base=base, tmp=tmp_path, data=data, adapter=adapter) for a in argv]
     assert_user_error(*run(*argv), *fragments)
     assert sorted(p.name for p in base.iterdir()) == before  # nothing written into the model
+
+
+def _write_unchecked_adapter(path: Path, config, rank: int, align_hidden: int) -> None:
+    """An adapter file of consistent shapes that save_adapter would refuse (as another tool could
+    write it): zeros, on layer 2."""
+    from safetensors.torch import save_file
+
+    from lisa_rt.config import LisaConfig
+    from lisa_rt.lisa import param_shapes, tensor_name
+
+    lisa = LisaConfig(layers=[2], rank=rank, align_hidden=align_hidden)
+    save_file({tensor_name(2, name): torch.zeros(shape) for name, shape in param_shapes(config, lisa).items()},
+              str(path), metadata={"lisa": json.dumps(lisa.to_dict())})
 
 
 @pytest.mark.slow

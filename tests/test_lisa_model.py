@@ -249,6 +249,13 @@ def _write_adapter(path, tensors, metadata):
     (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4, "align_hidden": 5,
                                                     "formulation": "other/2"})), "formulation"),
     (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4})), "align_hidden"),
+    # wider than fit makes them, or than the LiSA kernels take (checked before the tensors' shapes)
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 18, "align_hidden": 5})),
+     "rank 18 is more than the model's head dim 16"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4, "align_hidden": 257})),
+     "align_hidden 257 is more than 256"),
+    (lambda t, m: m.__setitem__("lisa", json.dumps({"layers": [2], "rank": 4, "align_hidden": 5, "quality": [1.5]})),
+     "quality must be a JSON object"),
 ])
 def test_bad_adapter_files_are_refused(tiny, tmp_path, break_it, message):
     _, config, _ = tiny
@@ -261,6 +268,45 @@ def test_bad_adapter_files_are_refused(tiny, tmp_path, break_it, message):
     with pytest.raises(AdapterError, match=None) as info:
         load_adapter(path, config)
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_adapter_bounds_mirror_the_kernels(tiny):
+    """LisaConfig takes what the LiSA kernels take (csrc/checks.h: kMaxLisaRank, kMaxLisaWidth)
+    and a rank of at most the head dim, as fit does; at the bounds it is accepted."""
+    import dataclasses
+
+    from lisa_rt.config import ConfigError, MAX_ALIGN_HIDDEN, MAX_RANK
+
+    _, config, _ = tiny
+    LisaConfig(layers=[1], rank=config.head_dim, align_hidden=MAX_ALIGN_HIDDEN).validate(config)
+    wide_heads = dataclasses.replace(config, head_dim=2 * MAX_RANK)  # a CPU model may have such heads
+    LisaConfig(layers=[1], rank=MAX_RANK, align_hidden=4).validate(wide_heads)
+    with pytest.raises(ConfigError, match=f"rank {MAX_RANK + 2} is more than {MAX_RANK}, the widest delta"):
+        LisaConfig(layers=[1], rank=MAX_RANK + 2, align_hidden=4).validate(wide_heads)
+    with pytest.raises(ConfigError, match="rank 32 is more than the model's head dim 16"):
+        LisaConfig(layers=[1], rank=32, align_hidden=4).validate(config)
+    # widening past the head dim (the library call; fit --init --rank refuses it first) is refused too
+    with pytest.raises(UserError, match="head dim 16"):
+        widen_rank(random_adapter(config, [1], rank=4), config, 32, torch.Generator())
+
+
+def test_adapter_records_are_strict_json():
+    """Non-finite numbers of an adapter's records are null beside a note, as often as it is done."""
+    from lisa_rt.config import finite_or_note, strict_json
+
+    lisa = LisaConfig(layers=[1], rank=4, align_hidden=4, fit={"init": {"x": math.inf}},
+                      quality={"base_ppl": 3.0, "lisa_ppl": math.inf, "ppl_ratio": math.nan, "held_out_kl": -math.inf})
+    record = lisa.to_dict()
+    json.dumps(record, allow_nan=False)  # strict
+    assert record["quality"] == {"base_ppl": 3.0, "lisa_ppl": None,
+                                 "lisa_ppl_note": "inf: the mean negative log-likelihood is past float64's range",
+                                 "ppl_ratio": None,
+                                 "ppl_ratio_note": "nan: lisa_ppl or base_ppl is NaN, or both are inf",
+                                 "held_out_kl": None, "held_out_kl_note": record["quality"]["held_out_kl_note"]}
+    assert record["quality"]["held_out_kl_note"].startswith("-inf: ")
+    assert record["fit"] == {"init": {"x": None, "x_note": "inf: past float64's range"}}
+    assert strict_json(record) == record and strict_json([1.0, math.nan]) == [1.0, None]
+    assert finite_or_note("ppl", 2.5) == {"ppl": 2.5} and finite_or_note("n", 3) == {"n": 3}
 
 
 def test_unreadable_adapter_files(tiny, tmp_path):
