@@ -335,7 +335,9 @@ class Bench:
             empty_cache(self.device)
         for row in grid + at_max:
             if "tok_per_s" in row:
-                row["bandwidth_utilisation"] = round(row["streamed_gb_per_s"] / copy_gbps, 3)
+                # Three significant figures: a tiny model streams a few thousandths of the
+                # bandwidth, which three decimals would round to 0.
+                row["bandwidth_utilisation"] = float(f"{row['streamed_gb_per_s'] / copy_gbps:.3g}")
         return {"machine": machine_name(self.device), "torch": torch.__version__,
                 "device": str(self.device), "config": config.to_dict(), "kv_budget_bytes": budget,
                 "copy_gb_per_s": round(copy_gbps, 1), "kv_bytes_per_token": base_kv, "lisa": lisa_info,
