@@ -309,7 +309,7 @@ class Bench:
         return {"variant": m.variant, "batch": m.batch, "context": m.context,
                 "step_ms_mean": round(m.mean_ms, 3), "call_ms_p50": round(m.median_call_ms, 3),
                 "tok_per_s": round(m.tok_per_s, 1), "weight_bytes": weights, "kv_bytes_read": kv,
-                "streamed_gb_per_s": round((weights + kv) / step_s / 1e9, 1)}
+                "streamed_gb_per_s": float(f"{(weights + kv) / step_s / 1e9:.3g}")}
 
     def run(self, lisa: bool) -> dict:
         opts = self.options
