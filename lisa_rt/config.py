@@ -66,6 +66,13 @@ class ConfigError(UserError):
     """A config.json that is missing, malformed or inconsistent."""
 
 
+def _positive_finite(name: str, value: Any) -> None:
+    """A number every RoPE or norm formula can take: above 0 and finite (inf would make the
+    frequencies, and then every logit, inf or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     hidden_size: int
@@ -102,10 +109,8 @@ class ModelConfig:
                               f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        _positive_finite("rms_norm_eps", self.rms_norm_eps)
+        _positive_finite("rope_theta", self.rope_theta)
         if self.torch_dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"torch_dtype must be one of {SUPPORTED_DTYPES}, got {self.torch_dtype!r}")
         if self.rope_scaling is not None:
@@ -116,6 +121,7 @@ class ModelConfig:
                         "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     raise ConfigError(f"rope_scaling lacks {key!r}")
+                _positive_finite(f"rope_scaling {key}", self.rope_scaling[key])
         for tid in self.eos_token_ids:
             if not 0 <= tid < self.vocab_size:
                 raise ConfigError(f"eos token id {tid} is outside the vocabulary")

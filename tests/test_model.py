@@ -4,6 +4,7 @@ Tiny random models cover MHA, GQA, tied and untied heads, llama3 rope scaling an
 tokenizer kinds; the real SmolLM2-135M-Instruct GGUF is checked against transformers
 loading the same file.
 """
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,26 @@ def test_cuda_refuses_head_dims_its_kernels_lack():
                          head_dim=264, vocab_size=32)
     with pytest.raises(lisa_rt.UserError, match="head_dim 264"):
         Model(config, {}, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0, got inf"),
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0, got nan"),
+    (dict(rms_norm_eps="tiny"), "rms_norm_eps"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": float("inf"), "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "rope_scaling factor"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1",
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": -64}),
+     "original_max_position_embeddings"),
+])
+def test_config_numbers_the_formulas_cannot_take_are_refused(change, message):
+    from lisa_rt.config import ConfigError, ModelConfig
+
+    good = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                       num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    good.validate()
+    with pytest.raises(ConfigError, match=re.escape(message) if "got" in message else message):
+        ModelConfig.from_dict({**good.to_dict(), **change})
