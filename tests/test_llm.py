@@ -535,3 +535,21 @@ def test_smollm2_llm_answers_and_batches(tmp_path, monkeypatch):
             out = list(pool.map(lambda p: llm.generate(p, params)[0].text, ids))
         assert out[0] == alone_text
         assert out[1:] == [llm.generate(p, params)[0].text for p in prompts]
+
+
+def test_the_logprobs_benchmark_runs(tmp_path):
+    import json
+    from pathlib import Path
+
+    from tests.fixtures import run_script
+
+    directory = tiny_model_dir(tmp_path / "model", seed=5)
+    out = tmp_path / "logprobs.json"
+    result = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "logprobs.py", "-m", directory,
+                        "--dtype", "float32", "--batch", "1,2", "--decode-tokens", 3, "--prompt-tokens", 40,
+                        "--repeats", 1, "--json", out)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert [r["logprobs"] for r in record["decode"]] == ["off", 0, 5, 20] * 2
+    assert [r["logprobs"] for r in record["scoring"]] == ["off", 0, 5]
+    assert all(r["tok/s"] > 0 for r in record["decode"]) and all(r["s"] > 0 for r in record["scoring"])
