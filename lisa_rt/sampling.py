@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -145,6 +144,7 @@ class Sampler:
         else:
             self.generator.seed()
         self._given_back: list[float] = []
+        self.penalties = PenaltyHistory()
 
     def __call__(self, logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int] = ()) -> int:
         """The next token from logits [vocab] (any device, never modified), after the prompt and
@@ -202,7 +202,9 @@ class StepSample:
         penalised = [row for row, s in enumerate(samplers) if s.reads_history]
         x = logits.to(torch.float32, copy=bool(penalised))
         for row in penalised:
-            penalise(x[row], *history(row), samplers[row].params)
+            prompt, output = history(row)
+            samplers[row].penalties.update(prompt, output, x.shape[-1], x.device)
+            samplers[row].penalties.penalise(x[row], samplers[row].params)
         self.sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
         if len(self.sampled) == len(samplers):
             self.draws = RowDraws(x, samplers)
@@ -277,24 +279,49 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def penalise(row_logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
-             params: SamplingParams) -> None:
-    """A row's penalties, in place. The repetition penalty, as transformers applies it: the logit
-    of a token seen in the prompt or the output is divided by the penalty when positive and
-    multiplied by it when not. Then OpenAI's (and vLLM's) presence and frequency penalties, over
-    the output only: a token's logit loses presence_penalty once it has been generated, and
-    frequency_penalty for every time it has been."""
-    if params.repetition_penalty != 1.0 and (prompt or output):
-        seen = upload(sorted(set(prompt).union(output)), torch.long, row_logits.device)
-        picked = row_logits[seen]
-        penalty = params.repetition_penalty
-        row_logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output:
-        counts = Counter(output)
-        generated = upload(list(counts), torch.long, row_logits.device)
-        amounts = upload([params.presence_penalty + params.frequency_penalty * n for n in counts.values()],
-                         torch.float32, row_logits.device)
-        row_logits[generated] -= amounts
+class PenaltyHistory:
+    """What a sequence's penalties read, kept where its logits are: which tokens the prompt or
+    the output holds (the repetition penalty) and how often each was generated (presence and
+    frequency). Each step adds only the tokens generated since the last, so a step costs a few
+    vocabulary-wide operations on the device whatever the sequence's length, where a set and a
+    count of the whole history on the host grew with it."""
+
+    def __init__(self):
+        self._prompt: Sequence[int] | None = None
+        self._prompt_len = self._counted = 0
+        self.seen: torch.Tensor | None = None     # [vocab] bool
+        self.counts: torch.Tensor | None = None   # [vocab] float32
+
+    def update(self, prompt: Sequence[int], output: Sequence[int], vocab: int, device: torch.device) -> None:
+        """Brings the state up to prompt + output. Another prompt (or a shorter output) than
+        last time starts it again: the engine passes one sequence's growing lists, a direct
+        caller anything."""
+        stale = (prompt is not self._prompt or len(prompt) != self._prompt_len or len(output) < self._counted
+                 or self.seen is None or self.seen.shape[0] != vocab or self.seen.device != device)
+        if stale:
+            self._prompt, self._prompt_len, self._counted = prompt, len(prompt), 0
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+            if prompt:
+                self.seen[upload(list(prompt), torch.long, device)] = True
+        if len(output) > self._counted:
+            new = upload(list(output[self._counted:]), torch.long, device)
+            self.seen[new] = True
+            self.counts.index_add_(0, new, torch.ones(new.shape[0], device=device))
+            self._counted = len(output)
+
+    def penalise(self, row_logits: torch.Tensor, params: SamplingParams) -> None:
+        """A row's penalties, in place. The repetition penalty, as transformers applies it: the
+        logit of a token seen in the prompt or the output is divided by the penalty when positive
+        and multiplied by it when not. Then OpenAI's (and vLLM's) presence and frequency
+        penalties, over the output only: a token's logit loses presence_penalty once it has been
+        generated, and frequency_penalty for every time it has been."""
+        if params.repetition_penalty != 1.0:
+            penalty = params.repetition_penalty
+            scaled = torch.where(row_logits > 0, row_logits / penalty, row_logits * penalty)
+            row_logits.copy_(torch.where(self.seen, scaled, row_logits))
+        if params.presence_penalty or params.frequency_penalty:
+            row_logits -= (self.counts > 0).float() * params.presence_penalty + self.counts * params.frequency_penalty
 
 
 class RowDraws:
