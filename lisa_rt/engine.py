@@ -65,9 +65,11 @@ from .sampling import Sampler, SamplingParams, StepSample, sample_batch, token_l
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
-# Prompt tokens a step prefills of a request that scores its prompt (prompt_logprobs): each
-# takes a row of float32 logits over the vocabulary (49,152 for SmolLM2: 100 MB per 512).
+# Prompt tokens a step prefills of the requests that score their prompt (prompt_logprobs), all
+# of them together: each takes a row of float32 logits over the vocabulary (49,152 for SmolLM2:
+# 100 MB per 512), scored SCORED_SLICE rows at a time.
 SCORED_CHUNK = 512
+SCORED_SLICE = 128
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Completion:
     # One per token id, and one for the end-of-sequence token that ended it, when the params ask.
     logprobs: list[TokenLogprob] | None = None
     # One per prompt token, when the params asked (prompt_logprobs): None for the first, which
-    # nothing predicts; offsets are into the prompt's text.
+    # nothing predicts; offsets are into the prompt's text with its special tokens spelt.
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
@@ -252,8 +254,9 @@ class Request:
             self.prompt_logprobs.append(TokenLogprob(target, logprob, top, self._prompt_chars))
 
     def decoder_for_prompt(self):
-        """A detokeniser that reads the prompt from its start (offsets into its text)."""
-        return self._tokenizer.stream_decoder() if self._tokenizer else _NoText()
+        """A detokeniser that reads the prompt from its start, special tokens spelt (offsets
+        into the text tokenizer.decode(prompt, skip_special_tokens=False))."""
+        return self._tokenizer.stream_decoder(skip_special_tokens=False) if self._tokenizer else _NoText()
 
     def tokens(self, lo: int, hi: int) -> list[int]:
         """(prompt + output)[lo:hi] without building the whole list."""
@@ -561,11 +564,15 @@ class Engine:
             else:
                 row += 1
             last.append(row - 1)
-        if rows:
-            entries = token_logprobs(logits[upload(rows, torch.long, logits.device)], targets, tops)
-            for req in dict.fromkeys(owners):
-                mine = [i for i, owner in enumerate(owners) if owner is req]
-                req.score_prompt([targets[i] for i in mine], [entries[i] for i in mine])
+        entries = []
+        for lo in range(0, len(rows), SCORED_SLICE):  # a slice's log softmax at a time
+            picked = upload(rows[lo:lo + SCORED_SLICE], torch.long, logits.device)
+            entries += token_logprobs(logits[picked], targets[lo:lo + SCORED_SLICE], tops[lo:lo + SCORED_SLICE])
+        by_owner: dict[Request, list[int]] = {}
+        for i, owner in enumerate(owners):
+            by_owner.setdefault(owner, []).append(i)
+        for req, mine in by_owner.items():
+            req.score_prompt([targets[i] for i in mine], [entries[i] for i in mine])
         return logits[upload(last, torch.long, logits.device)]
 
     def settle(self) -> list[Request]:
@@ -701,6 +708,7 @@ class Engine:
     def _schedule(self, batch: list[Request]) -> list[tuple[list[int], int, BlockTable]]:
         """Picks this step's work into `batch`; returns the chunks for build_batch."""
         budget = self.max_batch_tokens
+        scored_budget = SCORED_CHUNK  # rows of every logit, for the requests scoring their prompt
         cache = self.cache
         chunks: list[tuple[list[int], int, BlockTable]] = []
         # 1. Running sequences, oldest first: decode tokens and the rest of chunked prefills.
@@ -708,11 +716,17 @@ class Engine:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             length = req.length
+            if req.scores_prompt and not scored_budget:  # its turn comes in a later step
+                i += 1
+                continue
             # Decoding (room for one more token), past the blocks it holds.
             if req.computed == length - 1 and length > req.table.capacity:
                 if not self._grow(req):
                     continue  # req itself left the running list; do not advance i
-            n = min(length - req.computed, budget, SCORED_CHUNK if req.scores_prompt else budget)
+            n = min(length - req.computed, budget)
+            if req.scores_prompt:
+                n = min(n, scored_budget)
+                scored_budget -= n
             chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
             req.computed += n
             batch.append(req)
@@ -721,6 +735,8 @@ class Engine:
         # 2. Admit waiting requests, first come first served, while blocks and budget allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.scores_prompt and not scored_budget:
+                break
             need = cache.blocks_for(req.length)
             if need > cache.num_blocks:  # can only happen to a preempted sequence; never wait forever
                 self.waiting.popleft()
@@ -739,7 +755,10 @@ class Engine:
                 req.t_admit = time.perf_counter()
                 req.cached_tokens = match.tokens
             self.running.append(req)
-            n = min(req.length - match.tokens, budget, SCORED_CHUNK if req.scores_prompt else budget)
+            n = min(req.length - match.tokens, budget)
+            if req.scores_prompt:
+                n = min(n, scored_budget)
+                scored_budget -= n
             chunks.append((req.tokens(match.tokens, match.tokens + n), match.tokens, req.table))
             req.computed = match.tokens + n
             batch.append(req)

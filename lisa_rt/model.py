@@ -56,7 +56,7 @@ def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.d
     if isinstance(all_logits, bool):
         all_logits = [all_logits] * len(chunks)
     ids, positions, slots, lens, cu, rows = [], [], [], [], [0], []
-    for (tokens, start, table), every_row in zip(chunks, all_logits):
+    for (tokens, start, table), every_row in zip(chunks, all_logits, strict=True):
         ids.extend(tokens)
         positions.extend(range(start, start + len(tokens)))
         slots.extend(table.slots(start, start + len(tokens)))

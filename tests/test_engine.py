@@ -854,3 +854,29 @@ def test_a_batch_pads_to_a_size_within_its_power_of_two(max_batch):
         size = padded_size(sizes, batch)
         assert batch <= size and power_at_or_above(size) == power_at_or_above(batch), (batch, size)
     assert padded_size(sizes, max_batch + 1) is None
+
+
+def test_scored_prompts_share_one_budget_of_logit_rows(model, monkeypatch):
+    # Prompts that score every token take at most SCORED_CHUNK rows of logits a step between
+    # them, however many run at once; each still gets every entry.
+    from lisa_rt import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SCORED_CHUNK", 64)
+    ids = model.tokenizer.encode(CORPUS[:3000])
+    prompts = [ids[:150], ids[200:300], ids[400:430]]
+    rows = []
+    forward = model.forward
+
+    def counting(batch, cache):
+        rows.append(batch.logits_rows.shape[0] - len(batch.cu_query_lens) + 1)  # past one a chunk
+        return forward(batch, cache)
+
+    monkeypatch.setattr(model, "forward", counting)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    done = run_to_completion(Engine(model, model.new_cache([512] * 3)), prompts, params)
+    assert max(rows) <= 64 and len(rows) >= (150 + 100 + 30) // 64
+    monkeypatch.setattr(model, "forward", forward)
+    for prompt, completion in zip(prompts, done):
+        want = model.logits(prompt).log_softmax(-1)
+        assert [e.logprob for e in completion.prompt_logprobs[1:]] == pytest.approx(
+            [float(want[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)
