@@ -54,5 +54,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype, lisa=lisa)
 
 
-__all__ = ["LLM", "Completion", "RequestHandle", "SamplingParams", "StreamDelta", "UserError", "generate",
-           "load_model", "__version__"]
+__all__ = ["LLM", "Completion", "RequestHandle", "SamplingParams", "StreamDelta", "TokenLogprob", "UserError",
+           "generate", "load_model", "__version__"]

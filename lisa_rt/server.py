@@ -18,11 +18,12 @@ import contextlib
 import copy
 import hmac
 import json
+import math
 import socket
 import sys
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 from .errors import UserError
 from .tokenizer import CHAT_ROLES, ChatMessageError, chat_messages, check_unicode
@@ -53,8 +54,10 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 # Every stop string is matched against every generated character on the engine thread, which
 # all requests share: a request may name this many (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
-# Choices a request may ask for per prompt (`n`): each is a sequence of its own in the engine.
+# Choices a request may ask for per prompt (`n`), and in all (prompts x n): each is a sequence
+# of its own in the engine, and a 1 MiB body could otherwise list hundreds of thousands.
 MAX_CHOICES = 128
+MAX_SEQUENCES = 1024
 # What a request still running when the server is told to stop has to finish by default (a
 # rolling restart loses nothing shorter); then it is cancelled. uvicorn cancels a request
 # mid-response only SHUTDOWN_MARGIN_S after that, should an engine step take that long to end.
@@ -187,13 +190,13 @@ def _stop_strings(body: dict) -> list[str]:
 
 def _choices(body: dict) -> int:
     """`n`, the choices per prompt. best_of may only repeat it: choosing the best of more
-    would need the log probabilities lisa-rt does not compute."""
+    choices is not implemented."""
     n = _integer(body, "n", 1, lo=1, hi=MAX_CHOICES)
     best_of = _integer(body, "best_of", n, lo=1)
     if best_of < n:
         raise _bad(f"'best_of' must be >= n ({n}), got {best_of}", param="best_of", code="invalid_value")
     if best_of != n:
-        raise _bad("'best_of' above n is not supported (no log probabilities to rank choices by)",
+        raise _bad("'best_of' above n is not supported (lisa-rt does not rank extra choices)",
                    param="best_of", code="unsupported_value")
     return n
 
@@ -225,6 +228,9 @@ def _completion_logprobs(body: dict) -> int | None:
     """/v1/completions' logprobs: how many alternatives to list beside each token, or None."""
     from .sampling import MAX_LOGPROBS
 
+    if body.get("top_logprobs") is not None:
+        raise _bad("'top_logprobs' is a chat completions parameter; /v1/completions takes 'logprobs': N",
+                   param="top_logprobs", code="unsupported_parameter")
     return _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
 
 
@@ -562,22 +568,33 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",), logprobs,
                                                logprobs if echo else None, handled=("echo",)), n)
         tokenizer = llm.tokenizer
-        ids_list = []
+        if len(prompts) * n > MAX_SEQUENCES:
+            raise _bad(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
+                       f"{MAX_SEQUENCES} are allowed per request", param="n", code="invalid_value")
+        ids_list, echoed = [], []
         for prompt in prompts:
             try:
-                ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+                if not isinstance(prompt, str):  # echoed as its tokens read back, special tokens spelt
+                    ids, text, starts = prompt, None, None
+                elif echo:  # echoed as given, the offsets into it
+                    ids, starts = await asyncio.to_thread(tokenizer.encode_with_offsets, prompt)
+                    text = prompt
+                else:
+                    ids, text, starts = await asyncio.to_thread(tokenizer.encode, prompt), None, None
             except UserError as exc:
                 raise _bad(str(exc), param="prompt") from None
             if not ids:
                 raise _bad("the prompt is empty (no tokens)", param="prompt")
             check_length(ids, "prompt")
             ids_list.append(ids)
+            echoed.append(_Echo(text, starts, ids[0]))
         handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
-        echoed = None
-        if echo:  # each prompt as given, or as its token ids read
-            echoed = [(p if isinstance(p, str) else tokenizer.decode(ids), ids[0]) for p, ids in zip(prompts, ids_list)]
+        if echo:
+            echoed = [e if e.text is not None else e._replace(text=tokenizer.decode(ids, skip_special_tokens=False))
+                      for e, ids in zip(echoed, ids_list)]
         return await run(request, handles, stream, include_usage,
-                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n, tokenizer, echoed))
+                         _CompletionRender(f"cmpl-{uuid.uuid4().hex}", served, n, tokenizer,
+                                           echoed if echo else None))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -639,20 +656,35 @@ async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
 LOGPROB_FLOOR = -9999.0
 
 
+def _json_logprob(value: float) -> float | None:
+    """A log probability JSON can carry: -inf as LOGPROB_FLOOR, NaN (a broken model's) as null."""
+    if math.isnan(value):
+        return None
+    return max(value, LOGPROB_FLOOR)
+
+
+class _Echo(NamedTuple):
+    """A prompt as a choice that echoes it begins: its text, where each of its tokens begins
+    in it (None: where the log probabilities say, for a text read back from its ids), and its
+    first token (which has no log probability to carry its id)."""
+    text: str | None
+    starts: list[int] | None
+    first_token: int
+
+
 class _CompletionRender:
     """/v1/completions response objects (object "text_completion")."""
 
-    def __init__(self, request_id: str, model: str, n: int, tokenizer,
-                 echoed: list[tuple[str, int]] | None = None):
+    def __init__(self, request_id: str, model: str, n: int, tokenizer, echoed: list[_Echo] | None = None):
         """n: choices per prompt (their usage counts each prompt once); tokenizer: to spell the
         tokens of log probabilities; echoed: when the choices begin with their prompt, each
-        prompt's (text, first token id)."""
+        prompt's _Echo."""
         self.id, self.model, self.n, self.created = request_id, model, n, int(time.time())
         self.tokenizer = tokenizer
         self.echoed = echoed
         self.opened: set[int] = set()
 
-    def _echoed(self, index: int) -> tuple[str, int] | None:
+    def _echoed(self, index: int) -> _Echo | None:
         return self.echoed[index // self.n] if self.echoed is not None else None
 
     def _token(self, token_id: int) -> tuple[str, bytes]:
@@ -670,18 +702,27 @@ class _CompletionRender:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
         def add(token_id: int, logprob, top, offset: int) -> None:
-            out["tokens"].append(self._token(token_id)[0])
-            out["token_logprobs"].append(None if logprob is None else max(logprob, LOGPROB_FLOOR))
-            out["top_logprobs"].append(None if top is None else
-                                       {self._token(t)[0]: max(v, LOGPROB_FLOOR) for t, v in top})
+            text = self._token(token_id)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if logprob is None else _json_logprob(logprob))
+            # The chosen token first, then the alternatives, as OpenAI's and vLLM's (logprobs + 1
+            # entries at most; fewer where they coincide or spell the same).
+            if top is None:
+                out["top_logprobs"].append(None)
+            else:
+                entry = {text: _json_logprob(logprob)}
+                for t, v in top:
+                    entry.setdefault(self._token(t)[0], _json_logprob(v))
+                out["top_logprobs"].append(entry)
             out["text_offset"].append(offset)
 
         echoed = self._echoed(index)
         if prompt_entries is not None:
-            add(echoed[1], None, None, 0)
-            for e in prompt_entries[1:]:
-                add(e.token_id, e.logprob, e.top, e.text_offset)
-        shift = len(echoed[0]) if echoed is not None else 0
+            starts = echoed.starts or [0] + [e.text_offset for e in prompt_entries[1:]]
+            add(echoed.first_token, None, None, starts[0])
+            for e, start in zip(prompt_entries[1:], starts[1:]):
+                add(e.token_id, e.logprob, e.top, start)
+        shift = len(echoed.text) if echoed is not None else 0
         for e in entries or []:
             add(e.token_id, e.logprob, e.top, shift + e.text_offset)
         return out
@@ -693,7 +734,7 @@ class _CompletionRender:
         if echoed is None or index in self.opened:
             return None
         self.opened.add(index)
-        return {**self._base(), "choices": [{"index": index, "text": echoed[0],
+        return {**self._base(), "choices": [{"index": index, "text": echoed.text,
                                              "logprobs": self._logprobs(index, delta.prompt_logprobs, None),
                                              "finish_reason": None}]}
 
@@ -705,7 +746,7 @@ class _CompletionRender:
         choices = []
         for i, c in enumerate(completions):
             echoed = self._echoed(i)
-            choices.append({"index": i, "text": (echoed[0] if echoed else "") + c.text,
+            choices.append({"index": i, "text": (echoed.text if echoed else "") + c.text,
                             "logprobs": self._logprobs(i, c.prompt_logprobs, c.logprobs),
                             "finish_reason": c.finish_reason})
         return {**self._base(), "choices": choices, "usage": _usage(completions, self.n)}
@@ -746,7 +787,7 @@ class _ChatRender(_CompletionRender):
 
         def spelt(token_id: int, logprob: float) -> dict:
             text, raw = self._token(token_id)
-            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
+            return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(raw)}
 
         return {"content": [{**spelt(e.token_id, e.logprob), "top_logprobs": [spelt(t, v) for t, v in e.top]}
                             for e in entries], "refusal": None}

@@ -272,16 +272,23 @@ class Tokenizer:
     # -- encode / decode --------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode_with_offsets(text, add_special_tokens)[0]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        """(ids, where each token begins in text, in characters): a BOS added before the text
+        begins at 0, an EOS added after it at len(text)."""
         check_unicode(text)
         if not self._use_flags:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            return encoding.ids, [start for start, _ in encoding.offsets]
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        ids, starts = encoding.ids, [start for start, _ in encoding.offsets]
         if add_special_tokens:
             if self.add_bos_token:
-                ids = [self.bos_token_id] + ids
+                ids, starts = [self.bos_token_id] + ids, [0] + starts
             if self.add_eos_token:
-                ids = ids + [self._eos_id]
-        return ids
+                ids, starts = ids + [self._eos_id], starts + [len(text)]
+        return ids, starts
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of ids; an id past the vocabulary (a model's padded embedding rows) decodes

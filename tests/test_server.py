@@ -313,7 +313,9 @@ def test_log_probabilities(server, llm):
     assert got.logprobs.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
     assert got.logprobs.text_offset == [e.text_offset for e in want.logprobs]
     assert got.logprobs.text_offset[0] == 0 and got.logprobs.text_offset == sorted(got.logprobs.text_offset)
-    assert all(1 <= len(top) <= 3 for top in got.logprobs.top_logprobs)
+    # Each top dict holds the chosen token first, then the alternatives: 4 at most.
+    for token, logprob, top in zip(got.logprobs.tokens, got.logprobs.token_logprobs, got.logprobs.top_logprobs):
+        assert 1 <= len(top) <= 4 and next(iter(top.items())) == (token, logprob)
 
 
 def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
@@ -322,16 +324,24 @@ def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
     client = server.client()
     ids = llm.tokenizer.encode(PROMPT + " and writes")
     want = llm.model.logits(ids).log_softmax(-1)
-    for prompt in (PROMPT + " and writes", ids):
+    # A text prompt is echoed as given, token ids as read back (special tokens spelt); the
+    # offsets point into that text either way.
+    for prompt, echoed in ((PROMPT + " and writes", PROMPT + " and writes"),
+                           (ids, llm.tokenizer.decode(ids, skip_special_tokens=False))):
         got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
                                         logprobs=1).choices[0]
         lp = got.logprobs
-        assert got.text.startswith(llm.tokenizer.decode(ids)) and len(lp.tokens) == len(ids) + 1
+        assert got.text.startswith(echoed) and len(lp.tokens) == len(ids) + 1
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
         assert lp.token_logprobs[1:len(ids)] == pytest.approx(
             [float(want[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-3)
-        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
-        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] == len(llm.tokenizer.decode(ids))
+        # lm-evaluation-harness's greedy test: the chosen token is the most likely one.
+        for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+            assert 1 <= len(top) <= 2 and top[token] == logprob
+            assert (logprob == max(top.values())) == (len(top) == 1)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] == len(echoed)
+        for token, start in zip(lp.tokens[1:len(ids)], lp.text_offset[1:]):
+            assert got.text[start:].lstrip().startswith(token.lstrip()) or "\\x" in token
     # Streamed: the prompt first, in a chunk of its own, then the completion.
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True,
                                             logprobs=0, stream=True))
@@ -341,6 +351,15 @@ def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT + plain.text
     streamed = [t for c in chunks[1:] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == plain.logprobs.tokens
+    # A prompt with a special token: the echo spells it, and the offsets count it.
+    special = PROMPT + "<|im_end|> and so on"
+    scored = client.completions.create(model=MODEL, prompt=special, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=0).choices[0]
+    assert scored.text.startswith(special)
+    offsets = scored.logprobs.text_offset
+    assert offsets == sorted(offsets)
+    pieces = [scored.text[a:b] for a, b in zip(offsets, offsets[1:] + [len(scored.text)])]
+    assert pieces[len(llm.tokenizer.encode(PROMPT)):][:1] == ["<|im_end|>"]
     # Echo alone: the text, no log probabilities.
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True).choices[0]
     assert echoed.text.startswith(PROMPT) and echoed.logprobs is None
@@ -462,6 +481,9 @@ BAD_REQUESTS = [
     ("top_logprobs 21", CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
     ("logprobs -1", COMPLETIONS, _completion(logprobs=-1), 400, "logprobs", "invalid_value"),
     ("logprobs true", COMPLETIONS, _completion(logprobs=True), 400, "logprobs", None),
+    ("top_logprobs on completions", COMPLETIONS, _completion(logprobs=2, top_logprobs=2), 400, "top_logprobs",
+     "unsupported_parameter"),
+    ("prompts x n past the cap", COMPLETIONS, _completion(prompt=["a"] * 9, n=128), 400, "n", "invalid_value"),
     ("top_k < -1", CHAT, _chat(top_k=-5), 400, "top_k", "invalid_value"),
     ("min_p > 1", CHAT, _chat(min_p=2), 400, "min_p", "invalid_value"),
     ("repetition_penalty 0", CHAT, _chat(repetition_penalty=0), 400, "repetition_penalty", "invalid_value"),

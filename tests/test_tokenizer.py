@@ -256,6 +256,16 @@ def test_token_bytes_spell_the_text(tok):
     assert tok.token_bytes(tok.eos_token_ids[0]) == tok.eos_token.encode()
 
 
+def test_encode_with_offsets_points_into_the_text(tok):
+    for text in TEXTS:
+        ids, starts = tok.encode_with_offsets(text)
+        assert ids == tok.encode(text) and len(starts) == len(ids)
+        assert starts == sorted(starts) and all(0 <= s <= len(text) for s in starts)
+        for token_id, start in zip(ids, starts):
+            if token_id in tok._added_ids and token_id not in tok.eos_token_ids + [tok.bos_token_id]:
+                assert text[start:].startswith(tok.id_to_token(token_id)), (text, token_id)  # a special named in it
+
+
 # -- loading and errors ----------------------------------------------------------------------
 
 def test_prefers_tokenizer_json(tmp_path):
