@@ -161,8 +161,9 @@ def test_lisa_attention_large(device, heads, kv_heads, dim, rank, width, chunks)
     close_scores(scores_out, want_scores, batch.visible)
 
 
-def test_lisa_attention_without_scores_out(device, dtype):
-    batch = Batch(CHUNKS[2], device)
+@pytest.mark.parametrize("chunks", [2, 4, 5])  # prefill-shaped, and the CUDA decode path's two layouts
+def test_lisa_attention_without_scores_out(device, dtype, chunks):
+    batch = Batch(CHUNKS[chunks], device)
     out, _, want_out, _ = run_lisa(batch, 12, 4, 64, 8, 12, device, dtype, with_scores_out=False)
     close(out, want_out, dtype)
 
