@@ -369,6 +369,12 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
   extern __shared__ float4 shared4[];
   float* shared = reinterpret_cast<float*>(shared4);
   const int heads = args.heads, width = args.aligner.width, t = blockIdx.x;
+  int seq;
+  const int n_keys = decode::visible_keys(args.token_keys, t, &seq);
+  // A graph's grid covers the longest context it serves: a block past this token's keys has
+  // nothing to do, so it leaves before loading the weights (the whole block alike, before any
+  // barrier).
+  if (static_cast<int>(blockIdx.y) * kLogitsKeys >= n_keys) return;
   float* at_s = shared;           // A^T  [c][h] = A[h][c]
   float* w1t_s = at_s + K * K;    // W1^T [c][m] = W1[m][c]
   float* w2t_s = w1t_s + K * K;   // W2^T [m][h] = W2[h][m]
@@ -393,8 +399,6 @@ __global__ void __launch_bounds__(kLogitsThreads) lisa_decode_logits_kernel(cons
   const float4* w1t4 = reinterpret_cast<const float4*>(w1t_s);
   const float4* w2t4 = reinterpret_cast<const float4*>(w2t_s);
 
-  int seq;
-  const int n_keys = decode::visible_keys(args.token_keys, t, &seq);
   const float* prev = args.scores_prev + static_cast<int64_t>(t) * heads * args.prev_keys;
   float* logits = args.logits + static_cast<int64_t>(t) * heads * args.logits_keys;
   // The loop is the same for the whole block (the shuffles need every lane of a warp).
