@@ -61,7 +61,7 @@ from .cuda_graph import CudaGraphDecoder
 from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .metrics import EngineMetrics
 from .model import Model, build_batch
-from .sampling import Sampler, SamplingParams, StepSample, sample_batch, token_logprobs, upload
+from .sampling import Sampler, SamplingParams, StepSample, token_logprobs, upload
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -348,30 +348,36 @@ class InFlight:
         # input token for them (see Engine.step).
         self.rewind: set[Request] = set()
         device = sample.tokens.device
+        # The tokens, and the log probabilities of the rows that ask for them, come back together.
+        packed = [sample.packed] + ([sample.scored.packed] if sample.scored is not None else [])
         if device.type == "cuda":
-            self.host = torch.empty(sample.packed.shape, dtype=sample.packed.dtype, pin_memory=True)
-            self.host.copy_(sample.packed, non_blocking=True)
+            self.host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in packed]
+            for host, p in zip(self.host, packed):
+                host.copy_(p, non_blocking=True)
             self.copied: torch.cuda.Event | None = torch.cuda.Event()
             self.copied.record(torch.cuda.current_stream(device))  # the copy's stream, on its device
         else:
-            self.host, self.copied = sample.packed, None
+            self.host, self.copied = packed, None
 
     @property
     def tokens(self) -> torch.Tensor:
         """[rows] int64 on the device: the input of the step after this one."""
         return self.sample.tokens
 
-    def read(self) -> tuple[list[int], list[int]]:
-        """The tokens on the host, and the rows whose token differs from `tokens` (redrawn over
-        more candidates); waits for the step to finish. Rows nobody takes (their sequence ended
-        or steps back) are not redrawn, and their logits may be anything."""
+    def read(self) -> tuple[list[int], list[int], list]:
+        """The tokens on the host, the rows whose token differs from `tokens` (redrawn over
+        more candidates), and each row's log probabilities (None where it does not ask); waits
+        for the step to finish. Rows nobody takes (their sequence ended or steps back) are not
+        redrawn, and their logits may be anything."""
         if self.copied is not None:
             self.copied.synchronize()
-        packed = self.host.tolist()
-        first = packed if self.sample.plain else list(packed[0])
+        packed = self.host[0].tolist()
+        first = self.sample.drawn(packed)
         dropped = frozenset(row for row, req in enumerate(self.requests) if req.finished or req in self.rewind)
         tokens = self.sample.resolve(packed, dropped)
-        return tokens, [row for row, (a, b) in enumerate(zip(first, tokens)) if a != b and row not in dropped]
+        logprobs = self.sample.logprobs(self.host[1].tolist() if len(self.host) > 1 else None, first, tokens)
+        redrawn = [row for row, (a, b) in enumerate(zip(first, tokens)) if a != b and row not in dropped]
+        return tokens, redrawn, logprobs
 
 
 class Engine:
@@ -534,12 +540,15 @@ class Engine:
             if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
                 logits = logits[ready]
             elif self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
-                    not any(req.sampler.reads_history or req.logprobs is not None for req in batch):
+                    not any(req.sampler.reads_history for req in batch):
                 self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
-            tokens = sample_batch([batch[row].sampler for row in ready], logits,
-                                  lambda i: (batch[ready[i]].prompt, batch[ready[i]].output))
-            logprobs = token_logprobs(logits, tokens, [batch[row].params.logprobs for row in ready])
+            sample = StepSample([batch[row].sampler for row in ready], logits,
+                                lambda i: (batch[ready[i]].prompt, batch[ready[i]].output))
+            packed = sample.packed.tolist()
+            drawn = sample.drawn(packed)
+            tokens = sample.resolve(packed)
+            logprobs = sample.logprobs(None if sample.scored is None else sample.scored.packed.tolist(), drawn, tokens)
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
@@ -582,7 +591,7 @@ class Engine:
         if inflight is None:
             return []
         try:
-            tokens, redrawn = inflight.read()
+            tokens, redrawn, logprobs = inflight.read()
         except Exception as exc:
             self.fail([req for req in inflight.requests if not req.finished], exc)
             return []
@@ -593,8 +602,9 @@ class Engine:
                     req.computed -= 1
                     if u is not None:
                         req.sampler.give_back(u)
-        self._accept([req for req in inflight.requests if req not in inflight.rewind],
-                     [token for req, token in zip(inflight.requests, tokens) if req not in inflight.rewind])
+        kept = [row for row, req in enumerate(inflight.requests) if req not in inflight.rewind]
+        self._accept([inflight.requests[row] for row in kept], [tokens[row] for row in kept],
+                     [logprobs[row] for row in kept])
         return [inflight.requests[row] for row in redrawn]
 
     def _forward(self, chunks: list[tuple[list[int], int, BlockTable]],

@@ -198,6 +198,7 @@ class StepSample:
         if self.plain:
             self.tokens = logits.argmax(dim=-1)
             self.packed = self.tokens
+            self.scored = LogprobRows.of(logits, self.tokens, [s.params.logprobs for s in samplers])
             return
         penalised = [row for row, s in enumerate(samplers) if s.reads_history]
         x = logits.to(torch.float32, copy=bool(penalised))
@@ -218,6 +219,7 @@ class StepSample:
                 tokens[index], finite[index], open_rows[index] = self.draws.first()
         self.tokens = tokens
         self.packed = torch.stack([tokens, finite.long(), open_rows.long()])
+        self.scored = LogprobRows.of(logits, tokens, [s.params.logprobs for s in samplers])
 
     def resolve(self, packed: list, dropped: frozenset[int] = frozenset()) -> list[int]:
         """The tokens, from `packed` read back to the host (`.tolist()`); rows in `dropped`
@@ -236,6 +238,18 @@ class StepSample:
             raise RuntimeError("the model's logits are not finite (NaN or infinite): nothing to sample from")
         return tokens
 
+    def drawn(self, packed: list) -> list[int]:
+        """The tokens drawn on the device, from `packed` as read back (before resolve)."""
+        return list(packed if self.plain else packed[0])
+
+    def logprobs(self, scored: list | None, drawn: list[int], tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Each row's log probabilities (None where the row does not ask), from scored (the
+        `scored.packed` read back, None where no row asks); drawn: self.drawn(packed), tokens:
+        resolve's."""
+        if self.scored is None:
+            return [None] * len(self.samplers)
+        return self.scored.entries(scored, drawn, tokens)
+
     def uniforms(self) -> list[float | None]:
         """Each row's uniform number (None for a greedy row): a row whose token is dropped
         gives it back to its sampler (Sampler.give_back)."""
@@ -246,27 +260,55 @@ class StepSample:
         return drawn
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int],
-                   top: list[int | None]) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """For each row of logits [rows, vocab] whose top[row] is not None: the log probability of
-    its token under the model's own distribution (the raw logits: before penalties, temperature
-    and filters, as vLLM reports by default) and the top[row] most likely (token, log
-    probability), most likely first. None for the other rows. One transfer to the host."""
-    rows = [row for row, k in enumerate(top) if k is not None]
-    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(top)
-    if not rows:
+# A row's reported log probabilities: its token's, and the most likely (token, log probability).
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+class LogprobRows:
+    """The log probabilities a step reports for its rows that ask (top[row] not None), under
+    the model's own distribution (the raw logits: before penalties, temperature and filters, as
+    vLLM reports by default): each asking row's token's, and its top[row] most likely (token,
+    log probability), most likely first. Computed where the logits are, from tokens there, as
+    soon as they are drawn, so that an overlapped step carries them back with its tokens:
+    `packed` [asking rows, 1 + 2 width] float64 (ids are exact below 2**53). A row whose token
+    changes on the host afterwards (redrawn) reads its own again from the kept log softmax."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None]):
+        self.top = top
+        self.rows = [row for row, k in enumerate(top) if k is not None]
+        device = logits.device
+        index = None if len(self.rows) == len(top) else upload(self.rows, torch.long, device)
+        picked, drawn = (logits, tokens) if index is None else (logits[index], tokens[index])
+        self.log_probs = picked.float().log_softmax(dim=-1)
+        chosen = self.log_probs.gather(1, drawn[:, None])
+        self.width = max(top[row] for row in self.rows)
+        values, ids = (self.log_probs.topk(self.width, dim=-1) if self.width
+                       else (self.log_probs[:, :0], self.log_probs[:, :0].long()))
+        self.packed = torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None]) -> "LogprobRows | None":
+        """None where no row asks."""
+        return cls(logits, tokens, top) if any(k is not None for k in top) else None
+
+    def entries(self, packed: list, drawn: list[int], tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Each row's (log probability, alternatives), None for a row that does not ask, from
+        `packed` read back to the host; drawn: the tokens the rows were computed for, tokens:
+        the ones they ended with (a row where they differ reads its value again)."""
+        out: list[TokenLogprobs | None] = [None] * len(self.top)
+        width = self.width
+        for i, (row, line) in enumerate(zip(self.rows, packed)):
+            k = self.top[row]
+            chosen = line[0] if tokens[row] == drawn[row] else float(self.log_probs[i, tokens[row]])
+            out[row] = (chosen, [(int(t), v) for v, t in zip(line[1:1 + k], line[1 + width:1 + width + k])])
         return out
-    device = logits.device
-    picked = logits if len(rows) == len(top) else logits[upload(rows, torch.long, device)]
-    log_probs = picked.float().log_softmax(dim=-1)
-    chosen = log_probs.gather(1, upload([tokens[row] for row in rows], torch.long, device)[:, None])
-    width = max(top[row] for row in rows)
-    values, ids = log_probs.topk(width, dim=-1) if width else (log_probs[:, :0], log_probs[:, :0].long())
-    packed = torch.cat([chosen.double(), values.double(), ids.double()], dim=1).tolist()  # ids < 2**53
-    for row, line in zip(rows, packed):
-        k = top[row]
-        out[row] = (line[0], [(int(i), v) for v, i in zip(line[1:1 + k], line[1 + width:1 + width + k])])
-    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int | None]) -> list[TokenLogprobs | None]:
+    """LogprobRows' entries for tokens known on the host (None for every row where none asks).
+    One transfer to the host."""
+    rows = LogprobRows.of(logits, upload(tokens, torch.long, logits.device), top)
+    return [None] * len(top) if rows is None else rows.entries(rows.packed.tolist(), tokens, tokens)
 
 
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -717,6 +717,9 @@ def test_overlapped_sampling_draws_what_steps_in_turn_draw_redrawn_rows_included
               for n, t, p, seed in ((20, 0.0, 1.0, None), (25, 1.2, 0.9, 1), (18, 0.8, 0.95, 2), (30, 1.0, 1.0, 3),
                                     (22, 0.7, 0.5, 4))]
     params[2] = params[2].replace(top_k=5)
+    # Log probabilities ride with the tokens, the redrawn rows' read again on the host.
+    for row, k in ((0, 2), (1, 0), (3, 5)):
+        params[row] = params[row].replace(logprobs=k)
     ids = model.tokenizer.encode(CORPUS[:2000])
     batch = [ids[200:211]] + prompts
 
@@ -731,6 +734,12 @@ def test_overlapped_sampling_draws_what_steps_in_turn_draw_redrawn_rows_included
     assert [c.token_ids for c in overlapped] == [c.token_ids for c in in_turn]
     assert [c.text for c in overlapped] == [c.text for c in in_turn]
     assert stats["overlapped_steps"] > 10 and stats["rewinds"] > 0  # rows stepped back
+    for got, want in zip(overlapped, in_turn):
+        assert (got.logprobs is None) == (want.logprobs is None)
+        if want.logprobs is not None:
+            assert [(e.token_id, [t for t, _ in e.top], e.text_offset) for e in got.logprobs] == \
+                [(e.token_id, [t for t, _ in e.top], e.text_offset) for e in want.logprobs]
+            assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
 
 
 def test_overlap_is_on_by_default_on_cuda_only_and_lisa_rt_overlap_0_turns_it_off(monkeypatch):
