@@ -61,6 +61,8 @@ def test_overlapped_decode_matches_steps_in_turn(lisa_layers, cuda_graphs, monke
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (40, 7, 23, 1, 31)]
     params[2] = params[2].replace(temperature=0.9, top_k=0, top_p=0.9, min_p=0.0, seed=4)
     params[4] = params[4].replace(temperature=1.1, seed=5)
+    # Log probabilities come back with the overlapped steps' tokens (the redrawn row's too).
+    params[0], params[2] = params[0].replace(logprobs=3), params[2].replace(logprobs=0)
     batch = prompts(5)
     cache = model.new_cache([len(p) + sp.max_tokens for p, sp in zip(batch, params)])
     engine = Engine(model, cache, max_num_seqs=5, cuda_graphs=cuda_graphs)
@@ -69,6 +71,11 @@ def test_overlapped_decode_matches_steps_in_turn(lisa_layers, cuda_graphs, monke
     assert engine.stats()["overlapped_steps"] > 20 and engine.stats()["rewinds"] > 0
     in_turn = generate(model, batch, params, cuda_graphs=cuda_graphs, overlap=False)
     assert [c.token_ids for c in overlapped] == [c.token_ids for c in in_turn]
+    for got, want in zip(overlapped, in_turn):
+        assert (got.logprobs is None) == (want.logprobs is None)
+        if want.logprobs is not None:
+            assert [e.token_id for e in got.logprobs] == [e.token_id for e in want.logprobs]
+            assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
     assert cache.allocator.num_free == cache.num_blocks
 
 
