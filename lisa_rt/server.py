@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import hmac
 import json
 import math
@@ -243,9 +244,11 @@ def _echo(body: dict) -> bool:
 
 def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...],
                      logprobs: int | None = None, prompt_logprobs: int | None = None,
-                     handled: tuple[str, ...] = ()):
+                     handled: tuple[str, ...] = (), fewest_tokens: int = 1):
     """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams.
-    handled: parameters the endpoint reads itself (not refused here)."""
+    handled: parameters the endpoint reads itself (not refused here); fewest_tokens: the least
+    max_tokens may be (0 for an echo that only scores its prompt, which generates one token
+    that the endpoint drops)."""
     from .sampling import SamplingParams
 
     for name, what in UNSUPPORTED_IF_SET.items():
@@ -258,7 +261,8 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
                    code="unsupported_value")
     max_tokens = max_tokens_default
     for name in max_tokens_names:
-        max_tokens = _integer(body, name, max_tokens, lo=1)
+        max_tokens = _integer(body, name, max_tokens, lo=fewest_tokens)
+    max_tokens = max(max_tokens, 1)
     top_k = _integer(body, "top_k", 0)
     if top_k < -1:
         raise _bad(f"'top_k' must be >= 1, or 0 or -1 to disable it, got {top_k}", param="top_k",
@@ -565,8 +569,11 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         stream, include_usage = _stream_options(body)
         n = _choices(body)
         echo, logprobs = _echo(body), _completion_logprobs(body)
+        # With echo, max_tokens 0 asks for the prompt alone (scored, with logprobs).
+        prompt_only = echo and body.get("max_tokens") == 0
         choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",), logprobs,
-                                               logprobs if echo else None, handled=("echo",)), n)
+                                               logprobs if echo else None, handled=("echo",),
+                                               fewest_tokens=0 if echo else 1), n)
         tokenizer = llm.tokenizer
         if len(prompts) * n > MAX_SEQUENCES:
             raise _bad(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
@@ -589,6 +596,8 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             ids_list.append(ids)
             echoed.append(_Echo(text, starts, ids[0]))
         handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
+        if prompt_only:
+            handles = [_PromptOnly(handle) for handle in handles]
         if echo:
             echoed = [e if e.text is not None else e._replace(text=tokenizer.decode(ids, skip_special_tokens=False))
                       for e, ids in zip(echoed, ids_list)]
@@ -620,6 +629,29 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                          _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served, n, tokenizer))
 
     return app
+
+
+class _PromptOnly:
+    """A handle whose generated token is dropped: a completion that only echoes and scores its
+    prompt (max_tokens 0). The token comes free with the prefill, whose last row is computed
+    anyway; what the client sees is the prompt, no text and no tokens, finish_reason "length"."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    async def aevents(self) -> AsyncIterator[Any]:
+        async for delta in self._handle.aevents():
+            completion = delta.completion
+            if completion is not None and completion.finish_reason != "cancelled":
+                completion = dataclasses.replace(completion, text="", token_ids=[], finish_reason="length",
+                                                 logprobs=None if completion.logprobs is None else [])
+            yield dataclasses.replace(delta, text="", logprobs=None if delta.logprobs is None else [],
+                                      completion=completion,
+                                      finish_reason="length" if completion is not None and
+                                      delta.finish_reason != "cancelled" else delta.finish_reason)
 
 
 async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:

@@ -360,6 +360,18 @@ def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
     assert offsets == sorted(offsets)
     pieces = [scored.text[a:b] for a, b in zip(offsets, offsets[1:] + [len(scored.text)])]
     assert pieces[len(llm.tokenizer.encode(PROMPT)):][:1] == ["<|im_end|>"]
+    # max_tokens 0 with echo: the prompt alone, scored; streamed, the prompt chunk and the end.
+    alone = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, temperature=0, echo=True,
+                                      logprobs=1)
+    choice = alone.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(llm.tokenizer.encode(PROMPT))
+    assert alone.usage.completion_tokens == 0 and alone.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPT))
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert streamed[0].choices[0].logprobs.token_logprobs == choice.logprobs.token_logprobs
     # Echo alone: the text, no log probabilities.
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True).choices[0]
     assert echoed.text.startswith(PROMPT) and echoed.logprobs is None
