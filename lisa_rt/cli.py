@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the output (default); 'jsd' ranks by matched attention divergence (faster, worse)")
     p.add_argument("--min-layer", type=_positive_int, default=None,
                    help="shallowest layer --ratio may choose (1; shallow layers are fragile)")
-    p.add_argument("--rank", type=_even_int, default=None, help="rank r of the low-rank delta (max(8, d/8); at most the head dim d)")
+    p.add_argument("--rank", type=_even_int, default=None,
+                   help="rank r of the low-rank delta (max(8, d/8); at most the head dim d)")
     p.add_argument("--align-hidden", type=_positive_int, default=None,
                    help="width of the head aligner's FFN (default: the number of heads)")
     p.add_argument("--steps", type=_non_negative_int, default=200, help="end-to-end steps (200)")

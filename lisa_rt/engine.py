@@ -467,7 +467,8 @@ class Engine:
                 "cached_blocks": self.cache.allocator.num_cached, "admitted_tokens": self.admitted_tokens,
                 "cached_tokens": self.cached_tokens,
                 "preemptions": self.preemptions, "completed": self.completed,
-                "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps, "overlapped_steps": self.overlapped_steps,
+                "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps,
+                "overlapped_steps": self.overlapped_steps,
                 "rewinds": self.rewinds}
 
     # -- the stepping thread -----------------------------------------------------------------
@@ -548,7 +549,8 @@ class Engine:
             packed = sample.packed.tolist()
             drawn = sample.drawn(packed)
             tokens = sample.resolve(packed)
-            logprobs = sample.logprobs(None if sample.scored is None else sample.scored.packed.tolist(), drawn, tokens)
+            scored = None if sample.scored is None else sample.scored.packed.tolist()
+            logprobs = sample.logprobs(scored, drawn, tokens)
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return

@@ -221,6 +221,20 @@ class LLM:
         that leaves no room in the context or does not fit the KV cache, bad params)."""
         return self._submit(*self._prepare(prompt, params))
 
+    def submit_many(self, requests: list[tuple[str | list[int], SamplingParams | None]]) -> list[RequestHandle]:
+        """Queues (prompt, params) requests, all or none: every one is checked before any is
+        queued, so a bad one raises UserError with nothing left running."""
+        prepared = [self._prepare(prompt, params) for prompt, params in requests]
+        handles: list[RequestHandle] = []
+        try:
+            for item in prepared:
+                handles.append(self._submit(*item))
+        except BaseException:  # closed meanwhile: take back what went in
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Completions of every prompt, in order (batched with whatever else is running)."""
@@ -234,8 +248,7 @@ class LLM:
         params = list(params)
         if len(params) != len(prompts):
             raise UserError("one SamplingParams per prompt, or one for all")
-        prepared = [self._prepare(p, sp) for p, sp in zip(prompts, params)]  # all checked first
-        handles = [self._submit(*item) for item in prepared]
+        handles = self.submit_many(list(zip(prompts, params)))
         try:
             return [h.result() for h in handles]
         finally:

@@ -2,8 +2,12 @@
 temperature, top-k, top-p, min-p.
 
 Each request draws from its own seeded generator, one uniform number per sampled token, so the
-draws do not depend on what else shares the batch (the logits they draw from do, in bfloat16, by
-rounding). Temperature 0 is greedy decoding.
+draws do not depend on what else shares the batch. The logits they draw from do, by rounding:
+in bfloat16 enough to change greedy tokens, in float32 by about 1e-5, which can still move a
+draw that lands where two tokens' probabilities nearly tie. Temperature 0 is greedy decoding.
+
+Log probabilities (`logprobs`) are read from the raw logits of the rows that ask, on the same
+device, as soon as a step's tokens are drawn (LogprobRows).
 
 A batch is sampled where its logits are (the GPU when serving on one) and only the chosen
 tokens come back to the host. The filters are applied to the few candidates they can keep, not

@@ -128,6 +128,8 @@ async def _read_json(request: Request) -> dict:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # thousands of nested arrays or objects
+        raise _bad("the request body nests too deeply to read", code="invalid_json") from None
     if not isinstance(data, dict):
         raise _bad("the request body must be a JSON object", code="invalid_json")
     return data
@@ -295,9 +297,13 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", param="stream_options")
+    elif not stream:  # as OpenAI's API: options of a stream that is not asked for are a mistake
+        raise _bad("'stream_options' is only allowed with 'stream': true", param="stream_options")
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise _bad("'stream_options.include_usage' must be a boolean", param="stream_options")
@@ -452,25 +458,14 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             raise _bad(f"this model's context is {context} tokens and the {param} has {len(ids)}, "
                        "which leaves no room to generate", param=param, code="context_length_exceeded")
 
-    async def submit(ids: list[int], params):
+    async def submit_all(requests: list) -> list:
+        """Handles of (ids, params) requests, all or none: each is checked before any is queued."""
         try:
-            return await asyncio.to_thread(llm.submit, ids, params)
+            return await asyncio.to_thread(llm.submit_many, requests)
         except UserError as exc:
             raise _bad(str(exc)) from None
         except RuntimeError as exc:  # the LLM is closed: the server is shutting down
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
-
-    async def submit_all(requests: list) -> list:
-        """Handles of (ids, params) requests, all or none: one refused cancels those before it."""
-        handles = []
-        try:
-            for ids, params in requests:
-                handles.append(await submit(ids, params))
-        except BaseException:
-            for handle in handles:
-                handle.cancel()
-            raise
-        return handles
 
     async def run(request: Request, handles: list, stream: bool, include_usage: bool, render):
         """Non-streaming: wait for every handle (cancelling all if the client leaves).
@@ -508,13 +503,13 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
         async def events():
             completions: list = [None] * len(handles)
-            first = render.first()
+            first = render.first(include_usage)
             if first:
                 yield first
             try:
                 async with contextlib.aclosing(_merge(handles)) as merged:  # its tasks end with it
                     async for index, delta in merged:
-                        opening = render.opening(index, delta)
+                        opening = render.opening(index, delta, include_usage)
                         if opening is not None:
                             yield _sse(opening)
                         if delta.text or delta.logprobs:
@@ -759,16 +754,21 @@ class _CompletionRender:
             add(e.token_id, e.logprob, e.top, shift + e.text_offset)
         return out
 
-    def opening(self, index: int, delta) -> dict | None:
+    def opening(self, index: int, delta, include_usage: bool) -> dict | None:
         """The chunk a streamed choice begins with, before its first delta's: the echoed prompt
         (with its log probabilities when asked); None when there is none."""
         echoed = self._echoed(index)
         if echoed is None or index in self.opened:
             return None
         self.opened.add(index)
-        return {**self._base(), "choices": [{"index": index, "text": echoed.text,
-                                             "logprobs": self._logprobs(index, delta.prompt_logprobs, None),
-                                             "finish_reason": None}]}
+        return self._chunk({"index": index, "text": echoed.text,
+                            "logprobs": self._logprobs(index, delta.prompt_logprobs, None), "finish_reason": None},
+                           include_usage)
+
+    def _chunk(self, choice: dict, include_usage: bool) -> dict:
+        """A stream chunk of one choice; with include_usage every chunk but the last (the
+        usage) says "usage": null, as OpenAI's do."""
+        return {**self._base(), "choices": [choice], **({"usage": None} if include_usage else {})}
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -783,16 +783,12 @@ class _CompletionRender:
                             "finish_reason": c.finish_reason})
         return {**self._base(), "choices": choices, "usage": _usage(completions, self.n)}
 
-    def first(self) -> str:
+    def first(self, include_usage: bool) -> str:
         return ""
 
     def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
-        out = {**self._base(), "choices": [{"index": index, "text": text,
-                                            "logprobs": self._logprobs(index, None, logprobs),
-                                            "finish_reason": finish_reason}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+        return self._chunk({"index": index, "text": text, "logprobs": self._logprobs(index, None, logprobs),
+                            "finish_reason": finish_reason}, include_usage)
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._base(), "choices": [], "usage": usage}
@@ -824,19 +820,16 @@ class _ChatRender(_CompletionRender):
         return {"content": [{**spelt(e.token_id, e.logprob), "top_logprobs": [spelt(t, v) for t, v in e.top]}
                             for e in entries], "refusal": None}
 
-    def first(self) -> str:
+    def first(self, include_usage: bool) -> str:
         """Each choice's first chunk, which names the role, before any text."""
-        return "".join(_sse({**self._base(), "choices": [
-            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}]}) for index in range(self.n))
+        return "".join(_sse(self._chunk({"index": index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}, include_usage))
+                       for index in range(self.n))
 
     def chunk(self, index: int, text: str, finish_reason, include_usage: bool, logprobs=None) -> dict:
         delta = {"content": text} if finish_reason is None else {}
-        out = {**self._base(), "choices": [{"index": index, "delta": delta, "logprobs": self._content_logprobs(logprobs),
-                                            "finish_reason": finish_reason}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+        return self._chunk({"index": index, "delta": delta, "logprobs": self._content_logprobs(logprobs),
+                            "finish_reason": finish_reason}, include_usage)
 
 
 def _version() -> str:

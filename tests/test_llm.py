@@ -201,7 +201,8 @@ def test_prompt_log_probabilities_score_every_prompt_token(model_dir, ref, budge
         assert entries[i].logprob == pytest.approx(float(want[i - 1, ids[i]]), abs=1e-3), i
         assert [t for t, _ in entries[i].top] == want[i - 1].topk(2).indices.tolist() or \
             abs(float(want[i - 1].topk(2).values[1] - want[i - 1].topk(3).values[2])) < 1e-4
-    assert entries[1].text_offset <= entries[-1].text_offset <= len(ref.tokenizer.decode(ids, skip_special_tokens=False))
+    spelt = ref.tokenizer.decode(ids, skip_special_tokens=False)
+    assert entries[1].text_offset <= entries[-1].text_offset <= len(spelt)
     assert got.token_ids == alone(ref, ids, GREEDY.replace(max_tokens=3)).token_ids
     assert got.logprobs is None and again.cached_tokens == 0
     assert [e.logprob for e in again.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-4)

@@ -407,6 +407,32 @@ def test_metrics_count_what_was_served(server, llm):
     assert after[("lisa_rt_requests_running", (("model_name", MODEL),))] == 0
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                              "n": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 1}),
+], ids=["chat, role chunks", "completions, echo chunk"])
+def test_with_include_usage_every_chunk_but_the_last_says_usage_null(server, path, body):
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + path, json=body, timeout=60) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), [c for c in chunks if "usage" not in c]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_a_request_is_queued_whole_or_not_at_all(server, llm):
+    from tests.test_metrics import parse
+
+    before = parse(httpx.get(server.url + "/metrics").text)
+    # The second prompt is refused (a token id past the vocabulary): the first one's three
+    # choices, checked before it, are not queued either.
+    response = httpx.post(server.url + COMPLETIONS, json=_completion(prompt=[[1, 50, 60], [1, 10**9]], n=3))
+    assert response.status_code == 400
+    assert parse(httpx.get(server.url + "/metrics").text) == before
+
+
 def test_models_and_health(server):
     client = server.client()
     models = client.models.list()
@@ -504,6 +530,12 @@ BAD_REQUESTS = [
     ("stop a number", COMPLETIONS, _completion(stop=5), 400, "stop", None),
     ("17 stop strings", COMPLETIONS, _completion(stop=[f"s{i}" for i in range(17)]), 400, "stop", None),
     ("stream not a bool", CHAT, _chat(stream="yes"), 400, "stream", None),
+    ("stream_options a list", CHAT, _chat(stream=True, stream_options=[]), 400, "stream_options", None),
+    ("stream_options without stream", COMPLETIONS,
+     _completion(stream=False, stream_options={"include_usage": True}), 400, "stream_options", None),
+    ("JSON nested past reading", CHAT, b"[" * 50000 + b"]" * 50000, 400, None, "invalid_json"),
+    ("a field nested past reading", COMPLETIONS,
+     b'{"prompt": "hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "invalid_json"),
     # JSON can spell a lone surrogate, which is not text the tokenizer (or a UTF-8 answer) can take.
     ("lone surrogate in the prompt", COMPLETIONS, _completion(prompt="a\ud800b"), 400, "prompt", "invalid_value"),
     ("lone surrogate in one of the prompts", COMPLETIONS, _completion(prompt=[PROMPT, "\udc80"]), 400, "prompt",
@@ -871,6 +903,9 @@ class _BrokenLLM:
     def __init__(self, llm, closed=False):
         self.model, self.tokenizer, self.model_name, self.closed = llm.model, llm.tokenizer, "broken", closed
         self.cancelled = 0
+
+    def submit_many(self, requests):
+        return [self.submit(*request) for request in requests]
 
     def submit(self, prompt, params=None):
         from lisa_rt.llm import StreamDelta
