@@ -1,15 +1,17 @@
-"""Time to first token with and without prefix caching, on two chat workloads, one LLM each.
+"""Time to first token with and without prefix caching, on three workloads, one LLM each.
 
     python benchmarks/prefix_cache.py [-m smollm2] [--system-tokens 1024] [--questions 8]
-                                      [--turns 8] [--reply-tokens 32] [--json out.json]
+                                      [--turns 8] [--choices 4] [--reply-tokens 32] [--json out.json]
 
 "shared system prompt": --questions chats in turn, each a long system prompt (--system-tokens
 tokens of this project's README) and a different short question. "multi-turn chat": one
 conversation of --turns turns, each request resending the whole history with a new question.
-Requests go one at a time, greedy, so each one's prefill time is its time to first token. The
-same workloads run on an LLM with prefix caching and on one without; the table gives the mean
-and median time to first token and the prompt tokens found in the cache, and the ratio without
-/ with. Answers are compared too: with the cache they should be the same text.
+There requests go one at a time, greedy. "n choices at once": --choices requests of one chat
+with the long system prompt, submitted together (a server's `n`), sampled with seeds 0, 1, ...
+The same workloads run on an LLM with prefix caching and on one without; the table gives the
+mean and median time to first token (queue and prefill), the prompt tokens found in the cache,
+and the ratio without / with. Answers are compared too: with the cache they should be the same
+text.
 """
 from __future__ import annotations
 
@@ -51,8 +53,16 @@ def multi_turn(llm: LLM, turns: int, reply: int) -> list:
     return out
 
 
+def choices_at_once(llm: LLM, system: str, count: int, reply: int) -> list:
+    ids = llm.tokenizer.encode_chat([{"role": "system", "content": system},
+                                     {"role": "user", "content": QUESTIONS[0]}])
+    params = greedy(reply).replace(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0)
+    handles = llm.submit_many([(ids, params.replace(seed=i)) for i in range(count)])
+    return [h.result() for h in handles]
+
+
 def row(workload: str, caching: bool, completions: list) -> dict:
-    ttft = [c.timings["prefill_s"] * 1e3 for c in completions]
+    ttft = [(c.timings["queue_s"] + c.timings["prefill_s"]) * 1e3 for c in completions]
     return {"workload": workload, "prefix cache": "on" if caching else "off", "requests": len(completions),
             "prompt tok (mean)": round(statistics.mean(c.prompt_tokens for c in completions)),
             "cached tok (mean)": round(statistics.mean(c.cached_tokens for c in completions)),
@@ -67,6 +77,7 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=1024)
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--choices", type=int, default=4)
     ap.add_argument("--reply-tokens", type=int, default=32)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -78,16 +89,19 @@ def main() -> None:
             system = system_prompt(llm, args.system_tokens)
             shared = shared_system_prompt(llm, system, args.questions, args.reply_tokens)
             chat = multi_turn(llm, args.turns, args.reply_tokens)
+            # A system prompt of its own: nothing of it is cached yet.
+            choices = choices_at_once(llm, "Answer as you like. " + system, args.choices, args.reply_tokens)
             device, dtype = str(llm.model.device), str(llm.model.dtype).removeprefix("torch.")
-        rows += [row("shared system prompt", caching, shared), row("multi-turn chat", caching, chat)]
-        answers[caching] = [c.text for c in shared + chat]
+        rows += [row("shared system prompt", caching, shared), row("multi-turn chat", caching, chat),
+                 row("n choices at once", caching, choices)]
+        answers[caching] = [c.text for c in shared + chat + choices]
 
     machine = machine_name()
-    print(f"# {machine}; model {args.model} on {device}, {dtype}; one request at a time, greedy, "
-          f"{args.reply_tokens}-token replies")
+    print(f"# {machine}; model {args.model} on {device}, {dtype}; chats one request at a time, greedy; "
+          f"{args.choices} choices together, sampled; {args.reply_tokens}-token replies")
     print_table(rows, list(rows[0]))
     ratios = {}
-    for workload in ("shared system prompt", "multi-turn chat"):
+    for workload in ("shared system prompt", "multi-turn chat", "n choices at once"):
         on, off = (next(r for r in rows if r["workload"] == workload and r["prefix cache"] == state)
                    for state in ("on", "off"))
         ratios[workload] = round(off["TTFT ms (mean)"] / on["TTFT ms (mean)"], 2)

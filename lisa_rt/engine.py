@@ -401,6 +401,7 @@ class Engine:
         self.prefix_caching = prefix_caching
         self.admitted_tokens = 0  # tokens prefilled at admission, and of them found in the cache:
         self.cached_tokens = 0    # their ratio is the prefix cache's hit rate
+        self.deferrals = 0        # admissions put off a step for a running prefill's blocks
         self._inflight: InFlight | None = None
         self.overlapped_steps = 0
         self.rewinds = 0  # rows of overlapped steps dropped because their input was redrawn
@@ -465,7 +466,7 @@ class Engine:
         return {"running": len(self.running), "waiting": waiting,
                 "free_blocks": self.cache.allocator.num_free, "total_blocks": self.cache.num_blocks,
                 "cached_blocks": self.cache.allocator.num_cached, "admitted_tokens": self.admitted_tokens,
-                "cached_tokens": self.cached_tokens,
+                "cached_tokens": self.cached_tokens, "deferrals": self.deferrals,
                 "preemptions": self.preemptions, "completed": self.completed,
                 "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps,
                 "overlapped_steps": self.overlapped_steps,
@@ -745,6 +746,7 @@ class Engine:
             budget -= n
             i += 1
         # 2. Admit waiting requests, first come first served, while blocks and budget allow.
+        deferred: list[Request] = []  # waiting for a running prefill's blocks, kept in order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.scores_prompt and not scored_budget:
@@ -755,6 +757,9 @@ class Engine:
                 self._end(req, "length", req.finish_length())
                 continue
             match = self._match(req)
+            if self._prefill_to_wait_for(req, match):
+                deferred.append(self.waiting.popleft())
+                continue
             if self._blocks_to_admit(req, match) > cache.allocator.num_free:
                 break
             self.waiting.popleft()
@@ -775,7 +780,32 @@ class Engine:
             req.computed = match.tokens + n
             batch.append(req)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        self.deferrals += len(deferred)
         return chunks
+
+    def _prefill_to_wait_for(self, req: Request, match: PrefixMatch) -> bool:
+        """Whether a running sequence is computing the next whole block of req's prefix past what
+        the cache holds (and will offer it once computed): req then waits a step rather than
+        computing a copy alongside. The n choices of one prompt, or clients that send one system
+        prompt at the same moment, prefill it once. A sequence offers blocks only behind its last
+        token, and req would take only blocks before its own."""
+        if not self.prefix_caching or req.scores_prompt:
+            return False
+        size = self.cache.block_size
+        block = len(match.blocks)  # the first block req lacks
+        end = (block + 1) * size
+        if end > req.length - 1:
+            return False
+        for other in self.running:
+            table = other.table
+            if (table is None or not table.shareable or table.registered > block
+                    or other.length - 1 < end):
+                continue
+            if req.tokens(block * size, end) == other.tokens(block * size, end) and \
+                    req.tokens(0, block * size) == other.tokens(0, block * size):
+                return True
+        return False
 
     def _grow(self, req: Request) -> bool:
         """Makes room for req's next token, preempting the newest sequences if needed.

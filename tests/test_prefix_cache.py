@@ -186,6 +186,26 @@ def test_a_shared_beginning_is_reused_while_its_first_sequence_still_runs(model,
     assert engine.cache.allocator.num_free == 64
 
 
+def test_prompts_arriving_together_prefill_their_shared_blocks_once(model, ids):
+    # Three copies of a prompt (n choices) and a fourth sharing its first two blocks, submitted
+    # at once under a small step budget: the first computes the shared blocks, chunk by chunk;
+    # the others wait for each and take it, and only compute what is theirs.
+    engine = engine_for(model, 64, max_batch_tokens=20)
+    prompt = ids[:70]
+    prompts = [prompt, prompt, prompt, prompt[:35] + ids[500:520]]
+    params = [GREEDY, GREEDY.replace(temperature=0.8, seed=1), GREEDY.replace(temperature=0.8, seed=2), GREEDY]
+    done = run_to_completion(engine, prompts, params)
+    assert [c.cached_tokens for c in done] == [0, 64, 64, 32]
+    stats = engine.stats()
+    assert stats["deferrals"] > 0 and stats["cached_tokens"] == 160
+    assert [c.token_ids for c in done] == fresh(model, prompts, params)
+    assert engine.cache.allocator.num_free == 64
+    # Off, each computes its own copy.
+    off = engine_for(model, 64, max_batch_tokens=20, prefix_caching=False)
+    assert [c.cached_tokens for c in run_to_completion(off, prompts, params)] == [0, 0, 0, 0]
+    assert off.stats()["deferrals"] == 0
+
+
 def test_generated_tokens_are_cached_for_the_next_turn(model, ids):
     engine = engine_for(model, 64)
     turn = run_to_completion(engine, [ids[:20]], GREEDY.replace(max_tokens=30))[0]
@@ -277,11 +297,13 @@ def test_the_benchmark_script_compares_both_ways(tmp_path):
     out = tmp_path / "prefix.json"
     result = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_cache.py", "-m", directory,
                         "--dtype", "float32", "--system-tokens", 80, "--questions", 3, "--turns", 3,
-                        "--reply-tokens", 6, "--json", out)
+                        "--choices", 3, "--reply-tokens", 6, "--json", out)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     cached = {(r["workload"], r["prefix cache"]): r["cached tok (mean)"] for r in record["rows"]}
     assert cached[("shared system prompt", "on")] > 0 and cached[("multi-turn chat", "on")] > 0
+    assert cached[("n choices at once", "on")] > 0  # the later choices waited for the first's blocks
     assert cached[("shared system prompt", "off")] == cached[("multi-turn chat", "off")] == 0
-    assert record["identical_answers"] == record["requests"] == 6
+    assert cached[("n choices at once", "off")] == 0
+    assert record["identical_answers"] == record["requests"] == 9
     assert "without / with the prefix cache" in result.stdout
