@@ -191,6 +191,17 @@ def _strict(text: str):
     return json.loads(text, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
 
 
+def _info(run, model) -> tuple[dict, dict, str]:
+    """`info --json`'s adapter quality and config.json's record of it (both strict JSON), and
+    what plain `info` prints."""
+    rc, out, err = run("info", model, "--json")
+    assert rc == 0, err
+    info = _strict(out)
+    rc, text, err = run("info", model)
+    assert rc == 0, err
+    return info["lisa"]["quality"], info["config"]["lisa"]["quality"], text
+
+
 def _adapter_metadata(path: Path) -> str:
     from safetensors import safe_open
 
@@ -218,13 +229,9 @@ def test_a_fit_of_very_bad_quality_writes_strict_json(run, fitted, tmp_path, mon
         assert record["lisa_ppl_note"] == "inf: the mean negative log-likelihood is past float64's range"
         assert record["ppl_ratio_note"].startswith("inf: ")
         assert record["held_out_kl"] is None and record["held_out_kl_note"].startswith("nan: ")
-    rc, out, err = run("info", model, "--json")
-    assert rc == 0, err
-    info = _strict(out)
-    assert info["lisa"]["quality"]["lisa_ppl"] is None and info["config"]["lisa"]["quality"]["lisa_ppl"] is None
-    rc, out, err = run("info", model)
-    assert rc == 0, err
-    assert "fitted held-out ppl inf vs 12.5 base (infx)" in out
+    quality, recorded, text = _info(run, model)
+    assert quality["lisa_ppl"] is None and recorded["lisa_ppl"] is None
+    assert "fitted held-out ppl inf vs 12.5 base (infx)" in text
     assert load_adapter(model, load_config(model)).config.quality["lisa_ppl"] is None  # reads back
     # both perplexities inf: their ratio is NaN
     _fit_measuring(monkeypatch, math.inf, math.inf, 0.5)
@@ -257,13 +264,9 @@ def test_an_adapter_written_with_infinity_still_loads(run, fitted, tmp_path):
     loaded = load_adapter(model, load_config(model)).config.quality
     assert loaded["lisa_ppl"] is None and loaded["lisa_ppl_note"].startswith("inf: ")
     assert loaded["ppl_ratio"] is None and loaded["ppl_ratio_note"].startswith("nan: ")
-    rc, out, err = run("info", model, "--json")
-    assert rc == 0, err
-    info = _strict(out)
-    assert info["lisa"]["quality"]["ppl_ratio"] is None and info["config"]["lisa"]["quality"]["ppl_ratio"] is None
-    rc, out, err = run("info", model)
-    assert rc == 0, err
-    assert "fitted held-out ppl inf vs" in out and "(nanx)" in out
+    quality, recorded, text = _info(run, model)
+    assert quality["ppl_ratio"] is None and recorded["ppl_ratio"] is None
+    assert "fitted held-out ppl inf vs" in text and "(nanx)" in text
     rc, out, err = run("generate", "-m", model, "-p", "The model", "-n", 2, "--temp", 0, "--json")
     assert rc == 0, err
     # saved again (here as another model's own adapter): strict JSON
