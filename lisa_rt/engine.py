@@ -326,6 +326,56 @@ class Request:
                      "decode_tok_per_s": _rate(decode_tokens, end - first)})
 
 
+class _RunningPrefills:
+    """The running sequences that will still offer whole blocks to the prefix cache (those
+    prefilling), for one scheduling step: a waiting request whose next block past what the
+    cache holds one of them is computing waits a step for it rather than computing a copy
+    alongside. So the n choices of one prompt, or clients that send one system prompt at the
+    same moment, prefill it once. A sequence offers blocks only behind its last token, and a
+    request takes only blocks before its own. Answers are kept per (prefix node, block tokens):
+    a thousand requests of one prompt are decided once."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine = engine
+        self._offering: list[Request] | None = None   # found when first asked
+        self._answers: dict[tuple[int, tuple[int, ...]], bool] = {}
+
+    def computing_next_block_of(self, req: Request, match: PrefixMatch) -> bool:
+        engine = self._engine
+        if not engine.prefix_caching or req.scores_prompt:
+            return False
+        size = engine.cache.block_size
+        block = len(match.blocks)  # the first block req lacks
+        end = (block + 1) * size
+        if end > req.length - 1:
+            return False
+        tokens = tuple(req.tokens(block * size, end))
+        key = (match.node, tokens)
+        if key not in self._answers:
+            self._answers[key] = any(
+                other.table.registered <= block and other.length - 1 >= end
+                and tuple(other.tokens(block * size, end)) == tokens
+                and req.tokens(0, block * size) == other.tokens(0, block * size)
+                for other in self._sequences_offering())
+        return self._answers[key]
+
+    def admitted(self, req: Request) -> None:
+        """req joined the running sequences this step: it may be the one others wait for."""
+        if self._offering is not None and self._offers_more(req):
+            self._offering.append(req)
+            self._answers.clear()
+
+    def _offers_more(self, other: Request) -> bool:
+        table = other.table
+        return (table is not None and table.shareable
+                and table.registered < (other.length - 1) // self._engine.cache.block_size)
+
+    def _sequences_offering(self) -> list[Request]:
+        if self._offering is None:
+            self._offering = [other for other in self._engine.running if self._offers_more(other)]
+        return self._offering
+
+
 class _NoText:
     """The detokeniser of a model without a tokenizer: no text, so every offset is 0."""
 
@@ -550,8 +600,8 @@ class Engine:
             packed = sample.packed.tolist()
             drawn = sample.drawn(packed)
             tokens = sample.resolve(packed)
-            scored = None if sample.scored is None else sample.scored.packed.tolist()
-            logprobs = sample.logprobs(scored, drawn, tokens)
+            asked = None if sample.scored is None else sample.scored.packed.tolist()
+            logprobs = sample.logprobs(asked, drawn, tokens)
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
@@ -676,8 +726,7 @@ class Engine:
 
     def _accept(self, requests: list[Request], tokens: list[int], logprobs: list | None = None) -> None:
         """Records each request's sampled token (and its log probabilities, for the requests
-        that ask: an overlapped step has none of those), streams its text and retires it if it
-        ended."""
+        that ask), streams its text and retires it if it ended."""
         now = time.perf_counter()
         for req, token, logprob in zip(requests, tokens, logprobs or [None] * len(requests)):
             if req.finished:  # cancelled or ended while its token was in flight: dropped
@@ -745,9 +794,13 @@ class Engine:
             batch.append(req)
             budget -= n
             i += 1
-        # 2. Admit waiting requests, first come first served, while blocks and budget allow.
-        deferred: list[Request] = []  # waiting for a running prefill's blocks, kept in order
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # 2. Admit waiting requests, first come first served, while blocks and budget allow. A
+        # request deferred for a running prefill's blocks keeps its place: the blocks and the
+        # sequence slot it will take are held back from those behind it.
+        deferred: list[Request] = []
+        held = 0  # free blocks the deferred will take at most
+        prefills = _RunningPrefills(self)
+        while self.waiting and budget > 0 and len(self.running) + len(deferred) < self.max_num_seqs:
             req = self.waiting[0]
             if req.scores_prompt and not scored_budget:
                 break
@@ -757,10 +810,11 @@ class Engine:
                 self._end(req, "length", req.finish_length())
                 continue
             match = self._match(req)
-            if self._prefill_to_wait_for(req, match):
+            if prefills.computing_next_block_of(req, match):
                 deferred.append(self.waiting.popleft())
+                held += self._blocks_to_admit(req, match)
                 continue
-            if self._blocks_to_admit(req, match) > cache.allocator.num_free:
+            if self._blocks_to_admit(req, match) > cache.allocator.num_free - held:
                 break
             self.waiting.popleft()
             req.table = BlockTable(cache)
@@ -772,6 +826,7 @@ class Engine:
                 req.t_admit = time.perf_counter()
                 req.cached_tokens = match.tokens
             self.running.append(req)
+            prefills.admitted(req)
             n = min(req.length - match.tokens, budget)
             if req.scores_prompt:
                 n = min(n, scored_budget)
@@ -783,15 +838,6 @@ class Engine:
         self.waiting.extendleft(reversed(deferred))
         self.deferrals += len(deferred)
         return chunks
-
-    def _prefill_to_wait_for(self, req: Request, match: PrefixMatch) -> bool:
-        """Whether a running sequence is computing the next whole block of req's prefix past what
-        the cache holds (and will offer it once computed): req then waits a step rather than
-        computing a copy alongside. The n choices of one prompt, or clients that send one system
-        prompt at the same moment, prefill it once. A sequence offers blocks only behind its last
-        token, and req would take only blocks before its own."""
-        if not self.prefix_caching or req.scores_prompt:
-            return False
         size = self.cache.block_size
         block = len(match.blocks)  # the first block req lacks
         end = (block + 1) * size

@@ -202,7 +202,7 @@ class StepSample:
         if self.plain:
             self.tokens = logits.argmax(dim=-1)
             self.packed = self.tokens
-            self.scored = LogprobRows.of(logits, self.tokens, [s.params.logprobs for s in samplers])
+            self.scored = LogprobRows.of(logits, self.tokens, [s.params.logprobs for s in samplers], redrawable=False)
             return
         penalised = [row for row, s in enumerate(samplers) if s.reads_history]
         x = logits.to(torch.float32, copy=bool(penalised))
@@ -223,7 +223,9 @@ class StepSample:
                 tokens[index], finite[index], open_rows[index] = self.draws.first()
         self.tokens = tokens
         self.packed = torch.stack([tokens, finite.long(), open_rows.long()])
-        self.scored = LogprobRows.of(logits, tokens, [s.params.logprobs for s in samplers])
+        self.scored = LogprobRows.of(logits, tokens, [s.params.logprobs for s in samplers],
+                                     redrawable=any(not s.params.greedy and s.params.logprobs is not None
+                                                    for s in samplers))
 
     def resolve(self, packed: list, dropped: frozenset[int] = frozenset()) -> list[int]:
         """The tokens, from `packed` read back to the host (`.tolist()`); rows in `dropped`
@@ -277,23 +279,27 @@ class LogprobRows:
     `packed` [asking rows, 1 + 2 width] float64 (ids are exact below 2**53). A row whose token
     changes on the host afterwards (redrawn) reads its own again from the kept log softmax."""
 
-    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None]):
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None], redrawable: bool = True):
+        """redrawable: whether a row's token may still change on the host (a sampled row's);
+        only then is the log softmax kept, [asking rows, vocab] float32, until the step is read."""
         self.top = top
         self.rows = [row for row, k in enumerate(top) if k is not None]
         device = logits.device
         index = None if len(self.rows) == len(top) else upload(self.rows, torch.long, device)
         picked, drawn = (logits, tokens) if index is None else (logits[index], tokens[index])
-        self.log_probs = picked.float().log_softmax(dim=-1)
-        chosen = self.log_probs.gather(1, drawn[:, None])
+        log_probs = picked.float().log_softmax(dim=-1)
+        self.log_probs = log_probs if redrawable else None
+        chosen = log_probs.gather(1, drawn[:, None])
         self.width = max(top[row] for row in self.rows)
-        values, ids = (self.log_probs.topk(self.width, dim=-1) if self.width
-                       else (self.log_probs[:, :0], self.log_probs[:, :0].long()))
+        values, ids = (log_probs.topk(self.width, dim=-1) if self.width
+                       else (log_probs[:, :0], log_probs[:, :0].long()))
         self.packed = torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
 
     @classmethod
-    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None]) -> "LogprobRows | None":
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top: list[int | None],
+           redrawable: bool = True) -> "LogprobRows | None":
         """None where no row asks."""
-        return cls(logits, tokens, top) if any(k is not None for k in top) else None
+        return cls(logits, tokens, top, redrawable) if any(k is not None for k in top) else None
 
     def entries(self, packed: list, drawn: list[int], tokens: list[int]) -> list[TokenLogprobs | None]:
         """Each row's (log probability, alternatives), None for a row that does not ask, from

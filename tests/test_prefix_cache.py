@@ -206,6 +206,29 @@ def test_prompts_arriving_together_prefill_their_shared_blocks_once(model, ids):
     assert off.stats()["deferrals"] == 0
 
 
+@pytest.mark.parametrize("blocks, max_num_seqs", [(12, 256), (64, 2)], ids=["blocks", "sequence slots"])
+def test_a_request_waiting_for_shared_blocks_keeps_its_place(model, ids, blocks, max_num_seqs):
+    # A computes the prompt R shares; Z came after R. R waits one step and is admitted before Z,
+    # whose longer run must not take R's blocks or slot in between.
+    engine = engine_for(model, blocks, max_batch_tokens=256, max_num_seqs=max_num_seqs)
+    greedy = GREEDY.replace(max_tokens=40 if blocks == 12 else 10)
+    a, r = Request(model, ids[:70], greedy, greedy.max_tokens), Request(model, ids[:70], greedy, greedy.max_tokens)
+    z = Request(model, ids[1000:1100], greedy.replace(max_tokens=200), 200)
+    for req in (a, r, z):
+        engine.add(req)
+    admitted = {}
+    for step in range(1, 1000):
+        engine.step()
+        admitted.update({name: step for name, req in (("a", a), ("r", r), ("z", z))
+                         if req.t_admit is not None and name not in admitted})
+        if not engine.has_work():
+            break
+    assert admitted["a"] == 1 and admitted["r"] == 2 and admitted["z"] >= 2
+    assert r.cached_tokens == 64 and engine.stats()["deferrals"] == 1
+    assert r.completion.token_ids == a.completion.token_ids
+    assert engine.cache.allocator.num_free == blocks
+
+
 def test_generated_tokens_are_cached_for_the_next_turn(model, ids):
     engine = engine_for(model, 64)
     turn = run_to_completion(engine, [ids[:20]], GREEDY.replace(max_tokens=30))[0]
