@@ -934,6 +934,8 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
     vocab = model.config.vocab_size
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise UserError(f"prompt token ids must be in [0, {vocab})")
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise UserError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
     if cache is not None and cache.blocks_for(len(prompt)) > cache.num_blocks:
         raise UserError(f"the prompt has {len(prompt)} tokens but the KV cache holds only "
                         f"{cache.num_blocks * cache.block_size}: the KV budget (kv_cache_gb) is too small")

@@ -1,5 +1,5 @@
-"""Sampling parameters and the sampler: repetition, presence and frequency penalties,
-temperature, top-k, top-p, min-p.
+"""Sampling parameters and the sampler: logit bias, repetition, presence and frequency
+penalties, temperature, top-k, top-p, min-p.
 
 Each request draws from its own seeded generator, one uniform number per sampled token, so the
 draws do not depend on what else shares the batch. The logits they draw from do, by rounding:
@@ -38,6 +38,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 CANDIDATES = 256
 # The most alternatives a token's log probabilities may list (OpenAI's top_logprobs allows 20).
 MAX_LOGPROBS = 20
+# A logit bias: at most this many tokens, each biased by at most this much (OpenAI's range).
+MAX_BIASED_TOKENS = 2048
+MAX_LOGIT_BIAS = 100.0
 MORE_CANDIDATES = 4096
 TIE_MARGIN = 64
 
@@ -56,6 +59,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # one string, or None for none, will do too
     ignore_eos: bool = False
     logprobs: int | None = None        # each token's log probability and this many alternatives
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit, before penalties
     prompt_logprobs: int | None = None # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
@@ -89,6 +93,7 @@ class SamplingParams:
         self.presence_penalty, self.frequency_penalty = real("presence_penalty"), real("frequency_penalty")
         if self.seed is not None:
             self.seed = integer("seed")
+        self.logit_bias = checked_logit_bias(self.logit_bias, bad)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, integer(name))
@@ -129,12 +134,37 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
+    def biased(self) -> bool:
+        return bool(self.logit_bias)
+
+    @property
     def penalised(self) -> bool:
         """Whether the logits are changed by what came before (a penalty is set)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+
+def checked_logit_bias(bias, bad: Callable[[str], Exception]) -> dict[int, float] | None:
+    """A logit bias as {int token id: float}, or None for none; raises bad(message) for a bad
+    one (the vocabulary bound is the engine's to check, which knows the model)."""
+    if bias is None or (isinstance(bias, dict) and not bias):
+        return None
+    if not isinstance(bias, dict):
+        raise bad(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    if len(bias) > MAX_BIASED_TOKENS:
+        raise bad(f"logit_bias names {len(bias)} tokens; at most {MAX_BIASED_TOKENS} are allowed")
+    out = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise bad(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:  # (NaN fails both)
+            raise bad(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                      f"got {value!r} for token {token}")
+        out[int(token)] = float(value)
+    return out
 
 
 class Sampler:
@@ -149,6 +179,7 @@ class Sampler:
             self.generator.seed()
         self._given_back: list[float] = []
         self.penalties = PenaltyHistory()
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the logits' device
 
     def __call__(self, logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int] = ()) -> int:
         """The next token from logits [vocab] (any device, never modified), after the prompt and
@@ -173,7 +204,16 @@ class Sampler:
     @property
     def is_plain_greedy(self) -> bool:
         """Argmax of the raw logits: no state, so a whole batch can take it at once on the device."""
-        return self.params.greedy and not self.params.penalised
+        return self.params.greedy and not self.params.penalised and not self.params.biased
+
+    def add_bias(self, row_logits: torch.Tensor) -> None:
+        """The logit bias, in place; its ids and values uploaded once per device."""
+        if self._bias is None or self._bias[0].device != row_logits.device:
+            bias = self.params.logit_bias
+            self._bias = (upload(list(bias), torch.long, row_logits.device),
+                          upload(list(bias.values()), torch.float32, row_logits.device))
+        ids, values = self._bias
+        row_logits[ids] += values
 
 
 # history(row): that row's (prompt, output) tokens, read only for a row with a penalty.
@@ -205,7 +245,10 @@ class StepSample:
             self.scored = LogprobRows.of(logits, self.tokens, [s.params.logprobs for s in samplers], redrawable=False)
             return
         penalised = [row for row, s in enumerate(samplers) if s.reads_history]
-        x = logits.to(torch.float32, copy=bool(penalised))
+        biased = [row for row, s in enumerate(samplers) if s.params.biased]
+        x = logits.to(torch.float32, copy=bool(penalised or biased))
+        for row in biased:  # first, as vLLM applies it: what the penalties then scale
+            samplers[row].add_bias(x[row])
         for row in penalised:
             prompt, output = history(row)
             samplers[row].penalties.update(prompt, output, x.shape[-1], x.device)

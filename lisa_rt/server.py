@@ -65,7 +65,7 @@ MAX_SEQUENCES = 1024
 SHUTDOWN_GRACE_S = 5.0
 SHUTDOWN_MARGIN_S = 10.0
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
-    "echo": "no prompt echo", "suffix": "no insertion", "logit_bias": "no logit bias",
+    "echo": "no prompt echo", "suffix": "no insertion",
     "tools": "no tool calls", "tool_choice": "no tool calls", "functions": "no function calls",
     "function_call": "no function calls",
 }
@@ -237,6 +237,24 @@ def _completion_logprobs(body: dict) -> int | None:
     return _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias} (JSON keys are strings) -> {int: bias}."""
+    from .sampling import checked_logit_bias
+
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise _bad(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias",
+                       code="invalid_value")
+        out[int(key)] = value
+    return checked_logit_bias(out, lambda message: _bad(message, param="logit_bias", code="invalid_value"))
+
+
 def _echo(body: dict) -> bool:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
@@ -285,7 +303,7 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body))
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
 

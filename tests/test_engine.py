@@ -196,12 +196,34 @@ def test_presence_and_frequency_penalties_as_in_openai():
         assert penalised(logits, prompt, output) == plain(want, [])
 
 
+def test_logit_bias_is_added_before_the_penalties_and_the_draw():
+    logits = torch.tensor([3.0, 2.5, -1.0])
+    assert sampler(temperature=0, logit_bias={2: 100})(logits, []) == 2
+    assert sampler(temperature=0, logit_bias={0: -100})(logits, []) == 1
+    # Added first, then scaled by the repetition penalty, as vLLM orders them: the seen token 2
+    # gets (-1 + 5) / 2 = 2 < 2.5 (token 1); penalised first it would get -2 + 5 = 3 and win.
+    assert sampler(temperature=0, logit_bias={2: 5.0, 0: -1.4}, repetition_penalty=2.0)(logits, [2]) == 1
+    # Sampled: the distribution of the biased logits, drawn without a bias.
+    gen = torch.Generator().manual_seed(3)
+    for seed in range(20):
+        x = torch.randn(40, generator=gen) * 2
+        bias = {int(t): float(v) for t, v in zip(torch.randint(40, (5,), generator=gen), torch.randn(5, generator=gen) * 3)}
+        want = x.clone()
+        for t, v in bias.items():
+            want[t] += v
+        u = (seed + 0.5) / 20
+        biased, plain = sampler(seed=seed, logit_bias=bias), sampler(seed=seed)
+        biased.uniform = plain.uniform = lambda: u
+        assert biased(x, []) == plain(want, [])
+
+
 def test_sampler_does_not_modify_the_callers_logits():
     logits = torch.tensor([3.0, 2.5, -1.0])
     before = logits.clone()
     sampler(temperature=0, repetition_penalty=2.0)(logits, [0, 2])
     sampler(temperature=0.7, repetition_penalty=2.0, top_k=2, top_p=0.5, min_p=0.1)(logits, [0, 2])
     sampler(temperature=0.7, presence_penalty=1.0, frequency_penalty=0.5)(logits, [0], [1, 1, 2])
+    sampler(temperature=0, logit_bias={1: 5.0})(logits, [])
     assert torch.equal(logits, before)
 
 
@@ -377,6 +399,10 @@ def test_non_finite_logits_are_an_error_not_a_token():
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"),
+    (dict(logit_bias={1: 101}), "logit_bias values"), (dict(logit_bias={-1: 1}), "logit_bias keys"),
+    (dict(logit_bias={True: 1}), "logit_bias keys"), (dict(logit_bias={"5": 1}), "logit_bias keys"),
+    (dict(logit_bias={1: float("nan")}), "logit_bias values"), (dict(logit_bias=[1, 2]), "logit_bias must be"),
+    (dict(logit_bias={i: 1 for i in range(2049)}), "logit_bias names 2049 tokens; at most 2048"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(presence_penalty="1"), "presence_penalty"),
     (dict(stop=["ok", 3]), "stop"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"),
     (dict(temperature="0.5"), "temperature must be a number, got '0.5' \\(str\\)"),
@@ -717,9 +743,11 @@ def test_overlapped_sampling_draws_what_steps_in_turn_draw_redrawn_rows_included
               for n, t, p, seed in ((20, 0.0, 1.0, None), (25, 1.2, 0.9, 1), (18, 0.8, 0.95, 2), (30, 1.0, 1.0, 3),
                                     (22, 0.7, 0.5, 4))]
     params[2] = params[2].replace(top_k=5)
-    # Log probabilities ride with the tokens, the redrawn rows' read again on the host.
+    # Log probabilities ride with the tokens, the redrawn rows' read again on the host; a logit
+    # bias (stateless) keeps the steps overlapped.
     for row, k in ((0, 2), (1, 0), (3, 5)):
         params[row] = params[row].replace(logprobs=k)
+    params[4] = params[4].replace(logit_bias={7: 3.0, 11: -5.0})
     ids = model.tokenizer.encode(CORPUS[:2000])
     batch = [ids[200:211]] + prompts
 

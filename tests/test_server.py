@@ -377,6 +377,18 @@ def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
     assert echoed.text.startswith(PROMPT) and echoed.logprobs is None
 
 
+def test_logit_bias_reaches_the_engine(server, llm):
+    client = server.client()
+    forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       logit_bias={"7": 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [llm.tokenizer.token_bytes(7).decode("utf-8", "backslashreplace")] * 4
+    # The greedy token banned: the next most likely one instead.
+    first, second = [t for t, _ in reference(llm, llm.tokenizer.encode(PROMPT), 1, logprobs=2).logprobs[0].top]
+    banned = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].logprobs.tokens == [llm.tokenizer.token_bytes(second).decode("utf-8", "backslashreplace")]
+
+
 def test_presence_and_frequency_penalties_reach_the_engine(server, llm):
     client = server.client()
     ids = llm.tokenizer.encode(PROMPT)
@@ -519,6 +531,10 @@ BAD_REQUESTS = [
     ("top_logprobs 21", CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
     ("logprobs -1", COMPLETIONS, _completion(logprobs=-1), 400, "logprobs", "invalid_value"),
     ("logprobs true", COMPLETIONS, _completion(logprobs=True), 400, "logprobs", None),
+    ("logit_bias a list", CHAT, _chat(logit_bias=[1]), 400, "logit_bias", None),
+    ("logit_bias key not an id", CHAT, _chat(logit_bias={"the": 5}), 400, "logit_bias", "invalid_value"),
+    ("logit_bias past 100", COMPLETIONS, _completion(logit_bias={"5": 101}), 400, "logit_bias", "invalid_value"),
+    ("logit_bias past the vocabulary", COMPLETIONS, _completion(logit_bias={"1000000": 1}), 400, None, None),
     ("top_logprobs on completions", COMPLETIONS, _completion(logprobs=2, top_logprobs=2), 400, "top_logprobs",
      "unsupported_parameter"),
     ("prompts x n past the cap", COMPLETIONS, _completion(prompt=["a"] * 9, n=128), 400, "n", "invalid_value"),
