@@ -18,7 +18,9 @@ and values are computed is offered to the cache under its token prefix (kv_cache
 an admitted request takes the cached blocks of its longest whole-block prefix, less its last
 token, and prefills from there. A block is offered only once the tokens before its end are final
 (behind the last sampled token, so an overlapped step's redrawn input is never in it). Chats that
-resend their history, shared system prompts and preempted sequences skip what is cached.
+resend their history, shared system prompts and preempted sequences skip what is cached. A
+waiting request whose next block a running prefill is computing waits a step for it, keeping its
+place in the queue (_RunningPrefills): prompts that arrive together are prefilled once.
 
 Requests that can never fit. A prompt that alone needs more blocks than the whole cache holds is
 rejected by `Engine.check` (UserError: the KV budget is too small). A prompt that fits but whose
