@@ -555,6 +555,59 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             return JSONResponse({"status": "shutting down", "model": served}, status_code=503)
         return {"status": "ok", "model": served, **llm.stats()}
 
+    # vLLM's tokenizer endpoints: what lm-evaluation-harness's remote tokenizer asks for, so
+    # that it needs no copy of the model's tokenizer.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        check_key(request)
+        tok = llm.tokenizer
+        return {"tokenizer_class": tok.kind, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.special_tokens.get("pad_token"), "unk_token": tok.special_tokens.get("unk_token"),
+                "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template,
+                "model_max_length": llm.model.max_context, "vocab_size": tok.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_key(request)
+        body = await _read_json(request)
+        check_model(body)
+        add_special = body.get("add_special_tokens")
+        if add_special is not None and not isinstance(add_special, bool):
+            raise _bad("'add_special_tokens' must be a boolean", param="add_special_tokens")
+        tokenizer = llm.tokenizer
+        try:
+            if ("prompt" in body) == ("messages" in body):
+                raise _bad("give exactly one of 'prompt' (a string) and 'messages'", param="prompt")
+            if "prompt" in body:
+                prompt = body["prompt"]
+                if not isinstance(prompt, str):
+                    raise _bad("'prompt' must be a string", param="prompt")
+                ids = await asyncio.to_thread(tokenizer.encode, prompt,
+                                              True if add_special is None else add_special)
+            else:
+                if not tokenizer.has_chat_template:
+                    raise _bad(f"the model '{served}' has no chat template", code="no_chat_template")
+                generation = body.get("add_generation_prompt", True)
+                if not isinstance(generation, bool):
+                    raise _bad("'add_generation_prompt' must be a boolean", param="add_generation_prompt")
+                ids = await asyncio.to_thread(tokenizer.encode_chat, _messages(body), generation)
+        except UserError as exc:
+            raise _bad(str(exc), param="prompt" if "prompt" in body else "messages") from None
+        return {"count": len(ids), "max_model_len": llm.model.max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_key(request)
+        body = await _read_json(request)
+        check_model(body)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+            raise _bad("'tokens' must be a list of token ids", param="tokens")
+        vocab = llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise _bad(f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+        return {"prompt": await asyncio.to_thread(llm.tokenizer.decode, tokens)}
+
     @app.get("/metrics")
     async def metrics():
         # Like /health, open without the API key: scrapers (Prometheus) carry none.

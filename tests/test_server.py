@@ -445,6 +445,30 @@ def test_a_request_is_queued_whole_or_not_at_all(server, llm):
     assert parse(httpx.get(server.url + "/metrics").text) == before
 
 
+def test_tokenizer_endpoints_as_vllm_has_them(server, llm):
+    # What lm-evaluation-harness's remote tokenizer reads: /tokenizer_info, /tokenize, /detokenize.
+    tok = llm.tokenizer
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == llm.model.max_context
+    text = PROMPT + " and writes"
+    for add in (True, False):
+        got = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": add}).json()
+        assert got["tokens"] == tok.encode(text, add_special_tokens=add) and got["count"] == len(got["tokens"])
+    chat = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": HI}).json()
+    assert chat["tokens"] == tok.encode_chat(HI)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": tok.decode(ids)}
+    for path, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": text, "messages": HI}, "prompt"),
+                              ("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/tokenize", {"prompt": text, "add_special_tokens": "yes"}, "add_special_tokens"),
+                              ("/tokenize", {"prompt": "a\ud800"}, "prompt"),
+                              ("/tokenize", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+                              ("/detokenize", {"tokens": "12"}, "tokens"), ("/detokenize", {"tokens": [1, -2]}, "tokens"),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens")):
+        _check_error(_post(server.url + path, body), 400, param)
+
+
 def test_models_and_health(server):
     client = server.client()
     models = client.models.list()
@@ -681,6 +705,9 @@ def test_api_key(keyed_server):
     assert answer.usage.completion_tokens >= 1
     assert httpx.get(url + "/health").status_code == 200  # health needs no key
     assert httpx.get(url + "/metrics").status_code == 200  # nor do metrics: scrapers carry none
+    _check_error(httpx.post(url + "/tokenize", json={"prompt": "hi"}), 401, code="invalid_api_key")
+    assert httpx.post(url + "/tokenize", json={"prompt": "hi"},
+                      headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
 
 
 # --- clients that go away ---------------------------------------------------------------------
