@@ -65,7 +65,7 @@ MAX_SEQUENCES = 1024
 SHUTDOWN_GRACE_S = 5.0
 SHUTDOWN_MARGIN_S = 10.0
 UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
-    "echo": "no prompt echo", "suffix": "no insertion",
+    "echo": "/v1/completions echoes prompts, chat does not", "suffix": "no insertion",
     "tools": "no tool calls", "tool_choice": "no tool calls", "functions": "no function calls",
     "function_call": "no function calls",
 }
