@@ -840,20 +840,6 @@ class Engine:
         self.waiting.extendleft(reversed(deferred))
         self.deferrals += len(deferred)
         return chunks
-        size = self.cache.block_size
-        block = len(match.blocks)  # the first block req lacks
-        end = (block + 1) * size
-        if end > req.length - 1:
-            return False
-        for other in self.running:
-            table = other.table
-            if (table is None or not table.shareable or table.registered > block
-                    or other.length - 1 < end):
-                continue
-            if req.tokens(block * size, end) == other.tokens(block * size, end) and \
-                    req.tokens(0, block * size) == other.tokens(0, block * size):
-                return True
-        return False
 
     def _grow(self, req: Request) -> bool:
         """Makes room for req's next token, preempting the newest sequences if needed.

@@ -466,6 +466,13 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'",
                            param="model", code="model_not_found")
 
+    async def checked_body(request: Request) -> dict:
+        """A POST's JSON object, once its API key and the model it names are checked."""
+        check_key(request)
+        body = await _read_json(request)
+        check_model(body)
+        return body
+
     def model_card() -> dict:
         return {"id": served, "object": "model", "created": created, "owned_by": "lisa-rt",
                 "max_model_len": llm.model.max_context}
@@ -568,9 +575,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        check_key(request)
-        body = await _read_json(request)
-        check_model(body)
+        body = await checked_body(request)
         add_special = body.get("add_special_tokens")
         if add_special is not None and not isinstance(add_special, bool):
             raise _bad("'add_special_tokens' must be a boolean", param="add_special_tokens")
@@ -597,9 +602,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        check_key(request)
-        body = await _read_json(request)
-        check_model(body)
+        body = await checked_body(request)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
             raise _bad("'tokens' must be a list of token ids", param="tokens")
@@ -628,9 +631,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
-        body = await _read_json(request)
-        check_model(body)
+        body = await checked_body(request)
         prompts = _prompts(body)
         stream, include_usage = _stream_options(body)
         n = _choices(body)
@@ -673,9 +674,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
-        body = await _read_json(request)
-        check_model(body)
+        body = await checked_body(request)
         messages = _messages(body)
         stream, include_usage = _stream_options(body)
         tokenizer = llm.tokenizer
