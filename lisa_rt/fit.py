@@ -578,7 +578,7 @@ class Fitter:
         from the parameters it has (its selection fit on short prefixes, or a refit's adapter). A
         chained layer reads what the LiSA layer before it hands on. Returns each fitted layer's
         last loss."""
-        c, dense, o = self.config, self.dense, self.options
+        c, dense = self.config, self.dense
         if steps == 0 or not fitted or not any(self.trainable(m) for m in modules.values()):
             return []
         # Up to the last fitted layer: the layers after it neither change nor feed it.
