@@ -237,25 +237,27 @@ def sample_self_texts(model, count: int, tokens: int, seed: int) -> list[str]:
 
 def fills_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> bool:
     """Whether the texts alone fill make_sequences' limit, so that none after them is read."""
-    tokens = 0
+    return len(_token_stream(tokenizer, texts, seq_len * limit)[0]) >= seq_len * limit
+
+
+def _token_stream(tokenizer, texts: list[str], tokens: int) -> tuple[list[int], int]:
+    """(the texts' ids concatenated in order, each with the tokenizer's special tokens (BOS
+    where it adds one), texts read): no text is read once `tokens` are there."""
+    stream: list[int] = []
+    used = 0
     for text in texts:
-        tokens += len(tokenizer.encode(text))
-        if tokens >= seq_len * limit:
-            return True
-    return False
+        if len(stream) >= tokens:
+            break
+        stream.extend(tokenizer.encode(text))
+        used += 1
+    return stream, used
 
 
 def make_sequences(tokenizer, texts: list[str], seq_len: int, limit: int) -> tuple[torch.Tensor, int, int]:
     """([N, seq_len] token ids, texts used, texts used whole): the texts concatenated in order
-    (each with the tokenizer's special tokens, BOS where it adds one) and cut, up to limit
-    sequences. The text that fills the limit may be used in part; those after it are not read."""
-    stream: list[int] = []
-    used = 0
-    for text in texts:
-        stream.extend(tokenizer.encode(text))
-        used += 1
-        if len(stream) >= seq_len * limit:
-            break
+    (_token_stream) and cut, up to limit sequences. The text that fills the limit may be used in
+    part; those after it are not read."""
+    stream, used = _token_stream(tokenizer, texts, seq_len * limit)
     count = min(len(stream) // seq_len, limit)
     if count < 2:
         raise UserError(f"the calibration data has {len(stream)} tokens; fitting needs at least "
