@@ -168,6 +168,15 @@ def tiny_model_dir(directory, seed: int = 0, tokenizer: str = "bpe") -> Path:
     return convert(directory / "hf", directory / "lisa", progress=False)
 
 
+def tiny_float32_model(directory, seed: int):
+    """tiny_model_dir's model loaded on the CPU in float32: its sums come out the same whatever a
+    request is batched with or however its prefill is split (in bfloat16 the rounding of either
+    can flip a greedy token), so tests can compare such runs token for token."""
+    import lisa_rt
+
+    return lisa_rt.load_model(tiny_model_dir(directory, seed=seed), device="cpu", dtype="float32")
+
+
 def tiny_model_with_adapter(directory) -> tuple[Path, Path]:
     """tiny_model_dir (seed 3) and a random adapter file on its layers 1 and 2 beside it."""
     from lisa_rt.checkpoint import load_config

@@ -11,13 +11,12 @@ import random
 import pytest
 import torch
 
-import lisa_rt
 from lisa_rt import SamplingParams, UserError, generate
 from lisa_rt.engine import Engine, Request, StopStringFilter, run_to_completion
 from lisa_rt.kv_cache import KVCache
 from lisa_rt import sampling
 from lisa_rt.sampling import Sampler, sample_batch
-from tests.fixtures import CORPUS, tiny_model_dir
+from tests.fixtures import CORPUS, tiny_float32_model
 
 pytest.importorskip("transformers")
 
@@ -438,9 +437,7 @@ def test_sampling_params_defaults_and_stop_string():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    # float32: the tests compare batched requests with each alone (see test_llm's ref).
-    return lisa_rt.load_model(tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=11), device="cpu",
-                              dtype="float32")
+    return tiny_float32_model(tmp_path_factory.mktemp("tiny"), seed=11)
 
 
 @pytest.fixture(scope="module")

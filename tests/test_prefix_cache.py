@@ -11,7 +11,7 @@ from lisa_rt import SamplingParams, generate
 from lisa_rt.engine import Engine, Request, run_to_completion
 from lisa_rt.kv_cache import NO_MATCH, ROOT, BlockAllocator, BlockTable, KVCache, OutOfBlocks
 from lisa_rt import sampling
-from tests.fixtures import CORPUS, tiny_model_dir, tiny_model_with_adapter
+from tests.fixtures import CORPUS, tiny_float32_model, tiny_model_dir, tiny_model_with_adapter
 
 pytest.importorskip("transformers")
 
@@ -134,8 +134,7 @@ def test_a_table_adopts_a_match_and_registers_only_whole_final_blocks(model):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     # float32, so that reused keys and values give the very tokens a fresh prefill gives.
-    return lisa_rt.load_model(tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=5), device="cpu",
-                              dtype="float32")
+    return tiny_float32_model(tmp_path_factory.mktemp("tiny"), seed=5)
 
 
 @pytest.fixture(scope="module")
