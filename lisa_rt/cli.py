@@ -84,6 +84,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--stop", action="append", default=[], type=_unescaped,
                    help=r"stop string (repeatable; not printed; \n, \t, \r and \\ are understood)")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="write JSON that this JSON schema accepts: the schema itself, or a file "
+                        "holding it; '{\"type\": \"object\"}' for any JSON object")
 
 
 def _add_lisa_args(p: argparse.ArgumentParser):
@@ -286,7 +289,25 @@ def _sampling_params(args):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=list(args.stop))
+                          seed=args.seed, stop=list(args.stop), json_schema=_json_schema(args.json_schema))
+
+
+def _json_schema(value: str | None):
+    """--json-schema: inline JSON (it starts with '{'), or else a file of it."""
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = open(value, "rb").read().decode()
+        except OSError as exc:
+            raise UserError(f"cannot read the JSON schema file {value}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"the JSON schema file {value} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"--json-schema is not valid JSON: {exc}") from None
 
 
 def _read_prompt(args) -> str:

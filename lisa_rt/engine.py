@@ -60,6 +60,7 @@ import torch
 
 from .errors import UserError
 from .cuda_graph import CudaGraphDecoder
+from .json_constraint import vocabulary_of
 from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .metrics import EngineMetrics
 from .model import Model, build_batch
@@ -205,7 +206,6 @@ class Request:
         self.max_new = max_new
         self.on_delta = on_delta
         self.on_error = on_error
-        self.sampler = Sampler(params)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
@@ -220,6 +220,10 @@ class Request:
         self.filter = StopStringFilter(params.stop)
         eos = tok.eos_token_ids if tok else model.config.eos_token_ids
         self.eos = set() if params.ignore_eos else set(eos)
+        grammar = None
+        if params.json_schema is not None:  # (check_prompt saw to the tokenizer)
+            grammar = vocabulary_of(tok, model.config.vocab_size).grammar(params.json_schema, eos)
+        self.sampler = Sampler(params, grammar)
         self.table: BlockTable | None = None
         self.computed = 0
         self.finish_reason: str | None = None
@@ -279,10 +283,16 @@ class Request:
             self.finish_reason = "stop"
             return self._release_text()
         self.output.append(token)
+        constraint = self.sampler.constraint
+        if constraint is not None:
+            constraint.advance(token)
         text = self.decoder.push(token) if self.decoder else ""
         self._decoded_chars += len(text)
         delta = self.filter.push(text)
         if self.filter.stopped:
+            self.finish_reason = "stop"
+        elif constraint is not None and constraint.closed:  # nothing can follow the JSON value
+            delta += self._release_text()
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
             delta += self._release_text()
@@ -922,6 +932,8 @@ def check_prompt(model: Model, prompt: list[int], params: SamplingParams,
     vocab = model.config.vocab_size
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise UserError(f"prompt token ids must be in [0, {vocab})")
+    if params.json_schema is not None and model.tokenizer is None:
+        raise UserError("json_schema needs the model's tokenizer, and this model has none")
     if params.logit_bias and max(params.logit_bias) >= vocab:
         raise UserError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
     if cache is not None and cache.blocks_for(len(prompt)) > cache.num_blocks:

@@ -1,5 +1,6 @@
 """Sampling parameters and the sampler: logit bias, repetition, presence and frequency
-penalties, temperature, top-k, top-p, min-p.
+penalties, a JSON schema the output must follow (json_constraint.py), temperature, top-k,
+top-p, min-p.
 
 Each request draws from its own seeded generator, one uniform number per sampled token, so the
 draws do not depend on what else shares the batch. The logits they draw from do, by rounding:
@@ -23,11 +24,12 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import UserError
+from .json_constraint import JsonGrammar, JsonMatcher, check_schema
 
 # Temperatures below this sample as greedy: dividing logits by them overflows to inf (then NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -61,6 +63,7 @@ class SamplingParams:
     logprobs: int | None = None        # each token's log probability and this many alternatives
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit, before penalties
     prompt_logprobs: int | None = None # the same for every prompt token after the first
+    json_schema: Any = None            # the output is JSON this schema accepts (True: any JSON)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +131,10 @@ class SamplingParams:
             raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop strings must be non-empty strings")
+        if self.json_schema is not None:
+            check_schema(self.json_schema)
+            if self.ignore_eos:
+                raise bad("ignore_eos cannot be combined with json_schema, whose output ends with its JSON value")
 
     @property
     def greedy(self) -> bool:
@@ -170,8 +177,10 @@ def checked_logit_bias(bias, bad: Callable[[str], Exception]) -> dict[int, float
 class Sampler:
     """One sequence's sampling parameters and its seeded random stream."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, json_grammar: JsonGrammar | None = None):
+        """json_grammar: params.json_schema's over the model's vocabulary (when set)."""
         self.params = params
+        self.constraint = None if json_grammar is None else JsonMatcher(json_grammar)
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -198,13 +207,13 @@ class Sampler:
 
     @property
     def reads_history(self) -> bool:
-        """A penalty: the row's draw depends on the tokens before it."""
-        return self.params.penalised
+        """A penalty or a JSON schema: the row's draw depends on the tokens before it."""
+        return self.params.penalised or self.constraint is not None
 
     @property
     def is_plain_greedy(self) -> bool:
         """Argmax of the raw logits: no state, so a whole batch can take it at once on the device."""
-        return self.params.greedy and not self.params.penalised and not self.params.biased
+        return self.params.greedy and not self.reads_history and not self.params.biased
 
     def add_bias(self, row_logits: torch.Tensor) -> None:
         """The logit bias, in place; its ids and values uploaded once per device."""
@@ -244,15 +253,19 @@ class StepSample:
             self.packed = self.tokens
             self.scored = LogprobRows.of(logits, self.tokens, [s.params.logprobs for s in samplers], redrawable=False)
             return
-        penalised = [row for row, s in enumerate(samplers) if s.reads_history]
+        penalised = [row for row, s in enumerate(samplers) if s.params.penalised]
         biased = [row for row, s in enumerate(samplers) if s.params.biased]
-        x = logits.to(torch.float32, copy=bool(penalised or biased))
+        constrained = [row for row, s in enumerate(samplers) if s.constraint is not None]
+        x = logits.to(torch.float32, copy=bool(penalised or biased or constrained))
         for row in biased:  # first, as vLLM applies it: what the penalties then scale
             samplers[row].add_bias(x[row])
         for row in penalised:
             prompt, output = history(row)
             samplers[row].penalties.update(prompt, output, x.shape[-1], x.device)
             samplers[row].penalties.penalise(x[row], samplers[row].params)
+        for row in constrained:
+            allowed = samplers[row].constraint.allowed().to(x.device, non_blocking=True)
+            x[row].masked_fill_(~allowed, -math.inf)
         self.sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
         if len(self.sampled) == len(samplers):
             self.draws = RowDraws(x, samplers)

@@ -275,10 +275,7 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
         if name not in handled and body.get(name) not in (None, False, 0, [], {}):
             raise _bad(f"'{name}' is not supported ({what})", param=name,
                        code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise _bad("only response_format {'type': 'text'} is supported", param="response_format",
-                   code="unsupported_value")
+    json_schema = _json_schema(body.get("response_format"))
     max_tokens = max_tokens_default
     for name in max_tokens_names:
         max_tokens = _integer(body, name, max_tokens, lo=fewest_tokens)
@@ -303,9 +300,37 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body))
+            prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body), json_schema=json_schema)
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
+
+
+def _json_schema(response_format) -> dict | bool | None:
+    """OpenAI's response_format as the JSON schema the output must follow (None: free text):
+    {"type": "json_object"} is any JSON object; {"type": "json_schema", "json_schema":
+    {"schema": ...}} the schema's values ("name" and "strict" are read past)."""
+    from .json_constraint import check_schema
+
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise _bad("'response_format' must be an object with a 'type'", param="response_format")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise _bad(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   param="response_format", code="invalid_value")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise _bad("response_format 'json_schema' must be an object with a 'schema'",
+                   param="response_format", code="missing_required_parameter")
+    try:
+        return check_schema(spec["schema"])
+    except UserError as exc:
+        raise _bad(str(exc), param="response_format", code="invalid_value") from None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:

@@ -260,6 +260,7 @@ class Tokenizer:
         decoder = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else {}
         self._byte_level = '"ByteLevel"' in json.dumps(decoder)
         self._added_ids = frozenset(tok.get_added_tokens_decoder())
+        self.special_token_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
         self._token_bytes: dict[int, bytes] = {}
 
     @property

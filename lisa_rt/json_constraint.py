@@ -1,0 +1,668 @@
+"""JSON output constrained by a JSON schema: which tokens may come next.
+
+A schema is compiled once into a graph of nodes (`compile_schema`); a sequence's position in
+its output is a set of parse stacks over those nodes, advanced byte by byte (`JsonGrammar.step`).
+A stack is a tuple of frames (tuples, so that states hash and masks can be cached), the frame
+of the value being written on top. A set, because a byte can be read more than one way (anyOf,
+enum values sharing a prefix, a number that may or may not go on).
+
+The tokens allowed in a state are found by walking a trie of the vocabulary's byte strings
+with the state, pruning a branch as soon as its bytes leave the grammar. Inside a free string
+(most of what a model writes) nearly every token is allowed and none changes the state, so there
+the walk covers only the few tokens holding a quote, a backslash, a control byte or part of a
+UTF-8 character, and the rest come from a precomputed mask. Masks are cached per state.
+
+The output is the value alone: whitespace may lead and separate (runs of at most
+MAX_WHITESPACE), never trail; the sequence ends when nothing can follow the value, or with an
+end-of-sequence token where something still could (a number at the top level).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from .errors import UserError
+
+MAX_WHITESPACE = 64    # bytes in one run of whitespace: a model cannot pad forever
+MAX_DEPTH = 64         # open frames (nested values): bounds a recursive schema's output
+MAX_NUMBER_BYTES = 32    # "-1.2345678901234567e+308" is 24: longer is a model repeating itself
+MAX_KEY_BYTES = 256    # a free property name that must be remembered (to choose its schema)
+MAX_SCHEMA_NODES = 10_000
+MASKS_CACHED = 512     # per grammar: 49,152-token masks are 48 KiB each
+GRAMMARS_CACHED = 16
+
+# Keywords that describe but do not constrain: read past.
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
+                          "$comment", "$defs", "definitions", "readOnly", "writeOnly",
+                          "deprecated"})
+_KNOWN = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items",
+                         "minItems", "maxItems", "minLength", "maxLength", "enum", "const",
+                         "anyOf", "oneOf", "allOf", "$ref"}
+_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+
+# Number states; the final ones may end the number.
+_MINUS, _ZERO, _INT, _DOT, _FRAC, _E, _ESIGN, _EXP = range(8)
+_NUMBER_FINAL = frozenset({_ZERO, _INT, _FRAC, _EXP})
+# Object phases: after '{', after ',', after a property name, after a value.
+_OPEN, _NEXT, _NAMED, _VALUE = range(4)
+# String escape states: 0 plain; 1 after '\'; 10 + k: k hex digits of \uXXXX to come; 20 + k:
+# k UTF-8 continuation bytes to come; 30 + lead byte - 0xE0: a 3- or 4-byte character's first
+# continuation byte to come, whose range depends on the lead byte.
+_PLAIN, _BACKSLASH, _HEX_LEFT, _UTF8_LEFT = 0, 1, 10, 20
+_UTF8_FIRST = {lead: 30 + lead - 0xE0 for lead in range(0xE0, 0xF5)}
+_UTF8_FIRST_RANGE = {30 + lead - 0xE0: (
+    {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF)),
+    1 if lead < 0xF0 else 2) for lead in range(0xE0, 0xF5)}
+
+
+def _bad(message: str) -> UserError:
+    return UserError(f"invalid json_schema: {message}")
+
+
+class SchemaNodes:
+    """A schema compiled to nodes, by index (the schema's is root_node). Each node is a tuple:
+    ("object", {name: node}, {name: encoded name}, required, additional node or None),
+    ("array", items node, min, max or None), ("string", min, max or None), ("number", integer),
+    ("literal", (JSON texts, as bytes)), ("union", (nodes))."""
+
+    def __init__(self, schema: Any):
+        self.root = schema
+        self.nodes: list[tuple | None] = []
+        self._by_schema: dict[int, int] = {}   # id(schema dict) -> node, for $ref cycles
+        self._any: int | None = None
+        self.free_string = self._new(("string", 0, None))  # property names read and forgotten
+        self.root_node = self._compile(schema, "#")
+        self._check_no_empty_cycles()
+
+    def _check_no_empty_cycles(self) -> None:
+        """Refuses a schema that reaches itself through $ref and anyOf alone, before writing a
+        byte ({"$ref": "#"}): choosing its first byte would never end."""
+        done: set[int] = set()
+
+        def visit(index: int, path: set[int]) -> None:
+            node = self.nodes[index]
+            if node[0] != "union" or index in done:
+                return
+            if index in path:
+                raise _bad("a $ref or anyOf cycle that never writes a value")
+            path.add(index)
+            for option in node[1]:
+                visit(option, path)
+            path.discard(index)
+            done.add(index)
+
+        for index in range(len(self.nodes)):
+            visit(index, set())
+
+    def _new(self, node: tuple | None = None) -> int:
+        if len(self.nodes) >= MAX_SCHEMA_NODES:
+            raise _bad(f"more than {MAX_SCHEMA_NODES} nodes")
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def any_value(self) -> int:
+        """Any JSON value (objects and arrays of any values)."""
+        if self._any is None:
+            self._any = self._new()
+            obj = self._new(("object", {}, {}, frozenset(), self._any))
+            arr = self._new(("array", self._any, 0, None))
+            text = self.free_string
+            number = self._new(("number", False))
+            words = self._new(("literal", (b"true", b"false", b"null")))
+            self.nodes[self._any] = ("union", (obj, arr, text, number, words))
+        return self._any
+
+    def _compile(self, schema: Any, where: str) -> int:
+        if schema is True or schema == {}:
+            return self.any_value()
+        if schema is False:
+            raise _bad(f"{where} is false: no value satisfies it")
+        if not isinstance(schema, dict):
+            raise _bad(f"{where} must be an object or a boolean, got {type(schema).__name__}")
+        key = id(schema)
+        if key in self._by_schema:
+            return self._by_schema[key]
+        index = self._new()
+        self._by_schema[key] = index
+        self.nodes[index] = self._node(schema, where)
+        return index
+
+    def _node(self, schema: dict, where: str) -> tuple:
+        unknown = sorted(k for k in schema if k not in _KNOWN)
+        if unknown:
+            raise _bad(f"keyword '{unknown[0]}' at {where} is not supported (supported: type, "
+                       "properties, required, additionalProperties, items, minItems, maxItems, "
+                       "minLength, maxLength, enum, const, anyOf, oneOf, allOf of one schema, $ref)")
+        if "$ref" in schema:
+            others = [k for k in schema if k not in _ANNOTATIONS and k != "$ref"]
+            if others:
+                raise _bad(f"$ref at {where} beside '{others[0]}' is not supported")
+            target = self._resolve(schema["$ref"], where)
+            return ("union", (self._compile(target, schema["$ref"]),))
+        if "const" in schema:
+            return ("literal", (_json_text(schema["const"], where),))
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise _bad(f"enum at {where} must be a non-empty list")
+            return ("literal", tuple(dict.fromkeys(_json_text(v, where) for v in values)))
+        for word in ("anyOf", "oneOf", "allOf"):
+            if word in schema:
+                options = schema[word]
+                if not isinstance(options, list) or not options:
+                    raise _bad(f"{word} at {where} must be a non-empty list")
+                if word == "allOf" and len(options) != 1:
+                    raise _bad(f"allOf at {where} with more than one schema is not supported")
+                others = [k for k in schema if k not in _ANNOTATIONS and k != word]
+                if others:
+                    raise _bad(f"{word} at {where} beside '{others[0]}' is not supported")
+                # oneOf is read as anyOf: exclusivity cannot be checked while writing.
+                return ("union", tuple(self._compile(s, f"{where}/{word}/{i}") for i, s in enumerate(options)))
+        types = schema.get("type")
+        if types is None:
+            inferred = [t for t, words in (("object", ("properties", "required", "additionalProperties")),
+                                           ("array", ("items", "minItems", "maxItems")),
+                                           ("string", ("minLength", "maxLength"))) if any(w in schema for w in words)]
+            if not inferred:  # annotations alone: any value
+                return ("union", (self.any_value(),))
+            types = inferred
+        if isinstance(types, str):
+            types = [types]
+        if not isinstance(types, list) or not types or any(t not in _TYPES for t in types):
+            raise _bad(f"type at {where} must be one of {', '.join(_TYPES)} or a list of them, got {types!r}")
+        options = [self._typed(t, schema, where) for t in dict.fromkeys(types)]
+        return options[0] if len(options) == 1 else ("union", tuple(self._new(o) for o in options))
+
+    def _typed(self, kind: str, schema: dict, where: str) -> tuple:
+        if kind == "object":
+            props = schema.get("properties", {})
+            if not isinstance(props, dict):
+                raise _bad(f"properties at {where} must be an object")
+            required = schema.get("required", [])
+            if not isinstance(required, list) or any(not isinstance(r, str) for r in required):
+                raise _bad(f"required at {where} must be a list of names")
+            extra = schema.get("additionalProperties", not props)
+            additional = None if extra is False else self._compile(extra, f"{where}/additionalProperties")
+            missing = [r for r in required if r not in props]
+            if missing:
+                raise _bad(f"required property '{missing[0]}' at {where} is not in its properties")
+            nodes = {name: self._compile(s, f"{where}/properties/{name}") for name, s in props.items()}
+            encoded = {name: json.dumps(name, ensure_ascii=False)[1:-1].encode() for name in props}
+            return ("object", nodes, encoded, frozenset(required), additional)
+        if kind == "array":
+            lo, hi = _bounds(schema, "minItems", "maxItems", where)
+            items = schema.get("items", True)
+            return ("array", self._compile(items, f"{where}/items"), lo, hi)
+        if kind == "string":
+            lo, hi = _bounds(schema, "minLength", "maxLength", where)
+            return ("string", lo, hi)
+        if kind in ("number", "integer"):
+            return ("number", kind == "integer")
+        return ("literal", (b"true", b"false") if kind == "boolean" else (b"null",))
+
+    def _resolve(self, ref: Any, where: str) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _bad(f"$ref at {where} must point into the schema itself ('#/...'), got {ref!r}")
+        target = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise _bad(f"$ref {ref!r} at {where} points to nothing")
+            target = target[part]
+        return target
+
+
+def _bounds(schema: dict, lo_name: str, hi_name: str, where: str) -> tuple[int, int | None]:
+    lo, hi = schema.get(lo_name, 0), schema.get(hi_name)
+    for name, value in ((lo_name, lo), (hi_name, hi)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise _bad(f"{name} at {where} must be an integer >= 0")
+    if hi is not None and hi < lo:
+        raise _bad(f"{hi_name} at {where} is below {lo_name}")
+    return lo, hi
+
+
+def _json_text(value: Any, where: str) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"a const or enum value at {where} is not JSON: {exc}") from None
+
+
+def check_schema(schema: Any) -> Any:
+    """Raises UserError unless lisa-rt can constrain output to `schema`; returns it."""
+    _compiled(schema)
+    return schema
+
+
+_compile_cache: OrderedDict = OrderedDict()
+_compile_lock = threading.Lock()
+
+
+def _compiled(schema: Any) -> SchemaNodes:
+    try:
+        key = json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    with _compile_lock:
+        if key in _compile_cache:
+            _compile_cache.move_to_end(key)
+            return _compile_cache[key]
+    try:
+        nodes = SchemaNodes(json.loads(key))
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    with _compile_lock:
+        _compile_cache[key] = nodes
+        while len(_compile_cache) > GRAMMARS_CACHED:
+            _compile_cache.popitem(last=False)
+    return nodes
+
+
+class Vocabulary:
+    """A tokenizer's tokens as bytes, in tries, for walking with a grammar state: `trie` holds
+    every text token; `unsafe` only those a free JSON string cannot take whole without changing
+    state (`string_safe` marks the others, `chars` counts their characters, `lengths` their
+    bytes)."""
+
+    def __init__(self, token_bytes: Sequence[bytes], width: int):
+        """token_bytes[id]: the bytes of each text token (empty for a special token, which a
+        grammar never allows); width: the model's logits' width (at least len(token_bytes))."""
+        self.width = width
+        self.spelled = list(token_bytes)
+        self._grammars: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.string_safe = torch.zeros(width, dtype=torch.bool)
+        self.chars = torch.zeros(width, dtype=torch.int32)
+        self.lengths = torch.tensor([len(b) for b in token_bytes] + [0] * (width - len(token_bytes)), dtype=torch.int32)
+        self.trie, self.unsafe = _Trie(), _Trie()
+        for token, spelled in enumerate(token_bytes):
+            if not spelled:
+                continue
+            self.trie.add(token, spelled)
+            if _string_safe(spelled):
+                self.string_safe[token] = True
+                self.chars[token] = len(spelled.decode())
+            else:
+                self.unsafe.add(token, spelled)
+
+
+    def grammar(self, schema: Any, eos_ids: Sequence[int]) -> "JsonGrammar":
+        """The grammar of `schema` over this vocabulary, shared by every request that asks for
+        the same schema, so that they share its masks."""
+        key = (json.dumps(schema, sort_keys=True), tuple(sorted(eos_ids)))
+        with self._lock:
+            if key in self._grammars:
+                self._grammars.move_to_end(key)
+                return self._grammars[key]
+        grammar = JsonGrammar(schema, self, eos_ids)
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > GRAMMARS_CACHED:
+                self._grammars.popitem(last=False)
+        return grammar
+
+    def clear_grammars(self) -> None:
+        """Forgets the grammars and their masks (a benchmark measures a cold start with it)."""
+        with self._lock:
+            self._grammars.clear()
+
+
+_vocabulary_lock = threading.Lock()
+_vocabularies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vocabulary_of(tokenizer, width: int) -> Vocabulary:
+    """The tokenizer's Vocabulary for logits `width` wide, built once (about a second for
+    49,152 tokens) and kept while the tokenizer is."""
+    with _vocabulary_lock:
+        cached = _vocabularies.get(tokenizer)
+        if cached is None or cached.width != width:
+            special = tokenizer.special_token_ids
+            spelled = [b"" if i in special else tokenizer.token_bytes(i) for i in range(min(len(tokenizer), width))]
+            cached = Vocabulary(spelled, width)
+            _vocabularies[tokenizer] = cached
+        return cached
+
+
+def _string_safe(spelled: bytes) -> bool:
+    if any(b < 0x20 or b in (0x22, 0x5C) for b in spelled):
+        return False
+    try:
+        spelled.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _Trie:
+    def __init__(self):
+        self.children: list[dict[int, int]] = [{}]
+        self.tokens: list[list[int]] = [[]]
+
+    def add(self, token: int, spelled: bytes) -> None:
+        node = 0
+        for byte in spelled:
+            child = self.children[node].get(byte)
+            if child is None:
+                child = len(self.children)
+                self.children.append({})
+                self.tokens.append([])
+                self.children[node][byte] = child
+            node = child
+        self.tokens[node].append(token)
+
+
+State = frozenset  # of stacks: tuples of frames
+
+
+class JsonGrammar:
+    """One schema over one vocabulary: states, steps and the token masks of states."""
+
+    def __init__(self, schema: Any, vocabulary: Vocabulary, eos_ids: Sequence[int]):
+        self.schema = _compiled(schema)
+        self.nodes = self.schema.nodes
+        self.vocabulary = vocabulary
+        self.eos_ids = sorted(set(int(i) for i in eos_ids if 0 <= int(i) < vocabulary.width))
+        self.initial: State = frozenset({(("val", self.schema.root_node, 0),)})
+        self._masks: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- states ---------------------------------------------------------------------------
+
+    def advance(self, state: State, spelled: bytes) -> State:
+        for byte in spelled:
+            state = self.step(state, byte)
+            if not state:
+                break
+        return state
+
+    def step(self, state: State, byte: int) -> State:
+        out = []
+        for stack in state:
+            out.extend(self._step(stack, byte))
+        return frozenset(out)
+
+    @staticmethod
+    def accepting(state: State) -> bool:
+        """Whether the value may end here."""
+        return any(not stack or (len(stack) == 1 and stack[0][0] == "num" and stack[0][3] in _NUMBER_FINAL)
+                   for stack in state)
+
+    @staticmethod
+    def closed(state: State) -> bool:
+        """Whether the value is complete and nothing can follow it."""
+        return state == frozenset({()})
+
+    # -- masks ----------------------------------------------------------------------------
+
+    def allowed(self, state: State) -> torch.Tensor:
+        """bool [vocabulary width]: the tokens that may follow `state` (the end-of-sequence
+        tokens where the value may end). Never all false: where no token fits (a vocabulary
+        that cannot spell what the schema needs), the end-of-sequence tokens are allowed."""
+        with self._lock:
+            mask = self._masks.get(state)
+            if mask is not None:
+                self._masks.move_to_end(state)
+                return mask
+        mask = self._mask(state)
+        if self.accepting(state) or not bool(mask.any()):
+            mask[self.eos_ids] = True
+        with self._lock:
+            self._masks[state] = mask
+            while len(self._masks) > MASKS_CACHED:
+                self._masks.popitem(last=False)
+        return mask
+
+    def _mask(self, state: State) -> torch.Tensor:
+        vocab = self.vocabulary
+        mask = self._inside_free_string(state)
+        trie = vocab.trie if mask is None else vocab.unsafe
+        if mask is None:
+            mask = torch.zeros(vocab.width, dtype=torch.bool)
+        allowed: list[int] = []
+        pending = [(0, state)]
+        while pending:
+            node, here = pending.pop()
+            for byte, child in trie.children[node].items():
+                after = self.step(here, byte)
+                if after:
+                    allowed.extend(trie.tokens[child])
+                    if trie.children[child]:
+                        pending.append((child, after))
+        if allowed:
+            mask[allowed] = True
+        return mask
+
+    def _inside_free_string(self, state: State) -> torch.Tensor | None:
+        """Inside a string (not in an escape or a character) that takes any character, up to a
+        length: the string-safe tokens that fit (a new tensor); else None."""
+        if len(state) != 1:
+            return None
+        (stack,) = state
+        frame = stack[-1] if stack else ("",)
+        vocab = self.vocabulary
+        if frame[0] == "str" and frame[3] == _PLAIN:
+            hi = self.nodes[frame[1]][2]
+            return vocab.string_safe.clone() if hi is None else vocab.string_safe & (vocab.chars <= hi - frame[2])
+        if frame[0] == "key" and frame[1] is None and frame[3] == _PLAIN:
+            return vocab.string_safe & (vocab.lengths <= MAX_KEY_BYTES - len(frame[2]))
+        return None
+
+    # -- one stack, one byte ----------------------------------------------------------------
+
+    def _step(self, stack: tuple, byte: int) -> list[tuple]:
+        if not stack:
+            return []
+        frame, rest = stack[-1], stack[:-1]
+        kind = frame[0]
+        if kind == "str":
+            return self._string(frame, rest, byte)
+        if kind == "val":
+            if byte in _WS:
+                return [rest + (("val", frame[1], frame[2] + 1),)] if frame[2] < MAX_WHITESPACE else []
+            return [rest + frames for frames in self._start(frame[1], byte, len(rest))]
+        if kind == "lit":
+            _, texts, pos = frame
+            texts = tuple(t for t in texts if t[pos] == byte)
+            if not texts:
+                return []
+            done = [rest] if any(len(t) == pos + 1 for t in texts) else []
+            going = tuple(t for t in texts if len(t) > pos + 1)
+            return done + ([rest + (("lit", going, pos + 1),)] if going else [])
+        if kind == "num":
+            return self._number(frame, rest, byte)
+        if kind == "obj":
+            return self._object(frame, rest, byte)
+        if kind == "arr":
+            return self._array(frame, rest, byte)
+        if kind == "key":
+            return self._named_key(frame, rest, byte)
+        raise AssertionError(kind)
+
+    def _start(self, index: int, byte: int, depth: int) -> list[tuple]:
+        """The frames that replace a value of node `index` whose first byte is `byte`."""
+        node = self.nodes[index]
+        kind = node[0]
+        if kind == "union":
+            return [frames for option in node[1] for frames in self._start(option, byte, depth)]
+        if kind == "literal":
+            texts = tuple(t for t in node[1] if t[0] == byte)
+            done = [()] if any(len(t) == 1 for t in texts) else []
+            going = tuple(t for t in texts if len(t) > 1)
+            return done + ([(("lit", going, 1),)] if going else [])
+        if depth >= MAX_DEPTH:
+            return []
+        if kind == "string":
+            return [(("str", index, 0, _PLAIN),)] if byte == 0x22 else []
+        if kind == "number":
+            if byte == 0x2D:
+                return [(("num", index, 1, _MINUS),)]
+            if byte in _DIGITS:
+                return [(("num", index, 1, _ZERO if byte == 0x30 else _INT),)]
+            return []
+        if kind == "object":
+            return [(("obj", index, _OPEN, frozenset(), None, 0),)] if byte == 0x7B else []
+        if kind == "array":
+            if byte != 0x5B:
+                return []
+            return [(("arr", index, _OPEN, 0, 0),)]
+        raise AssertionError(kind)
+
+    def _string(self, frame: tuple, rest: tuple, byte: int) -> list[tuple]:
+        _, index, count, esc = frame
+        lo, hi = self.nodes[index][1], self.nodes[index][2]
+        if esc == _PLAIN and byte == 0x22:
+            return [rest] if count >= lo else []
+        moved = _string_byte(esc, byte)
+        if moved is None:
+            return []
+        new_esc, new_char = moved
+        if new_char and (lo > 0 or hi is not None):  # counted only where it matters, so
+            count += 1                               # that free strings keep one state
+            if hi is not None and count > hi:
+                return []
+        return [rest + (("str", index, count, new_esc),)]
+
+    def _number(self, frame: tuple, rest: tuple, byte: int) -> list[tuple]:
+        _, index, length, at = frame
+        integer = self.nodes[index][1]
+        nxt = None
+        if byte in _DIGITS:
+            nxt = {_MINUS: _ZERO if byte == 0x30 else _INT, _INT: _INT, _DOT: _FRAC, _FRAC: _FRAC,
+                   _E: _EXP, _ESIGN: _EXP, _EXP: _EXP}.get(at)
+        elif byte == 0x2E and not integer and at in (_ZERO, _INT):
+            nxt = _DOT
+        elif byte in (0x65, 0x45) and not integer and at in (_ZERO, _INT, _FRAC):
+            nxt = _E
+        elif byte in (0x2B, 0x2D) and at == _E:
+            nxt = _ESIGN
+        if nxt is not None:
+            return [rest + (("num", index, length + 1, nxt),)] if length < MAX_NUMBER_BYTES else []
+        if at in _NUMBER_FINAL:  # the number ended: the byte is the parent's
+            return self._step(rest, byte)
+        return []
+
+    def _object(self, frame: tuple, rest: tuple, byte: int) -> list[tuple]:
+        _, index, phase, seen, key, ws = frame
+        _, props, encoded, required, additional = self.nodes[index]
+        if byte in _WS:
+            return [rest + (frame[:5] + (ws + 1,),)] if ws < MAX_WHITESPACE else []
+        if phase in (_OPEN, _NEXT) and byte == 0x22:
+            names = tuple(sorted(encoded[n] for n in props if n not in seen))
+            parent = ("obj", index, _NAMED, seen, None, 0)
+            if additional is None:
+                return [rest + (parent, ("key", names, b"", _PLAIN))] if names else []
+            if not props:  # any name: the name itself need not be remembered
+                return [rest + (parent, ("str", self.schema.free_string, 0, _PLAIN))]
+            return [rest + (parent, ("key", None, b"", _PLAIN))]
+        if byte == 0x7D and phase in (_OPEN, _VALUE):
+            return [rest] if required <= seen else []
+        if phase == _NAMED and byte == 0x3A:
+            child = props[key] if key is not None else additional
+            return [rest + (("obj", index, _VALUE, seen, None, 0), ("val", child, 0))]
+        if phase == _VALUE and byte == 0x2C:
+            more = additional is not None or any(n not in seen for n in props)
+            return [rest + (("obj", index, _NEXT, seen, None, 0),)] if more else []
+        return []
+
+    def _array(self, frame: tuple, rest: tuple, byte: int) -> list[tuple]:
+        _, index, phase, count, ws = frame
+        _, items, lo, hi = self.nodes[index]
+        if byte in _WS:
+            return [rest + (frame[:4] + (ws + 1,),)] if ws < MAX_WHITESPACE else []
+        if byte == 0x5D and (phase == _OPEN and lo == 0 or phase == _VALUE and count >= lo):
+            return [rest]
+        if phase == _VALUE:
+            if byte == 0x2C and (hi is None or count < hi):
+                return [rest + (("arr", index, _NEXT, count, 0),)]
+            return []
+        if hi == 0:
+            return []
+        # Items are counted only up to what a bound needs, so that most arrays keep one state.
+        counted = count + 1 if hi is not None else min(count + 1, lo)
+        parent = ("arr", index, _VALUE, counted, 0)
+        return [rest + (parent,) + frames for frames in self._start(items, byte, len(rest) + 1)]
+
+    def _named_key(self, frame: tuple, rest: tuple, byte: int) -> list[tuple]:
+        """A property name: one of `names` (JSON-encoded bytes), or (names None) any name,
+        read whole to choose between a listed property's schema and additionalProperties."""
+        _, names, typed, esc = frame
+        parent = rest[-1]
+        if byte == 0x22 and esc == _PLAIN:
+            name = json.loads(b'"' + typed + b'"')
+            if names is None and name not in self.nodes[parent[1]][1]:
+                return [rest[:-1] + (parent[:4] + (None, 0),)]
+            if (names is not None and typed not in names) or name in parent[3]:
+                return []
+            return [rest[:-1] + (parent[:3] + (parent[3] | {name}, name, 0),)]
+        typed += bytes([byte])
+        if names is not None:
+            if not any(n.startswith(typed) for n in names):
+                return []
+            return [rest + (("key", names, typed, _PLAIN),)]
+        moved = _string_byte(esc, byte)
+        if moved is None or len(typed) > MAX_KEY_BYTES:
+            return []
+        return [rest + (("key", None, typed, moved[0]),)]
+
+
+def _string_byte(esc: int, byte: int) -> tuple[int, bool] | None:
+    """A string's byte other than its closing quote: (escape state after it, whether it starts
+    a character), or None where a JSON string cannot have it."""
+    if esc == _PLAIN:
+        if byte == 0x5C:
+            return _BACKSLASH, True
+        if byte < 0x20 or byte == 0x22:
+            return None
+        if byte < 0x80:
+            return _PLAIN, True
+        if 0xC2 <= byte <= 0xDF:
+            return _UTF8_LEFT + 1, True
+        if 0xE0 <= byte <= 0xF4:  # the first continuation byte's range rules out overlong
+            return _UTF8_FIRST[byte], True  # forms, surrogates and code points past U+10FFFF
+        return None
+    if esc == _BACKSLASH:
+        if byte == 0x75:  # \uXXXX
+            return _HEX_LEFT + 4, False
+        return (_PLAIN, False) if byte in _ESCAPES else None
+    if esc in _UTF8_FIRST_RANGE:
+        (lo, hi), left = _UTF8_FIRST_RANGE[esc]
+        return (_UTF8_LEFT + left, False) if lo <= byte <= hi else None
+    if esc > _UTF8_LEFT:
+        return (esc - 1 if esc > _UTF8_LEFT + 1 else _PLAIN, False) if 0x80 <= byte <= 0xBF else None
+    return (esc - 1 if esc > _HEX_LEFT + 1 else _PLAIN, False) if byte in _HEX else None
+
+
+class JsonMatcher:
+    """One sequence's place in its output's grammar."""
+
+    def __init__(self, grammar: JsonGrammar):
+        self.grammar = grammar
+        self.state: State = grammar.initial
+
+    def allowed(self) -> torch.Tensor:
+        return self.grammar.allowed(self.state)
+
+    def advance(self, token: int) -> None:
+        spelled = self.grammar.vocabulary.spelled[token] if token < len(self.grammar.vocabulary.spelled) else b""
+        self.state = self.grammar.advance(self.state, spelled)
+
+    @property
+    def closed(self) -> bool:
+        return JsonGrammar.closed(self.state)
+
+    @property
+    def accepting(self) -> bool:
+        return JsonGrammar.accepting(self.state)
