@@ -293,11 +293,11 @@ def _sampling_params(args):
 
 
 def _json_schema(value: str | None):
-    """--json-schema: inline JSON (it starts with '{'), or else a file of it."""
+    """--json-schema: inline JSON (it starts with '{', or is `true`), or else a file of it."""
     if value is None:
         return None
     text = value
-    if not value.lstrip().startswith("{"):
+    if not value.lstrip().startswith("{") and value.strip() != "true":
         try:
             text = open(value, "rb").read().decode()
         except OSError as exc:

@@ -54,10 +54,14 @@ _MINUS, _ZERO, _INT, _DOT, _FRAC, _E, _ESIGN, _EXP = range(8)
 _NUMBER_FINAL = frozenset({_ZERO, _INT, _FRAC, _EXP})
 # Object phases: after '{', after ',', after a property name, after a value.
 _OPEN, _NEXT, _NAMED, _VALUE = range(4)
-# String escape states: 0 plain; 1 after '\'; 10 + k: k hex digits of \uXXXX to come; 20 + k:
-# k UTF-8 continuation bytes to come; 30 + lead byte - 0xE0: a 3- or 4-byte character's first
-# continuation byte to come, whose range depends on the lead byte.
-_PLAIN, _BACKSLASH, _HEX_LEFT, _UTF8_LEFT = 0, 1, 10, 20
+# String escape states: 0 plain; 1 after '\'; 10 + k: k hex digits of \uXXXX to come; 15: after
+# \uD; 20 + k: k UTF-8 continuation bytes to come; 30 + lead byte - 0xE0: a 3- or 4-byte
+# character's first continuation byte to come, whose range depends on the lead byte; 60-65: a
+# surrogate pair (\uD800-\uDBFF, then at once \uDC00-\uDFFF), one character: 60 and 61 the high
+# half's last two hex digits, 62-65 the low half's \, u, D and C-F. A lone surrogate is
+# refused, so that every string is Unicode text.
+_PLAIN, _BACKSLASH, _HEX_LEFT, _HEX_AFTER_D, _UTF8_LEFT, _HIGH_SURROGATE = 0, 1, 10, 15, 20, 60
+_LOW_SURROGATE_START = {62: b"\\", 63: b"u", 64: b"dD", 65: b"cdefCDEF"}
 _UTF8_FIRST = {lead: 30 + lead - 0xE0 for lead in range(0xE0, 0xF5)}
 _UTF8_FIRST_RANGE = {30 + lead - 0xE0: (
     {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF)),
@@ -148,13 +152,8 @@ class SchemaNodes:
                 raise _bad(f"$ref at {where} beside '{others[0]}' is not supported")
             target = self._resolve(schema["$ref"], where)
             return ("union", (self._compile(target, schema["$ref"]),))
-        if "const" in schema:
-            return ("literal", (_json_text(schema["const"], where),))
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise _bad(f"enum at {where} must be a non-empty list")
-            return ("literal", tuple(dict.fromkeys(_json_text(v, where) for v in values)))
+        if "const" in schema or "enum" in schema:
+            return self._literal(schema, where)
         for word in ("anyOf", "oneOf", "allOf"):
             if word in schema:
                 options = schema[word]
@@ -181,6 +180,23 @@ class SchemaNodes:
             raise _bad(f"type at {where} must be one of {', '.join(_TYPES)} or a list of them, got {types!r}")
         options = [self._typed(t, schema, where) for t in dict.fromkeys(types)]
         return options[0] if len(options) == 1 else ("union", tuple(self._new(o) for o in options))
+
+    def _literal(self, schema: dict, where: str) -> tuple:
+        """enum or const: the values' JSON texts. Beside them only `type` is read (each value
+        must be of it); other constraints beside them are refused rather than left unchecked."""
+        word = "const" if "const" in schema else "enum"
+        others = [k for k in schema if k not in _ANNOTATIONS and k not in (word, "type")]
+        if others:
+            raise _bad(f"{word} at {where} beside '{others[0]}' is not supported")
+        values = [schema["const"]] if word == "const" else schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise _bad(f"enum at {where} must be a non-empty list")
+        if "type" in schema:
+            types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            for value in values:
+                if not any(_is_of_type(value, t) for t in types):
+                    raise _bad(f"the {word} value {value!r} at {where} is not of its type {schema['type']!r}")
+        return ("literal", tuple(dict.fromkeys(_json_text(v, where) for v in values)))
 
     def _typed(self, kind: str, schema: dict, where: str) -> tuple:
         if kind == "object":
@@ -222,13 +238,25 @@ class SchemaNodes:
 
 
 def _bounds(schema: dict, lo_name: str, hi_name: str, where: str) -> tuple[int, int | None]:
+    for name in (lo_name, hi_name):
+        value = schema.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad(f"{name} at {where} must be an integer >= 0, got {value!r}")
     lo, hi = schema.get(lo_name, 0), schema.get(hi_name)
-    for name, value in ((lo_name, lo), (hi_name, hi)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise _bad(f"{name} at {where} must be an integer >= 0")
     if hi is not None and hi < lo:
         raise _bad(f"{hi_name} at {where} is below {lo_name}")
     return lo, hi
+
+
+def _is_of_type(value: Any, kind: Any) -> bool:
+    """Whether a JSON value is of a JSON Schema type (an integer: a number with no fraction)."""
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or \
+            (isinstance(value, float) and value.is_integer())
+    python = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return kind in python and isinstance(value, python[kind]) and (kind == "boolean" or not isinstance(value, bool))
 
 
 def _json_text(value: Any, where: str) -> bytes:
@@ -640,9 +668,22 @@ def _string_byte(esc: int, byte: int) -> tuple[int, bool] | None:
     if esc in _UTF8_FIRST_RANGE:
         (lo, hi), left = _UTF8_FIRST_RANGE[esc]
         return (_UTF8_LEFT + left, False) if lo <= byte <= hi else None
-    if esc > _UTF8_LEFT:
+    if _UTF8_LEFT < esc <= _UTF8_LEFT + 3:
         return (esc - 1 if esc > _UTF8_LEFT + 1 else _PLAIN, False) if 0x80 <= byte <= 0xBF else None
-    return (esc - 1 if esc > _HEX_LEFT + 1 else _PLAIN, False) if byte in _HEX else None
+    if esc == _HEX_LEFT + 4 and byte in b"dD":
+        return _HEX_AFTER_D, False
+    if esc == _HEX_AFTER_D:  # \uD8-\uDB: a high surrogate, whose low one must follow at once
+        if 0x30 <= byte <= 0x37:
+            return _HEX_LEFT + 2, False
+        return (_HIGH_SURROGATE, False) if byte in b"89abAB" else None
+    if esc == _HIGH_SURROGATE or esc == _HIGH_SURROGATE + 1:
+        return (esc + 1, False) if byte in _HEX else None
+    if esc in _LOW_SURROGATE_START:  # \, u, D, then C-F: the pair's second half, no new character
+        return (esc + 1 if esc + 1 in _LOW_SURROGATE_START else _HEX_LEFT + 2, False) \
+            if byte in _LOW_SURROGATE_START[esc] else None
+    if _HEX_LEFT < esc <= _HEX_LEFT + 4:
+        return (esc - 1 if esc > _HEX_LEFT + 1 else _PLAIN, False) if byte in _HEX else None
+    raise AssertionError(esc)
 
 
 class JsonMatcher:
