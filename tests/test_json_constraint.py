@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import threading
-import time
 
 import pytest
 import torch
@@ -988,40 +986,18 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 
 
-class _LiveServer:
-    """A uvicorn server on a free port of 127.0.0.1 in a background thread (as in test_server)."""
-
-    def __init__(self, llm):
-        import uvicorn
-
-        from lisa_rt.server import bind_socket, create_app
-
-        sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(llm, model_name="tiny"), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def post(self, path: str, body: dict):
-        import httpx
-
-        return httpx.post(self.url + path, json=body, timeout=120)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(llms):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    pytest.importorskip("httpx")
-    live = _LiveServer(llms["bpe"])
+    httpx = pytest.importorskip("httpx")
+    from tests.test_server import LiveServer
+
+    class PostingServer(LiveServer):
+        def post(self, path: str, body: dict):
+            return httpx.post(self.url + path, json=body, timeout=120)
+
+    live = PostingServer(llms["bpe"])
     yield live
     live.stop()
 
@@ -1178,19 +1154,10 @@ def test_cli_json_schema_inline_and_from_a_file(run, model_dirs, tmp_path):
     assert json.loads(out.strip()) in ("alpha", "beta", 42, None)
 
 
-def _assert_user_error(rc, out, err, *fragments):
-    """As test_cli: exit code 2, nothing on stdout, one `error: ` line on stderr."""
-    assert rc == 2, (rc, out, err)
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_cli_bad_json_schema_is_one_error_line(run, model_dirs, tmp_path, command):
+    from tests.test_cli import assert_user_error
+
     model_dir = model_dirs["bpe"]
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('{"type": ', encoding="utf-8")
@@ -1208,4 +1175,4 @@ def test_cli_bad_json_schema_is_one_error_line(run, model_dirs, tmp_path, comman
     for schema, fragments in cases:
         argv = (_generate(model_dir, "--json-schema", schema) if command == "generate"
                 else ("chat", "-m", model_dir, "--json-schema", schema))
-        _assert_user_error(*run(*argv, stdin=b"hello\n"), *fragments)
+        assert_user_error(*run(*argv, stdin=b"hello\n"), *fragments)
