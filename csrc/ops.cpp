@@ -61,6 +61,10 @@ TORCH_LIBRARY(lisa_rt, m) {
   m.def("rotary_cache_write(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor(c!) key_cache, Tensor(d!) value_cache, Tensor slot_mapping, Tensor cos_sin_cache) -> ()");
   // out [rows, N] = input [rows, K] @ weight[N, K]^T; streams the weights once for few rows.
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
+  // linear with weights [N, K] quantized in blocks of 32 along K (lisa_rt/quant.py): data int8
+  // [N, K] (q8_0: w = d q) or uint8 [N, K / 2] (q4_1: w = d q + m, two 4-bit q a byte), scales d
+  // and, for q4_1, mins m float16 [N, K / 32]. CPU only.
+  m.def("linear_quantized(Tensor(a!) out, Tensor input, Tensor data, Tensor scales, Tensor? mins) -> ()");
   // out [N, I] = silu(input[:, :I]) * input[:, I:]
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   // One query per sequence, query/out [B, H, D]; block_tables int32 [B, max_blocks];

@@ -40,18 +40,21 @@ def __dir__() -> list[str]:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "cpu",
-               dtype: str | None = None, progress: bool = True, lisa: bool | str | os.PathLike | None = None):
+               dtype: str | None = None, progress: bool = True, lisa: bool | str | os.PathLike | None = None,
+               quantize: str | None = None):
     """Loads a model by alias, lisa-rt directory, GGUF file or HF directory (converted once).
 
     device: "cpu", "cuda" or None (CUDA when available); dtype: "float32", "bfloat16",
     "float16" or None (bfloat16 on CUDA and on CPUs with AVX2, else float32). lisa: None
     runs the model's own LiSA adapter when it has one, False the base model, a path that adapter
-    file.
+    file. quantize: None, or "q8_0" / "q4_1" to hold the matrix weights quantized in blocks of
+    32 (CPU only: decode streams a third to a quarter of bfloat16's bytes).
     """
     from .model import load_model_dir
     from .registry import resolve_model
 
-    return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype, lisa=lisa)
+    return load_model_dir(resolve_model(name_or_path, progress=progress), device=device, dtype=dtype, lisa=lisa,
+                          quantize=quantize)
 
 
 __all__ = ["LLM", "Completion", "RequestHandle", "SamplingParams", "StreamDelta", "TokenLogprob", "UserError",

@@ -38,6 +38,7 @@ from .errors import UserError
 from .kv_cache import KVCache
 from .lisa import Adapter, default_rank, param_shapes, tensor_name
 from .model import Model
+from .quant import QuantizedWeight
 from .sampling import SamplingParams
 
 SHAPES = {
@@ -79,10 +80,12 @@ def random_tensors(config: ModelConfig, device, dtype: torch.dtype, seed: int = 
 
 
 def random_model(shape: dict, device, dtype: torch.dtype, seed: int = 0,
-                 adapter: Adapter | None = None) -> Model:
-    """A model of the given shape (SHAPES entry or ModelConfig fields) with random weights."""
+                 adapter: Adapter | None = None, quantize: str | None = None) -> Model:
+    """A model of the given shape (SHAPES entry or ModelConfig fields) with random weights
+    (quantize: as Model's)."""
     config = ModelConfig(**shape)
-    return Model(config, random_tensors(config, device, dtype, seed), device, dtype, adapter=adapter)
+    return Model(config, random_tensors(config, device, dtype, seed), device, dtype, adapter=adapter,
+                 quantize=quantize)
 
 
 def spread_layers(num_layers: int, ratio: float) -> list[int]:
@@ -117,12 +120,14 @@ def random_adapter(config: ModelConfig, ratio: float = DEFAULT_LISA_RATIO, rank:
 def streamed_weight_bytes(model: Model) -> int:
     """Weight bytes one decode step reads: every layer, the final norm and the LM head (the
     embedding table is only gathered from, one row per token)."""
-    tensors = {id(model.norm): model.norm, id(model.lm_head): model.lm_head}
-    for layer in model.layers:
-        for value in vars(layer).values():
-            for t in value if isinstance(value, tuple) else (value,):
-                if isinstance(t, torch.Tensor):
-                    tensors[id(t)] = t
+    weights = [model.norm, model.lm_head] + [value for layer in model.layers for value in vars(layer).values()]
+    tensors = {}
+    for value in weights:
+        if isinstance(value, QuantizedWeight):
+            value = tuple(value.tensors())
+        for t in value if isinstance(value, tuple) else (value,):
+            if isinstance(t, torch.Tensor):
+                tensors[id(t)] = t
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -164,7 +164,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = "smollm2", device=None, dtype=None,
                  kv_cache_gb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None,
-                 overlap: bool | None = None, prefix_caching: bool = True):
+                 overlap: bool | None = None, prefix_caching: bool = True, quantize: str | None = None):
         from . import load_model
 
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -174,7 +174,7 @@ class LLM:
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be an integer >= 1, got {max_batch_tokens}")
         self.model_name = str(model) if model is not None else "smollm2"
-        self.model = load_model(model, device=device, dtype=dtype, lisa=lisa)
+        self.model = load_model(model, device=device, dtype=dtype, lisa=lisa, quantize=quantize)
         self.tokenizer = self.model.tokenizer
         budget = kv_cache_bytes(self.model, kv_cache_gb, max_num_seqs)
         cache = self.model.cache_for_budget(budget)

@@ -25,9 +25,12 @@ from .config import ModelConfig
 from .errors import UserError
 from .kv_cache import BlockTable, KVCache
 from .lisa import Adapter, find_adapter
+from . import quant
+from .quant import QuantizedWeight
 from .sampling import upload
 
 MAX_CUDA_HEAD_DIM = 256  # kMaxHeadDim in csrc/cuda/kernels.h
+MATRIX_FIELDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # what quantize= quantizes
 PREFILL_CHUNK = 512  # tokens per pass when a caller prefills a long sequence by itself
 
 
@@ -90,9 +93,19 @@ class Model:
     """A loaded decoder and its tokenizer, on one device in one dtype."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device,
-                 dtype: torch.dtype, tokenizer=None, path: Path | None = None, adapter: Adapter | None = None):
+                 dtype: torch.dtype, tokenizer=None, path: Path | None = None, adapter: Adapter | None = None,
+                 quantize: str | None = None):
+        """quantize: None, or "q8_0" / "q4_1" to hold the matrix weights (every layer's and the
+        LM head) in that format (quant.py; CPU only); norms, the embedding table and LiSA's
+        aligners stay in dtype."""
         self.config = config
         self.device = torch.device(device)
+        if quantize is not None:
+            if quantize not in quant.FORMATS:
+                raise UserError(f"unknown weight format {quantize!r} (choose from {', '.join(quant.FORMATS)})")
+            if self.device.type != "cpu":
+                raise UserError("quantized weights run on the CPU only (the CUDA kernels take float weights)")
+        self.quantize = quantize
         if self.device.type == "cuda" and (config.head_dim % 8 or config.head_dim > MAX_CUDA_HEAD_DIM):
             # The CUDA attention kernels are compiled for these head sizes; refuse others here,
             # with a clear message, rather than at the first kernel launch.
@@ -133,6 +146,8 @@ class Model:
                 gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
                 down_proj=w(p + "mlp.down_proj.weight"),
                 aligner=aligner))
+        if quantize is not None:
+            self._quantize_weights(quantize)
         if self.device.type == "cpu":
             self._pack_weights()
         self.cos_sin_cache = reference.rope_cos_sin_cache(
@@ -150,15 +165,37 @@ class Model:
         self._scores_size = 0
         self._scores: list[torch.Tensor] = []
 
+    def _quantize_weights(self, format: str) -> None:
+        """The matrix weights in `format`, one at a time (the float ones freed as it goes). A
+        tied LM head gets a quantized copy: the embedding table stays float for its look-ups.
+
+        q4_1 keeps the LM head and LiSA layers' q' | k' | v projections in q8_0, as llama.cpp's
+        4-bit files keep their output matrix at 6-8 bits: on the default model (held-out licence
+        text, float32, the weights alone) 4 bits there cost 5.5% and 0.07% perplexity, and the
+        rest in q4_1 costs nothing (its GGUF is Q4_1, whose values q4_1 holds again exactly).
+        The kernel's 8-bit input blocks cost 0.4% more (BENCHMARKS.md)."""
+        lisa_layers = set(self.lisa.layers) if self.lisa is not None else set()
+        wide = "q8_0" if format == "q4_1" else format
+        for i, layer in enumerate(self.layers):
+            for name in MATRIX_FIELDS:
+                chosen = wide if (i in lisa_layers and name == "qkv_proj") else format
+                setattr(layer, name, quant.quantize(getattr(layer, name), chosen))
+        self.lm_head = quant.quantize(self.lm_head, wide)
+
     def _pack_weights(self) -> None:
         """The weights a decode step streams, moved into one huge-page arena (huge_pages.py)."""
         fields = ("attn_norm", "qkv_proj", "o_proj", "mlp_norm", "gate_up_proj", "down_proj")
         tied = self.lm_head is self.embed
-        ends = [self.embed, self.norm] + ([] if tied else [self.lm_head])
-        packed = huge_pages.pack(ends + [getattr(layer, name) for layer in self.layers for name in fields])
-        self.embed, self.norm = packed[0], packed[1]
-        self.lm_head = self.embed if tied else packed[2]
-        rest = iter(packed[len(ends):])
+        weights = [self.embed, self.norm] + ([] if tied else [self.lm_head]) \
+            + [getattr(layer, name) for layer in self.layers for name in fields]
+        # A quantized weight is several tensors: packed one by one, then put back together.
+        flat = [t for w in weights for t in (w.tensors() if isinstance(w, QuantizedWeight) else [w])]
+        packed = iter(huge_pages.pack(flat))
+        rebuilt = [w.with_tensors([next(packed) for _ in w.tensors()]) if isinstance(w, QuantizedWeight)
+                   else next(packed) for w in weights]
+        self.embed, self.norm = rebuilt[0], rebuilt[1]
+        self.lm_head = self.embed if tied else rebuilt[2]
+        rest = iter(rebuilt[2 if tied else 3:])
         for layer in self.layers:
             for name in fields:
                 setattr(layer, name, next(rest))
@@ -347,11 +384,12 @@ def parse_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_model_dir(model_dir: str | Path, device=None, dtype=None, lisa=None) -> Model:
+def load_model_dir(model_dir: str | Path, device=None, dtype=None, lisa=None, quantize: str | None = None) -> Model:
     """Loads a converted lisa-rt model directory.
 
     lisa: None runs the model's own LiSA adapter if it has one, False the base model, a path
-    that adapter file (or the lisa.safetensors in that directory).
+    that adapter file (or the lisa.safetensors in that directory). quantize: None, "q8_0" or
+    "q4_1" (Model).
     """
     from .tokenizer import load_tokenizer
 
@@ -362,4 +400,5 @@ def load_model_dir(model_dir: str | Path, device=None, dtype=None, lisa=None) ->
     adapter = find_adapter(model_dir, config, lisa)
     tensors = load_tensors(model_dir, config)
     tokenizer = load_tokenizer(model_dir, extra_eos_ids=config.eos_token_ids)
-    return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=model_dir, adapter=adapter)
+    return Model(config, tensors, device, dtype, tokenizer=tokenizer, path=model_dir, adapter=adapter,
+                 quantize=quantize)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .quant import QuantizedWeight
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lisa_rt.*)
@@ -19,7 +20,7 @@ except ImportError as exc:  # not built, or built and not loadable (KERNELS_ERRO
     HAVE_KERNELS = False
     KERNELS_ERROR = str(exc)
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_cache_write", "linear", "silu_and_mul",
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_cache_write", "linear", "linear_quantized", "silu_and_mul",
             "paged_decode_attention", "paged_prefill_attention", "paged_attention_scores", "lisa_attention",
             "causal_head_align", "causal_head_align_backward")
 
@@ -78,8 +79,15 @@ def rotary_cache_write(positions: torch.Tensor, query: torch.Tensor, key: torch.
             dst.copy_(src)
 
 
-def linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """out = x @ weight^T; on the CPU, decode-sized x streams the weights on every core."""
+def linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """out = x @ weight^T; on the CPU, decode-sized x streams the weights on every core. A
+    QuantizedWeight (quant.py) runs linear_quantized."""
+    if isinstance(weight, QuantizedWeight):
+        if HAVE_KERNELS:
+            _ops.linear_quantized(out, x, weight.data, weight.scales, weight.mins)
+        else:
+            out.copy_(reference.linear_quantized(x, weight))
+        return out
     if HAVE_KERNELS:
         _ops.linear(out, x, weight)
     else:

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .quant import QuantizedWeight, dequantize, quantized_input
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -63,6 +65,12 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor,
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [rows, K] @ weight [N, K]^T, accumulated in float32."""
     return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def linear_quantized(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [rows, K] as its 8-bit blocks stand for it, @ the float32 weight a QuantizedWeight
+    stands for, transposed."""
+    return (quantized_input(x) @ dequantize(weight).T).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_aten_cpu_capability_lowers_the_kernels_isa(capability, allowed):
     assert isa in allowed and ops.kernel_isa() in {"avx512-bf16", "avx2", "portable"}
 
 
-KERNEL_TESTS = ("tests/test_ops.py", "tests/test_lisa_ops.py", "tests/test_head_align.py")
+KERNEL_TESTS = ("tests/test_ops.py", "tests/test_lisa_ops.py", "tests/test_head_align.py", "tests/test_quant.py")
 ISA_ORDER = ("portable", "avx2", "avx512-bf16")
 
 

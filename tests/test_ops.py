@@ -325,11 +325,12 @@ def opcheck_cases(device):
 
 
 # The LiSA attention ops have their opcheck cases in test_lisa_ops.py, the fitter's aligner
-# kernels theirs in test_head_align.py.
-LISA_OPS = ("paged_attention_scores", "lisa_attention", "causal_head_align", "causal_head_align_backward")
+# kernels theirs in test_head_align.py, the quantized linear (CPU only) its own in test_quant.py.
+ELSEWHERE = ("paged_attention_scores", "lisa_attention", "causal_head_align", "causal_head_align_backward",
+             "linear_quantized")
 
 
-@pytest.mark.parametrize("name", [name for name in ops.OP_NAMES if name not in LISA_OPS])
+@pytest.mark.parametrize("name", [name for name in ops.OP_NAMES if name not in ELSEWHERE])
 def test_opcheck(device, name):
     args = opcheck_cases(device)[name]
     torch.library.opcheck(getattr(torch.ops.lisa_rt, name).default, args)
