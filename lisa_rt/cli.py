@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 from .errors import UserError
 
@@ -302,7 +303,7 @@ def _json_schema(value: str | None):
     text = value
     if not value.lstrip().startswith("{") and value.strip() != "true":
         try:
-            text = open(value, "rb").read().decode()
+            text = Path(value).read_bytes().decode()
         except OSError as exc:
             raise UserError(f"cannot read the JSON schema file {value}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -502,8 +503,6 @@ def cmd_convert(args) -> int:
 
 def model_info(model_dir, lisa=None) -> dict:
     """What `lisa-rt info` reports, loading no model weights (only the adapter, which is small)."""
-    from pathlib import Path
-
     from .checkpoint import load_config, tokenizer_kind
     from .lisa import find_adapter
 
@@ -643,8 +642,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from pathlib import Path
-
     from .checkpoint import check_writable, load_config, load_tensors
     from .fit import FitOptions, Fitter, fills_sequences, make_sequences, read_texts, sample_self_texts
     from .lisa import ADAPTER_FILE, install_adapter, load_adapter, save_adapter

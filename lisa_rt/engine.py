@@ -283,15 +283,15 @@ class Request:
             self.finish_reason = "stop"
             return self._release_text()
         self.output.append(token)
-        constraint = self.sampler.constraint
-        if constraint is not None:
-            constraint.advance(token)
+        matcher = self.sampler.json_matcher
+        if matcher is not None:
+            matcher.advance(token)
         text = self.decoder.push(token) if self.decoder else ""
         self._decoded_chars += len(text)
         delta = self.filter.push(text)
         if self.filter.stopped:
             self.finish_reason = "stop"
-        elif constraint is not None and constraint.closed:  # nothing can follow the JSON value
+        elif matcher is not None and matcher.closed:  # nothing can follow the JSON value
             delta += self._release_text()
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
@@ -617,6 +617,8 @@ class Engine:
         except Exception as exc:
             self.fail(batch or list(self.running) + list(self.waiting), exc)
             return
+        for i, exc in sample.failed.items():  # (before _accept, which skips ended requests)
+            self.fail([batch[ready[i]]], exc)
         self._accept([batch[row] for row in ready], tokens, logprobs)
 
     def _score_prompts(self, batch: list[Request], chunks: list, scored: list[bool],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 import weakref
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -33,6 +34,8 @@ MAX_DEPTH = 64         # open frames (nested values): bounds a recursive schema'
 MAX_NUMBER_BYTES = 32    # "-1.2345678901234567e+308" is 24: longer is a model repeating itself
 MAX_KEY_BYTES = 256    # a free property name that must be remembered (to choose its schema)
 MAX_SCHEMA_NODES = 10_000
+MAX_STACKS = 64        # readings of the output so far at once (anyOf fan-out)
+MAX_BOUND = 2**30      # a maxLength or maxItems above this is no bound at all
 MASKS_CACHED = 512     # per grammar: 49,152-token masks are 48 KiB each
 GRAMMARS_CACHED = 16
 
@@ -68,6 +71,11 @@ _UTF8_FIRST_RANGE = {30 + lead - 0xE0: (
     1 if lead < 0xF0 else 2) for lead in range(0xE0, 0xF5)}
 
 
+class JsonConstraintError(UserError):
+    """A request's output cannot go on within its schema (too many ways to read it, or no
+    token that fits): that request fails, not the batch it is in."""
+
+
 def _bad(message: str) -> UserError:
     return UserError(f"invalid json_schema: {message}")
 
@@ -81,7 +89,7 @@ class SchemaNodes:
     def __init__(self, schema: Any):
         self.root = schema
         self.nodes: list[tuple | None] = []
-        self._by_schema: dict[int, int] = {}   # id(schema dict) -> node, for $ref cycles
+        self._by_schema: dict[str, int] = {}   # a subschema's JSON -> its node (and $ref cycles)
         self._any: int | None = None
         self.free_string = self._new(("string", 0, None))  # property names read and forgotten
         self.root_node = self._compile(schema, "#")
@@ -132,7 +140,9 @@ class SchemaNodes:
             raise _bad(f"{where} is false: no value satisfies it")
         if not isinstance(schema, dict):
             raise _bad(f"{where} must be an object or a boolean, got {type(schema).__name__}")
-        key = id(schema)
+        # Equal subschemas (a $ref's target, repeated options) share one node: anyOf options
+        # that were copies of each other would multiply the readings of the output.
+        key = json.dumps(schema, sort_keys=True)
         if key in self._by_schema:
             return self._by_schema[key]
         index = self._new()
@@ -147,9 +157,7 @@ class SchemaNodes:
                        "properties, required, additionalProperties, items, minItems, maxItems, "
                        "minLength, maxLength, enum, const, anyOf, oneOf, allOf of one schema, $ref)")
         if "$ref" in schema:
-            others = [k for k in schema if k not in _ANNOTATIONS and k != "$ref"]
-            if others:
-                raise _bad(f"$ref at {where} beside '{others[0]}' is not supported")
+            _alone(schema, "$ref", where)
             target = self._resolve(schema["$ref"], where)
             return ("union", (self._compile(target, schema["$ref"]),))
         if "const" in schema or "enum" in schema:
@@ -161,23 +169,17 @@ class SchemaNodes:
                     raise _bad(f"{word} at {where} must be a non-empty list")
                 if word == "allOf" and len(options) != 1:
                     raise _bad(f"allOf at {where} with more than one schema is not supported")
-                others = [k for k in schema if k not in _ANNOTATIONS and k != word]
-                if others:
-                    raise _bad(f"{word} at {where} beside '{others[0]}' is not supported")
+                _alone(schema, word, where)
                 # oneOf is read as anyOf: exclusivity cannot be checked while writing.
                 return ("union", tuple(self._compile(s, f"{where}/{word}/{i}") for i, s in enumerate(options)))
-        types = schema.get("type")
-        if types is None:
-            inferred = [t for t, words in (("object", ("properties", "required", "additionalProperties")),
-                                           ("array", ("items", "minItems", "maxItems")),
-                                           ("string", ("minLength", "maxLength"))) if any(w in schema for w in words)]
-            if not inferred:  # annotations alone: any value
+        if "type" in schema:
+            types = _types(schema, where)
+        else:
+            types = [t for t, words in (("object", ("properties", "required", "additionalProperties")),
+                                        ("array", ("items", "minItems", "maxItems")),
+                                        ("string", ("minLength", "maxLength"))) if any(w in schema for w in words)]
+            if not types:  # annotations alone: any value
                 return ("union", (self.any_value(),))
-            types = inferred
-        if isinstance(types, str):
-            types = [types]
-        if not isinstance(types, list) or not types or any(t not in _TYPES for t in types):
-            raise _bad(f"type at {where} must be one of {', '.join(_TYPES)} or a list of them, got {types!r}")
         options = [self._typed(t, schema, where) for t in dict.fromkeys(types)]
         return options[0] if len(options) == 1 else ("union", tuple(self._new(o) for o in options))
 
@@ -185,14 +187,12 @@ class SchemaNodes:
         """enum or const: the values' JSON texts. Beside them only `type` is read (each value
         must be of it); other constraints beside them are refused rather than left unchecked."""
         word = "const" if "const" in schema else "enum"
-        others = [k for k in schema if k not in _ANNOTATIONS and k not in (word, "type")]
-        if others:
-            raise _bad(f"{word} at {where} beside '{others[0]}' is not supported")
+        _alone(schema, word, where, also=("type",))
         values = [schema["const"]] if word == "const" else schema["enum"]
         if not isinstance(values, list) or not values:
             raise _bad(f"enum at {where} must be a non-empty list")
         if "type" in schema:
-            types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            types = _types(schema, where)
             for value in values:
                 if not any(_is_of_type(value, t) for t in types):
                     raise _bad(f"the {word} value {value!r} at {where} is not of its type {schema['type']!r}")
@@ -212,7 +212,7 @@ class SchemaNodes:
             if missing:
                 raise _bad(f"required property '{missing[0]}' at {where} is not in its properties")
             nodes = {name: self._compile(s, f"{where}/properties/{name}") for name, s in props.items()}
-            encoded = {name: json.dumps(name, ensure_ascii=False)[1:-1].encode() for name in props}
+            encoded = {name: _json_text(name, where)[1:-1] for name in props}
             return ("object", nodes, encoded, frozenset(required), additional)
         if kind == "array":
             lo, hi = _bounds(schema, "minItems", "maxItems", where)
@@ -229,12 +229,31 @@ class SchemaNodes:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise _bad(f"$ref at {where} must point into the schema itself ('#/...'), got {ref!r}")
         target = self.root
-        for part in filter(None, ref[1:].split("/")):
+        for part in filter(None, urllib.parse.unquote(ref[1:]).split("/")):  # a JSON pointer
             part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
                 raise _bad(f"$ref {ref!r} at {where} points to nothing")
-            target = target[part]
         return target
+
+
+def _alone(schema: dict, word: str, where: str, also: tuple[str, ...] = ()) -> None:
+    """Refuses keywords beside `word` (and `also`) that would constrain the value further:
+    lisa-rt does not combine them, and leaving them unchecked would let output break them."""
+    others = [k for k in schema if k not in _ANNOTATIONS and k != word and k not in also]
+    if others:
+        raise _bad(f"{word} at {where} beside '{others[0]}' is not supported")
+
+
+def _types(schema: dict, where: str) -> list[str]:
+    types = schema["type"]
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or not types or any(not isinstance(t, str) or t not in _TYPES for t in types):
+        raise _bad(f"type at {where} must be one of {', '.join(_TYPES)} or a list of them, got {schema['type']!r}")
+    return types
 
 
 def _bounds(schema: dict, lo_name: str, hi_name: str, where: str) -> tuple[int, int | None]:
@@ -243,6 +262,8 @@ def _bounds(schema: dict, lo_name: str, hi_name: str, where: str) -> tuple[int, 
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _bad(f"{name} at {where} must be an integer >= 0, got {value!r}")
     lo, hi = schema.get(lo_name, 0), schema.get(hi_name)
+    if hi is not None and hi > MAX_BOUND:
+        hi = None
     if hi is not None and hi < lo:
         raise _bad(f"{hi_name} at {where} is below {lo_name}")
     return lo, hi
@@ -262,8 +283,8 @@ def _is_of_type(value: Any, kind: Any) -> bool:
 def _json_text(value: Any, where: str) -> bytes:
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise _bad(f"a const or enum value at {where} is not JSON: {exc}") from None
+    except (TypeError, ValueError) as exc:  # (UnicodeEncodeError: a lone surrogate in a string)
+        raise _bad(f"a value or name at {where} is not JSON text: {exc}") from None
 
 
 def check_schema(schema: Any) -> Any:
@@ -420,7 +441,11 @@ class JsonGrammar:
         out = []
         for stack in state:
             out.extend(self._step(stack, byte))
-        return frozenset(out)
+        after = frozenset(out)
+        if len(after) > MAX_STACKS:
+            raise JsonConstraintError(f"the JSON schema allows more than {MAX_STACKS} readings of the output at once "
+                                      "(anyOf options that begin alike, nested): simplify it")
+        return after
 
     @staticmethod
     def accepting(state: State) -> bool:
@@ -437,16 +462,19 @@ class JsonGrammar:
 
     def allowed(self, state: State) -> torch.Tensor:
         """bool [vocabulary width]: the tokens that may follow `state` (the end-of-sequence
-        tokens where the value may end). Never all false: where no token fits (a vocabulary
-        that cannot spell what the schema needs), the end-of-sequence tokens are allowed."""
+        tokens where, and only where, the value may end). JsonConstraintError where nothing
+        may: the request cannot go on and still give JSON that validates."""
         with self._lock:
             mask = self._masks.get(state)
             if mask is not None:
                 self._masks.move_to_end(state)
                 return mask
         mask = self._mask(state)
-        if self.accepting(state) or not bool(mask.any()):
-            mask[self.eos_ids] = True
+        mask[self.eos_ids] = False  # (an end-of-sequence token with text of its own, too)
+        if not self.accepting(state) and not bool(mask.any()):
+            raise JsonConstraintError("no token can continue the JSON value here (the schema nests deeper "
+                                      f"than {MAX_DEPTH}, or the vocabulary cannot spell what it needs)")
+        mask[self.eos_ids] = self.accepting(state)
         with self._lock:
             self._masks[state] = mask
             while len(self._masks) > MASKS_CACHED:
@@ -474,19 +502,22 @@ class JsonGrammar:
         return mask
 
     def _inside_free_string(self, state: State) -> torch.Tensor | None:
-        """Inside a string (not in an escape or a character) that takes any character, up to a
-        length: the string-safe tokens that fit (a new tensor); else None."""
-        if len(state) != 1:
-            return None
-        (stack,) = state
-        frame = stack[-1] if stack else ("",)
+        """Where every reading of the output is inside a string that takes any character (not
+        in an escape or a character), up to a length: the string-safe tokens that fit one of
+        them (a new tensor), since such a token only lengthens each; else None."""
         vocab = self.vocabulary
-        if frame[0] == "str" and frame[3] == _PLAIN:
-            hi = self.nodes[frame[1]][2]
-            return vocab.string_safe.clone() if hi is None else vocab.string_safe & (vocab.chars <= hi - frame[2])
-        if frame[0] == "key" and frame[1] is None and frame[3] == _PLAIN:
-            return vocab.string_safe & (vocab.lengths <= MAX_KEY_BYTES - len(frame[2]))
-        return None
+        mask = None
+        for stack in state:
+            frame = stack[-1] if stack else ("",)
+            if frame[0] == "str" and frame[3] == _PLAIN:
+                hi = self.nodes[frame[1]][2]
+                fits = vocab.string_safe if hi is None else vocab.string_safe & (vocab.chars <= hi - frame[2])
+            elif frame[0] == "key" and frame[1] is None and frame[3] == _PLAIN:
+                fits = vocab.string_safe & (vocab.lengths <= MAX_KEY_BYTES - len(frame[2]))
+            else:
+                return None
+            mask = fits.clone() if mask is None else mask | fits
+        return mask
 
     # -- one stack, one byte ----------------------------------------------------------------
 
@@ -557,8 +588,9 @@ class JsonGrammar:
         if moved is None:
             return []
         new_esc, new_char = moved
-        if new_char and (lo > 0 or hi is not None):  # counted only where it matters, so
-            count += 1                               # that free strings keep one state
+        if new_char and (lo > 0 or hi is not None):
+            # Counted only as far as a bound needs, so that most strings keep one state.
+            count = count + 1 if hi is not None else min(count + 1, lo)
             if hi is not None and count > hi:
                 return []
         return [rest + (("str", index, count, new_esc),)]
@@ -628,11 +660,13 @@ class JsonGrammar:
         read whole to choose between a listed property's schema and additionalProperties."""
         _, names, typed, esc = frame
         parent = rest[-1]
-        if byte == 0x22 and esc == _PLAIN:
+        # A listed name closes only once it is whole (its encoded form never holds a bare quote,
+        # so a quote after a partial one is an escaped quote of a longer name, or nothing).
+        if byte == 0x22 and esc == _PLAIN and (names is None or typed in names):
             name = json.loads(b'"' + typed + b'"')
             if names is None and name not in self.nodes[parent[1]][1]:
                 return [rest[:-1] + (parent[:4] + (None, 0),)]
-            if (names is not None and typed not in names) or name in parent[3]:
+            if name in parent[3]:
                 return []
             return [rest[:-1] + (parent[:3] + (parent[3] | {name}, name, 0),)]
         typed += bytes([byte])

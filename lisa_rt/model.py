@@ -166,8 +166,8 @@ class Model:
         self._scores: list[torch.Tensor] = []
 
     def _quantize_weights(self, format: str) -> None:
-        """The matrix weights in `format`, one at a time (the float ones freed as it goes). A
-        tied LM head gets a quantized copy: the embedding table stays float for its look-ups.
+        """The matrix weights in `format`, one at a time. A tied LM head gets a quantized copy:
+        the embedding table stays float for its look-ups.
 
         q4_1 keeps the LM head and LiSA layers' q' | k' | v projections in q8_0, as llama.cpp's
         4-bit files keep their output matrix at 6-8 bits: on the default model (held-out licence
@@ -184,7 +184,7 @@ class Model:
 
     def _pack_weights(self) -> None:
         """The weights a decode step streams, moved into one huge-page arena (huge_pages.py)."""
-        fields = ("attn_norm", "qkv_proj", "o_proj", "mlp_norm", "gate_up_proj", "down_proj")
+        fields = ("attn_norm", "mlp_norm") + MATRIX_FIELDS
         tied = self.lm_head is self.embed
         weights = [self.embed, self.norm] + ([] if tied else [self.lm_head]) \
             + [getattr(layer, name) for layer in self.layers for name in fields]

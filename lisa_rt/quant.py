@@ -5,6 +5,8 @@ the weights' bytes. Two formats, llama.cpp's arithmetic in a layout of lisa-rt's
 - q8_0: w = d q, q int8 in [-127, 127], d = the block's largest |w| / 127 (8.5 bits a weight);
 - q4_1: w = d q + m, q in 0..15, m = the block's smallest w, d = (largest - m) / 15 (5 bits a
   weight). The default model's GGUF is q4_1 (Q4_1), so it loses nearly nothing more here.
+As in llama.cpp, a q8_0 block whose largest |w| is below about 8e-3 has a float16 subnormal d
+(fewer significant bits), and one below about 4e-6 a d of 0: the block reads as zeros.
 d and m are float16 [N, K / 32]; a q4_1 block's 16 bytes hold its first 16 q in their low
 nibbles and its last 16 in their high ones. The kernel is `linear_quantized` (CPU only); it
 quantizes its input rows to 8 bits in blocks of 32 too (quantized_input), as llama.cpp does, so
@@ -35,10 +37,6 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.mins) if t is not None)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.data, self.scales, self.mins) if t is not None]
@@ -89,8 +87,12 @@ def quantized_input(x: torch.Tensor) -> torch.Tensor:
     # Quotients through float64, then rounded once to float32: exactly the kernel's float32
     # division (torch's own float32 division by a tensor can differ from it in the last bit).
     wide = largest.double()
-    inverse = torch.where(largest > 0, (127.0 / wide).float(), torch.zeros_like(largest))
-    return (torch.round(blocks * inverse) * (wide / 127.0).float()).reshape(rows, k)
+    inverse = (127.0 / wide).float()
+    # A block too small for 127 / largest counts as zeros; a non-finite one gives NaN (below).
+    inverse = torch.where((largest > 0) & torch.isfinite(inverse), inverse, torch.zeros_like(inverse))
+    out = torch.round(blocks * inverse) * (wide / 127.0).float()
+    out = torch.where(torch.isfinite(blocks).all(dim=-1, keepdim=True), out, torch.nan)
+    return out.reshape(rows, k)
 
 
 def dequantize(weight: QuantizedWeight) -> torch.Tensor:

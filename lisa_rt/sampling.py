@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import UserError
-from .json_constraint import JsonGrammar, JsonMatcher, check_schema
+from .json_constraint import JsonConstraintError, JsonGrammar, JsonMatcher, check_schema
 
 # Temperatures below this sample as greedy: dividing logits by them overflows to inf (then NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -180,7 +180,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, json_grammar: JsonGrammar | None = None):
         """json_grammar: params.json_schema's over the model's vocabulary (when set)."""
         self.params = params
-        self.constraint = None if json_grammar is None else JsonMatcher(json_grammar)
+        self.json_matcher = None if json_grammar is None else JsonMatcher(json_grammar)
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -208,7 +208,7 @@ class Sampler:
     @property
     def reads_history(self) -> bool:
         """A penalty or a JSON schema: the row's draw depends on the tokens before it."""
-        return self.params.penalised or self.constraint is not None
+        return self.params.penalised or self.json_matcher is not None
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -236,6 +236,8 @@ def sample_batch(samplers: list[Sampler], logits: torch.Tensor, history: History
     nucleus, or more ties with the k-th token than TIE_MARGIN). A sampled row whose distribution
     is not finite (NaN or infinite logits) raises RuntimeError; greedy rows take the argmax."""
     step = StepSample(samplers, logits, history)
+    for exc in step.failed.values():
+        raise exc
     return step.resolve(step.packed.tolist())
 
 
@@ -248,6 +250,8 @@ class StepSample:
     def __init__(self, samplers: list[Sampler], logits: torch.Tensor, history: History):
         self.samplers = samplers
         self.plain = all(s.is_plain_greedy for s in samplers)
+        # A row whose schema cannot go on fails alone: its token is drawn unmasked and dropped.
+        self.failed: dict[int, JsonConstraintError] = {}
         if self.plain:
             self.tokens = logits.argmax(dim=-1)
             self.packed = self.tokens
@@ -255,7 +259,7 @@ class StepSample:
             return
         penalised = [row for row, s in enumerate(samplers) if s.params.penalised]
         biased = [row for row, s in enumerate(samplers) if s.params.biased]
-        constrained = [row for row, s in enumerate(samplers) if s.constraint is not None]
+        constrained = [row for row, s in enumerate(samplers) if s.json_matcher is not None]
         x = logits.to(torch.float32, copy=bool(penalised or biased or constrained))
         for row in biased:  # first, as vLLM applies it: what the penalties then scale
             samplers[row].add_bias(x[row])
@@ -264,8 +268,12 @@ class StepSample:
             samplers[row].penalties.update(prompt, output, x.shape[-1], x.device)
             samplers[row].penalties.penalise(x[row], samplers[row].params)
         for row in constrained:
-            allowed = samplers[row].constraint.allowed().to(x.device, non_blocking=True)
-            x[row].masked_fill_(~allowed, -math.inf)
+            try:
+                allowed = samplers[row].json_matcher.allowed()
+            except JsonConstraintError as exc:
+                self.failed[row] = exc
+                continue
+            x[row].masked_fill_(~allowed.to(x.device, non_blocking=True), -math.inf)
         self.sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
         if len(self.sampled) == len(samplers):
             self.draws = RowDraws(x, samplers)

@@ -126,7 +126,7 @@ async def _read_json(request: Request) -> dict:
         raise APIError(499, "the client closed the request") from None
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of more than 4,300 digits
         raise _bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # thousands of nested arrays or objects
         raise _bad("the request body nests too deeply to read", code="invalid_json") from None

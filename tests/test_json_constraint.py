@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from lisa_rt.errors import UserError
-from lisa_rt.json_constraint import (MAX_DEPTH, MAX_KEY_BYTES, MAX_NUMBER_BYTES, MAX_WHITESPACE, JsonGrammar,
-                                     JsonMatcher, Vocabulary, check_schema, vocabulary_of)
+from lisa_rt.json_constraint import (MAX_DEPTH, MAX_KEY_BYTES, MAX_NUMBER_BYTES, MAX_WHITESPACE,
+                                     JsonConstraintError, JsonGrammar, JsonMatcher, Vocabulary, check_schema,
+                                     vocabulary_of)
 from lisa_rt.sampling import SamplingParams
 
 # --- a validator of the supported subset --------------------------------------------------------
@@ -644,13 +645,65 @@ def test_special_tokens_and_ids_past_the_vocabulary_are_never_allowed():
     assert grammar.allowed(state)[first] and grammar.allowed(state)[second]
 
 
-def test_a_vocabulary_that_cannot_spell_the_value_allows_the_end():
-    """Where no token fits, the eos ids are allowed (the row must not be all -inf)."""
+def test_where_no_token_fits_the_request_cannot_go_on():
+    """Where no token fits (a vocabulary that cannot spell what the schema needs), a
+    JsonConstraintError: ending with the end-of-sequence token would return invalid JSON."""
     vocabulary = Vocabulary([b"a", b"b", b"", b"{"], 6)
     grammar = vocabulary.grammar({"type": "object", "properties": {"x": {}}, "required": ["x"]}, [2])
     assert grammar.allowed(grammar.initial).tolist() == [False, False, False, True, False, False]
     state = grammar.advance(grammar.initial, b"{")
-    assert state and grammar.allowed(state).tolist() == [False, False, True, False, False, False]
+    with pytest.raises(JsonConstraintError, match="no token can continue"):
+        grammar.allowed(state)
+
+
+def test_an_end_of_sequence_token_with_text_is_allowed_only_where_the_value_may_end():
+    vocabulary = Vocabulary([b"{", b"}", b'"a"', b":", b"1", b"</s>"], 6)
+    grammar = vocabulary.grammar({"type": "object"}, [5])
+    assert not grammar.allowed(grammar.initial)[5]
+    state = grammar.advance(grammar.initial, b'{"a":')
+    assert not grammar.allowed(state)[5]
+    number = vocabulary.grammar({"type": "integer"}, [5])
+    assert number.allowed(number.advance(number.initial, b"1"))[5]
+
+
+def test_listed_names_may_hold_quotes_and_backslashes():
+    schema = {"type": "object", "properties": {'a"b': {"type": "integer"}, "c\\d": {"type": "null"},
+                                               "a": {"type": "null"}}}
+    assert _complete(schema, '{"a\\"b": 1, "c\\\\d": null, "a": null}')
+    assert not _takes(schema, '{"a\\"x') and not _takes(schema, '{"a\\\\')
+    grammar, state = _after(schema, '{"a\\')  # every mask walk from here must not raise
+    assert grammar.allowed(state).any()
+    grammar, state = _after(schema, '{"c')
+    assert grammar.allowed(state).any()
+
+
+def test_readings_of_the_output_are_bounded():
+    # Copies of one option share a node, so this stays one reading however deep it goes...
+    copies = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}},
+                                        {"type": "array", "items": {"$ref": "#/$defs/x"}}]}},
+              "$ref": "#/$defs/x"}
+    grammar, state = _after(copies, "[" * 40)
+    assert len(state) == 1 and grammar.allowed(state).any()
+    # ... and options that really differ but begin alike fail the request once they multiply.
+    alike = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}},
+                                       {"type": "array", "items": {"$ref": "#/$defs/x"}, "maxItems": 5}]}},
+             "$ref": "#/$defs/x"}
+    with pytest.raises(JsonConstraintError, match="readings"):
+        _after(alike, "[" * 40)
+
+
+def test_strings_in_every_reading_keep_the_fast_path():
+    two = {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "string", "minLength": 5}]}
+    grammar, state = _after(two, '"ab')
+    assert len(state) == 2 and grammar._inside_free_string(state) is not None
+    assert _complete(two, '"abc"') and _complete(two, '"abcdef"') and not _complete(two, '"abcd"')
+
+
+def test_huge_length_bounds_are_no_bounds():
+    for bound in (2**31, 2**32 + 1, 2**63, 2**70):
+        schema = {"type": "string", "maxLength": bound}
+        grammar, state = _after(schema, '"ab')
+        assert grammar.allowed(state).sum() > 100, bound
 
 
 def test_matcher_follows_tokens():
@@ -717,6 +770,10 @@ REFUSED = {
     "properties not an object": {"type": "object", "properties": ["a"]},
     "items a list": {"type": "array", "items": [{"type": "string"}]},
     "additionalProperties a number": {"type": "object", "additionalProperties": 1},
+    "lone surrogate name": {"type": "object", "properties": {"\ud800": {}}},
+    "object type beside const": {"const": 1, "type": {}},
+    "nested list type beside enum": {"enum": [1], "type": [["x"]]},
+    "array index past the end": {"anyOf": [{"type": "null"}], "items": {"$ref": "#/anyOf/1"}},
 }
 
 
@@ -920,6 +977,28 @@ def test_a_closed_value_ends_the_sequence_at_once(llms):
                                                     json_schema=schema, logprobs=0))[0]
         assert (exact.token_ids, exact.finish_reason) == (first.token_ids, "stop")
         assert len(exact.logprobs) == len(exact.token_ids)  # no eos was drawn
+
+
+def test_a_request_whose_schema_cannot_go_on_fails_alone(llms, monkeypatch):
+    """A JsonConstraintError (too many readings, no token that fits) fails its own request
+    with that error; the requests batched with it go on as they would alone."""
+    llm = llms["bpe"]
+    free = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = llm.generate(PROMPT, free)[0].token_ids
+    real_allowed = JsonMatcher.allowed
+
+    def allowed(self):
+        if self.grammar.schema.root.get("title") == "stuck" and self.state != self.grammar.initial:
+            raise JsonConstraintError("no token can continue the JSON value here (a test)")
+        return real_allowed(self)
+
+    monkeypatch.setattr(JsonMatcher, "allowed", allowed)
+    stuck = llm.submit(PROMPT, SamplingParams(max_tokens=12, temperature=0,
+                                              json_schema={"title": "stuck", "type": "array"}))
+    other = llm.submit(PROMPT, free)
+    with pytest.raises(JsonConstraintError, match="a test"):
+        stuck.result(timeout=60)
+    assert other.result(timeout=60).token_ids == alone
 
 
 def test_the_mask_stays_on_its_own_row(llms):

@@ -91,6 +91,27 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
 
 
 @pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
+@pytest.mark.parametrize("m", [1, 70])  # the streamed path and the dequantize-for-GEMM one
+def test_non_finite_and_tiny_input_blocks(m):
+    w = quantize(random_weight(40, 3 * BLOCK), "q4_1")
+    x = torch.randn(m, 3 * BLOCK)
+    x[0, 5] = float("nan")            # block 0 of row 0: the products are NaN
+    x[m - 1, BLOCK + 1] = float("inf")
+    x[m - 1, 2 * BLOCK:] = 1e-38      # too small to scale to 8 bits: zeros
+    out = torch.empty(m, 40)
+    ops.linear(out, x, w)
+    assert out[0].isnan().all() and out[m - 1].isnan().all()
+    expected = reference.linear_quantized(x, w)
+    assert expected[0].isnan().all() and expected[m - 1].isnan().all()
+    if m > 2:
+        torch.testing.assert_close(out[1:-1], expected[1:-1], rtol=1e-5, atol=1e-4)
+    tiny = torch.zeros(1, 3 * BLOCK)
+    tiny[0, 2 * BLOCK:] = 1e-38
+    ops.linear(out[:1], tiny, w)
+    assert torch.equal(out[0], torch.zeros(40)) and torch.equal(reference.linear_quantized(tiny, w)[0], torch.zeros(40))
+
+
+@pytest.mark.skipif(not ops.HAVE_KERNELS, reason="lisa_rt._C is not built")
 def test_linear_quantized_refuses_bad_arguments():
     w = quantize(random_weight(8, 2 * BLOCK), "q4_1")
     x, out = torch.randn(2, 2 * BLOCK), torch.empty(2, 8)
@@ -98,6 +119,10 @@ def test_linear_quantized_refuses_bad_arguments():
         torch.ops.lisa_rt.linear_quantized(out, x, w.data, w.scales, None)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.lisa_rt.linear_quantized(torch.empty(2, 8), torch.randn(2, 40), w.data, w.scales, w.mins)
+    empty = torch.empty(8, 0, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0
+        torch.ops.lisa_rt.linear_quantized(torch.empty(2, 8), torch.randn(2, 0), empty, torch.empty(8, 0).half(),
+                                           torch.empty(8, 0).half())
     with pytest.raises(RuntimeError, match="float16"):
         torch.ops.lisa_rt.linear_quantized(out, x, w.data, w.scales.float(), w.mins)
     with pytest.raises(RuntimeError, match="out must be"):

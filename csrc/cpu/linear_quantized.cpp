@@ -16,6 +16,7 @@
 // as their 8-bit blocks stand for them.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -43,8 +44,20 @@ struct QuantizedInput {
       for (int64_t b = begin; b < end; ++b) {  // b: a block of some row (rows are whole blocks)
         const float* v = x + b * kBlock;
         float largest = 0.0f;
-        for (int j = 0; j < kBlock; ++j) largest = std::max(largest, std::fabs(v[j]));
-        const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        bool finite = true;
+        for (int j = 0; j < kBlock; ++j) {
+          finite = finite && std::isfinite(v[j]);
+          largest = std::max(largest, std::fabs(v[j]));
+        }
+        if (!finite) {  // NaN or inf: the block's products are NaN, as float ones would be
+          std::fill(p.begin() + b * kBlock, p.begin() + (b + 1) * kBlock, 0);
+          e[b] = e_sum[b] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        // A block too small for 127 / largest (below about 4e-37) counts as zeros.
+        float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        if (!std::isfinite(inverse)) inverse = 0.0f;
+        const float scale = largest / 127.0f;
         int sum = 0;
         for (int j = 0; j < kBlock; ++j) {
           const int q = static_cast<int>(std::nearbyint(v[j] * inverse));
@@ -241,7 +254,7 @@ void linear_quantized_cpu(at::Tensor& out, const at::Tensor& input, const at::Te
   TORCH_CHECK(q4 || data.scalar_type() == at::kChar, "linear_quantized: data must be int8 (q8_0) or uint8 (q4_1)");
   TORCH_CHECK(q4 == mins.has_value(), "linear_quantized: q4_1 (uint8 data) takes mins, q8_0 (int8) none");
   const int64_t m = input.size(0), k = input.size(1), n = data.size(0);
-  TORCH_CHECK(k % kBlock == 0, "linear_quantized: K must be a multiple of 32, got ", k);
+  TORCH_CHECK(k > 0 && k % kBlock == 0, "linear_quantized: K must be a positive multiple of 32, got ", k);
   TORCH_CHECK(data.size(1) == (q4 ? k / 2 : k), "linear_quantized: data has ", data.size(1), " columns for K = ", k);
   TORCH_CHECK(scales.size(0) == n && scales.size(1) == k / kBlock, "linear_quantized: scales must be [N, K / 32]");
   TORCH_CHECK(out.size(0) == m && out.size(1) == n, "linear_quantized: out must be [rows, N]");
