@@ -574,6 +574,8 @@ BAD_REQUESTS = [
     ("stream_options without stream", COMPLETIONS,
      _completion(stream=False, stream_options={"include_usage": True}), 400, "stream_options", None),
     ("JSON nested past reading", CHAT, b"[" * 50000 + b"]" * 50000, 400, None, "invalid_json"),
+    ("an integer past Python's 4,300 digits", COMPLETIONS, b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400,
+     None, "invalid_json"),
     ("a field nested past reading", COMPLETIONS,
      b'{"prompt": "hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "invalid_json"),
     # JSON can spell a lone surrogate, which is not text the tokenizer (or a UTF-8 answer) can take.
