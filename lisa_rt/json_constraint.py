@@ -10,7 +10,8 @@ The tokens allowed in a state are found by walking a trie of the vocabulary's by
 with the state, pruning a branch as soon as its bytes leave the grammar. Inside a free string
 (most of what a model writes) nearly every token is allowed and none changes the state, so there
 the walk covers only the few tokens holding a quote, a backslash, a control byte or part of a
-UTF-8 character, and the rest come from a precomputed mask. Masks are cached per state.
+UTF-8 character, and the rest come from a precomputed mask. Masks are cached per state, for
+every grammar within one byte budget (MASK_CACHE_BYTES).
 
 The output is the value alone: whitespace may lead and separate (runs of at most
 MAX_WHITESPACE), never trail; the sequence ends when nothing can follow the value, or with an
@@ -18,6 +19,7 @@ end-of-sequence token where something still could (a number at the top level).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import urllib.parse
@@ -36,7 +38,7 @@ MAX_KEY_BYTES = 256    # a free property name that must be remembered (to choose
 MAX_SCHEMA_NODES = 10_000
 MAX_STACKS = 64        # readings of the output so far at once (anyOf fan-out)
 MAX_BOUND = 2**30      # a maxLength or maxItems above this is no bound at all
-MASKS_CACHED = 512     # per grammar: 49,152-token masks are 48 KiB each
+MASK_CACHE_BYTES = 256 << 20  # every grammar's masks together (a 49,152-token mask: 48 KiB)
 GRAMMARS_CACHED = 16
 
 # Keywords that describe but do not constrain: read past.
@@ -416,6 +418,36 @@ class _Trie:
 State = frozenset  # of stacks: tuples of frames
 
 
+class _MaskCache:
+    """Token masks by (grammar, state), least recently used first out, within one byte budget
+    for every grammar, so that many schemas (or long counted strings) cannot grow it unbounded."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.entries: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key) -> torch.Tensor | None:
+        with self.lock:
+            mask = self.entries.get(key)
+            if mask is not None:
+                self.entries.move_to_end(key)
+            return mask
+
+    def put(self, key, mask: torch.Tensor) -> None:
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = mask
+            self.used += mask.numel()
+            while self.used > self.budget and len(self.entries) > 1:
+                self.used -= self.entries.popitem(last=False)[1].numel()
+
+
+_masks = _MaskCache(MASK_CACHE_BYTES)
+_grammar_serials = itertools.count()
+
+
 class JsonGrammar:
     """One schema over one vocabulary: states, steps and the token masks of states."""
 
@@ -425,8 +457,7 @@ class JsonGrammar:
         self.vocabulary = vocabulary
         self.eos_ids = sorted(set(int(i) for i in eos_ids if 0 <= int(i) < vocabulary.width))
         self.initial: State = frozenset({(("val", self.schema.root_node, 0),)})
-        self._masks: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._serial = next(_grammar_serials)  # its masks' key (an id() could be reused)
 
     # -- states ---------------------------------------------------------------------------
 
@@ -464,21 +495,17 @@ class JsonGrammar:
         """bool [vocabulary width]: the tokens that may follow `state` (the end-of-sequence
         tokens where, and only where, the value may end). JsonConstraintError where nothing
         may: the request cannot go on and still give JSON that validates."""
-        with self._lock:
-            mask = self._masks.get(state)
-            if mask is not None:
-                self._masks.move_to_end(state)
-                return mask
+        key = (self._serial, state)
+        mask = _masks.get(key)
+        if mask is not None:
+            return mask
         mask = self._mask(state)
         mask[self.eos_ids] = False  # (an end-of-sequence token with text of its own, too)
         if not self.accepting(state) and not bool(mask.any()):
             raise JsonConstraintError("no token can continue the JSON value here (the schema nests deeper "
                                       f"than {MAX_DEPTH}, or the vocabulary cannot spell what it needs)")
         mask[self.eos_ids] = self.accepting(state)
-        with self._lock:
-            self._masks[state] = mask
-            while len(self._masks) > MASKS_CACHED:
-                self._masks.popitem(last=False)
+        _masks.put(key, mask)
         return mask
 
     def _mask(self, state: State) -> torch.Tensor:

@@ -1255,3 +1255,15 @@ def test_cli_bad_json_schema_is_one_error_line(run, model_dirs, tmp_path, comman
         argv = (_generate(model_dir, "--json-schema", schema) if command == "generate"
                 else ("chat", "-m", model_dir, "--json-schema", schema))
         assert_user_error(*run(*argv, stdin=b"hello\n"), *fragments)
+
+
+def test_the_mask_cache_keeps_to_its_byte_budget():
+    from lisa_rt.json_constraint import _MaskCache
+
+    cache = _MaskCache(budget=3 * 100)
+    for i in range(5):
+        cache.put(("g", i), torch.zeros(100, dtype=torch.bool))
+    assert cache.used == 300 and cache.get(("g", 0)) is None and cache.get(("g", 4)) is not None
+    cache.get(("g", 2))                      # used: now the last to go
+    cache.put(("g", 5), torch.zeros(100, dtype=torch.bool))
+    assert cache.get(("g", 3)) is None and cache.get(("g", 2)) is not None
