@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import urllib.parse
 import weakref
@@ -49,6 +50,7 @@ _KNOWN = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties
                          "minItems", "maxItems", "minLength", "maxLength", "enum", "const",
                          "anyOf", "oneOf", "allOf", "$ref"}
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_INDEX = re.compile(r"0|[1-9][0-9]{0,9}")  # an array index in a JSON pointer
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -91,7 +93,9 @@ class SchemaNodes:
     def __init__(self, schema: Any):
         self.root = schema
         self.nodes: list[tuple | None] = []
-        self._by_schema: dict[str, int] = {}   # a subschema's JSON -> its node (and $ref cycles)
+        self._by_schema: dict[int, int] = {}   # id(subschema) -> its node ($refs, cycles)
+        self._by_value: dict[tuple, int] = {}  # a node's value -> the first node of that value
+        self._cyclic: set[int] = set()         # nodes reached through a cycle: never merged
         self._any: int | None = None
         self.free_string = self._new(("string", 0, None))  # property names read and forgotten
         self.root_node = self._compile(schema, "#")
@@ -142,14 +146,21 @@ class SchemaNodes:
             raise _bad(f"{where} is false: no value satisfies it")
         if not isinstance(schema, dict):
             raise _bad(f"{where} must be an object or a boolean, got {type(schema).__name__}")
-        # Equal subschemas (a $ref's target, repeated options) share one node: anyOf options
-        # that were copies of each other would multiply the readings of the output.
-        key = json.dumps(schema, sort_keys=True)
+        key = id(schema)  # (the root holds every subschema: ids stay unique while compiling)
         if key in self._by_schema:
-            return self._by_schema[key]
+            index = self._by_schema[key]
+            if self.nodes[index] is None:  # reached again while being compiled: a cycle
+                self._cyclic.add(index)
+            return index
         index = self._new()
         self._by_schema[key] = index
         self.nodes[index] = self._node(schema, where)
+        if index not in self._cyclic:
+            # Equal subschemas (copies of one option, wrappers of one $ref) share one node, so
+            # that anyOf options that are copies of each other do not multiply the readings of
+            # the output. Nodes are compared by value, children by node: linear in the schema.
+            index = self._by_value.setdefault(_node_key(self.nodes[index]), index)
+            self._by_schema[key] = index
         return index
 
     def _node(self, schema: dict, where: str) -> tuple:
@@ -173,7 +184,8 @@ class SchemaNodes:
                     raise _bad(f"allOf at {where} with more than one schema is not supported")
                 _alone(schema, word, where)
                 # oneOf is read as anyOf: exclusivity cannot be checked while writing.
-                return ("union", tuple(self._compile(s, f"{where}/{word}/{i}") for i, s in enumerate(options)))
+                return ("union", tuple(dict.fromkeys(self._compile(s, f"{where}/{word}/{i}")
+                                                     for i, s in enumerate(options))))
         if "type" in schema:
             types = _types(schema, where)
         else:
@@ -228,18 +240,26 @@ class SchemaNodes:
         return ("literal", (b"true", b"false") if kind == "boolean" else (b"null",))
 
     def _resolve(self, ref: Any, where: str) -> Any:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise _bad(f"$ref at {where} must point into the schema itself ('#/...'), got {ref!r}")
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise _bad(f"$ref at {where} must point into the schema itself ('#' or '#/...'), got {ref!r}")
         target = self.root
-        for part in filter(None, urllib.parse.unquote(ref[1:]).split("/")):  # a JSON pointer
+        parts = urllib.parse.unquote(ref[2:]).split("/") if ref != "#" else []  # a JSON pointer
+        for part in parts:
             part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            if isinstance(target, list) and _INDEX.fullmatch(part) and int(part) < len(target):
                 target = target[int(part)]
             elif isinstance(target, dict) and part in target:
                 target = target[part]
             else:
                 raise _bad(f"$ref {ref!r} at {where} points to nothing")
         return target
+
+
+def _node_key(node: tuple) -> tuple:
+    """A node as a hashable value (an object's property dicts as sorted pairs)."""
+    if node[0] == "object":
+        return ("object", tuple(sorted(node[1].items())), node[3], node[4])
+    return node
 
 
 def _alone(schema: dict, word: str, where: str, also: tuple[str, ...] = ()) -> None:
@@ -264,11 +284,9 @@ def _bounds(schema: dict, lo_name: str, hi_name: str, where: str) -> tuple[int, 
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _bad(f"{name} at {where} must be an integer >= 0, got {value!r}")
     lo, hi = schema.get(lo_name, 0), schema.get(hi_name)
-    if hi is not None and hi > MAX_BOUND:
-        hi = None
     if hi is not None and hi < lo:
         raise _bad(f"{hi_name} at {where} is below {lo_name}")
-    return lo, hi
+    return lo, (None if hi is not None and hi > MAX_BOUND else hi)
 
 
 def _is_of_type(value: Any, kind: Any) -> bool:
@@ -519,7 +537,10 @@ class JsonGrammar:
         while pending:
             node, here = pending.pop()
             for byte, child in trie.children[node].items():
-                after = self.step(here, byte)
+                try:
+                    after = self.step(here, byte)
+                except JsonConstraintError:  # too many readings down this branch: not allowed
+                    continue
                 if after:
                     allowed.extend(trie.tokens[child])
                     if trie.children[child]:
@@ -540,7 +561,8 @@ class JsonGrammar:
                 hi = self.nodes[frame[1]][2]
                 fits = vocab.string_safe if hi is None else vocab.string_safe & (vocab.chars <= hi - frame[2])
             elif frame[0] == "key" and frame[1] is None and frame[3] == _PLAIN:
-                fits = vocab.string_safe & (vocab.lengths <= MAX_KEY_BYTES - len(frame[2]))
+                room = self._key_limit(stack[-2][1]) - len(frame[2])
+                fits = vocab.string_safe & (vocab.lengths <= room)
             else:
                 return None
             mask = fits.clone() if mask is None else mask | fits
@@ -636,7 +658,9 @@ class JsonGrammar:
         elif byte in (0x2B, 0x2D) and at == _E:
             nxt = _ESIGN
         if nxt is not None:
-            return [rest + (("num", index, length + 1, nxt),)] if length < MAX_NUMBER_BYTES else []
+            # A state that needs a digit more (after '-', '.', 'e' or its sign) leaves room for it.
+            room = MAX_NUMBER_BYTES - (length + 1) - (0 if nxt in _NUMBER_FINAL else 1)
+            return [rest + (("num", index, length + 1, nxt),)] if room >= 0 else []
         if at in _NUMBER_FINAL:  # the number ended: the byte is the parent's
             return self._step(rest, byte)
         return []
@@ -702,9 +726,32 @@ class JsonGrammar:
                 return []
             return [rest + (("key", names, typed, _PLAIN),)]
         moved = _string_byte(esc, byte)
-        if moved is None or len(typed) > MAX_KEY_BYTES:
+        # (An escape or character begun must have room to end within the limit.)
+        if moved is None or len(typed) + _bytes_to_finish(moved[0]) > self._key_limit(parent[1]):
             return []
         return [rest + (("key", None, typed, moved[0]),)]
+
+    def _key_limit(self, obj: int) -> int:
+        """The most bytes a name of object node `obj` that must be remembered may take: every
+        listed name fits, however long."""
+        return max([MAX_KEY_BYTES] + [len(name) for name in self.nodes[obj][2].values()])
+
+
+def _bytes_to_finish(esc: int) -> int:
+    """The fewest bytes that end an escape or character begun (string escape state esc)."""
+    if esc == _PLAIN:
+        return 0
+    if esc == _BACKSLASH:
+        return 1
+    if _HEX_LEFT < esc <= _HEX_LEFT + 4:
+        return esc - _HEX_LEFT
+    if esc == _HEX_AFTER_D:
+        return 3
+    if _UTF8_LEFT < esc <= _UTF8_LEFT + 3:
+        return esc - _UTF8_LEFT
+    if esc in _UTF8_FIRST_RANGE:
+        return 1 + _UTF8_FIRST_RANGE[esc][1]
+    return {60: 8, 61: 7}.get(esc, 3 + 65 - esc)  # a surrogate pair: the high half's hex, \uDCxx
 
 
 def _string_byte(esc: int, byte: int) -> tuple[int, bool] | None:

@@ -1267,3 +1267,52 @@ def test_the_mask_cache_keeps_to_its_byte_budget():
     cache.get(("g", 2))                      # used: now the last to go
     cache.put(("g", 5), torch.zeros(100, dtype=torch.bool))
     assert cache.get(("g", 3)) is None and cache.get(("g", 2)) is not None
+
+
+def test_a_token_that_would_multiply_the_readings_is_left_out_not_fatal():
+    schema = {"anyOf": [{"type": "array", "items": {"$ref": "#"}},
+                        {"type": "array", "items": {"$ref": "#"}, "maxItems": 5}, {"type": "integer"}]}
+    vocabulary = Vocabulary([bytes([b]) for b in range(256)] + [b"[" * 8], 258)
+    grammar = vocabulary.grammar(schema, [257])
+    mask = grammar.allowed(grammar.initial)
+    assert mask[ord("[")] and not mask[256]
+    assert grammar.closed(grammar.advance(grammar.initial, b"[[1]]"))
+
+
+def test_json_pointers():
+    defs = {"": {"x": {"type": "integer"}}, "x": {"type": "string"}}
+    assert _complete({"$defs": defs, "$ref": "#/$defs//x"}, "1")
+    assert not _takes({"$defs": defs, "$ref": "#/$defs//x"}, '"')
+    assert _complete({"anyOf": [{"type": "null"}, {"$ref": "#/anyOf/0"}]}, "null")
+    for bad in ("#/anyOf/²", "#/anyOf/" + "1" * 5000, "#/anyOf/01", "#foo"):
+        with pytest.raises(UserError, match="^invalid json_schema:"):
+            check_schema({"anyOf": [{"type": "string"}, {"$ref": bad}]})
+    assert _complete({"$defs": {"a b": {"type": "null"}}, "$ref": "#/$defs/a%20b"}, "null")
+
+
+def test_equal_subschemas_compile_once():
+    from lisa_rt.json_constraint import SchemaNodes
+
+    big = {"enum": [f"value {i}" for i in range(200)]}
+    wrappers = {"$defs": {"big": big}, "anyOf": [{"$ref": "#/$defs/big", "title": str(i)} for i in range(50)]}
+    nodes = SchemaNodes(wrappers)
+    root = nodes.nodes[nodes.root_node]
+    assert root[0] == "union" and len(root[1]) == 1  # fifty wrappers, one option
+
+
+def test_bounds_are_checked_before_huge_ones_are_dropped():
+    with pytest.raises(UserError, match="below"):
+        check_schema({"type": "string", "minLength": 2**40, "maxLength": 2**35})
+
+
+def test_the_caps_leave_room_to_finish_what_they_let_begin():
+    grammar, state = _after({"type": "number"}, "1" * (MAX_NUMBER_BYTES - 1))
+    assert not grammar.step(state, ord("."))  # no room left for a digit after it
+    assert grammar.step(grammar.advance(grammar.initial, b"1" * (MAX_NUMBER_BYTES - 2)), ord("."))
+    free = {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True}
+    grammar, state = _after(free, '{"' + "k" * (MAX_KEY_BYTES - 1))
+    assert not grammar.step(state, ord("\\")) and grammar.step(state, ord("k"))
+    long_name = "n" * (MAX_KEY_BYTES + 44)
+    listed = {"type": "object", "properties": {long_name: {"type": "integer"}}, "required": [long_name],
+              "additionalProperties": True}
+    assert _complete(listed, '{"%s": 1}' % long_name)
