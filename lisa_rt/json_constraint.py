@@ -1,6 +1,6 @@
 """JSON output constrained by a JSON schema: which tokens may come next.
 
-A schema is compiled once into a graph of nodes (`compile_schema`); a sequence's position in
+A schema is compiled once into a graph of nodes (SchemaNodes); a sequence's position in
 its output is a set of parse stacks over those nodes, advanced byte by byte (`JsonGrammar.step`).
 A stack is a tuple of frames (tuples, so that states hash and masks can be cached), the frame
 of the value being written on top. A set, because a byte can be read more than one way (anyOf,
@@ -34,13 +34,13 @@ from .errors import UserError
 
 MAX_WHITESPACE = 64    # bytes in one run of whitespace: a model cannot pad forever
 MAX_DEPTH = 64         # open frames (nested values): bounds a recursive schema's output
-MAX_NUMBER_BYTES = 32    # "-1.2345678901234567e+308" is 24: longer is a model repeating itself
+MAX_NUMBER_BYTES = 32  # "-1.2345678901234567e+308" is 24: longer is a model repeating itself
 MAX_KEY_BYTES = 256    # a free property name that must be remembered (to choose its schema)
 MAX_SCHEMA_NODES = 10_000
 MAX_STACKS = 64        # readings of the output so far at once (anyOf fan-out)
 MAX_BOUND = 2**30      # a maxLength or maxItems above this is no bound at all
 MASK_CACHE_BYTES = 256 << 20  # every grammar's masks together (a 49,152-token mask: 48 KiB)
-GRAMMARS_CACHED = 16
+GRAMMARS_CACHED = 16   # compiled schemas, and grammars per vocabulary
 
 # Keywords that describe but do not constrain: read past.
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
