@@ -582,13 +582,7 @@ class JsonGrammar:
                 return [rest + (("val", frame[1], frame[2] + 1),)] if frame[2] < MAX_WHITESPACE else []
             return [rest + frames for frames in self._start(frame[1], byte, len(rest))]
         if kind == "lit":
-            _, texts, pos = frame
-            texts = tuple(t for t in texts if t[pos] == byte)
-            if not texts:
-                return []
-            done = [rest] if any(len(t) == pos + 1 for t in texts) else []
-            going = tuple(t for t in texts if len(t) > pos + 1)
-            return done + ([rest + (("lit", going, pos + 1),)] if going else [])
+            return [rest + frames for frames in _literal_byte(frame[1], frame[2], byte)]
         if kind == "num":
             return self._number(frame, rest, byte)
         if kind == "obj":
@@ -606,10 +600,7 @@ class JsonGrammar:
         if kind == "union":
             return [frames for option in node[1] for frames in self._start(option, byte, depth)]
         if kind == "literal":
-            texts = tuple(t for t in node[1] if t[0] == byte)
-            done = [()] if any(len(t) == 1 for t in texts) else []
-            going = tuple(t for t in texts if len(t) > 1)
-            return done + ([(("lit", going, 1),)] if going else [])
+            return _literal_byte(node[1], 0, byte)
         if depth >= MAX_DEPTH:
             return []
         if kind == "string":
@@ -735,6 +726,15 @@ class JsonGrammar:
         """The most bytes a name of object node `obj` that must be remembered may take: every
         listed name fits, however long."""
         return max([MAX_KEY_BYTES] + [len(name) for name in self.nodes[obj][2].values()])
+
+
+def _literal_byte(texts: tuple[bytes, ...], pos: int, byte: int) -> list[tuple]:
+    """Byte `pos` of one of the JSON texts `texts` (enum or const values, true, false, null):
+    the frames after it, () where a text ends with it, a "lit" frame where some go on."""
+    texts = tuple(t for t in texts if t[pos] == byte)
+    done = [()] if any(len(t) == pos + 1 for t in texts) else []
+    going = tuple(t for t in texts if len(t) > pos + 1)
+    return done + ([(("lit", going, pos + 1),)] if going else [])
 
 
 def _bytes_to_finish(esc: int) -> int:
