@@ -171,14 +171,8 @@ void linear_streamed(at::Tensor& out, const at::Tensor& input, const at::Tensor&
 // out = input @ weight^T (bfloat16 or float16) computed in float32, a block of weight rows
 // (about 8 MB as float32) at a time: neither the weight nor the product is ever whole in float32.
 void mm_via_float(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
-  constexpr int64_t kBlockBytes = 8 << 20;
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const at::Tensor x = input.to(at::kFloat);
-  const int64_t block = std::max<int64_t>(64, kBlockBytes / (4 * k));
-  for (int64_t r = 0; r < n; r += block) {
-    const int64_t rows = std::min(block, n - r);
-    out.narrow(1, r, rows).copy_(at::mm(x, weight.narrow(0, r, rows).to(at::kFloat).t()));
-  }
+  mm_by_weight_blocks(out, input.to(at::kFloat), weight.size(0), weight.size(1),
+                      [&](int64_t r, int64_t rows) { return weight.narrow(0, r, rows).to(at::kFloat); });
 }
 
 void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {

@@ -232,13 +232,8 @@ void quantized_product(at::Tensor& out, const at::Tensor& input, const W& w, int
     if (!y.is_same(out)) out.copy_(y);
     return;
   }
-  // About 8 MB of float32 weights at a time: the dequantized matrix is never whole.
-  const at::Tensor xq = blocks.dequantized(m);
-  const int64_t block = std::max<int64_t>(64, (8 << 20) / (4 * w.k));
-  for (int64_t r = 0; r < n; r += block) {
-    const int64_t rows = std::min(block, n - r);
-    out.narrow(1, r, rows).copy_(at::mm(xq, dequantized(w, r, rows).t()));
-  }
+  mm_by_weight_blocks(out, blocks.dequantized(m), n, w.k,
+                      [&](int64_t r, int64_t rows) { return dequantized(w, r, rows); });
 }
 
 void linear_quantized_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& data,
