@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .speculative import MAX_SPECULATE
 
 EXIT_USAGE = 2
 SELF_SAMPLES = 32  # texts `fit --data self` samples from the model, unless --self-samples says
@@ -93,6 +94,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "holding it; '{\"type\": \"object\"}' for any JSON object")
 
 
+def _add_speculate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", type=_draft_count, default=0, metavar="N",
+                   help="speculative decoding: run up to N draft tokens a step, copied from where the "
+                        "sequence's last tokens occurred before in it (prompt lookup), and keep those "
+                        "the model would have drawn; the same output, faster where it repeats its "
+                        f"input (0 = off; at most {MAX_SPECULATE})")
+
+
 def _add_lisa_args(p: argparse.ArgumentParser):
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lisa", default=None, metavar="PATH",
@@ -135,6 +144,7 @@ _fraction = _number(float, lambda v: 0 < v < 1, "in (0, 1)", "a number")
 _non_negative_int = _number(int, lambda v: v >= 0, ">= 0", "an integer")
 _non_negative_float = _number(float, lambda v: 0 <= v < math.inf, ">= 0 and finite", "a number")
 _even_int = _number(int, lambda v: v >= 2 and v % 2 == 0, "even and >= 2", "an integer")
+_draft_count = _number(int, lambda v: 0 <= v <= MAX_SPECULATE, f"in [0, {MAX_SPECULATE}]", "an integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _add_speculate_arg(p)
     _add_verbose_arg(p)
 
     p = sub.add_parser("chat", help="interactive chat (/help lists its commands; /exit or Ctrl-D leaves)")
@@ -221,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lisa_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
+    _add_speculate_arg(p)
     _add_verbose_arg(p)
 
     p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file")
@@ -277,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full, never reusing the cached keys and values of an "
                         "earlier prompt's same beginning")
+    _add_speculate_arg(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -364,9 +377,11 @@ def _how_it_runs(model) -> str:
 def _speeds(completion) -> str:
     t = completion.timings
     cached = f" ({completion.cached_tokens} cached)" if completion.cached_tokens else ""
+    drafts = (f" ({t['accepted_draft_tokens']} of {t['draft_tokens']} draft tokens kept)"
+              if t["draft_tokens"] else "")
     return (f"prompt {completion.prompt_tokens} tok{cached} in {t['prefill_s']:.3f} s "
             f"({t['prompt_tok_per_s']:.1f} tok/s); generated {completion.completion_tokens} tok, "
-            f"decode {t['decode_tok_per_s']:.1f} tok/s")
+            f"decode {t['decode_tok_per_s']:.1f} tok/s{drafts}")
 
 
 def cmd_generate(args) -> int:
@@ -386,7 +401,7 @@ def cmd_generate(args) -> int:
     else:
         ids = tok.encode(prompt)
     on_text = None if args.json else (lambda _index, delta: _write(delta))
-    completion = generate(model, [ids], params, on_text=on_text)[0]
+    completion = generate(model, [ids], params, on_text=on_text, speculate=args.speculate)[0]
     if args.json:
         _write(json.dumps({"text": completion.text, "finish_reason": completion.finish_reason,
                            "prompt_tokens": completion.prompt_tokens,
@@ -399,12 +414,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _chat_engine(model, tokens: int):
+def _chat_engine(model, tokens: int, speculate: int):
     """The engine of one conversation, kept across turns so that a turn prefills only what its
     prefix cache lacks (mostly the new message and what follows the last reply)."""
     from .engine import Engine
 
-    return Engine(model, model.new_cache([tokens]), max_num_seqs=1)
+    return Engine(model, model.new_cache([tokens]), max_num_seqs=1, speculate=speculate)
 
 
 def _chat_cache_tokens(model, held: int, tokens: int) -> int:
@@ -472,7 +487,7 @@ def cmd_chat(args) -> int:
         try:
             if size > held:  # a larger cache, empty: the old one is let go before it is allocated
                 engine = None
-                engine = _chat_engine(model, size)
+                engine = _chat_engine(model, size, args.speculate)
             completion = run_to_completion(engine, [ids], params, on_text=lambda _i, delta: _write(delta))[0]
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the exchange is dropped
             history.pop()
@@ -821,7 +836,8 @@ def cmd_serve(args) -> int:
               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
               model_name=args.served_model_name, log_level=args.log_level, on_ready=ready,
               lisa=_lisa_choice(args), shutdown_grace=args.shutdown_grace,
-              prefix_caching=not args.no_prefix_caching, quantize=args.quantize)
+              prefix_caching=not args.no_prefix_caching, quantize=args.quantize,
+              speculate=args.speculate)
     except KeyboardInterrupt:
         pass
     finally:

@@ -41,6 +41,19 @@ past its candidates is redrawn on the host (rarely); if its token changes, the f
 row for it, launched with the first draw, is dropped and the sequence steps back one token, its
 uniform number given back: a seed draws the same tokens with and without overlap.
 
+Speculative decoding (speculate=N > 0; off by default). A chunk that reaches the end of its
+sequence's tokens (a decode step, or a prompt's last prefill chunk) carries up to N draft
+tokens after it, looked up in the sequence itself (speculative.py), within the step's token
+budget and the blocks the sequence holds (free blocks too, when no request waits). The forward
+pass gives logits for the last token and each draft; the token drawn from each row is accepted
+in turn, and the next row is read only while the token drawn equals the draft that went in
+after it. Each token is drawn from the logits of the sequence it really follows, with the
+sequence's own next uniform number: the output is the one steps of one token give, but for
+rounding (a chunk's rows sum in another order than a one-token step's: in float32 the tokens
+came out the same in every case tried, in bfloat16 a near tie may go the other way, as it may
+when batched). The cache slots of rejected drafts are written over by the next step. Drafts need the
+tokens on the host, so a speculating engine does not overlap its steps.
+
 Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
 thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
 Deltas are delivered from the stepping thread through each request's `on_delta`.
@@ -65,6 +78,7 @@ from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .metrics import EngineMetrics
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, StepSample, token_logprobs, upload
+from .speculative import MAX_SPECULATE, NgramDrafter
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -193,7 +207,8 @@ class Request:
     tokens = prompt + output; `computed` of them have their keys and values in the cache. A
     decoding sequence has computed == len(tokens) - 1 (the last sampled token goes in next),
     or computed == len(tokens) while a step that drew its next token is in flight (overlap:
-    that token went in on the device and is not yet in `output`).
+    that token went in on the device and is not yet in `output`), or len(tokens) +
+    len(drafts) during a step that runs drafts (until its tokens are accepted).
     """
 
     def __init__(self, model: Model, prompt: list[int], params: SamplingParams, max_new: int,
@@ -226,6 +241,10 @@ class Request:
         self.sampler = Sampler(params, grammar)
         self.table: BlockTable | None = None
         self.computed = 0
+        self.drafter: NgramDrafter | None = None  # made by an engine that speculates
+        self.drafts: list[int] = []  # this step's draft tokens, run after the last token
+        self.drafted = 0   # draft tokens run, and of them kept
+        self.accepted = 0
         self.finish_reason: str | None = None
         self.completion: Completion | None = None
         self.cancel_requested = False
@@ -333,7 +352,8 @@ class Request:
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
             timings={"queue_s": admit - self.t_submit, "prefill_s": first - admit,
                      "decode_s": end - first, "decode_steps": self.decode_steps,
-                     "preemptions": self.preemptions,
+                     "preemptions": self.preemptions, "draft_tokens": self.drafted,
+                     "accepted_draft_tokens": self.accepted,
                      "prompt_tok_per_s": _rate(len(self.prompt), first - admit),
                      "decode_tok_per_s": _rate(decode_tokens, end - first)})
 
@@ -447,11 +467,13 @@ class Engine:
 
     def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True,
-                 overlap: bool | None = None, prefix_caching: bool = True):
+                 overlap: bool | None = None, prefix_caching: bool = True, speculate: int = 0):
         if max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_SPECULATE:
+            raise UserError(f"speculate must be an integer in [0, {MAX_SPECULATE}], got {speculate!r}")
         self.model = model
         self.cache = cache
         # Pure-decode steps on CUDA replay a captured graph (see cuda_graph.py).
@@ -459,7 +481,10 @@ class Engine:
                               if cuda_graphs and model.device.type == "cuda" else None)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        self.overlap = overlap_by_default(model.device) if overlap is None else overlap
+        # Drafts are looked up in the tokens on the host, so a speculating engine reads each
+        # step's tokens before the next: no overlap.
+        self.speculate = speculate
+        self.overlap = not speculate and (overlap_by_default(model.device) if overlap is None else overlap)
         self.prefix_caching = prefix_caching
         self.admitted_tokens = 0  # tokens prefilled at admission, and of them found in the cache:
         self.cached_tokens = 0    # their ratio is the prefix cache's hit rate
@@ -467,6 +492,8 @@ class Engine:
         self._inflight: InFlight | None = None
         self.overlapped_steps = 0
         self.rewinds = 0  # rows of overlapped steps dropped because their input was redrawn
+        self.draft_tokens = 0  # run in decode steps, and of them kept
+        self.accepted_draft_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the newest is last
         self.preemptions = 0
@@ -532,7 +559,8 @@ class Engine:
                 "preemptions": self.preemptions, "completed": self.completed,
                 "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps,
                 "overlapped_steps": self.overlapped_steps,
-                "rewinds": self.rewinds}
+                "rewinds": self.rewinds, "draft_tokens": self.draft_tokens,
+                "accepted_draft_tokens": self.accepted_draft_tokens}
 
     # -- the stepping thread -----------------------------------------------------------------
 
@@ -594,41 +622,79 @@ class Engine:
             if not chunks:
                 return
             scored = [req.scores_prompt for req in batch]
-            logits = self._forward(chunks, all_logits=scored)
+            logits = self._forward(chunks, logit_rows=[len(tokens) if s else 1 + len(req.drafts)
+                                                       for (tokens, _, _), s, req in zip(chunks, scored, batch)])
             if any(scored):
                 logits = self._score_prompts(batch, chunks, scored, logits)
             for req in batch:
                 self._offer(req)
-            # A chunk that reaches the end of its sequence's tokens yields the next token.
-            ready = [row for row, req in enumerate(batch) if req.computed == req.length]
-            if len(ready) < len(batch):  # (gathering rows costs an index upload on a GPU)
-                logits = logits[ready]
-            elif self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
-                    not any(req.sampler.reads_history for req in batch):
+            if self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
+                    all(req.computed == req.length and not req.sampler.reads_history for req in batch):
                 self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
-            sample = StepSample([batch[row].sampler for row in ready], logits,
-                                lambda i: (batch[ready[i]].prompt, batch[ready[i]].output))
+            self._sample(batch, logits)
+        except Exception as exc:
+            self.fail([req for req in batch if not req.finished] if batch
+                      else list(self.running) + list(self.waiting), exc)
+            return
+        finally:
+            for req in batch:
+                if req.drafts:
+                    req.drafts = []
+                    if not req.finished:  # its cache holds its tokens but the last one
+                        req.computed = req.length - 1
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> None:
+        """Draws the next token of each sequence whose chunk reached the end of its tokens,
+        from logits (a row per chunk, 1 + len(drafts) rows for a chunk that ran drafts), and
+        accepts it; then, for each sequence whose token equals its first draft, the token after
+        that draft from the draft's own row, and so on while the drafts match (speculative.py)."""
+        first, row = [], 0
+        for req in batch:
+            first.append(row)
+            row += 1 + len(req.drafts)
+        live = [i for i, req in enumerate(batch) if req.computed >= req.length]
+        kept_drafts = [0] * len(batch)
+        depth = 0
+        while live:
+            requests = [batch[i] for i in live]
+            rows = [first[i] + depth for i in live]
+            if rows != list(range(len(logits))):  # (gathering rows costs an index upload on a GPU)
+                logits_now = logits[upload(rows, torch.long, logits.device)]
+            else:
+                logits_now = logits
+            sample = StepSample([req.sampler for req in requests], logits_now,
+                                lambda k: (requests[k].prompt, requests[k].output))
             packed = sample.packed.tolist()
             drawn = sample.drawn(packed)
             tokens = sample.resolve(packed)
             asked = None if sample.scored is None else sample.scored.packed.tolist()
             logprobs = sample.logprobs(asked, drawn, tokens)
-        except Exception as exc:
-            self.fail(batch or list(self.running) + list(self.waiting), exc)
-            return
-        for i, exc in sample.failed.items():  # (before _accept, which skips ended requests)
-            self.fail([batch[ready[i]]], exc)
-        self._accept([batch[row] for row in ready], tokens, logprobs)
+            for k, exc in sample.failed.items():  # (before _accept, which skips ended requests)
+                self.fail([requests[k]], exc)
+            # (Counted before _accept, whose completion of a request that ends reports them.)
+            live = [i for i, req, token in zip(live, requests, tokens)
+                    if not req.finished and depth < len(req.drafts) and token == req.drafts[depth]]
+            for i in live:
+                kept_drafts[i] += 1
+                batch[i].accepted += 1
+            self.accepted_draft_tokens += len(live)
+            self._accept(requests, tokens, logprobs, same_step=depth > 0)
+            live = [i for i in live if not batch[i].finished]
+            depth += 1
+        for req, kept in zip(batch, kept_drafts):
+            if req.drafts:
+                req.drafter.observe(len(req.drafts), kept)
 
     def _score_prompts(self, batch: list[Request], chunks: list, scored: list[bool],
                        logits: torch.Tensor) -> torch.Tensor:
         """Records the prompt log probabilities of the scored chunks (whose every row has
-        logits: row p predicts token p + 1) and returns the last row of every chunk."""
-        last, rows, targets, tops, owners = [], [], [], [], []
+        logits: row p predicts token p + 1) and returns the last row of every scored chunk and
+        the rows of the others."""
+        kept, rows, targets, tops, owners = [], [], [], [], []
         row = 0
-        for req, (tokens, start, _), every_row in zip(batch, chunks, scored):
-            if every_row:
+        for req, (tokens, start, _), scoring in zip(batch, chunks, scored):
+            if scoring:
                 # Prompt tokens not yet scored (a re-prefill after preemption scores none again).
                 for position in range(max(start, len(req.prompt_logprobs) - 1),
                                       min(start + len(tokens), len(req.prompt) - 1)):
@@ -637,9 +703,10 @@ class Engine:
                     tops.append(req.params.prompt_logprobs)
                     owners.append(req)
                 row += len(tokens)
-            else:
-                row += 1
-            last.append(row - 1)
+                kept.append(row - 1)
+            else:  # its one row, or 1 + len(drafts): all kept
+                kept.extend(range(row, row + 1 + len(req.drafts)))
+                row += 1 + len(req.drafts)
         entries = []
         for lo in range(0, len(rows), SCORED_SLICE):  # a slice's log softmax at a time
             picked = upload(rows[lo:lo + SCORED_SLICE], torch.long, logits.device)
@@ -649,7 +716,7 @@ class Engine:
             by_owner.setdefault(owner, []).append(i)
         for req, mine in by_owner.items():
             req.score_prompt([targets[i] for i in mine], [entries[i] for i in mine])
-        return logits[upload(last, torch.long, logits.device)]
+        return logits[upload(kept, torch.long, logits.device)]
 
     def settle(self) -> list[Request]:
         """Reads back the step in flight, if any, and streams its tokens; launches nothing.
@@ -675,13 +742,13 @@ class Engine:
         return [inflight.requests[row] for row in redrawn]
 
     def _forward(self, chunks: list[tuple[list[int], int, BlockTable]],
-                 input_ids: torch.Tensor | None = None, all_logits: list[bool] | None = None) -> torch.Tensor:
-        """Logits of the chunks' last tokens (of all their tokens where all_logits says);
+                 input_ids: torch.Tensor | None = None, logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits of the chunks' last tokens (of their last logit_rows[i] tokens where given);
         input_ids (on the device) replace the chunks' ids."""
         self.steps += 1
         if self.graph_decoder is not None and all(len(tokens) == 1 for tokens, _, _ in chunks):
             return self.graph_decoder.run(chunks, input_ids)  # one token: its row either way
-        batch = build_batch(chunks, self.model.device, all_logits or False)
+        batch = build_batch(chunks, self.model.device, logit_rows)
         if input_ids is not None:
             batch.input_ids = input_ids
         return self.model.forward(batch, self.cache)
@@ -738,9 +805,11 @@ class Engine:
         if self.prefix_caching and req.table is not None:
             req.table.register(req.tokens, min(req.computed, req.length - 1))
 
-    def _accept(self, requests: list[Request], tokens: list[int], logprobs: list | None = None) -> None:
+    def _accept(self, requests: list[Request], tokens: list[int], logprobs: list | None = None,
+                same_step: bool = False) -> None:
         """Records each request's sampled token (and its log probabilities, for the requests
-        that ask), streams its text and retires it if it ended."""
+        that ask), streams its text and retires it if it ended. same_step: the tokens follow
+        kept drafts, from the step that gave these requests a token already."""
         now = time.perf_counter()
         for req, token, logprob in zip(requests, tokens, logprobs or [None] * len(requests)):
             if req.finished:  # cancelled or ended while its token was in flight: dropped
@@ -748,7 +817,7 @@ class Engine:
             try:
                 if req.t_first is None:
                     req.t_first = now
-                else:
+                elif not same_step:
                     req.decode_steps += 1
                 delta = req.accept(token, logprob)
                 self._offer(req)  # before _end frees the blocks: they stay cached
@@ -803,10 +872,11 @@ class Engine:
             if req.scores_prompt:
                 n = min(n, scored_budget)
                 scored_budget -= n
-            chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
-            req.computed += n
+            tokens = req.tokens(req.computed, req.computed + n) + self._drafts(req, req.computed + n, budget - n)
+            chunks.append((tokens, req.computed, req.table))
+            req.computed += len(tokens)
             batch.append(req)
-            budget -= n
+            budget -= len(tokens)
             i += 1
         # 2. Admit waiting requests, first come first served, while blocks and budget allow. A
         # request deferred for a running prefill's blocks keeps its place: the blocks and the
@@ -845,13 +915,39 @@ class Engine:
             if req.scores_prompt:
                 n = min(n, scored_budget)
                 scored_budget -= n
-            chunks.append((req.tokens(match.tokens, match.tokens + n), match.tokens, req.table))
-            req.computed = match.tokens + n
+            tokens = req.tokens(match.tokens, match.tokens + n) + self._drafts(req, match.tokens + n, budget - n)
+            chunks.append((tokens, match.tokens, req.table))
+            req.computed = match.tokens + len(tokens)
             batch.append(req)
-            budget -= n
+            budget -= len(tokens)
         self.waiting.extendleft(reversed(deferred))
         self.deferrals += len(deferred)
         return chunks
+
+    def _drafts(self, req: Request, end: int, room: int) -> list[int]:
+        """Draft tokens to run after req's chunk, which ends at token `end` (speculative.py; set
+        as req.drafts): none unless the engine speculates and the chunk reaches req's last token
+        (and req scores no prompt). At most `speculate`, the step's budget left (room), what
+        max_tokens and the context leave after the token the step draws anyway, and what its
+        blocks hold, or the free blocks too when no request waits for them. Counted as drafted."""
+        length = req.length
+        if not self.speculate or end < length or req.scores_prompt:
+            return []
+        count = min(self.speculate, room, req.max_new - len(req.output) - 1, self.model.max_context - length)
+        if count <= 0:
+            return []
+        if req.drafter is None:
+            req.drafter = NgramDrafter(self.speculate)
+        drafts = req.drafter.propose(req.tokens, length, count)
+        spare = req.table.capacity - length
+        if len(drafts) > spare:
+            free = 0 if self.waiting else self.cache.allocator.num_free
+            drafts = drafts[:spare + free * self.cache.block_size]
+            req.table.ensure(length + len(drafts))
+        req.drafts = drafts
+        req.drafted += len(drafts)
+        self.draft_tokens += len(drafts)
+        return drafts
 
     def _grow(self, req: Request) -> bool:
         """Makes room for req's next token, preempting the newest sequences if needed.
@@ -999,10 +1095,11 @@ def run_to_completion(engine: Engine, prompts: list[list[int]],
 
 def generate(model: Model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
              on_text: Callable[[int, str], None] | None = None, cuda_graphs: bool = True,
-             overlap: bool | None = None) -> list[Completion]:
+             overlap: bool | None = None, speculate: int = 0) -> list[Completion]:
     """Generates for every prompt (token ids) with an engine of its own, in the calling thread.
 
     The cache is sized for every request at full length, so nothing is ever preempted.
+    speculate: draft tokens per step by prompt lookup (Engine, speculative.py); 0 runs none.
     """
     if not prompts:
         return []
@@ -1012,5 +1109,6 @@ def generate(model: Model, prompts: list[list[int]], params: SamplingParams | li
     params = _per_prompt(params, len(prompts))
     budgets = [check_prompt(model, p, sp) for p, sp in zip(prompts, params)]
     cache = model.new_cache([len(p) + n for p, n in zip(prompts, budgets)])
-    engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs, overlap=overlap)
+    engine = Engine(model, cache, max_num_seqs=len(prompts), cuda_graphs=cuda_graphs, overlap=overlap,
+                    speculate=speculate)
     return run_to_completion(engine, prompts, params, on_text)

@@ -12,6 +12,8 @@ A request is a `RequestHandle`: its deltas can be read blocking (`events`), from
 (`aevents`) or all at once (`result`); `cancel` ends it and frees its KV blocks.
 Prompts that begin with the same tokens as earlier ones (a chat's history, a shared system
 prompt) reuse those tokens' cached keys and values (prefix_caching=False turns that off).
+speculate=N runs up to N draft tokens a step, copied from earlier in each sequence (prompt
+lookup; see engine.py): the same answers, faster where they repeat their prompts.
 
 KV cache size (`kv_cache_gb`, GiB = 2**30 bytes, keys and values of every layer):
 None picks, on the CPU, enough for max_num_seqs sequences of min(context, 4096) tokens but at
@@ -164,7 +166,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = "smollm2", device=None, dtype=None,
                  kv_cache_gb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True, lisa=None,
-                 overlap: bool | None = None, prefix_caching: bool = True, quantize: str | None = None):
+                 overlap: bool | None = None, prefix_caching: bool = True, quantize: str | None = None,
+                 speculate: int = 0):
         from . import load_model
 
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -180,7 +183,7 @@ class LLM:
         cache = self.model.cache_for_budget(budget)
         self._engine = Engine(self.model, cache, max_num_seqs=max_num_seqs,
                               max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs, overlap=overlap,
-                              prefix_caching=prefix_caching)
+                              prefix_caching=prefix_caching, speculate=speculate)
         # The thread holds the engine, not self: an LLM dropped without close() is collected
         # and its finalizer stops the thread.
         self._thread = threading.Thread(target=_run_engine, args=(self._engine,),

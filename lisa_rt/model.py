@@ -49,23 +49,22 @@ class Batch:
 
 
 def build_batch(chunks: list[tuple[list[int], int, BlockTable]], device: torch.device,
-                all_logits: bool | Sequence[bool] = False) -> Batch:
+                logit_rows: Sequence[int] | None = None) -> Batch:
     """chunks: (new token ids, position of the first one, the sequence's block table).
 
     The block tables must already have room for the new tokens. Logits are computed for the
-    last token of each chunk, or for every token of the chunks all_logits says (one flag for
-    all, or one per chunk).
+    last logit_rows[i] tokens of chunk i (its last token where logit_rows is None).
     """
-    if isinstance(all_logits, bool):
-        all_logits = [all_logits] * len(chunks)
+    if logit_rows is None:
+        logit_rows = [1] * len(chunks)
     ids, positions, slots, lens, cu, rows = [], [], [], [], [0], []
-    for (tokens, start, table), every_row in zip(chunks, all_logits, strict=True):
+    for (tokens, start, table), wanted in zip(chunks, logit_rows, strict=True):
         ids.extend(tokens)
         positions.extend(range(start, start + len(tokens)))
         slots.extend(table.slots(start, start + len(tokens)))
         lens.append(start + len(tokens))
         cu.append(cu[-1] + len(tokens))
-        rows.extend(range(cu[-2], cu[-1]) if every_row else [cu[-1] - 1])
+        rows.extend(range(cu[-1] - wanted, cu[-1]))
     width = max(len(table.blocks) for _, _, table in chunks)
     tables = [table.blocks + [0] * (width - len(table.blocks)) for _, _, table in chunks]
 
@@ -335,7 +334,7 @@ class Model:
         [chunk, vocab] at a time: a caller that scores them as they come never holds them all."""
         for start in range(0, len(token_ids), PREFILL_CHUNK):
             chunk = token_ids[start : start + PREFILL_CHUNK]
-            yield self.forward(build_batch([(chunk, start, table)], self.device, all_logits=True), cache)
+            yield self.forward(build_batch([(chunk, start, table)], self.device, [len(chunk)]), cache)
 
     def check_context(self, num_tokens: int) -> None:
         if num_tokens > self.max_context:

@@ -988,7 +988,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           kv_cache_gb: float | None = None, max_num_seqs: int = 256, model_name: str | None = None,
           log_level: str = "info", sock: socket.socket | None = None, on_ready=None, lisa=None,
           shutdown_grace: float = SHUTDOWN_GRACE_S, prefix_caching: bool = True,
-          quantize: str | None = None) -> None:
+          quantize: str | None = None, speculate: int = 0) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C). Binds 127.0.0.1 by default.
 
     model_name: the model's id in the API (default: the LLM's model_name).
@@ -1000,12 +1000,13 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
     SIGTERM); then they are cancelled, each client told so.
     prefix_caching: reuse the keys and values of prompts' shared beginnings (see LLM).
     quantize: None, "q8_0" or "q4_1" (see load_model).
+    speculate: draft tokens per step by prompt lookup (see LLM).
     """
     from .llm import LLM
 
     sock = sock or bind_socket(host, port)
     kwargs = {"device": device, "dtype": dtype, "kv_cache_gb": kv_cache_gb, "max_num_seqs": max_num_seqs,
-              "lisa": lisa, "prefix_caching": prefix_caching, "quantize": quantize}
+              "lisa": lisa, "prefix_caching": prefix_caching, "quantize": quantize, "speculate": speculate}
     try:
         llm = LLM(model, **kwargs) if model is not None else LLM(**kwargs)
     except BaseException:

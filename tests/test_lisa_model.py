@@ -141,7 +141,7 @@ def test_prefill_then_decode_equals_one_prefill(tiny, layers):
     table = BlockTable(cache)
     table.ensure(len(IDS))
     split = 21
-    got = [model.forward(build_batch([(IDS[:split], 0, table)], model.device, all_logits=True), cache)]
+    got = [model.forward(build_batch([(IDS[:split], 0, table)], model.device, [split]), cache)]
     for pos in range(split, len(IDS)):  # then one token at a time, as decode
         got.append(model.forward(build_batch([([IDS[pos]], pos, table)], model.device), cache))
     assert (torch.cat(got) - whole).abs().max() < 1e-3
