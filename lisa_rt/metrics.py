@@ -120,6 +120,11 @@ class EngineMetrics:
         metric("lisa_rt_preemptions_total", "counter", "Sequences preempted for KV cache room.",
                stats["preemptions"])
         metric("lisa_rt_engine_steps_total", "counter", "Forward passes the engine ran.", stats["steps"])
+        metric("lisa_rt_draft_tokens_total", "counter",
+               "Draft tokens run by speculative decoding (prompt lookup).", stats["draft_tokens"])
+        metric("lisa_rt_draft_tokens_accepted_total", "counter",
+               "Draft tokens kept: equal to the token the model drew in their place.",
+               stats["accepted_draft_tokens"])
         return "\n".join(out) + "\n"
 
 

@@ -43,7 +43,8 @@ def test_histogram_buckets_are_cumulative():
 
 
 STATS = {"running": 1, "waiting": 2, "total_blocks": 10, "free_blocks": 4, "cached_blocks": 3,
-         "admitted_tokens": 50, "cached_tokens": 16, "preemptions": 1, "steps": 9}
+         "admitted_tokens": 50, "cached_tokens": 16, "preemptions": 1, "steps": 9,
+         "draft_tokens": 12, "accepted_draft_tokens": 5}
 
 
 def test_requests_are_counted_and_timed_by_how_they_ended():
@@ -69,6 +70,7 @@ def test_requests_are_counted_and_timed_by_how_they_ended():
     assert value("lisa_rt_request_seconds_sum") == pytest.approx(3.2)
     assert value("lisa_rt_kv_cache_usage_ratio") == pytest.approx(0.6)
     assert value("lisa_rt_requests_waiting") == 2 and value("lisa_rt_prefix_cache_hit_tokens_total") == 16
+    assert value("lisa_rt_draft_tokens_total") == 12 and value("lisa_rt_draft_tokens_accepted_total") == 5
 
 
 def test_the_llm_records_every_request(tmp_path):
