@@ -69,6 +69,11 @@ UNSUPPORTED_IF_SET = {            # OpenAI parameters lisa-rt does not implement
     "tools": "no tool calls", "tool_choice": "no tool calls", "functions": "no function calls",
     "function_call": "no function calls",
 }
+# Values of those parameters that ask for nothing lisa-rt lacks, as clients send them by
+# default: no tool call ("none", or "auto" with no tools to choose from), an empty suffix.
+UNSET = (None, False, 0, [], {})
+NOT_ASKING = {"suffix": ("",), "tool_choice": ("none",), "function_call": ("none",)}
+NOT_ASKING_WITHOUT = {"tool_choice": "tools", "function_call": "functions"}  # "auto" needs these
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -101,6 +106,19 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def _failed(exc: Exception) -> APIError:
+    """What a client is told of its request failing inside the engine: a UserError is the
+    request's own doing (a schema the model's tokens cannot follow), a 400; anything else 500."""
+    from .json_constraint import JsonConstraintError
+
+    if isinstance(exc, JsonConstraintError):
+        return _bad(f"the output cannot follow 'response_format': {exc}", param="response_format",
+                    code="invalid_value")
+    if isinstance(exc, UserError):
+        return _bad(str(exc))
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
 
 # --- request parsing --------------------------------------------------------------------------
@@ -237,8 +255,9 @@ def _completion_logprobs(body: dict) -> int | None:
     return _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
-    """OpenAI's logit_bias: {"token id": bias} (JSON keys are strings) -> {int: bias}."""
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias} (JSON keys are strings) -> {int: bias}, each id
+    below vocab_size."""
     from .sampling import checked_logit_bias
 
     bias = body.get("logit_bias")
@@ -248,10 +267,17 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
         raise _bad("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
     out = {}
     for key, value in bias.items():
+        # isascii: str.isdigit() also takes '²' and '٣'. The length first: int() refuses a
+        # string of more than 4,300 digits, which is past any vocabulary anyway.
         if not (key.isascii() and key.isdigit()):
             raise _bad(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias",
                        code="invalid_value")
-        out[int(key)] = value
+        digits = key.lstrip("0") or "0"
+        if len(digits) > len(str(vocab_size)) or int(digits) >= vocab_size:
+            raise _bad(f"'logit_bias' keys must be token ids in [0, {vocab_size}), got "
+                       f"{key if len(key) <= 20 else key[:20] + '...'}", param="logit_bias",
+                       code="invalid_value")
+        out[int(digits)] = value
     return checked_logit_bias(out, lambda message: _bad(message, param="logit_bias", code="invalid_value"))
 
 
@@ -262,19 +288,28 @@ def _echo(body: dict) -> bool:
     return bool(echo)
 
 
-def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...],
+def _refuse_unsupported(body: dict, handled: tuple[str, ...]) -> None:
+    """A 400 for an OpenAI parameter lisa-rt does not implement, unless its value asks for
+    nothing (UNSET, NOT_ASKING); handled: parameters the endpoint reads itself."""
+    for name, what in UNSUPPORTED_IF_SET.items():
+        value = body.get(name)
+        if name in handled or value in UNSET or value in NOT_ASKING.get(name, ()):
+            continue
+        if value == "auto" and name in NOT_ASKING_WITHOUT and body.get(NOT_ASKING_WITHOUT[name]) in UNSET:
+            continue
+        raise _bad(f"'{name}' is not supported ({what})", param=name, code="unsupported_parameter")
+
+
+def _sampling_params(body: dict, vocab_size: int, max_tokens_default: int, max_tokens_names: tuple[str, ...],
                      logprobs: int | None = None, prompt_logprobs: int | None = None,
                      handled: tuple[str, ...] = (), fewest_tokens: int = 1):
     """OpenAI parameters (and lisa-rt's top_k, min_p, repetition_penalty) -> SamplingParams.
-    handled: parameters the endpoint reads itself (not refused here); fewest_tokens: the least
-    max_tokens may be (0 for an echo that only scores its prompt, which generates one token
-    that the endpoint drops)."""
+    vocab_size: the model's, which logit_bias ids must be below; handled: parameters the
+    endpoint reads itself (not refused here); fewest_tokens: the least max_tokens may be (0 for
+    an echo that only scores its prompt, which generates one token that the endpoint drops)."""
     from .sampling import SamplingParams
 
-    for name, what in UNSUPPORTED_IF_SET.items():
-        if name not in handled and body.get(name) not in (None, False, 0, [], {}):
-            raise _bad(f"'{name}' is not supported ({what})", param=name,
-                       code="unsupported_parameter")
+    _refuse_unsupported(body, handled)
     json_schema = _json_schema(body.get("response_format"))
     max_tokens = max_tokens_default
     for name in max_tokens_names:
@@ -300,7 +335,7 @@ def _sampling_params(body: dict, max_tokens_default: int, max_tokens_names: tupl
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             seed=seed, stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body), json_schema=json_schema)
+            prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body, vocab_size), json_schema=json_schema)
     except UserError as exc:
         raise _bad(str(exc), code="invalid_value") from None
 
@@ -508,6 +543,20 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             raise _bad(f"this model's context is {context} tokens and the {param} has {len(ids)}, "
                        "which leaves no room to generate", param=param, code="context_length_exceeded")
 
+    def check_room(ids: list[int], body: dict, max_tokens_names: tuple[str, ...], where: str) -> None:
+        """A 400 when the max_tokens the request names does not fit in the context after the
+        prompt, as OpenAI's and vLLM's answer (in their words, which clients look for); the
+        engine would stop at the context's end. Without one, the default fits or is cut."""
+        given = [name for name in max_tokens_names if body.get(name) is not None]
+        if not given:
+            return
+        context, asked = llm.model.max_context, body[given[-1]]  # the last wins, as in _sampling_params
+        if len(ids) + asked > context:
+            raise _bad(f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{len(ids) + asked} tokens ({len(ids)} in the {where}, {asked} in the completion). "
+                       f"Please reduce the length of the {where} or completion.", param=given[-1],
+                       code="context_length_exceeded")
+
     async def submit_all(requests: list) -> list:
         """Handles of (ids, params) requests, all or none: each is checked before any is queued."""
         try:
@@ -526,11 +575,12 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
 
         if not stream:
             async def collect():
-                completions = []
-                for handle in handles:
-                    async for delta in handle.aevents():
+                # All at once, not one by one: a choice that fails ends the wait at once.
+                completions: list = [None] * len(handles)
+                async with contextlib.aclosing(_merge(handles)) as merged:
+                    async for index, delta in merged:
                         if delta.completion is not None:
-                            completions.append(delta.completion)
+                            completions[index] = delta.completion
                 return completions
 
             collector = asyncio.ensure_future(collect())
@@ -541,12 +591,16 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                 watcher.cancel()
                 if watcher.done() and not watcher.cancelled():
                     watcher.exception()  # retrieved: a broken receive counts as a disconnect
-                if not collector.done():
+                # The client went away, or a choice failed: its siblings would run on for nobody.
+                if not collector.done() or collector.cancelled() or collector.exception() is not None:
                     cancel_all()
                     collector.cancel()
             if not collector.done() or collector.cancelled():  # the client went away
                 return _error_response(499, "the client closed the request")
-            completions = collector.result()
+            try:
+                completions = collector.result()
+            except UserError as exc:  # the request's own doing: a 400, no traceback in the log
+                raise _failed(exc) from None
             if any(c.finish_reason == "cancelled" for c in completions):  # only the server cancels
                 return SHUTTING_DOWN.response()
             return JSONResponse(render.whole(completions))
@@ -572,7 +626,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
                             completions[index] = delta.completion
                             yield _sse(render.chunk(index, "", delta.finish_reason, include_usage))
             except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
-                yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
+                yield _sse(_failed(exc).body())
                 yield "data: [DONE]\n\n"
                 return
             if include_usage:
@@ -663,9 +717,9 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
         echo, logprobs = _echo(body), _completion_logprobs(body)
         # With echo, max_tokens 0 asks for the prompt alone (scored, with logprobs).
         prompt_only = echo and body.get("max_tokens") == 0
-        choices = _per_choice(_sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS, ("max_tokens",), logprobs,
-                                               logprobs if echo else None, handled=("echo",),
-                                               fewest_tokens=0 if echo else 1), n)
+        choices = _per_choice(_sampling_params(body, llm.model.config.vocab_size, COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                               ("max_tokens",), logprobs, logprobs if echo else None,
+                                               handled=("echo",), fewest_tokens=0 if echo else 1), n)
         tokenizer = llm.tokenizer
         if len(prompts) * n > MAX_SEQUENCES:
             raise _bad(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
@@ -685,6 +739,7 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             if not ids:
                 raise _bad("the prompt is empty (no tokens)", param="prompt")
             check_length(ids, "prompt")
+            check_room(ids, body, ("max_tokens",), "prompt")
             ids_list.append(ids)
             echoed.append(_Echo(text, starts, ids[0]))
         handles = await submit_all([(ids, params) for ids in ids_list for params in choices])
@@ -712,8 +767,10 @@ def create_app(llm, model_name: str | None = None, api_key: str | None = None) -
             raise _bad(str(exc), param="messages") from None
         check_length(ids, "messages")
         n = _choices(body)
-        params = _sampling_params(body, llm.model.max_context - len(ids),
-                                  ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
+        max_tokens_names = ("max_tokens", "max_completion_tokens")
+        params = _sampling_params(body, llm.model.config.vocab_size, llm.model.max_context - len(ids),
+                                  max_tokens_names, _chat_logprobs(body))
+        check_room(ids, body, max_tokens_names, "messages")
         handles = await submit_all([(ids, choice) for choice in _per_choice(params, n)])
         return await run(request, handles, stream, include_usage,
                          _ChatRender(f"chatcmpl-{uuid.uuid4().hex}", served, n, tokenizer))

@@ -379,6 +379,12 @@ def test_echo_with_log_probabilities_scores_the_prompt(server, llm):
 
 def test_logit_bias_reaches_the_engine(server, llm):
     client = server.client()
+    last = llm.model.config.vocab_size - 1
+    # The last id, and ids spelt with leading zeros (past int()'s 4,300 digits too).
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, logit_bias={
+        str(last): 1, "007": 1, "0" * 5000 + "8": 1}).usage.completion_tokens == 1
+    _check_error(_post(server.url + COMPLETIONS, _completion(logit_bias={str(last + 1): 1})), 400, "logit_bias",
+                 "invalid_value")
     forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
                                        logit_bias={"7": 100}, logprobs=0)
     assert forced.choices[0].logprobs.tokens == [llm.tokenizer.token_bytes(7).decode("utf-8", "backslashreplace")] * 4
@@ -492,6 +498,50 @@ def test_the_client_sees_openai_errors(server):
     assert info.value.param == "tools"
 
 
+def test_parameters_that_ask_for_no_tool_or_suffix_are_accepted(server):
+    # What clients send by default: no tool call, no text after the insertion point.
+    client = server.client()
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"tool_choice": "none", "tools": []},
+                  {"function_call": "none"}, {"function_call": "auto"}):
+        answer = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, extra_body=extra)
+        assert answer.usage.completion_tokens >= 1, extra
+    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, suffix="")
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_max_tokens_must_fit_in_the_context_after_the_prompt(server, llm):
+    context = llm.model.max_context
+    prompt = [5] * (context - 5)  # token ids: its length is what it says
+    fits = _post(server.url + COMPLETIONS, _completion(prompt=prompt, max_tokens=5, ignore_eos=True))
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 5
+    error = _check_error(_post(server.url + COMPLETIONS, _completion(prompt=prompt, max_tokens=6)), 400,
+                         "max_tokens", "context_length_exceeded")
+    # OpenAI's words, which clients look for
+    assert error["message"].startswith(f"This model's maximum context length is {context} tokens. However, "
+                                       f"you requested {context + 1} tokens ({context - 5} in the prompt, 6 in")
+    # Not given, max_tokens is a default (16 for completions, the rest of the context for chat)
+    # that stops at the context's end.
+    default = _post(server.url + COMPLETIONS, {"model": MODEL, "prompt": prompt, "ignore_eos": True})
+    assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] == 5
+    def chat_of(repeats):
+        return [{"role": "user", "content": "many words " * repeats}]
+
+    # A few dozen tokens short of the context (the tokens a repeat takes, as 100 of them do).
+    empty, hundred = (len(llm.tokenizer.encode_chat(chat_of(r))) for r in (0, 100))
+    messages = chat_of((context - 30 - empty) * 100 // (hundred - empty))
+    length = len(llm.tokenizer.encode_chat(messages))
+    assert context - 100 < length < context, length
+    chat = _post(server.url + CHAT, {"model": MODEL, "messages": messages, "ignore_eos": True})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == context - length
+    for name in ("max_tokens", "max_completion_tokens"):
+        body = {"model": MODEL, "messages": messages, name: context - length + 1}
+        error = _check_error(_post(server.url + CHAT, body), 400, name, "context_length_exceeded")
+        assert f"({length} in the messages, {context - length + 1} in the completion)" in error["message"]
+        body["stream"] = True
+        _check_error(_post(server.url + CHAT, body), 400, name, "context_length_exceeded")
+    wait_idle(llm)
+
+
 # --- bad requests: raw HTTP -------------------------------------------------------------------
 
 LONG_PROMPT = CORPUS * 3  # far longer than the tiny model's 1024-token context
@@ -541,6 +591,13 @@ BAD_REQUESTS = [
     ("max_tokens 0", COMPLETIONS, _completion(max_tokens=0), 400, "max_tokens", "invalid_value"),
     ("max_tokens a float", CHAT, _chat(max_tokens=2.5), 400, "max_tokens", None),
     ("max_completion_tokens -1", CHAT, _chat(max_completion_tokens=-1), 400, "max_completion_tokens", "invalid_value"),
+    # The tiny model's context is 1,024 tokens: no prompt leaves room for 2,000 more.
+    ("max_tokens past the context", COMPLETIONS, _completion(max_tokens=2000), 400, "max_tokens",
+     "context_length_exceeded"),
+    ("max_tokens past the context (chat)", CHAT, _chat(max_tokens=2000), 400, "max_tokens",
+     "context_length_exceeded"),
+    ("max_completion_tokens past the context", CHAT, _chat(max_completion_tokens=2000), 400,
+     "max_completion_tokens", "context_length_exceeded"),
     ("n 0", COMPLETIONS, _completion(n=0), 400, "n", "invalid_value"),
     ("n 129", CHAT, _chat(n=129), 400, "n", "invalid_value"),
     ("n a string", CHAT, _chat(n="2"), 400, "n", None),
@@ -549,6 +606,15 @@ BAD_REQUESTS = [
     ("frequency_penalty > 2", CHAT, _chat(frequency_penalty=2.5), 400, "frequency_penalty", "invalid_value"),
     ("presence_penalty < -2", COMPLETIONS, _completion(presence_penalty=-3), 400, "presence_penalty", "invalid_value"),
     ("echo on chat", CHAT, _chat(echo=True), 400, "echo", "unsupported_parameter"),
+    ("suffix", COMPLETIONS, _completion(suffix="!"), 400, "suffix", "unsupported_parameter"),
+    ("tool_choice required", CHAT, _chat(tool_choice="required"), 400, "tool_choice", "unsupported_parameter"),
+    ("tool_choice a function", CHAT, _chat(tool_choice={"type": "function", "function": {"name": "f"}}), 400,
+     "tool_choice", "unsupported_parameter"),
+    ("tool_choice auto with tools", CHAT, _chat(tool_choice="auto", tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), 400, "tools",
+     "unsupported_parameter"),
+    ("function_call auto with functions", CHAT, _chat(function_call="auto", functions=[{"name": "f"}]), 400,
+     "functions", "unsupported_parameter"),
     ("echo not a boolean", COMPLETIONS, _completion(echo="yes"), 400, "echo", None),
     ("logprobs not a boolean", CHAT, _chat(logprobs=1), 400, "logprobs", None),
     ("top_logprobs without logprobs", CHAT, _chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),
@@ -558,7 +624,15 @@ BAD_REQUESTS = [
     ("logit_bias a list", CHAT, _chat(logit_bias=[1]), 400, "logit_bias", None),
     ("logit_bias key not an id", CHAT, _chat(logit_bias={"the": 5}), 400, "logit_bias", "invalid_value"),
     ("logit_bias past 100", COMPLETIONS, _completion(logit_bias={"5": 101}), 400, "logit_bias", "invalid_value"),
-    ("logit_bias past the vocabulary", COMPLETIONS, _completion(logit_bias={"1000000": 1}), 400, None, None),
+    ("logit_bias past the vocabulary", COMPLETIONS, _completion(logit_bias={"1000000": 1}), 400, "logit_bias",
+     "invalid_value"),
+    # int() refuses more than 4,300 digits; isdigit() takes digits int() reads oddly or not at all.
+    ("logit_bias key of 5,000 digits", COMPLETIONS, _completion(logit_bias={"9" * 5000: 1}), 400, "logit_bias",
+     "invalid_value"),
+    ("logit_bias key a superscript digit", CHAT, _chat(logit_bias={"\u00b2": 1}), 400, "logit_bias", "invalid_value"),
+    ("logit_bias key an Arabic-Indic digit", COMPLETIONS, _completion(logit_bias={"\u0663": 1}), 400, "logit_bias",
+     "invalid_value"),
+    ("logit_bias key negative", CHAT, _chat(logit_bias={"-1": 1}), 400, "logit_bias", "invalid_value"),
     ("top_logprobs on completions", COMPLETIONS, _completion(logprobs=2, top_logprobs=2), 400, "top_logprobs",
      "unsupported_parameter"),
     ("prompts x n past the cap", COMPLETIONS, _completion(prompt=["a"] * 9, n=128), 400, "n", "invalid_value"),
@@ -1023,6 +1097,77 @@ def test_engine_failure_is_reported(llm):
             list(live.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True))
     finally:
         live.stop()
+
+
+# A schema whose grammar dead-ends for the tiny model's tokens: greedy, after "The model" (and
+# after that as a chat message), no token can continue any of its arrays.
+DEAD_END_SCHEMA = {"anyOf": [{"type": "array", "items": {"const": i}} for i in range(70)]}
+DEAD_END_FORMAT = {"type": "json_schema", "json_schema": {"name": "dead_end", "schema": DEAD_END_SCHEMA}}
+
+
+@pytest.fixture
+def logged_errors():
+    """What uvicorn logs as errors (a traceback for each exception the app let out)."""
+    import logging
+
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    yield errors
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+
+
+def test_a_schema_the_model_cannot_follow_is_400(server, llm, logged_errors):
+    # The client's own input, refused inside the engine: not an internal error, and nothing logged.
+    greedy = {"max_tokens": 30, "temperature": 0, "response_format": DEAD_END_FORMAT}
+    for path, body in ((COMPLETIONS, _completion(prompt="The model", **greedy)),
+                       (CHAT, _chat(messages=[{"role": "user", "content": "The model"}], **greedy)),
+                       (COMPLETIONS, _completion(prompt="The model", n=3, **greedy))):
+        error = _check_error(httpx.post(server.url + path, json=body, timeout=60), 400, "response_format")
+        assert "internal" not in error["message"] and "no token can continue" in error["message"]
+        with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as response:
+            assert response.status_code == 200
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2]) == {"error": error}
+    wait_idle(llm)
+    time.sleep(0.2)  # uvicorn logs an error the app raised just after it returns
+    assert logged_errors == []
+
+
+@pytest.mark.parametrize("failing", [0, 1], ids=["the first choice fails", "the second choice fails"])
+def test_a_failed_choice_cancels_the_others(server, llm, monkeypatch, failing):
+    from lisa_rt import engine
+    from lisa_rt.json_constraint import JsonConstraintError
+
+    seed, prompts = 4321, [PROMPT, "Another one"]
+    failing_prompt = llm.tokenizer.encode(prompts[failing])
+    # Which request fails after two tokens: of n=2 choices, the one drawing with seed +
+    # failing; of two prompts (one choice each, both drawing with seed), prompts[failing]'s.
+    cases = [(COMPLETIONS, {"n": 2}, lambda request: request.params.seed == seed + failing),
+             (CHAT, {"n": 2}, lambda request: request.params.seed == seed + failing),
+             (COMPLETIONS, {"prompt": prompts}, lambda request: request.prompt == failing_prompt)]
+    fails = cases[0][2]
+    accept = engine.Request.accept
+
+    def failing_accept(self, *args, **kwargs):
+        if fails(self) and len(self.output) >= 2:
+            raise JsonConstraintError("no token can continue the JSON value here")
+        return accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Request, "accept", failing_accept)
+    before = wait_idle(llm)
+    for path, extra, fails in cases:
+        # The other choice would run on to the context's end for a client already answered.
+        body = {**(_chat() if path == CHAT else _completion()), "max_tokens": 1000, "ignore_eos": True,
+                "temperature": 0, "seed": seed, **extra}
+        _check_error(httpx.post(server.url + path, json=body, timeout=60), 400, "response_format")
+        after = wait_idle(llm)
+        assert after["failed"] == before["failed"] + 1, (path, extra, after)
+        assert after["cancelled"] == before["cancelled"] + 1, (path, extra, after)
+        assert after["completed"] == before["completed"], (path, extra, after)
+        before = after
 
 
 def test_closed_llm_is_503(llm):
