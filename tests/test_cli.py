@@ -411,7 +411,7 @@ def test_chat_turns_reuse_the_conversation_before_them(run, tiny, monkeypatch):
     assert rc == 0 and len(speeds) == 3 and " cached)" not in speeds[0]
     assert all(re.match(r"prompt \d+ tok \((16|32|48|64) cached\)", line) for line in speeds[1:]), speeds
     # Without the cache (an engine per turn, as large as the turn needs): the same answers.
-    monkeypatch.setattr(cli, "_chat_engine", lambda model, tokens: Engine(
+    monkeypatch.setattr(cli, "_chat_engine", lambda model, tokens, speculate: Engine(
         model, model.new_cache([tokens]), max_num_seqs=1, prefix_caching=False))
     assert run(*talk, stdin=lines)[1] == out
 
