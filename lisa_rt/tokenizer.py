@@ -16,6 +16,7 @@ that is what models are evaluated against and what users compare with:
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from datetime import datetime
@@ -55,6 +56,7 @@ def _read_config(model_dir: Path) -> dict:
         raise TokenizerError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
         raise TokenizerError(f"cannot read {path}: expected a JSON object")
+    check_tokenizer_config(config, path)
     return config
 
 
@@ -71,7 +73,7 @@ def _load_tokenizer_json(path: Path):
 def _load_sentencepiece(path: Path, config: dict):
     """Build the `tokenizers` BPE that transformers' LlamaTokenizer builds from tokenizer.model."""
     import sentencepiece as spm
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
     sp = spm.SentencePieceProcessor()
     try:
@@ -103,7 +105,55 @@ def _load_sentencepiece(path: Path, config: dict):
     # Control symbols (<s>, </s>) and <unk> are special tokens: matched in text, skipped on decode.
     specials = [pieces[i] for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
     _add_special(tok, specials, normalized=False)
+    # User-defined symbols are matched whole in text, as sentencepiece does, but decoded as text.
+    types = _piece_types(sp.serialized_model_proto())
+    user = [AddedToken(pieces[i], special=False, normalized=False)
+            for i, kind in enumerate(types) if kind == _USER_DEFINED and i < len(pieces)]
+    if user:
+        tok.add_tokens(user)
     return tok
+
+
+_USER_DEFINED = 4  # SentencePiece's ModelProto.SentencePiece.Type
+
+
+def _piece_types(proto: bytes) -> list[int]:
+    """The type of each piece of a serialised SentencePiece ModelProto, read from the protobuf
+    wire format: sentencepiece's Python API cannot say which pieces are user-defined, and the
+    protobuf package is no dependency. Field 1 of the model is the repeated piece, field 3 of a
+    piece its type (NORMAL, 1, when absent)."""
+    def varint(data: bytes, pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value, pos
+
+    def fields(data: bytes):
+        pos = 0
+        while pos < len(data):
+            key, pos = varint(data, pos)
+            wire = key & 7
+            if wire == 0:
+                value, pos = varint(data, pos)
+            elif wire == 2:
+                n, pos = varint(data, pos)
+                value, pos = data[pos:pos + n], pos + n
+            elif wire in (1, 5):
+                n = 8 if wire == 1 else 4
+                value, pos = data[pos:pos + n], pos + n
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            yield key >> 3, value
+
+    types = []
+    for number, piece in fields(proto):
+        if number == 1:
+            types.append(next((v for n, v in fields(piece) if n == 3), 1))
+    return types
 
 
 def _add_special(tok, contents: Iterable[str], normalized: bool | None = None) -> None:
@@ -135,8 +185,73 @@ def load_tokenizer(model_dir, extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
     template = config.get("chat_template")
     jinja_file = model_dir / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():  # newer transformers save the template beside the config
-        template = jinja_file.read_text(encoding="utf-8")
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {jinja_file}: {e}") from None
+    _add_config_tokens(tok, config)
     return Tokenizer(tok, kind, config, template, extra_eos_ids)
+
+
+def check_tokenizer_config(config: dict, path: Path) -> None:
+    """A TokenizerError naming `path` unless the tokenizer_config.json fields lisa-rt reads have
+    the types transformers takes: special tokens as strings or token objects, a list of
+    additional_special_tokens (a string would make each of its characters special), an
+    added_tokens_decoder of id -> token object, a chat template string or list of named ones."""
+    def is_token(value: Any) -> bool:
+        return isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str))
+
+    for key in _SPECIAL_KEYS:
+        if config.get(key) is not None and not is_token(config[key]):
+            raise TokenizerError(f"{path}: {key} must be a string or a token object, got {_shown(config[key])}")
+    extra = config.get("additional_special_tokens")
+    if extra is not None and not (isinstance(extra, list) and all(is_token(t) for t in extra)):
+        raise TokenizerError(f"{path}: additional_special_tokens must be a list of tokens, got {_shown(extra)}")
+    decoder = config.get("added_tokens_decoder")
+    if decoder is not None and not isinstance(decoder, dict):
+        raise TokenizerError(f"{path}: added_tokens_decoder must be an object of token id -> token")
+    for key, entry in (decoder or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0:
+            raise TokenizerError(f"{path}: added_tokens_decoder key {_shown(key)} is not a token id")
+        if not isinstance(entry, dict) or not is_token(entry):
+            raise TokenizerError(f"{path}: added_tokens_decoder[{key!r}] must be a token object with a "
+                                 "string 'content'")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, list) and all(isinstance(t, dict) for t in template)):
+        raise TokenizerError(f"{path}: chat_template must be a string or a list of named templates, "
+                             f"got {type(template).__name__}")
+
+
+def _shown(value: Any) -> str:
+    """A JSON value for an error message: one line, not too long."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _add_config_tokens(tok, config: dict) -> None:
+    """The tokens tokenizer_config.json adds, as transformers adds them: every entry of
+    added_tokens_decoder, in the order of its ids (so each lands at the id it states, where the
+    ids follow the vocabulary), with its own flags; then the special tokens the config names."""
+    from tokenizers import AddedToken
+
+    decoder = config.get("added_tokens_decoder") or {}
+    known = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
+    for _, entry in sorted(decoder.items(), key=lambda item: int(item[0])):
+        special = bool(entry.get("special", False))
+        if known.get(entry["content"]) == special:
+            continue
+        flags = {k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in entry}
+        token = AddedToken(entry["content"], special=special, **flags)
+        (tok.add_special_tokens if special else tok.add_tokens)([token])
+        known[entry["content"]] = special
+    named = ([_token_str(config.get(k)) for k in _SPECIAL_KEYS]
+             + [_token_str(t) for t in config.get("additional_special_tokens") or []])
+    _add_special(tok, [t for t in named if t])
 
 
 def check_unicode(text: str) -> None:
@@ -211,16 +326,11 @@ class Tokenizer:
         self._tok = tok
         self.kind = kind
         self.config = config
-        # Special tokens named by the config, as transformers adds them (special, once).
+        # Special tokens named by the config (load_tokenizer added them to tok).
         self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
         self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
         extra = [_token_str(x) for x in config.get("additional_special_tokens") or []]
-        extra = [t for t in extra if t]
-        decoder = config.get("added_tokens_decoder") or {}
-        _add_special(tok, list(self.special_tokens.values()) + extra
-                     + [_token_str(t) for _, t in sorted(decoder.items(), key=lambda kv: int(kv[0]))
-                        if isinstance(t, dict) and t.get("special", False)])
-        self.additional_special_tokens = extra
+        self.additional_special_tokens = [t for t in extra if t]
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
 
         self.bos_token: str | None = self.special_tokens.get("bos_token")
@@ -351,7 +461,9 @@ class Tokenizer:
             return self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except jinja2.TemplateError as e:
-            raise TokenizerError(f"chat template error: {e}") from None
+            raise TokenizerError(f"chat template error: {_one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - a filter or method the template calls on data it lacks
+            raise TokenizerError(f"chat template error: {type(e).__name__}: {_one_line(e)}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **kwargs) -> list[int]:
@@ -378,6 +490,10 @@ class StreamDecoder:
     first token is stripped the same way in both decodes. Text is held while it ends in U+FFFD
     (a UTF-8 character still incomplete) or in a byte-fallback token, because a run of byte
     tokens is decoded as one unit and a later byte can change how the whole run reads.
+
+    A prompt may end partway through a character (its U+FFFD is not text yet): when generated
+    bytes complete it, the character comes out with them. What the prompt alone leaves
+    unfinished never comes out unless tokens are pushed.
     """
 
     _CONTEXT = 6  # prompt tokens kept so the first generated token sees its left context
@@ -387,6 +503,11 @@ class StreamDecoder:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         ids = list(prompt_ids or [])
+        if skip_special_tokens:
+            # Skipped tokens decode to nothing wherever they are (and are never in the window):
+            # left in, a prompt ending in many of them would leave the window no text for the
+            # first generated token to follow.
+            ids = [i for i in ids if i not in tokenizer.special_token_ids]
         start = max(0, len(ids) - self._CONTEXT)
         # Never start the window inside a byte run: it would decode differently than in full.
         while start > 0 and ids[start - 1] in tokenizer._byte_ids:
@@ -394,6 +515,7 @@ class StreamDecoder:
         self._ids = ids[start:]
         self._prefix = 0
         self._read = len(self._ids)
+        self._at_prompt = True  # nothing emitted yet: ids[prefix:read] is the prompt's window
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
@@ -401,14 +523,37 @@ class StreamDecoder:
     def _new_text(self, final: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
+        if self._at_prompt and not text.startswith(prefix_text):
+            prefix_text = self._settled_prompt_text(prefix_text)
         if not final and (len(text) <= len(prefix_text) or text.endswith("\ufffd")
                           or self._ids[-1] in self._tok._byte_ids):
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read, self._at_prompt = self._read, len(self._ids), False
         return text[len(prefix_text):]
 
+    def _settled_prompt_text(self, prompt_text: str) -> str:
+        """prompt_text (the prompt window's text) less its last character where the prompt's bytes
+        leave that character unfinished, so generated bytes complete it."""
+        tok, ids = self._tok, self._ids[:self._read]
+        run = len(ids)
+        while run > 0 and ids[run - 1] in tok._byte_ids:
+            run -= 1
+        if run < len(ids):
+            # Byte fallback decodes a run of byte tokens as one unit, to U+FFFD for each byte
+            # unless all of it is valid UTF-8: the whole run is open.
+            if _ends_unfinished(b"".join(map(tok.token_bytes, ids[run:])), errors="strict"):
+                return self._decode(ids[:run])
+            return prompt_text
+        # Byte-level BPE decodes an unfinished last character as one U+FFFD.
+        if _ends_unfinished(b"".join(map(tok.token_bytes, ids))) and prompt_text.endswith("\ufffd"):
+            return prompt_text[:-1]
+        return prompt_text
+
     def push(self, token_id: int) -> str:
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        if self._skip and token_id in self._tok.special_token_ids:
+            return ""  # decodes to nothing: a byte run on both sides of it decodes as one run
+        self._ids.append(token_id)
         return self._new_text(final=False)
 
     def flush(self) -> str:
@@ -416,6 +561,17 @@ class StreamDecoder:
         if self._read == len(self._ids):
             return ""
         return self._new_text(final=True)
+
+
+def _ends_unfinished(data: bytes, errors: str = "replace") -> bool:
+    """Whether data ends partway through a UTF-8 character, the bytes of which are valid so far;
+    with errors="strict", also that nothing before it is invalid."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    try:
+        decoder.decode(data)
+    except UnicodeDecodeError:
+        return False
+    return bool(decoder.getstate()[0])
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -450,14 +606,33 @@ def _compile_template(source: str):
         return datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+                                        extensions=[loopcontrols, _generation_block()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
         return env.from_string(source)
     except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template does not compile: {e}") from None
+        raise TokenizerError(f"chat template does not compile: {_one_line(e)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _generation_block():
+    """`{% generation %}...{% endgeneration %}`, which transformers' templates use to mark the
+    assistant's text for training masks: rendered as its body, as transformers renders it."""
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlock
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 
 import pytest
 
 from lisa_rt.errors import UserError
-from lisa_rt.tokenizer import TokenizerError, load_tokenizer
+from lisa_rt.tokenizer import _BYTE_OF_CHAR, TokenizerError, load_tokenizer
 from tests.fixtures import CORPUS, train_bpe_tokenizer, train_sentencepiece_tokenizer
 
 KINDS = ["bpe", "sp"]
@@ -181,6 +182,31 @@ def test_encode_chat_adds_bos_when_template_does_not(model_dir, tmp_path):
     assert ids == [t.bos_token_id] + t.encode("hello", add_special_tokens=False)
 
 
+def test_generation_block_renders_its_body(model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    t = _with_template(model_dir, tmp_path, (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{% generation %}[{{ m['content'] }}]{% endgeneration %}"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    assert t.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False) \
+        == "You are terse.Hi there 😀, what is 2+2?[4.]And <b>bold</b> 你好?"
+
+
+@pytest.mark.parametrize("template, message", [
+    # tojson of a field the message lacks: json.dumps raises TypeError on jinja's Undefined
+    ("{% for m in messages %}{{ m.tool_calls | tojson }}{% endfor %}",
+     "TypeError: Object of type Undefined is not JSON serializable"),
+    ("{{ (messages | length) / 0 }}", "ZeroDivisionError"),
+    ("{{ messages[0].content.split(1) }}", "TypeError"),
+])
+def test_chat_template_failing_while_rendering_is_one_error_line(model_dir, tmp_path, template, message):
+    t = _with_template(model_dir, tmp_path, template)
+    with pytest.raises(TokenizerError, match="^chat template error: ") as info:
+        t.apply_chat_template(MESSAGES)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_no_chat_template(model_dir, tmp_path):
     t = _with_template(model_dir, tmp_path, None)
     assert not t.has_chat_template
@@ -238,6 +264,94 @@ def test_stream_after_prompt_keeps_leading_space(tok):
 def test_stream_skips_special_tokens(tok):
     ids = tok.encode("hello") + tok.eos_token_ids
     assert "".join(_stream(tok, ids)) == "hello"
+
+
+def _byte_token_ids(tok, data: bytes) -> list[int]:
+    """The single-byte tokens spelling `data`: byte fallback's <0xNN> pieces, or the byte-level
+    alphabet's characters."""
+    if tok._byte_ids:
+        return [tok.token_to_id(f"<0x{b:02X}>") for b in data]
+    spelling = {b: c for c, b in _BYTE_OF_CHAR.items()}
+    return [tok.token_to_id(spelling[b]) for b in data]
+
+
+def _split_into_bytes(tok, ids: list[int]) -> list[int]:
+    """ids with every token that holds a non-ASCII character replaced by its single-byte tokens,
+    so that token boundaries fall inside characters."""
+    out = []
+    for i in ids:
+        data = tok.token_bytes(i)
+        out += [i] if i in tok._added_ids or data.isascii() else _byte_token_ids(tok, data)
+    return out
+
+
+def _stream_oracle(tok, prompt: list[int], gen: list[int], skip: bool) -> str | None:
+    """What streaming `gen` after `prompt` must give: decode(prompt + gen) less the prompt's text,
+    where a last character the prompt leaves unfinished (its U+FFFD) and gen completes is not
+    the prompt's but comes out with gen. None where no text can be right: gen ends inside a
+    character that extends the prompt's byte-fallback run, and decoding then turns the whole
+    run, the prompt's finished characters too, into U+FFFD."""
+    pre, full = tok.decode(prompt, skip), tok.decode(prompt + gen, skip)
+    settled = pre if full.startswith(pre) else pre.rstrip("\ufffd")
+    return full[len(settled):] if full.startswith(settled) else None
+
+
+def test_stream_completes_a_character_the_prompt_began(tok):
+    emoji = "😀".encode()
+    prompt = tok.encode("Hi ") + _byte_token_ids(tok, emoji[:2])
+    gen = _byte_token_ids(tok, emoji[2:]) + tok.encode(" there", add_special_tokens=False)
+    assert tok.decode(prompt + gen) == "Hi 😀 there"
+    chunks = _stream(tok, gen, prompt_ids=prompt)
+    assert "".join(chunks) == "😀 there" and "\ufffd" not in "".join(chunks)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_stream_after_a_prompt_cut_anywhere(tok, skip):
+    """Brute force: every cut of real text (whole tokens, and split into byte tokens so that cuts
+    fall inside characters), the rest generated in random lengths, against decode."""
+    rng = random.Random(7)
+    texts = ["Hi 😀 there", "a 你好 b é 🇫🇷 c 👍🏽!", "Café “quotes” — 😀😃 end",
+             "x <|im_end|> 😀</s>y"]
+    for text in texts:
+        ids = tok.encode(text)
+        for seq in (ids, _split_into_bytes(tok, ids)):
+            for cut in range(len(seq)):
+                prompt = seq[:cut]
+                for whole, gen in ((True, seq[cut:]), (False, seq[cut:cut + rng.randrange(1, 4)])):
+                    want = _stream_oracle(tok, prompt, gen, skip)
+                    if want is None:
+                        assert not whole and tok._byte_ids, (text, prompt, gen)
+                        continue
+                    dec = tok.stream_decoder(prompt_ids=prompt, skip_special_tokens=skip)
+                    out = "".join(dec.push(i) for i in gen) + dec.flush()
+                    assert out == want, (text, prompt, gen)
+
+
+def test_stream_random_ids_after_a_prompt(tok):
+    rng = random.Random(5)
+    byte_ids = sorted(tok._byte_ids) or list(range(tok.vocab_size))
+    for skip in (True, False):
+        for _ in range(500):
+            pick = lambda n: [rng.choice(byte_ids) if rng.random() < 0.3 else rng.randrange(tok.vocab_size)
+                              for _ in range(n)]  # noqa: E731
+            prompt, gen = pick(rng.randrange(0, 12)), pick(rng.randrange(1, 12))
+            dec = tok.stream_decoder(prompt_ids=prompt, skip_special_tokens=skip)
+            out = "".join(dec.push(i) for i in gen) + dec.flush()
+            pre, full = tok.decode(prompt, skip), tok.decode(prompt + gen, skip)
+            if full.startswith(pre):  # (random bytes may make the prompt's tail read otherwise)
+                assert out == full[len(pre):], (prompt, gen)
+
+
+def test_stream_after_many_special_tokens_keeps_leading_space(tok):
+    prompt = tok.encode("Hi") + tok.eos_token_ids * 8
+    gen = tok.encode(" there", add_special_tokens=False)
+    assert "".join(_stream(tok, gen, prompt_ids=prompt)) == " there" == tok.decode(prompt + gen)[len("Hi"):]
+
+
+def test_stream_prompt_alone_gives_nothing(tok):
+    # a prompt's own unfinished character is the prompt's: nothing comes out until tokens do
+    dec = tok.stream_decoder(prompt_ids=tok.encode("Hi ") + _byte_token_ids(tok, "😀".encode()[:2]))
+    assert dec.flush() == ""
 
 
 def test_token_bytes_spell_the_text(tok):
@@ -299,6 +413,82 @@ def test_corrupt_files(model_dir, tmp_path, name, content):
     with pytest.raises(TokenizerError, match=name) as info:
         load_tokenizer(d)
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"additional_special_tokens": "<|im_start|>"}, "additional_special_tokens must be a list"),
+    ({"additional_special_tokens": [5]}, "additional_special_tokens must be a list"),
+    ({"added_tokens_decoder": {"x": {"content": "<s>", "special": True}}},
+     "added_tokens_decoder key 'x' is not a token id"),
+    ({"added_tokens_decoder": {"1": "<s>"}}, "added_tokens_decoder['1'] must be a token object"),
+    ({"added_tokens_decoder": []}, "added_tokens_decoder must be an object"),
+    ({"bos_token": 5}, "bos_token must be a string or a token object"),
+    ({"chat_template": 5}, "chat_template must be a string"),
+], ids=lambda v: None if isinstance(v, dict) else v)
+def test_malformed_tokenizer_config_is_one_error_line(model_dir, tmp_path, change, message):
+    d = _copy_dir(model_dir, tmp_path / "m")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(change)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: " + re.escape(message)) as info:
+        load_tokenizer(d)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer_config.json", b"[]"), ("chat_template.jinja", b"\xff\xfe{{ messages }}"),
+])
+def test_unreadable_tokenizer_side_files(model_dir, tmp_path, name, content):
+    d = _copy_dir(model_dir, tmp_path / "m")
+    (d / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=re.escape(name)) as info:
+        load_tokenizer(d)
+    assert "\n" not in str(info.value)
+
+
+def test_sentencepiece_added_tokens_decoder_puts_each_token_at_its_id(tmp_path):
+    """A tokenizer.model beside a config whose added_tokens_decoder adds a plain token and a
+    special one after the vocabulary: both at their ids, as transformers places them."""
+    transformers = pytest.importorskip("transformers")
+    n = train_sentencepiece_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+
+    def entry(content, special):
+        return {"content": content, "special": special, "normalized": False, "lstrip": False,
+                "rstrip": False, "single_word": False}
+    cfg["added_tokens_decoder"] = {"0": entry("<unk>", True), "1": entry("<s>", True), "2": entry("</s>", True),
+                                   str(n): entry("<pad_x>", False), str(n + 1): entry("<|im_end|>", True)}
+    cfg["eos_token"] = "<|im_end|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.vocab_size == len(hf) == n + 2
+    assert tok.token_to_id("<pad_x>") == hf.convert_tokens_to_ids("<pad_x>") == n
+    assert tok.eos_token_ids == [hf.eos_token_id] == [n + 1]
+    assert n not in tok.special_token_ids and n + 1 in tok.special_token_ids
+    assert n in tok.encode("x<pad_x>y") and n + 1 in tok.encode("a <|im_end|> b")
+    for text in ["a <|im_end|> b", "x<pad_x>y", "Hello <pad_x> world</s> <|im_end|>"]:
+        ids = hf(text)["input_ids"]
+        assert tok.encode(text) == ids
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_sentencepiece_user_defined_symbols_are_whole_tokens(tmp_path, monkeypatch):
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    train = spm.SentencePieceTrainer.train
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train",
+                        lambda **kw: train(**kw, user_defined_symbols=["<tool>", "@@"]))
+    train_sentencepiece_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tool = tok.token_to_id("<tool>")
+    assert tool == sp.piece_to_id("<tool>") and tool not in tok.special_token_ids
+    for text in ["a <tool> b", "x@@y", "call <tool>@@ now", "Hello world"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(ids) == text == sp.decode(ids)
+    assert tool in tok.encode("a <tool> b")
 
 
 # -- the fixtures themselves -----------------------------------------------------------------
