@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +22,19 @@ import torch
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks; age alone tells an abandoned temp directory
+    fcntl = None
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 SHARD_BYTES = 2 * 1024**3
+# A writer's temp directory untouched this long (seconds), and not locked by a live writer, was
+# left by one killed before it could remove it (SIGKILL, a power cut).
+STALE_TEMP_SECONDS = 3600.0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -194,6 +204,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
 
     An existing non-empty `out_dir` is refused unless `force`. The files written get the mode a
     plain open() gives; an OSError or a safetensors write error while writing becomes a UserError.
+    The temp dirs of writers of `out_dir` killed long ago are removed first (remove_stale_temp_dirs).
     """
     what = "output directory"
     out_dir = Path(out_dir)
@@ -202,7 +213,12 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         raise CheckpointError(f"{out_dir}: exists and is not empty (use --force to replace it)")
     with _as_user_error(what, out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out_dir.parent, out_dir.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            lock = _lock_directory(tmp)  # held while writing: no cleaner removes the directory
+        except BlockingIOError:  # cannot be: a cleaner locks only a directory an hour old
+            lock = None
         try:
             yield tmp
             # mkdtemp makes a private (0700) directory, and writers such as safetensors' save_file
@@ -215,6 +231,74 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+
+def _lock_directory(path: Path) -> int | None:
+    """A descriptor of directory `path` holding an exclusive flock on it (released when closed, or
+    when the process dies); None where there is no flock (not POSIX, a file system without it).
+    BlockingIOError where another process holds the lock."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _newest_change(path: Path) -> float:
+    """The newest mtime of directory `path` and of everything in it: a writer adding to a file
+    changes that file's mtime, not the directory's."""
+    newest = path.lstat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_stale_temp_dirs(directory: str | Path, name: str | None = None,
+                           max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Removes the temp directories atomic_directory made in `directory` for the target `name`
+    (for every target, with None) that a killed writer left: those nothing in has changed for
+    `max_age` seconds and that no live writer holds locked. Never a fresh one, which another
+    process may be writing. Returns what it removed."""
+    directory = Path(directory)
+    target = re.escape(name) if name is not None else ".+"
+    pattern = re.compile(rf"\.{target}\.tmp-[a-z0-9_]{{8}}")  # mkdtemp's 8 random characters
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    removed, now = [], time.time()
+    for tmp in entries:
+        if not pattern.fullmatch(tmp.name) or tmp.is_symlink() or not tmp.is_dir():
+            continue
+        try:
+            if now - _newest_change(tmp) < max_age:
+                continue
+            lock = _lock_directory(tmp)
+        except OSError:  # gone meanwhile, or locked by its writer
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.lexists(tmp):
+                removed.append(tmp)
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return removed
 
 
 def _replace_directory(new: Path, out_dir: Path) -> None:

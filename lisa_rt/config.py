@@ -73,6 +73,10 @@ def _positive_finite(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class ModelConfig:
     hidden_size: int
@@ -113,7 +117,11 @@ class ModelConfig:
         _positive_finite("rope_theta", self.rope_theta)
         if self.torch_dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"torch_dtype must be one of {SUPPORTED_DTYPES}, got {self.torch_dtype!r}")
+        if not isinstance(self.tie_word_embeddings, bool):  # "false" would be true
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type")
             if kind != "llama3":
                 raise ConfigError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
@@ -122,11 +130,17 @@ class ModelConfig:
                 if key not in self.rope_scaling:
                     raise ConfigError(f"rope_scaling lacks {key!r}")
                 _positive_finite(f"rope_scaling {key}", self.rope_scaling[key])
-        for tid in self.eos_token_ids:
+        if not isinstance(self.eos_token_ids, list):
+            raise ConfigError(f"eos_token_ids must be a list of token ids, got {self.eos_token_ids!r}")
+        for name, tid in [("eos", t) for t in self.eos_token_ids] + [("bos", self.bos_token_id)]:
+            if tid is None and name == "bos":
+                continue
+            if not _is_int(tid):
+                raise ConfigError(f"{name} token id must be an integer, got {tid!r}")
             if not 0 <= tid < self.vocab_size:
-                raise ConfigError(f"eos token id {tid} is outside the vocabulary")
-        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
-            raise ConfigError(f"bos token id {self.bos_token_id} is outside the vocabulary")
+                raise ConfigError(f"{name} token id {tid} is outside the vocabulary")
+        if self.lisa is not None and not isinstance(self.lisa, dict):
+            raise ConfigError(f"lisa must be an object or null, got {type(self.lisa).__name__}")
 
     @property
     def q_size(self) -> int:

@@ -1,8 +1,9 @@
 """Where a model name or path given by a user resolves to a lisa-rt model directory.
 
 Accepted: a lisa-rt directory (used in place); a `.gguf` file or a Hugging Face LLaMA
-directory (converted once into the cache, keyed by the source's fingerprint so that a
-changed source is converted again); the alias of the default model.
+directory (converted once into the cache, keyed by the source's fingerprint, which holds the
+converter's version, so that a changed source, or a source an older converter converted, is
+converted again); the alias of the default model.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE
+from .checkpoint import CONFIG_FILE, remove_stale_temp_dirs
 from .config import FORMAT_NAME
 from .errors import UserError
 
@@ -76,6 +77,9 @@ def resolve_model(name_or_path: str | os.PathLike | None, progress: bool = True)
         detect_source(source)  # a clear error for anything that is not convertible
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem if source.is_file() else source.name)
     target = cache_home() / "models" / f"{stem}-{source_fingerprint(source)}"
+    # What conversions killed an hour ago or more left in the cache (of any model): a rerun that
+    # succeeds converts into a new temp directory and would never look at the old one again.
+    remove_stale_temp_dirs(target.parent)
     if not is_model_dir(target):
         convert(source, target, force=True, progress=progress)
     if name in BUNDLED_ADAPTERS:

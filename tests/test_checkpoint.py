@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lisa_rt.checkpoint import atomic_directory, atomic_file, check_writable, save_tensors, write_text_atomically
+from lisa_rt.checkpoint import (STALE_TEMP_SECONDS, atomic_directory, atomic_file, check_writable,
+                                remove_stale_temp_dirs, save_tensors, write_text_atomically)
 from lisa_rt.errors import UserError
 
 
@@ -199,3 +204,53 @@ def test_failed_replace_puts_the_old_model_back(tmp_path, monkeypatch):
             (tmp / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "old" and os.listdir(tmp_path) == ["model"]
 
+
+
+# --- what killed writers leave ------------------------------------------------------------------
+
+def _age(path: Path, seconds: float) -> None:
+    """Dates `path` and everything in it `seconds` back."""
+    then = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (then, then), follow_symlinks=False)
+
+
+def test_a_killed_writers_temp_directory_is_removed_once_old(tmp_path):
+    script = ("import os, sys\nfrom lisa_rt.checkpoint import atomic_directory\n"
+              "with atomic_directory(sys.argv[1]) as tmp:\n"
+              "    (tmp / 'config.json').write_text('{}')\n"
+              "    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model")],
+                          cwd=Path(__file__).parents[1], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".model.tmp-") and (left / "config.json").exists()
+    with atomic_directory(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert left.exists()  # fresh: its writer may still be at work
+    _age(left, STALE_TEMP_SECONDS + 60)
+    with atomic_directory(tmp_path / "model", force=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_stale_temp_cleanup_spares_what_a_writer_may_hold(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    names = ["old", "fresh", "locked", "other", "unlike"]
+    dirs = dict(zip(names, [tmp_path / ".model.tmp-abcd1234", tmp_path / ".model.tmp-fresh_12",
+                            tmp_path / ".model.tmp-locked12", tmp_path / ".other.tmp-abcd1234",
+                            tmp_path / ".model.tmp-not-mkdtemp"]))
+    for d in dirs.values():
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "part").write_text("x")
+        _age(d, STALE_TEMP_SECONDS + 60)
+    (dirs["fresh"] / "sub" / "part").write_text("still being written")  # the directory's own mtime is old
+    held = os.open(dirs["locked"], os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer's lock
+        assert remove_stale_temp_dirs(tmp_path, "model") == [dirs["old"]]
+    finally:
+        os.close(held)
+    assert remove_stale_temp_dirs(tmp_path, "model") == [dirs["locked"]]
+    assert remove_stale_temp_dirs(tmp_path) == [dirs["other"]]  # any target's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(dirs[n].name for n in ("fresh", "unlike"))

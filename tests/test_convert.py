@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -395,6 +397,18 @@ def test_detect_source_and_fingerprint(tmp_path):
     dir_print = source_fingerprint(other)
     (other / "model.safetensors").write_bytes(b"x")
     assert source_fingerprint(other) != dir_print
+    dir_print = source_fingerprint(other)
+    (other / "chat_template.json").write_text('{"chat_template": "{{ messages }}"}')  # hf.py reads it
+    assert source_fingerprint(other) != dir_print
+
+
+def test_fingerprint_changes_with_the_converter(tmp_path, monkeypatch):
+    import lisa_rt.convert as lconvert
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(20))
+    before = source_fingerprint(tmp_path / "m.gguf")
+    monkeypatch.setattr(lconvert, "CONVERTER_VERSION", lconvert.CONVERTER_VERSION + 1)
+    assert source_fingerprint(tmp_path / "m.gguf") != before
 
 
 # --- GGUF: dequantisation, permutation, errors ----------------------------------------------------
@@ -563,6 +577,26 @@ def test_gguf_metadata_that_would_change_the_math_is_refused(tmp_path, metadata,
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("metadata, message", [
+    ({"general.alignment": [32, 64]}, "general.alignment must be an integer"),
+    ({"tokenizer.chat_template": 5}, "tokenizer.chat_template must be a string, got int 5"),
+    ({"tokenizer.ggml.tokens": list(range(272))}, "tokenizer.ggml.tokens must be an array of strings"),
+    ({"tokenizer.ggml.tokens": "abc"}, "tokenizer.ggml.tokens must be an array of strings, got str"),
+    ({"tokenizer.ggml.token_type": ["a"] * 272}, "tokenizer.ggml.token_type must be an array of integers"),
+    ({"tokenizer.ggml.token_type": [1, 1]}, "tokenizer.ggml.token_type has 2 entries for 272 tokens"),
+    ({"tokenizer.ggml.merges": [1, 2]}, "tokenizer.ggml.merges must be an array of strings"),
+    ({"tokenizer.ggml.model": ["gpt2"]}, "tokenizer.ggml.model must be a string"),
+    ({"tokenizer.ggml.pre": ["smollm"]}, "tokenizer.ggml.pre must be a string"),
+    ({"tokenizer.ggml.add_bos_token": "yes"}, "tokenizer.ggml.add_bos_token must be a bool"),
+], ids=lambda v: None if isinstance(v, dict) else v)
+def test_gguf_metadata_of_the_wrong_type_is_one_error_line(tmp_path, metadata, message):
+    path = tmp_path / "m.gguf"
+    _write_llama_gguf(path, _tiny_llama(tied=True, seed=5), metadata=metadata)
+    with pytest.raises(ConvertError, match=re.escape(message)) as info:
+        convert(path, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
 def test_gguf_scaling_factor_with_type_none_is_no_scaling(tmp_path):
     model = _tiny_llama(tied=True, seed=5)
     path = tmp_path / "m.gguf"
@@ -618,6 +652,39 @@ def test_existing_output_refused_without_force(tmp_path):
         convert(path, tmp_path / "x", dtype="int8", progress=False)
 
 
+def test_output_holding_the_source_is_refused_and_deletes_nothing(tmp_path):
+    model = _tiny_llama(tied=True, seed=8)
+    folder = tmp_path / "X"
+    folder.mkdir()
+    gguf_path = folder / "model.gguf"
+    _write_llama_gguf(gguf_path, model)
+    data = gguf_path.read_bytes()
+    for out in (folder, tmp_path, folder / "sub" / ".."):
+        with pytest.raises(ConvertError, match="a directory holding it") as info:
+            convert(gguf_path, out, force=True, progress=False)
+        assert "\n" not in str(info.value)
+    assert gguf_path.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["X"]
+    # an HF directory converted into its parent, and a source reached through a symbolic link
+    src = _save_hf(model, tmp_path / "X" / "hf")
+    with pytest.raises(ConvertError, match="a directory holding it"):
+        convert(src, folder, force=True, progress=False)
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    with pytest.raises(ConvertError, match="a directory holding it"):
+        convert(tmp_path / "link", folder, force=True, progress=False)
+    assert (src / "model.safetensors").is_file() and gguf_path.read_bytes() == data
+    convert(gguf_path, folder / "out", progress=False)  # beside the source is fine
+
+
+def test_cli_convert_into_the_source_directory_is_one_error_line(tmp_path):
+    from tests.test_cli import assert_user_error, run_sub
+
+    gguf_path = tmp_path / "X" / "model.gguf"
+    gguf_path.parent.mkdir()
+    _write_llama_gguf(gguf_path, _tiny_llama(tied=True, seed=8))
+    assert_user_error(*run_sub("convert", gguf_path, gguf_path.parent, "--force"), "a directory holding it")
+    assert gguf_path.is_file()
+
+
 def _no_weights_read(monkeypatch) -> None:
     """Reading the HF weights fails the test: a refusal must come before that work."""
     monkeypatch.setattr(lhf, "read_tensors", lambda *args: pytest.fail("the weights were read"))
@@ -631,6 +698,109 @@ def test_hf_source_without_tokenizer_is_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match=r"hf: no tokenizer\.json or tokenizer\.model"):
         convert(src, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no OUT, no temp dir
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", b"[]", "tokenizer_config.json: expected a JSON object, got list"),
+    ("special_tokens_map.json", b"[]", "special_tokens_map.json: expected a JSON object, got list"),
+    ("chat_template.json", b"[1]", "chat_template.json: expected a JSON object, got list"),
+    ("chat_template.jinja", b"\xff\xfe{{ messages }}", "chat_template.jinja: cannot read"),
+    ("tokenizer_config.json", b'{"additional_special_tokens": "<|im_start|>"}',
+     "additional_special_tokens must be a list of tokens"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": {"x": {"content": "<s>", "special": true}}}',
+     "added_tokens_decoder key 'x' is not a token id"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_hf_tokenizer_files_of_the_wrong_form_are_refused_up_front(tmp_path, monkeypatch, name, content,
+                                                                   message):
+    src = _save_hf(_tiny_llama(tied=True, seed=9), tmp_path / "hf")
+    (src / name).write_bytes(content)
+    _no_weights_read(monkeypatch)
+    with pytest.raises(ConvertError, match=re.escape(message)) as info:
+        convert(src, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    """lisa-rt's entry point in-process -> (exit code, stdout, stderr)."""
+    from lisa_rt import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_cli_malformed_inputs_are_one_error_line(tmp_path, capsys, monkeypatch):
+    """Exit 2 and one `error:` line, no traceback, for sources and model directories of the wrong
+    form: GGUF metadata of the wrong type, tokenizer files, a lisa-rt config.json."""
+    from tests.test_cli import assert_user_error
+
+    monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "home"))
+    model = _tiny_llama(tied=True, seed=5)
+    bad_gguf = tmp_path / "types.gguf"
+    _write_llama_gguf(bad_gguf, model, metadata={"tokenizer.ggml.token_type": ["a"] * 272})
+    assert_user_error(*_cli(capsys, "convert", bad_gguf, tmp_path / "out"), "must be an array of integers")
+    # and converting into the cache on first use
+    assert_user_error(*_cli(capsys, "info", bad_gguf), "must be an array of integers")
+    aligned = tmp_path / "align.gguf"
+    _write_llama_gguf(aligned, model, metadata={"general.alignment": [32, 64]})
+    assert_user_error(*_cli(capsys, "convert", aligned, tmp_path / "out"), "general.alignment must be an integer")
+    hf = _save_hf(model, tmp_path / "hf")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"additional_special_tokens": "<|im_start|>"}))
+    assert_user_error(*_cli(capsys, "convert", hf, tmp_path / "out"), "additional_special_tokens must be a list")
+    assert not (tmp_path / "out").exists()
+
+    good = tmp_path / "good.gguf"
+    _write_llama_gguf(good, model)
+    base = convert(good, tmp_path / "base", progress=False)
+    cases = [
+        ("config.json", {"eos_token_ids": 2}, "eos_token_ids must be a list of token ids"),
+        ("config.json", {"eos_token_ids": ["</s>"]}, "eos token id must be an integer"),
+        ("config.json", {"bos_token_id": "1"}, "bos token id must be an integer"),
+        ("config.json", {"rope_scaling": "llama3"}, "rope_scaling must be an object or null"),
+        ("config.json", {"rope_scaling": [1]}, "rope_scaling must be an object or null"),
+        ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "<s>"}}}, "is not a token id"),
+        ("tokenizer_config.json", {"additional_special_tokens": "<|im_start|>"}, "must be a list"),
+    ]
+    for i, (name, changes, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(base, bad)
+        _edit_json(bad / name, **changes)
+        assert_user_error(*_cli(capsys, "generate", "-m", bad, "-p", "hi", "-n", 1, "--device", "cpu"),
+                          name, message)
+    bad = tmp_path / "jinja"
+    shutil.copytree(base, bad)
+    (bad / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    assert_user_error(*_cli(capsys, "generate", "-m", bad, "-p", "hi", "-n", 1, "--device", "cpu"),
+                      "chat_template.jinja")
+
+
+def test_model_cache_removes_what_killed_conversions_left(tmp_path, monkeypatch):
+    import time
+
+    from lisa_rt.checkpoint import STALE_TEMP_SECONDS
+    from lisa_rt.registry import resolve_model
+
+    monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "home"))
+    models = tmp_path / "home" / "models"
+    old, fresh = models / ".a-0123456789abcdef.tmp-abcd1234", models / ".b-0123456789abcdef.tmp-abcd1234"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    then = time.time() - STALE_TEMP_SECONDS - 60
+    for p in (old / "model.safetensors", old):
+        os.utime(p, (then, then))
+    path = tmp_path / "m.gguf"
+    _write_llama_gguf(path, _tiny_llama(tied=True, seed=8))
+    target = resolve_model(path, progress=False)
+    assert sorted(p.name for p in models.iterdir()) == sorted([fresh.name, target.name])
+    assert target.name.endswith(source_fingerprint(path))
 
 
 def test_cli_hf_source_without_tokenizer_writes_nothing(tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,9 @@ def config_number(where: Path, key: str, value: object, integer: bool = False) -
             number = math.inf
         if math.isfinite(number) and (not integer or number.is_integer()):
             return int(value) if integer else number
-    raise ConvertError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    shown = " ".join(repr(value).split())  # one line, even for an array
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise ConvertError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {shown}")
 
 
 def torch_dtype_of(name: str) -> torch.dtype:
@@ -68,6 +71,13 @@ SOURCES: dict[str, Callable[[Path, str | None, bool], SourceModel]] = {
 }
 
 HF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# What a conversion writes, as of this lisa-rt: part of the cache key (source_fingerprint), so a
+# model converted by an older converter is converted again. Bump it whenever the written config
+# or tokenizer files change for the same source.
+# 1: every converter before the version was kept. 2: tokenizer metadata and files checked for
+# their types (GGUF tokenizer.*, tokenizer_config.json), chat_template.json in the fingerprint.
+CONVERTER_VERSION = 2
 
 
 def detect_source(src: str | Path) -> str:
@@ -110,22 +120,24 @@ def detect_source(src: str | Path) -> str:
 
 
 def _hf_fingerprint_files(src: Path) -> list[Path]:
+    # every file hf.read_source reads
     names = ["config.json"]
     for pattern in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                     "pytorch_model*.bin.index.json", "tokenizer*", "special_tokens_map.json",
-                    "chat_template.jinja", "generation_config.json"):
+                    "chat_template.jinja", "chat_template.json", "generation_config.json"):
         names += sorted(p.name for p in src.glob(pattern))
     return [src / name for name in dict.fromkeys(names)]
 
 
 def source_fingerprint(src: str | Path) -> str:
     """A short stable hash of the source's identity (path, sizes and mtimes of the files that
-    matter), for keying a conversion cache. Changes when any of those files is rewritten."""
+    matter) and of CONVERTER_VERSION, for keying a conversion cache. Changes when any of those
+    files is rewritten, and when the converter changes what it writes."""
     src = Path(src).resolve()
     if not src.exists():
         raise ConvertError(f"{src}: no such file or directory")
     files = [src] if src.is_file() else [p for p in _hf_fingerprint_files(src) if p.is_file()]
-    digest = hashlib.sha256(str(src).encode("utf-8"))
+    digest = hashlib.sha256(f"converter {CONVERTER_VERSION}\0{src}".encode("utf-8"))
     for path in files:
         stat = path.stat()
         digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8"))
@@ -146,13 +158,20 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, force: b
         raise ConvertError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
     kind = detect_source(src)
     check_writable(out, "output directory", directory=True)  # before minutes of converting
+    # Writing OUT replaces the whole directory: one holding the source would delete it. Both the
+    # paths as given and as resolved, as a symbolic link on the way may hide either relation.
+    outs = {out.resolve(), Path(os.path.abspath(out))}
+    srcs = {src.resolve(), Path(os.path.abspath(src))}
+    if any(o == s or o in s.parents for o in outs for s in srcs):
+        raise ConvertError(f"{out}: the output may not be the source or a directory holding it "
+                           "(replacing it would delete the source)")
+    if any(s in o.parents for o in outs for s in srcs):
+        raise ConvertError(f"{out}: the output may not be the source or lie inside it")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConvertError(f"{out}: exists and is not empty (use --force to replace it)")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ConvertError(f"{out}: the output may not be the source or lie inside it")
     model = SOURCES[kind](src, dtype, progress)
     return save_model_dir(out, model.config, model.tensors, model.tokenizer_files, force=force)
 
 
-__all__ = ["ConvertError", "SourceModel", "SOURCES", "convert", "detect_source",
+__all__ = ["CONVERTER_VERSION", "ConvertError", "SourceModel", "SOURCES", "convert", "detect_source",
            "source_fingerprint"]

@@ -176,7 +176,8 @@ class GGUFFile:
             type_id = self._scalar("<I")
             offset = self._scalar("<Q")
             infos.append((name, tuple(reversed(ne)), type_id, offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = config_number(self.path, "general.alignment",
+                                  self.metadata.get("general.alignment", DEFAULT_ALIGNMENT), integer=True)
         if alignment <= 0 or alignment & (alignment - 1):
             raise ConvertError(f"{self.path}: invalid general.alignment {alignment}")
         self.alignment = alignment
@@ -410,6 +411,53 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict 
                        "unsupported rope frequency factors")
 
 
+def _describe(value: Any) -> str:
+    """A metadata value's GGUF type in words, for messages."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"an array of {'/'.join(kinds)}" if kinds else "an empty array"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _string(gf: GGUFFile, key: str, default: Any = None) -> Any:
+    """A string metadata value (default where absent); ConvertError for another type."""
+    value = gf.metadata.get(key, default)
+    if value is not default and not isinstance(value, str):
+        raise ConvertError(f"{gf.path}: {key} must be a string, got {_describe(value)}")
+    return value
+
+
+def _strings(gf: GGUFFile, key: str) -> list[str] | None:
+    """An array of strings (None where absent); ConvertError for another type."""
+    value = gf.metadata.get(key)
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ConvertError(f"{gf.path}: {key} must be an array of strings, got {_describe(value)}")
+    return value
+
+
+def _numbers(gf: GGUFFile, key: str, integer: bool) -> np.ndarray | None:
+    """An array of numbers (of integers, with `integer`; None where absent); ConvertError for
+    another type."""
+    value = gf.metadata.get(key)
+    if value is None:
+        return None
+    kinds = "iu" if integer else "iuf"
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in kinds:
+        raise ConvertError(f"{gf.path}: {key} must be an array of {'integers' if integer else 'numbers'}, "
+                           f"got {_describe(value)}")
+    return value
+
+
+def _flag(gf: GGUFFile, key: str, default: bool) -> bool:
+    value = gf.metadata.get(key, default)
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    raise ConvertError(f"{gf.path}: {key} must be a bool, got {_describe(value)}")
+
+
 def _token_id(gf: GGUFFile, key: str) -> int | None:
     """tokenizer.ggml.{key}_token_id (bos, eos, eot, unknown, padding), where the file has it."""
     full = f"tokenizer.ggml.{key}_token_id"
@@ -446,7 +494,7 @@ def read_config(gf: GGUFFile) -> ModelConfig:
         raise ConvertError(f"{path}: {arch}.rope.dimension_count ({rotated}) is not the head size "
                            f"({head_dim}); lisa-rt rotates whole heads only")
     theta = number("rope.freq_base", 10000.0)
-    tokens = md.get("tokenizer.ggml.tokens")
+    tokens = _strings(gf, "tokenizer.ggml.tokens")
     if tokens is not None:
         vocab = len(tokens)
     elif f"{arch}.vocab_size" in md:
@@ -462,7 +510,7 @@ def read_config(gf: GGUFFile) -> ModelConfig:
     if eot is not None and eot not in eos_ids:
         eos_ids.append(eot)
     # a ChatML template ends each answer with <|im_end|>: generation must stop there too
-    if tokens is not None and "<|im_end|>" in md.get("tokenizer.chat_template", ""):
+    if tokens is not None and "<|im_end|>" in _string(gf, "tokenizer.chat_template", ""):
         try:
             im_end = tokens.index("<|im_end|>")
         except ValueError:
@@ -556,13 +604,16 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
         pre_tokenizers
 
     md, path = gf.metadata, gf.path
-    kind = md.get("tokenizer.ggml.model")
-    tokens = md.get("tokenizer.ggml.tokens")
+    kind = _string(gf, "tokenizer.ggml.model")
+    tokens = _strings(gf, "tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise ConvertError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model / "
                            "tokenizer.ggml.tokens)")
-    types = md.get("tokenizer.ggml.token_type")
+    types = _numbers(gf, "tokenizer.ggml.token_type", integer=True)
     types = [1] * len(tokens) if types is None else [int(t) for t in types]
+    if len(types) != len(tokens):
+        raise ConvertError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for "
+                           f"{len(tokens)} tokens")
 
     def token_of(key: str) -> tuple[str | None, int | None]:
         tid = _token_id(gf, key)
@@ -594,7 +645,7 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
         vocab = {}
         for index, token in enumerate(tokens):
             vocab[spelled(token)] = index
-        merges_raw = md.get("tokenizer.ggml.merges")
+        merges_raw = _strings(gf, "tokenizer.ggml.merges")
         if merges_raw is None:
             raise ConvertError(f"{path}: gpt2 tokenizer without tokenizer.ggml.merges")
         merges = []
@@ -604,7 +655,7 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
                 raise ConvertError(f"{path}: malformed merge {merge!r} in tokenizer.ggml.merges")
             merges.append((left, right))
         tok = bpe(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-        pre = md.get("tokenizer.ggml.pre")
+        pre = _string(gf, "tokenizer.ggml.pre")
         if pre is not None and pre not in PRE_TOKENIZER_SPLITS and pre not in GPT2_PRE_TOKENIZERS:
             known = sorted(set(PRE_TOKENIZER_SPLITS) | set(GPT2_PRE_TOKENIZERS))
             raise ConvertError(f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre; lisa-rt "
@@ -617,20 +668,23 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
-        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        add_bos = _flag(gf, "tokenizer.ggml.add_bos_token", False)
         # a control token spelled outside the byte alphabet cannot be a real token: skip it
         control = [t for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= alphabet]
     elif kind == "llama":
-        scores = md.get("tokenizer.ggml.scores")
+        scores = _numbers(gf, "tokenizer.ggml.scores", integer=False)
         if scores is None:
             raise ConvertError(f"{path}: SentencePiece tokenizer without tokenizer.ggml.scores")
+        if len(scores) != len(tokens):
+            raise ConvertError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for "
+                               f"{len(tokens)} tokens")
         scores = np.asarray(scores, dtype=np.float64)
         vocab = {}
         for index, token in enumerate(tokens):
             vocab.setdefault(token, index)
         merges = _sentencepiece_merges(tokens, scores, vocab)
         tok = bpe(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-        prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        prefix = _flag(gf, "tokenizer.ggml.add_space_prefix", True)
         tok.normalizer = None
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
@@ -638,13 +692,13 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
         tok.decoder = decoders.Sequence(steps)
-        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", True))
+        add_bos = _flag(gf, "tokenizer.ggml.add_bos_token", True)
         control = [t for t, ty in zip(tokens, types) if ty in (_TOKEN_CONTROL, 2)]
     else:
         raise ConvertError(f"{path}: unsupported tokenizer model {kind!r} "
                            "(tokenizer.ggml.model; supported: gpt2, llama)")
 
-    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+    add_eos = _flag(gf, "tokenizer.ggml.add_eos_token", False)
     if control:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     user = [t for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
@@ -664,8 +718,9 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
         config["unk_token"] = unk
     if pad is not None:
         config["pad_token"] = pad
-    if "tokenizer.chat_template" in md:
-        config["chat_template"] = md["tokenizer.chat_template"]
+    template = _string(gf, "tokenizer.chat_template")
+    if template is not None:
+        config["chat_template"] = template
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config["model_max_length"] = int(md.get(f"{md.get('general.architecture')}.context_length",
                                             2048))

@@ -276,7 +276,19 @@ def _token_text(value: Any) -> Any:
     return value
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_tokenizer(src: Path) -> dict[str, bytes]:
+    from ..tokenizer import TokenizerError, check_tokenizer_config
+
     files: dict[str, bytes] = {}
     for name in ("tokenizer.json", "tokenizer.model"):
         if (src / name).is_file():
@@ -287,16 +299,10 @@ def read_tokenizer(src: Path) -> dict[str, bytes]:
     config: dict[str, Any] = {}
     config_path = src / "tokenizer_config.json"
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConvertError(f"{config_path}: invalid JSON ({exc})") from None
+        config = _read_json_object(config_path)
     special_path = src / "special_tokens_map.json"
     if special_path.is_file():
-        try:
-            special = json.loads(special_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConvertError(f"{special_path}: invalid JSON ({exc})") from None
+        special = _read_json_object(special_path)
         for key in _SPECIAL_KEYS:
             if config.get(key) is None and special.get(key) is not None:
                 config[key] = special[key]
@@ -306,12 +312,19 @@ def read_tokenizer(src: Path) -> dict[str, bytes]:
     template = src / "chat_template.jinja"
     chat_json = src / "chat_template.json"
     if template.is_file():
-        config["chat_template"] = template.read_text()
+        try:
+            config["chat_template"] = template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConvertError(f"{template}: cannot read ({exc})") from None
     elif "chat_template" not in config and chat_json.is_file():
         try:
-            config["chat_template"] = json.loads(chat_json.read_text())["chat_template"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise ConvertError(f"{chat_json}: invalid ({exc})") from None
+            config["chat_template"] = _read_json_object(chat_json)["chat_template"]
+        except KeyError:
+            raise ConvertError(f"{chat_json}: no chat_template in it") from None
+    try:  # what lisa-rt would refuse when loading the model: refused before converting it
+        check_tokenizer_config(config, config_path)
+    except TokenizerError as exc:
+        raise ConvertError(str(exc)) from None
     if config or config_path.is_file():
         files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False)
                                           + "\n").encode("utf-8")
