@@ -6,8 +6,11 @@
 Six chat tasks, greedy, each answered alone (batch 1): three that copy from their prompt (a
 function with a variable renamed, a paragraph with its typos fixed, a list reformatted), one
 that summarises, and two that copy nothing (a story, a one-line answer), where drafts are
-seldom proposed and, when they are, mostly rejected. Then all six together in one batch.
-Each configuration runs --repeats times, interleaved; the table gives the median decode speed
+seldom proposed and, when they are, mostly rejected. Then the first two together in one batch,
+and all six (on the CPU drafts wait until at most two sequences run: DRAFTING_BATCH).
+First, what a draft costs: the time of one forward pass over a sequence's last token and k
+drafts (k + 1 rows) at 128 tokens of context, median of 9. Then each configuration runs
+--repeats times, interleaved; the table gives the median decode speed
 (tokens after the first, per second of decoding), the draft tokens kept of those run, and the
 ratio to decoding without drafts. The answers must be the same text with and without.
 """
@@ -22,8 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_name, print_table, run_main, write_json  # noqa: E402
+import torch  # noqa: E402
+
 from lisa_rt import SamplingParams, load_model  # noqa: E402
 from lisa_rt.engine import generate  # noqa: E402
+from lisa_rt.kv_cache import BlockTable  # noqa: E402
+from lisa_rt.model import build_batch  # noqa: E402
 
 PARAGRAPH = ("The quick brown fox jumpd over the lazy dog. It was a sunny day in the small vilage, and "
              "the children were playing in the park near the river. Their parents were siting on the "
@@ -65,6 +72,31 @@ def run(model, prompts: list[list[int]], max_tokens: int, speculate: int) -> tup
     return completions, time.perf_counter() - start
 
 
+@torch.inference_mode()
+def pass_times(model, rows: list[int], context: int = 128, repeats: int = 9) -> list[dict]:
+    """Milliseconds of one forward pass of k rows (a last token and k - 1 drafts, every row's
+    logits) after `context` tokens in the cache."""
+    cache = model.new_cache([context + max(rows)])
+    table = BlockTable(cache, shareable=False)
+    table.ensure(context + max(rows))
+    ids = list(range(100, 100 + context + max(rows)))
+    model.forward(build_batch([(ids[:context], 0, table)], model.device), cache)
+    out = []
+    for k in rows:
+        times = []
+        for _ in range(repeats):
+            batch = build_batch([(ids[context:context + k], context, table)], model.device, [k])
+            start = time.perf_counter()
+            model.forward(batch, cache)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out.append({"rows": k, "ms": round(statistics.median(times) * 1e3, 1)})
+    for row in out:
+        row["vs 1 row"] = round(row["ms"] / out[0]["ms"], 2)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default="smollm2")
@@ -80,8 +112,10 @@ def main() -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     prompts = {name: model.tokenizer.encode_chat([{"role": "user", "content": text}]) for name, text in TASKS.items()}
     run(model, [prompts["question (no copy)"]], 8, 0)  # warm-up
+    costs = pass_times(model, [1, 2, 3, 5, 9, 17])
     rows, same = [], True
-    for name, ids in [*((name, [ids]) for name, ids in prompts.items()), ("all six at once", list(prompts.values()))]:
+    batches = [("the first two at once", list(prompts.values())[:2]), ("all six at once", list(prompts.values()))]
+    for name, ids in [*((name, [ids]) for name, ids in prompts.items()), *batches]:
         speeds = {n: [] for n in settings}
         outcome = {}
         for _ in range(args.repeats):
@@ -114,11 +148,13 @@ def main() -> int:
     print(f"# {machine}; model {args.model} on {device}, {dtype}, {lisa}; greedy, up to {args.max_tokens} "
           f"tokens; median of {args.repeats}; tok/s: single tasks decode (after the first token), "
           "the batch every token over the whole run")
+    print_table(costs, list(costs[0]))
+    print()
     print_table(rows, list(rows[0]))
     print(f"identical answers with and without drafts: {'yes' if same else 'NO'}")
     write_json(args.json, {"benchmark": "speculative", "machine": machine, "model": args.model, "device": device,
                            "dtype": dtype, "lisa": lisa, "max_tokens": args.max_tokens, "repeats": args.repeats,
-                           "settings": settings, "rows": rows, "identical_answers": same})
+                           "settings": settings, "pass_ms": costs, "rows": rows, "identical_answers": same})
     return 0
 
 

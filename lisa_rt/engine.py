@@ -41,7 +41,8 @@ past its candidates is redrawn on the host (rarely); if its token changes, the f
 row for it, launched with the first draw, is dropped and the sequence steps back one token, its
 uniform number given back: a seed draws the same tokens with and without overlap.
 
-Speculative decoding (speculate=N > 0; off by default). A chunk that reaches the end of its
+Speculative decoding (speculate=N > 0; off by default). While at most `drafting_batch`
+sequences run or wait (by device: speculative.DRAFTING_BATCH), a chunk that reaches the end of its
 sequence's tokens (a decode step, or a prompt's last prefill chunk) carries up to N draft
 tokens after it, looked up in the sequence itself (speculative.py), within the step's token
 budget and the blocks the sequence holds (free blocks too, when no request waits). The forward
@@ -51,8 +52,8 @@ after it. Each token is drawn from the logits of the sequence it really follows,
 sequence's own next uniform number: the output is the one steps of one token give, but for
 rounding (a chunk's rows sum in another order than a one-token step's: in float32 the tokens
 came out the same in every case tried, in bfloat16 a near tie may go the other way, as it may
-when batched). The cache slots of rejected drafts are written over by the next step. Drafts need the
-tokens on the host, so a speculating engine does not overlap its steps.
+when batched). The cache slots of rejected drafts are written over by the next step. Drafts
+need the tokens on the host, so a speculating engine does not overlap its steps.
 
 Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
 thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
@@ -78,7 +79,7 @@ from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .metrics import EngineMetrics
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, StepSample, token_logprobs, upload
-from .speculative import MAX_SPECULATE, NgramDrafter
+from .speculative import DRAFTING_BATCH, MAX_SPECULATE, NgramDrafter
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -467,13 +468,17 @@ class Engine:
 
     def __init__(self, model: Model, cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, cuda_graphs: bool = True,
-                 overlap: bool | None = None, prefix_caching: bool = True, speculate: int = 0):
+                 overlap: bool | None = None, prefix_caching: bool = True, speculate: int = 0,
+                 drafting_batch: int | None = None):
         if max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_SPECULATE:
             raise UserError(f"speculate must be an integer in [0, {MAX_SPECULATE}], got {speculate!r}")
+        if drafting_batch is not None and (isinstance(drafting_batch, bool) or not isinstance(drafting_batch, int)
+                                           or drafting_batch < 1):
+            raise UserError(f"drafting_batch must be an integer >= 1, got {drafting_batch!r}")
         self.model = model
         self.cache = cache
         # Pure-decode steps on CUDA replay a captured graph (see cuda_graph.py).
@@ -484,6 +489,8 @@ class Engine:
         # Drafts are looked up in the tokens on the host, so a speculating engine reads each
         # step's tokens before the next: no overlap.
         self.speculate = speculate
+        # (None: the device's; see speculative.DRAFTING_BATCH)
+        self.drafting_batch = DRAFTING_BATCH.get(model.device.type, 2) if drafting_batch is None else drafting_batch
         self.overlap = not speculate and (overlap_by_default(model.device) if overlap is None else overlap)
         self.prefix_caching = prefix_caching
         self.admitted_tokens = 0  # tokens prefilled at admission, and of them found in the cache:
@@ -926,12 +933,14 @@ class Engine:
 
     def _drafts(self, req: Request, end: int, room: int) -> list[int]:
         """Draft tokens to run after req's chunk, which ends at token `end` (speculative.py; set
-        as req.drafts): none unless the engine speculates and the chunk reaches req's last token
-        (and req scores no prompt). At most `speculate`, the step's budget left (room), what
-        max_tokens and the context leave after the token the step draws anyway, and what its
-        blocks hold, or the free blocks too when no request waits for them. Counted as drafted."""
+        as req.drafts): none unless the engine speculates, at most drafting_batch sequences run
+        or wait and the chunk reaches req's last token (and req scores no prompt). At most `speculate`,
+        the step's budget left (room), what max_tokens and the context leave after the token
+        the step draws anyway, and what its blocks hold, or the free blocks too when no request
+        waits for them. Counted as drafted."""
         length = req.length
-        if not self.speculate or end < length or req.scores_prompt:
+        if not self.speculate or end < length or req.scores_prompt \
+                or len(self.running) + len(self.waiting) > self.drafting_batch:
             return []
         count = min(self.speculate, room, req.max_new - len(req.output) - 1, self.model.max_context - length)
         if count <= 0:

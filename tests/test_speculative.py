@@ -118,9 +118,9 @@ def oracle(answers: dict[tuple[int, ...], list[int]], spoil: float, seed: int = 
     return Oracle
 
 
-def run(model, prompts, params, speculate, blocks=128, **kw):
+def run(model, prompts, params, speculate, blocks=128, drafting_batch=64, **kw):
     cache = KVCache(model.config, blocks, "cpu", model.dtype, lisa=model.lisa)
-    engine = Engine(model, cache, speculate=speculate, **kw)
+    engine = Engine(model, cache, speculate=speculate, drafting_batch=drafting_batch, **kw)
     pieces = {i: [] for i in range(len(prompts))}
     out = run_to_completion(engine, prompts, params, on_text=lambda i, d: pieces[i].append(d))
     assert ["".join(pieces[i]) for i in range(len(prompts))] == [c.text for c in out]
@@ -212,6 +212,19 @@ def test_drafts_through_lisa_layers(tmp_path, monkeypatch):
     assert_same_with_drafts(model, [ids[:20], ids[30:70]], params, monkeypatch, speculate=7)
 
 
+def test_drafts_wait_for_a_batch_small_enough(model, ids, monkeypatch):
+    # Three sequences, drafting only while at most two run: none until the shortest has ended.
+    prompts = [ids[:10], ids[20:30], ids[40:50]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 30, 30)]
+    plain, _ = run(model, prompts, params, 0)
+    monkeypatch.setattr(engine_module, "NgramDrafter", oracle({tuple(p): c.token_ids for p, c in zip(prompts, plain)}, 0))
+    drafted, stats = run(model, prompts, params, 4, drafting_batch=2)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    assert drafted[0].timings["draft_tokens"] == 0 < drafted[1].timings["draft_tokens"]
+    assert stats["accepted_draft_tokens"] == stats["draft_tokens"] > 0
+    assert Engine(model, model.new_cache([64]), speculate=4).drafting_batch == 2    # the CPU's
+
+
 def test_prompt_lookup_end_to_end(model, ids):
     # A prompt that repeats itself gives the real drafter matches to propose.
     prompt = ids[:30] * 3 + ids[:6]
@@ -226,6 +239,9 @@ def test_prompt_lookup_end_to_end(model, ids):
 def test_engine_refuses_a_bad_speculate(model, value):
     with pytest.raises(UserError, match="speculate must be an integer in"):
         Engine(model, model.new_cache([64]), speculate=value)
+    if value is not None:
+        with pytest.raises(UserError, match="drafting_batch must be an integer >= 1"):
+            Engine(model, model.new_cache([64]), speculate=2, drafting_batch=value if value != MAX_SPECULATE + 1 else 0)
 
 
 def test_llm_speculates_with_the_same_answers(tmp_path):
