@@ -533,6 +533,27 @@ def test_gguf_round_trip_tiny_llama(tmp_path, tied, capsys):
     _check_round_trip(model, bf16, torch.bfloat16)
 
 
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_gguf_llama3_vocabulary_takes_whole_words_and_bos_as_llama_cpp_does(tmp_path, pre):
+    # "Ġab" is in the vocabulary but no merge makes it: a Llama 3 vocabulary (ignore_merges, as
+    # llama.cpp and Llama 3's tokenizer.json read it) takes the word whole, GPT-2's spells it by
+    # merges. Without tokenizer.ggml.add_bos_token, Llama 3's add BOS as llama.cpp does.
+    from tokenizers import Tokenizer
+
+    model = _tiny_llama(tied=True, kv_heads=2, seed=4)
+    tokens, _ = _byte_vocab()
+    tokens += ["Ġab"] + [f"<extra_{i}>" for i in range(model.config.vocab_size - len(tokens) - 1)]
+    path = tmp_path / "tiny.gguf"
+    _write_llama_gguf(path, model, metadata={"tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens},
+                      drop=("tokenizer.ggml.add_bos_token",))
+    out = convert(path, tmp_path / "out", progress=False)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    llama3 = pre == "llama-bpe"
+    assert tok.encode(" ab the", add_special_tokens=False).tokens == \
+        (["Ġab", "Ġthe"] if llama3 else ["Ġa", "b", "Ġthe"])
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is llama3
+
+
 def test_gguf_llama3_rope_freqs(tmp_path):
     model = _tiny_llama(tied=True, seed=5)
     factors = lgguf._llama3_freq_factors(16, 50000.0, 8.0, 1.0, 4.0, 64).astype(np.float32)

@@ -76,7 +76,8 @@ HF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 # model converted by an older converter is converted again. Bump it whenever the written config
 # or tokenizer files change for the same source.
 # 1: every converter before the version was kept. 2: tokenizer metadata and files checked for
-# their types (GGUF tokenizer.*, tokenizer_config.json), chat_template.json in the fingerprint.
+# their types (GGUF tokenizer.*, tokenizer_config.json), chat_template.json in the fingerprint,
+# Llama 3 GGUF vocabularies with ignore_merges and BOS by default.
 CONVERTER_VERSION = 2
 
 

@@ -553,6 +553,10 @@ PRE_TOKENIZER_SPLITS = {
     "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
+# Llama 3's vocabularies, as llama.cpp reads them: a pre-token the vocabulary holds whole is that
+# token, whatever the merges would make of it (Llama 3's tokenizer.json says "ignore_merges"),
+# and BOS is added where the file does not say (Llama 3 GGUFs often do not).
+LLAMA3_VOCABULARIES = ("llama3", "llama-v3", "llama-bpe", "falcon3")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -600,8 +604,7 @@ def _sentencepiece_merges(tokens: list[str], scores: np.ndarray,
 
 def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
     """tokenizer.json + tokenizer_config.json rebuilt from the file's tokenizer.* metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, \
-        pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     md, path = gf.metadata, gf.path
     kind = _string(gf, "tokenizer.ggml.model")
@@ -654,12 +657,13 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
             if not sep:
                 raise ConvertError(f"{path}: malformed merge {merge!r} in tokenizer.ggml.merges")
             merges.append((left, right))
-        tok = bpe(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
         pre = _string(gf, "tokenizer.ggml.pre")
         if pre is not None and pre not in PRE_TOKENIZER_SPLITS and pre not in GPT2_PRE_TOKENIZERS:
             known = sorted(set(PRE_TOKENIZER_SPLITS) | set(GPT2_PRE_TOKENIZERS))
             raise ConvertError(f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre; lisa-rt "
                                f"knows {', '.join(known)}): its token ids would not be the model's")
+        llama3 = pre in LLAMA3_VOCABULARIES
+        tok = bpe(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=llama3)
         split = PRE_TOKENIZER_SPLITS.get(pre)
         if split is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -668,7 +672,7 @@ def build_tokenizer(gf: GGUFFile) -> dict[str, bytes]:
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
-        add_bos = _flag(gf, "tokenizer.ggml.add_bos_token", False)
+        add_bos = _flag(gf, "tokenizer.ggml.add_bos_token", llama3)
         # a control token spelled outside the byte alphabet cannot be a real token: skip it
         control = [t for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= alphabet]
     elif kind == "llama":
