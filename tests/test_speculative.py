@@ -13,6 +13,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 from lisa_rt import LLM, SamplingParams, UserError, cli, generate
 from lisa_rt import engine as engine_module
@@ -223,6 +224,32 @@ def test_drafts_wait_for_a_batch_small_enough(model, ids, monkeypatch):
     assert drafted[0].timings["draft_tokens"] == 0 < drafted[1].timings["draft_tokens"]
     assert stats["accepted_draft_tokens"] == stats["draft_tokens"] > 0
     assert Engine(model, model.new_cache([64]), speculate=4).drafting_batch == 2    # the CPU's
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_drafts_on_cuda(tmp_path, monkeypatch):
+    # The eager forward of a drafting step, its rows' logits and draws on the device; CUDA graphs
+    # for the steps without drafts; float32 so that the tokens match to the last one.
+    import lisa_rt
+
+    model_dir, adapter = tiny_model_with_adapter(tmp_path)
+    model = lisa_rt.load_model(model_dir, device="cuda", dtype="float32", lisa=adapter)
+    ids = model.tokenizer.encode(CORPUS[:600])
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, seed=2, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.7, seed=4, repetition_penalty=1.3, ignore_eos=True)]
+    prompts = [ids[:20], ids[30:70], ids[80:95]]
+
+    def run_cuda(speculate):
+        engine = Engine(model, model.new_cache([200] * 3), speculate=speculate, drafting_batch=8)
+        return run_to_completion(engine, prompts, params), engine.stats()
+
+    plain, _ = run_cuda(0)
+    monkeypatch.setattr(engine_module, "NgramDrafter", oracle({tuple(p): c.token_ids for p, c in zip(prompts, plain)}, 0.4))
+    drafted, stats = run_cuda(6)
+    assert [outcome(c) for c in drafted] == [outcome(c) for c in plain]
+    assert stats["accepted_draft_tokens"] > 0
 
 
 def test_prompt_lookup_end_to_end(model, ids):
