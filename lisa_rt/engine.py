@@ -45,15 +45,16 @@ Speculative decoding (speculate=N > 0; off by default). While at most `drafting_
 sequences run or wait (by device: speculative.DRAFTING_BATCH), a chunk that reaches the end of its
 sequence's tokens (a decode step, or a prompt's last prefill chunk) carries up to N draft
 tokens after it, looked up in the sequence itself (speculative.py), within the step's token
-budget and the blocks the sequence holds (free blocks too, when no request waits). The forward
-pass gives logits for the last token and each draft; the token drawn from each row is accepted
-in turn, and the next row is read only while the token drawn equals the draft that went in
-after it. Each token is drawn from the logits of the sequence it really follows, with the
-sequence's own next uniform number: the output is the one steps of one token give, but for
-rounding (a chunk's rows sum in another order than a one-token step's: in float32 the tokens
-came out the same in every case tried, in bfloat16 a near tie may go the other way, as it may
-when batched). The cache slots of rejected drafts are written over by the next step. Drafts
-need the tokens on the host, so a speculating engine does not overlap its steps.
+budget the step's real tokens left and the blocks the sequence holds (blocks that hold
+nothing too, when no request waits; the step gives back those its rejected drafts took). The
+forward pass gives logits for the last token and each draft; the token drawn from each row is
+accepted in turn, and the next row is read only while the token drawn equals the draft that
+went in after it (and the request is not cancelled). Each token is drawn from the logits of
+the sequence it really follows, with the sequence's own next uniform number: the output is the
+one steps of one token give, but for rounding (a chunk's rows sum in another order than a
+one-token step's, so a near tie may go the other way, as when batched: rarely in float32, more
+often in bfloat16). The cache slots of rejected drafts are written over by the next step.
+Drafts need the tokens on the host, so steps that may draft are not overlapped.
 
 Threading. `add`, `cancel`, `close` and `stats` may be called from any thread; `step` from one
 thread at a time (the LLM's engine thread, or the caller of the synchronous `generate`).
@@ -486,12 +487,10 @@ class Engine:
                               if cuda_graphs and model.device.type == "cuda" else None)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        # Drafts are looked up in the tokens on the host, so a speculating engine reads each
-        # step's tokens before the next: no overlap.
         self.speculate = speculate
         # (None: the device's; see speculative.DRAFTING_BATCH)
         self.drafting_batch = DRAFTING_BATCH.get(model.device.type, 2) if drafting_batch is None else drafting_batch
-        self.overlap = not speculate and (overlap_by_default(model.device) if overlap is None else overlap)
+        self.overlap = overlap_by_default(model.device) if overlap is None else overlap
         self.prefix_caching = prefix_caching
         self.admitted_tokens = 0  # tokens prefilled at admission, and of them found in the cache:
         self.cached_tokens = 0    # their ratio is the prefix cache's hit rate
@@ -635,7 +634,7 @@ class Engine:
                 logits = self._score_prompts(batch, chunks, scored, logits)
             for req in batch:
                 self._offer(req)
-            if self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and \
+            if self.overlap and all(len(tokens) == 1 for tokens, _, _ in chunks) and not self._drafting() and \
                     all(req.computed == req.length and not req.sampler.reads_history for req in batch):
                 self._inflight = InFlight(batch, StepSample([req.sampler for req in batch], logits, _no_history))
                 return
@@ -650,6 +649,7 @@ class Engine:
                     req.drafts = []
                     if not req.finished:  # its cache holds its tokens but the last one
                         req.computed = req.length - 1
+                        req.table.shrink(req.length)
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Draws the next token of each sequence whose chunk reached the end of its tokens,
@@ -681,7 +681,8 @@ class Engine:
                 self.fail([requests[k]], exc)
             # (Counted before _accept, whose completion of a request that ends reports them.)
             live = [i for i, req, token in zip(live, requests, tokens)
-                    if not req.finished and depth < len(req.drafts) and token == req.drafts[depth]]
+                    if not req.finished and not req.cancel_requested and depth < len(req.drafts)
+                    and token == req.drafts[depth]]
             for i in live:
                 kept_drafts[i] += 1
                 batch[i].accepted += 1
@@ -765,7 +766,8 @@ class Engine:
         or returns None when the host must see those tokens first (see the module docstring)."""
         running = set(self.running)
         rows = [row for row, req in enumerate(inflight.requests) if req in running]
-        if not rows or len(rows) != len(self.running) or inflight.rewind or self._can_admit():
+        if not rows or len(rows) != len(self.running) or inflight.rewind or self._can_admit() \
+                or self._drafting():
             return None
         live = [inflight.requests[row] for row in rows]
         # Each live request's pending token goes in at position `computed`: room for one more.
@@ -879,11 +881,10 @@ class Engine:
             if req.scores_prompt:
                 n = min(n, scored_budget)
                 scored_budget -= n
-            tokens = req.tokens(req.computed, req.computed + n) + self._drafts(req, req.computed + n, budget - n)
-            chunks.append((tokens, req.computed, req.table))
-            req.computed += len(tokens)
+            chunks.append((req.tokens(req.computed, req.computed + n), req.computed, req.table))
+            req.computed += n
             batch.append(req)
-            budget -= len(tokens)
+            budget -= n
             i += 1
         # 2. Admit waiting requests, first come first served, while blocks and budget allow. A
         # request deferred for a running prefill's blocks keeps its place: the blocks and the
@@ -922,25 +923,38 @@ class Engine:
             if req.scores_prompt:
                 n = min(n, scored_budget)
                 scored_budget -= n
-            tokens = req.tokens(match.tokens, match.tokens + n) + self._drafts(req, match.tokens + n, budget - n)
-            chunks.append((tokens, match.tokens, req.table))
-            req.computed = match.tokens + len(tokens)
+            chunks.append((req.tokens(match.tokens, match.tokens + n), match.tokens, req.table))
+            req.computed = match.tokens + n
             batch.append(req)
-            budget -= len(tokens)
+            budget -= n
         self.waiting.extendleft(reversed(deferred))
         self.deferrals += len(deferred)
+        # 3. Drafts, from what the step's real tokens left of the budget, after each chunk that
+        # reaches its sequence's last token.
+        if self._drafting():
+            for req, (tokens, _, _) in zip(batch, chunks):
+                if budget <= 0:
+                    break
+                drafts = self._drafts(req, budget)
+                tokens += drafts
+                req.computed += len(drafts)
+                budget -= len(drafts)
         return chunks
 
-    def _drafts(self, req: Request, end: int, room: int) -> list[int]:
-        """Draft tokens to run after req's chunk, which ends at token `end` (speculative.py; set
-        as req.drafts): none unless the engine speculates, at most drafting_batch sequences run
-        or wait and the chunk reaches req's last token (and req scores no prompt). At most `speculate`,
-        the step's budget left (room), what max_tokens and the context leave after the token
-        the step draws anyway, and what its blocks hold, or the free blocks too when no request
-        waits for them. Counted as drafted."""
+    def _drafting(self) -> bool:
+        """Whether this step runs drafts: the engine speculates and at most drafting_batch
+        sequences run or wait."""
+        return self.speculate > 0 and len(self.running) + len(self.waiting) <= self.drafting_batch
+
+    def _drafts(self, req: Request, room: int) -> list[int]:
+        """Draft tokens to run after req's chunk (speculative.py; set as req.drafts): none unless
+        the chunk reaches req's last token (and req scores no prompt). At most `speculate`, the
+        step's budget left (room), what max_tokens and the context leave after the token the
+        step draws anyway, and what its blocks hold, or blocks that hold nothing too (not the
+        cached prefixes) when no request waits for them: the step gives back those its rejected
+        drafts took. Counted as drafted."""
         length = req.length
-        if not self.speculate or end < length or req.scores_prompt \
-                or len(self.running) + len(self.waiting) > self.drafting_batch:
+        if req.computed < length or req.scores_prompt:
             return []
         count = min(self.speculate, room, req.max_new - len(req.output) - 1, self.model.max_context - length)
         if count <= 0:
@@ -950,7 +964,7 @@ class Engine:
         drafts = req.drafter.propose(req.tokens, length, count)
         spare = req.table.capacity - length
         if len(drafts) > spare:
-            free = 0 if self.waiting else self.cache.allocator.num_free
+            free = 0 if self.waiting else self.cache.allocator.num_unused
             drafts = drafts[:spare + free * self.cache.block_size]
             req.table.ensure(length + len(drafts))
         req.drafts = drafts

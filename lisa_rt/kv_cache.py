@@ -75,6 +75,11 @@ class BlockAllocator:
         return len(self._free) + len(self._cached)
 
     @property
+    def num_unused(self) -> int:
+        """Free blocks that hold no cached prefix (taken before the cached ones)."""
+        return len(self._free)
+
+    @property
     def num_cached(self) -> int:
         """Blocks nobody uses that still hold a prefix."""
         return len(self._cached)
@@ -264,6 +269,15 @@ class BlockTable:
             self.node = self.cache.allocator.register(self.node, tuple(tokens(start, start + size)),
                                                       self.blocks[self.registered])
             self.registered += 1
+
+    def shrink(self, num_tokens: int) -> None:
+        """Returns the blocks past those num_tokens tokens need (never a registered one): the
+        room rejected drafts took. The list is replaced, not cut in place, so BlockTableRows
+        rewrites the row."""
+        keep = max(self.cache.blocks_for(num_tokens), self.registered)
+        if keep < len(self.blocks):
+            self.cache.allocator.free(self.blocks[keep:])
+            self.blocks = self.blocks[:keep]
 
     def slots(self, start: int, end: int) -> list[int]:
         """Cache slots of token positions start..end-1."""

@@ -24,6 +24,9 @@ MAX_SPECULATE = 16  # draft tokens per step and sequence (`speculate`) at most
 # adds about a sixth of a one-row step (BENCHMARKS.md; six sequences drafting decoded 0.77x as
 # fast), where a GPU's decode streams weights with rows to spare (not yet measured there).
 DRAFTING_BATCH = {"cpu": 2, "cuda": 16}
+# Positions indexed per call at most: a long prompt is indexed over several steps (a few ms
+# each) instead of stalling one step for all of it; meanwhile drafts come from its beginning.
+INDEX_PER_CALL = 4096
 
 
 class NgramDrafter:
@@ -44,18 +47,21 @@ class NgramDrafter:
 
     def propose(self, tokens: Callable[[int, int], list[int]], length: int, count: int) -> list[int]:
         """Up to `count` tokens that followed the latest earlier occurrence of the sequence's
-        longest matching suffix; [] when no suffix of MIN_NGRAM tokens or more occurred before.
+        longest matching suffix (among the positions indexed so far: all but on the first calls
+        for a long prompt); [] when no suffix of MIN_NGRAM tokens or more occurred before.
         tokens(lo, hi) reads the sequence's tokens[lo:hi]; length: how many it has."""
         count = min(count, self._length)
         if count <= 0 or length < MIN_NGRAM + 1:
             return []
-        lo = max(0, self._indexed - MAX_NGRAM)
-        window = tokens(lo, length)
-        for p in range(self._indexed, length):  # n-grams ending at p - 1, followed by token p
-            for n in range(MIN_NGRAM, min(MAX_NGRAM, p) + 1):
-                self._after[tuple(window[p - n - lo:p - lo])] = p
-        self._indexed = max(self._indexed, length)
-        tail = window[-MAX_NGRAM:]
+        end = min(length, self._indexed + INDEX_PER_CALL)
+        if end > self._indexed:
+            lo = max(0, self._indexed - MAX_NGRAM)
+            window = tokens(lo, end)
+            for p in range(self._indexed, end):  # n-grams ending at p - 1, followed by token p
+                for n in range(MIN_NGRAM, min(MAX_NGRAM, p) + 1):
+                    self._after[tuple(window[p - n - lo:p - lo])] = p
+            self._indexed = end
+        tail = tokens(max(0, length - MAX_NGRAM), length)
         for n in range(min(MAX_NGRAM, length - 1), MIN_NGRAM - 1, -1):
             start = self._after.get(tuple(tail[-n:]))
             # The suffix itself is indexed only once a token follows it, so start < length.

@@ -17,9 +17,9 @@ import torch
 
 from lisa_rt import LLM, SamplingParams, UserError, cli, generate
 from lisa_rt import engine as engine_module
-from lisa_rt.engine import Engine, run_to_completion
+from lisa_rt.engine import Engine, Request, run_to_completion
 from lisa_rt.kv_cache import KVCache
-from lisa_rt.speculative import MAX_NGRAM, MAX_SPECULATE, MIN_NGRAM, NgramDrafter
+from lisa_rt.speculative import INDEX_PER_CALL, MAX_NGRAM, MAX_SPECULATE, MIN_NGRAM, NgramDrafter
 from tests.fixtures import CORPUS, tiny_float32_model, tiny_model_dir, tiny_model_with_adapter
 
 pytest.importorskip("transformers")
@@ -62,6 +62,24 @@ def test_drafter_prefers_the_longest_match_and_ignores_single_tokens():
     # "5 1 2" matched at its only occurrence beats "1 2"'s latest one.
     assert propose([5, 1, 2, 7, 1, 2, 8, 5, 1, 2]) == [7, 1, 2, 8, 5, 1, 2]
     assert propose([4, 4]) == [] and propose([]) == []
+
+
+def test_drafter_indexes_a_long_prompt_over_several_calls():
+    rng = random.Random(1)
+    tokens = [rng.randrange(10_000) for _ in range(3 * INDEX_PER_CALL)]
+    tokens[-3:] = tokens[100:103]                 # its suffix occurred early,
+    tokens[2 * INDEX_PER_CALL:2 * INDEX_PER_CALL + 3] = tokens[100:103]   # and again later
+    drafter = NgramDrafter(8)
+    calls = []
+
+    def read(lo, hi):
+        calls.append(hi - lo)
+        return tokens[lo:hi]
+
+    assert drafter.propose(read, len(tokens), 4) == tokens[103:107]   # from the first 4,096 only
+    assert max(calls) <= INDEX_PER_CALL + MAX_NGRAM
+    drafter.propose(read, len(tokens), 4)
+    assert drafter.propose(read, len(tokens), 4) == tokens[2 * INDEX_PER_CALL + 3:][:4]  # caught up
 
 
 def test_drafter_adapts_its_length_to_what_the_model_kept():
@@ -250,6 +268,70 @@ def test_drafts_on_cuda(tmp_path, monkeypatch):
     drafted, stats = run_cuda(6)
     assert [outcome(c) for c in drafted] == [outcome(c) for c in plain]
     assert stats["accepted_draft_tokens"] > 0
+
+
+def test_rejected_drafts_give_their_blocks_back_and_take_no_cached_ones(model, ids, monkeypatch):
+    # Every draft rejected, 16 a step, blocks of 16 tokens: a sequence holds only the blocks its
+    # tokens need after each step, and drafts never evict the cached blocks of an earlier
+    # sequence (9 blocks: 5 cached, 4 free, which the second sequence's own tokens come to fill).
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    engine = Engine(model, KVCache(model.config, 9, "cpu", model.dtype), speculate=16, drafting_batch=4)
+    first = run_to_completion(engine, [ids[200:264]], params)[0]    # 64 + 30 tokens: 5 cached blocks
+    earlier = ids[200:264] + first.token_ids
+    assert engine.cache.allocator.num_cached == 5
+    monkeypatch.setattr(engine_module, "NgramDrafter", oracle({tuple(ids[:20]): []}, 1.0))
+    longer = params.replace(max_tokens=60)   # 20 + 60 tokens: the 4 free blocks, then a cached one
+    req = Request(model, ids[:20], longer, 60)
+    engine.add(req)
+    allocator = engine.cache.allocator
+    while engine.has_work():
+        engine.step()
+        if req.table is not None:
+            assert len(req.table.blocks) <= engine.cache.blocks_for(req.length)
+            # A cached block goes only when the sequence's own tokens need it.
+            assert allocator.num_cached == min(5, 9 - len(req.table.blocks))
+    assert req.completion.token_ids == generate(model, [ids[:20]], longer)[0].token_ids
+    assert req.completion.timings["draft_tokens"] > 0 == req.completion.timings["accepted_draft_tokens"]
+    assert engine.cache.match(lambda lo, hi: earlier[lo:hi], len(earlier)).tokens == 64
+
+
+def test_drafts_leave_the_other_sequences_their_tokens_first(model, ids, monkeypatch):
+    # A budget of 4 tokens a step, two sequences: drafts only take what their decode tokens leave.
+    # (Fewer steps than without drafts, which assert_same_with_drafts checks: were the drafts of
+    # the first to take the second's place, the second would wait every other step.)
+    prompts = [ids[:10], ids[20:30]]
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)] * 2
+    assert_same_with_drafts(model, prompts, params, monkeypatch, speculate=8, max_batch_tokens=4)
+
+
+def test_a_request_cancelled_mid_step_takes_no_more_drafts(model, ids, monkeypatch):
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    answer = generate(model, [ids[:12]], params)[0].token_ids
+    monkeypatch.setattr(engine_module, "NgramDrafter", oracle({tuple(ids[:12]): answer}, 0))
+    engine = Engine(model, model.new_cache([64]), speculate=8)
+
+    def on_delta(delta):  # cancels from inside the step, between two accepted tokens
+        if len(req.output) >= 5:
+            engine.cancel(req)
+
+    req = Request(model, ids[:12], params, 40, on_delta=on_delta)
+    engine.add(req)
+    while engine.has_work():
+        engine.step()
+    assert req.completion.finish_reason == "cancelled"
+    assert 5 <= len(req.completion.token_ids) <= 5 + 1
+
+
+def test_steps_overlap_while_the_batch_is_too_large_to_draft(model, ids, monkeypatch):
+    # Overlap forced on (as on CUDA): four sequences overlap their steps, and once two are left
+    # they draft instead; the answers stay the same.
+    prompts = [ids[:10], ids[20:30], ids[40:50], ids[60:70]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (8, 10, 30, 30)]
+    plain, _ = run(model, prompts, params, 0)
+    monkeypatch.setattr(engine_module, "NgramDrafter", oracle({tuple(p): c.token_ids for p, c in zip(prompts, plain)}, 0.3))
+    drafted, stats = run(model, prompts, params, 4, drafting_batch=2, overlap=True)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    assert stats["overlapped_steps"] > 0 and stats["accepted_draft_tokens"] > 0
 
 
 def test_prompt_lookup_end_to_end(model, ids):
