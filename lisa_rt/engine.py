@@ -80,7 +80,7 @@ from .kv_cache import NO_MATCH, BlockTable, KVCache, PrefixMatch
 from .metrics import EngineMetrics
 from .model import Model, build_batch
 from .sampling import Sampler, SamplingParams, StepSample, token_logprobs, upload
-from .speculative import DRAFTING_BATCH, MAX_SPECULATE, NgramDrafter
+from .speculative import DRAFTING_BATCH, NgramDrafter, check_speculate
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -475,8 +475,7 @@ class Engine:
             raise UserError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_SPECULATE:
-            raise UserError(f"speculate must be an integer in [0, {MAX_SPECULATE}], got {speculate!r}")
+        check_speculate(speculate)
         if drafting_batch is not None and (isinstance(drafting_batch, bool) or not isinstance(drafting_batch, int)
                                            or drafting_batch < 1):
             raise UserError(f"drafting_batch must be an integer >= 1, got {drafting_batch!r}")

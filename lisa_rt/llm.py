@@ -38,6 +38,7 @@ from .engine import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Completion,
 from .errors import UserError
 from .kv_cache import KVCache
 from .sampling import SamplingParams
+from .speculative import check_speculate
 from .tokenizer import chat_messages
 
 __all__ = ["LLM", "RequestHandle", "StreamDelta", "Completion", "kv_cache_bytes"]
@@ -176,6 +177,7 @@ class LLM:
             raise UserError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs}")
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise UserError(f"max_batch_tokens must be an integer >= 1, got {max_batch_tokens}")
+        check_speculate(speculate)  # before minutes of loading
         self.model_name = str(model) if model is not None else "smollm2"
         self.model = load_model(model, device=device, dtype=dtype, lisa=lisa, quantize=quantize)
         self.tokenizer = self.model.tokenizer

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .errors import UserError
+
 MAX_NGRAM = 4
 # A single matching token proposes too often to pay: most of its drafts are rejected.
 MIN_NGRAM = 2
@@ -27,6 +29,13 @@ DRAFTING_BATCH = {"cpu": 2, "cuda": 16}
 # Positions indexed per call at most: a long prompt is indexed over several steps (a few ms
 # each) instead of stalling one step for all of it; meanwhile drafts come from its beginning.
 INDEX_PER_CALL = 4096
+
+
+def check_speculate(speculate) -> int:
+    """`speculate` as given, if it is a draft count the engine takes; else a UserError."""
+    if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_SPECULATE:
+        raise UserError(f"speculate must be an integer in [0, {MAX_SPECULATE}], got {speculate!r}")
+    return speculate
 
 
 class NgramDrafter:

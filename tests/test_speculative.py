@@ -362,7 +362,7 @@ def test_llm_speculates_with_the_same_answers(tmp_path):
         assert drafting.generate(prompt, params)[0].token_ids == plain.generate(prompt, params)[0].token_ids
         assert drafting.stats()["draft_tokens"] > 0
     with pytest.raises(UserError, match="speculate"):
-        LLM(model_dir, device="cpu", speculate=MAX_SPECULATE + 1)
+        LLM(tmp_path / "not-loaded", speculate=MAX_SPECULATE + 1)   # refused before the model loads
 
 
 def test_cli_speculate_flag(tmp_path, capsys, monkeypatch):
