@@ -35,6 +35,9 @@ SHARD_BYTES = 2 * 1024**3
 # A writer's temp directory untouched this long (seconds), and not locked by a live writer, was
 # left by one killed before it could remove it (SIGKILL, a power cut).
 STALE_TEMP_SECONDS = 3600.0
+# In every temp directory atomic_directory makes, until it is moved in place: a cleaner removes
+# only directories that hold it, never a user's own that happens to have a similar name.
+PARTIAL_MARKER = ".lisa-rt-partial"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -220,7 +223,9 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         except BlockingIOError:  # cannot be: a cleaner locks only a directory an hour old
             lock = None
         try:
+            (tmp / PARTIAL_MARKER).touch()
             yield tmp
+            (tmp / PARTIAL_MARKER).unlink()
             # mkdtemp makes a private (0700) directory, and writers such as safetensors' save_file
             # go through private temp files: give everything the permissions open() would.
             umask = _umask()
@@ -271,9 +276,10 @@ def _newest_change(path: Path) -> float:
 def remove_stale_temp_dirs(directory: str | Path, name: str | None = None,
                            max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Removes the temp directories atomic_directory made in `directory` for the target `name`
-    (for every target, with None) that a killed writer left: those nothing in has changed for
-    `max_age` seconds and that no live writer holds locked. Never a fresh one, which another
-    process may be writing. Returns what it removed."""
+    (for every target, with None) that a killed writer left: those that hold PARTIAL_MARKER,
+    that nothing in has changed for `max_age` seconds, and that this process can lock (no live
+    writer holds them; where no lock can be taken, as on some network file systems, none is
+    removed). Never a fresh one, which another process may be writing. Returns what it removed."""
     directory = Path(directory)
     target = re.escape(name) if name is not None else ".+"
     pattern = re.compile(rf"\.{target}\.tmp-[a-z0-9_]{{8}}")  # mkdtemp's 8 random characters
@@ -283,7 +289,8 @@ def remove_stale_temp_dirs(directory: str | Path, name: str | None = None,
         return []
     removed, now = [], time.time()
     for tmp in entries:
-        if not pattern.fullmatch(tmp.name) or tmp.is_symlink() or not tmp.is_dir():
+        if not pattern.fullmatch(tmp.name) or tmp.is_symlink() or not tmp.is_dir() \
+                or not (tmp / PARTIAL_MARKER).is_file():
             continue
         try:
             if now - _newest_change(tmp) < max_age:
@@ -291,13 +298,14 @@ def remove_stale_temp_dirs(directory: str | Path, name: str | None = None,
             lock = _lock_directory(tmp)
         except OSError:  # gone meanwhile, or locked by its writer
             continue
+        if lock is None:  # no way to tell a live writer's: leave it
+            continue
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.lexists(tmp):
                 removed.append(tmp)
         finally:
-            if lock is not None:
-                os.close(lock)
+            os.close(lock)
     return removed
 
 

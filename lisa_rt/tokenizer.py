@@ -467,10 +467,11 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **kwargs) -> list[int]:
-        """Token ids of the rendered chat; BOS is added only if the template did not write it."""
+        """Token ids of the rendered chat; BOS is added only if the template did not write it
+        (first, or after whitespace only)."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         ids = self.encode(text, add_special_tokens=False)
-        if self.add_bos_token and not (self.bos_token and text.startswith(self.bos_token)):
+        if self.add_bos_token and not (self.bos_token and text.lstrip().startswith(self.bos_token)):
             ids = [self.bos_token_id] + ids
         return ids
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lisa_rt.checkpoint import (STALE_TEMP_SECONDS, atomic_directory, atomic_file, check_writable,
-                                remove_stale_temp_dirs, save_tensors, write_text_atomically)
+from lisa_rt.checkpoint import (PARTIAL_MARKER, STALE_TEMP_SECONDS, atomic_directory, atomic_file,
+                                check_writable, remove_stale_temp_dirs, save_tensors, write_text_atomically)
 from lisa_rt.errors import UserError
 
 
@@ -240,9 +240,12 @@ def test_stale_temp_cleanup_spares_what_a_writer_may_hold(tmp_path):
     dirs = dict(zip(names, [tmp_path / ".model.tmp-abcd1234", tmp_path / ".model.tmp-fresh_12",
                             tmp_path / ".model.tmp-locked12", tmp_path / ".other.tmp-abcd1234",
                             tmp_path / ".model.tmp-not-mkdtemp"]))
-    for d in dirs.values():
+    dirs["unmarked"] = tmp_path / ".model.tmp-20240101"  # a user's, not atomic_directory's
+    for name, d in dirs.items():
         (d / "sub").mkdir(parents=True)
         (d / "sub" / "part").write_text("x")
+        if name != "unmarked":
+            (d / PARTIAL_MARKER).touch()
         _age(d, STALE_TEMP_SECONDS + 60)
     (dirs["fresh"] / "sub" / "part").write_text("still being written")  # the directory's own mtime is old
     held = os.open(dirs["locked"], os.O_RDONLY)
@@ -253,4 +256,11 @@ def test_stale_temp_cleanup_spares_what_a_writer_may_hold(tmp_path):
         os.close(held)
     assert remove_stale_temp_dirs(tmp_path, "model") == [dirs["locked"]]
     assert remove_stale_temp_dirs(tmp_path) == [dirs["other"]]  # any target's
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(dirs[n].name for n in ("fresh", "unlike"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(dirs[n].name for n in ("fresh", "unlike", "unmarked"))
+
+
+def test_a_finished_directory_keeps_no_marker(tmp_path):
+    with atomic_directory(tmp_path / "model") as tmp:
+        assert (tmp / PARTIAL_MARKER).is_file()
+        (tmp / "config.json").write_text("{}")
+    assert os.listdir(tmp_path / "model") == ["config.json"]

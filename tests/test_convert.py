@@ -805,7 +805,7 @@ def test_cli_malformed_inputs_are_one_error_line(tmp_path, capsys, monkeypatch):
 def test_model_cache_removes_what_killed_conversions_left(tmp_path, monkeypatch):
     import time
 
-    from lisa_rt.checkpoint import STALE_TEMP_SECONDS
+    from lisa_rt.checkpoint import PARTIAL_MARKER, STALE_TEMP_SECONDS
     from lisa_rt.registry import resolve_model
 
     monkeypatch.setenv("LISA_RT_HOME", str(tmp_path / "home"))
@@ -814,8 +814,9 @@ def test_model_cache_removes_what_killed_conversions_left(tmp_path, monkeypatch)
     for d in (old, fresh):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"half")
+        (d / PARTIAL_MARKER).touch()
     then = time.time() - STALE_TEMP_SECONDS - 60
-    for p in (old / "model.safetensors", old):
+    for p in (old / "model.safetensors", old / PARTIAL_MARKER, old):
         os.utime(p, (then, then))
     path = tmp_path / "m.gguf"
     _write_llama_gguf(path, _tiny_llama(tied=True, seed=8))

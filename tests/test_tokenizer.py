@@ -182,6 +182,13 @@ def test_encode_chat_adds_bos_when_template_does_not(model_dir, tmp_path):
     assert ids == [t.bos_token_id] + t.encode("hello", add_special_tokens=False)
 
 
+def test_encode_chat_adds_no_second_bos_after_leading_whitespace(model_dir, tmp_path):
+    t = _with_template(model_dir, tmp_path, "\n{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    if not t.add_bos_token or not t.bos_token:
+        pytest.skip("this tokenizer adds no BOS")
+    assert t.encode_chat([{"role": "user", "content": "hello"}]).count(t.bos_token_id) == 1
+
+
 def test_generation_block_renders_its_body(model_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     t = _with_template(model_dir, tmp_path, (
