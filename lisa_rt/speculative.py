@@ -23,8 +23,8 @@ MIN_NGRAM = 2
 MAX_SPECULATE = 16  # draft tokens per step and sequence (`speculate`) at most
 # Drafts run only while this many sequences run at most, by device type. A draft costs its row
 # of the forward pass, which pays while a few rows more cost a pass little: on the CPU each row
-# adds about a sixth of a one-row step (BENCHMARKS.md; six sequences drafting decoded 0.77x as
-# fast), where a GPU's decode streams weights with rows to spare (not yet measured there).
+# adds 15-20% of a one-row step (BENCHMARKS.md; six sequences drafting decoded 0.77x as fast),
+# where a GPU's decode streams weights with rows to spare (not yet measured there).
 DRAFTING_BATCH = {"cpu": 2, "cuda": 16}
 # Positions indexed per call at most: a long prompt is indexed over several steps (a few ms
 # each) instead of stalling one step for all of it; meanwhile drafts come from its beginning.
